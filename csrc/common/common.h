@@ -1,0 +1,61 @@
+/* Shared helpers of the C core: error codes, little-endian encoding, a growable
+ * byte buffer, crc32c. */
+#ifndef PYIMG_COMMON_H
+#define PYIMG_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* CDEF BEGIN */
+/* Error codes returned (negated) by every fallible C function. */
+enum {
+    PYIMG_OK = 0,
+    PYIMG_ENOMEM = 1,    /* allocation failed */
+    PYIMG_ELIMIT = 2,    /* the input exceeds a limit of the format */
+    PYIMG_EINVAL = 3,    /* a caller passed an invalid argument (a bug in pyimg) */
+    PYIMG_EIO = 4,       /* reading a source or writing the image failed (errno kept) */
+    PYIMG_ECOMPRESS = 5, /* the compression callback failed */
+    PYIMG_ENOSPC = 6     /* the image is full (ext4 with an explicit size) */
+};
+const char *pyimg_strerror(int code);
+uint32_t pyimg_crc32c(uint32_t crc, const uint8_t *data, size_t len);
+/* CDEF END */
+
+#define PYIMG_ERRMSG_MAX 512
+
+/* A growable byte buffer; owns its memory. */
+typedef struct {
+    uint8_t *data;
+    size_t len;
+    size_t cap;
+} pyimg_buf;
+
+int pyimg_buf_reserve(pyimg_buf *b, size_t extra);
+int pyimg_buf_append(pyimg_buf *b, const void *src, size_t len);
+void pyimg_buf_free(pyimg_buf *b);
+
+/* Little-endian encoders: on-disk structures are written field by field. */
+static inline void put_le16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static inline void put_le32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+static inline void put_le64(uint8_t *p, uint64_t v) {
+    put_le32(p, (uint32_t)v);
+    put_le32(p + 4, (uint32_t)(v >> 32));
+}
+static inline uint16_t get_le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t get_le32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+static inline uint64_t get_le64(const uint8_t *p) {
+    return (uint64_t)get_le32(p) | ((uint64_t)get_le32(p + 4) << 32);
+}
+
+#endif

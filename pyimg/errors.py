@@ -1,0 +1,57 @@
+"""The one exception hierarchy of pyimg.
+
+Library code raises these and never prints or exits; the CLI alone turns them into
+messages and exit codes.  Every error names the offending path (when there is one)
+and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PyImgError(Exception):
+    """Base of every error pyimg raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, reason: str, path: str | bytes | os.PathLike[str] | None = None) -> None:
+        self.reason = reason
+        self.path = _show_path(path) if path is not None else None
+        super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
+
+
+class SourceError(PyImgError):
+    """A source cannot be read, is corrupt, changed while read, or escapes the root."""
+
+    exit_code = 3
+
+
+class SpecError(PyImgError):
+    """The spec file or an option is invalid."""
+
+    exit_code = 2
+
+
+class LimitError(PyImgError):
+    """The tree does not fit the format: a name too long, too many ids, a file too big..."""
+
+    exit_code = 4
+
+
+class FormatError(PyImgError):
+    """The format writer failed (an internal encoder error reported by the C core)."""
+
+    exit_code = 5
+
+
+class OutputError(PyImgError):
+    """The image cannot be written: full disk, output is an input, no permission."""
+
+    exit_code = 6
+
+
+def _show_path(path: str | bytes | os.PathLike[str]) -> str:
+    if isinstance(path, bytes):
+        return path.decode("utf-8", "backslashreplace")
+    return os.fspath(path)

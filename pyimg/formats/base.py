@@ -1,0 +1,51 @@
+"""The one shape every format writer has.
+
+A writer gets the frozen tree and an empty, writable file descriptor (a temp file
+beside the target; the caller fsyncs and renames it).  It lays the tree out, streams
+the file data into the image and finalizes the metadata.  It must produce the same
+bytes for the same (tree, options), whatever `jobs` is.  It never prints: it reports
+progress through the callback and returns a WriteResult.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from ..options import BuildOptions
+from ..tree import FrozenTree
+
+Progress = Callable[[int], None]
+"""Called with the number of content bytes just processed (read, hashed, stored)."""
+
+
+@dataclass(slots=True)
+class WriteResult:
+    digests: dict[int, bytes]  # ino -> BLAKE3 (32 bytes) of each regular file's content
+    bytes_in: int  # content bytes of all regular files (a hard-link group counted once)
+    bytes_stored: int  # content bytes actually stored once dedup and holes are taken out
+    image_size: int  # bytes of the finished image file
+    details: dict[str, object] = field(default_factory=dict)  # format facts for the manifest
+
+    @property
+    def dedup_saved(self) -> int:
+        return max(0, self.bytes_in - self.bytes_stored)
+
+
+class FormatWriter(Protocol):
+    name: ClassVar[str]
+
+    def __init__(self, options: BuildOptions) -> None: ...
+
+    def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult: ...
+
+
+def image_epoch(options: BuildOptions, tree: FrozenTree) -> int:
+    """The image's own timestamp: the epoch if given, else the tree's newest mtime.
+
+    Never the clock: an image is reproducible with no flags at all.
+    """
+    if options.policy.epoch is not None:
+        return options.policy.epoch
+    return tree.newest_mtime_ns() // 1_000_000_000

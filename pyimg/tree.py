@@ -1,0 +1,238 @@
+"""The in-memory tree every source fills and every format writer reads.
+
+A tree maps image paths (raw bytes, relative, no leading slash; the root is b"") to
+Inode objects.  Hard links are several paths holding the *same* Inode object.
+Sources overlay each other in order (later wins); policy (ownership, time clamp,
+excludes) is applied once when the tree is collected.  `Tree.freeze()` turns it into
+a FrozenTree: entries sorted by raw name bytes (depth first, children by name),
+inode numbers in that order, link counts computed — the only input a writer sees.
+"""
+
+from __future__ import annotations
+
+import enum
+import stat
+from dataclasses import dataclass, field
+
+from .errors import SourceError
+
+
+class Kind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+    CHAR = 4
+    BLOCK = 5
+    FIFO = 6
+    SOCKET = 7
+
+
+_KIND_FROM_IFMT = {
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFDIR: Kind.DIR,
+    stat.S_IFLNK: Kind.SYMLINK,
+    stat.S_IFCHR: Kind.CHAR,
+    stat.S_IFBLK: Kind.BLOCK,
+    stat.S_IFIFO: Kind.FIFO,
+    stat.S_IFSOCK: Kind.SOCKET,
+}
+
+IFMT_OF_KIND = {kind: ifmt for ifmt, kind in _KIND_FROM_IFMT.items()}
+
+
+def kind_from_mode(st_mode: int) -> Kind | None:
+    return _KIND_FROM_IFMT.get(stat.S_IFMT(st_mode))
+
+
+@dataclass(frozen=True, slots=True)
+class DataRef:
+    """Where a regular file's bytes live: `size` bytes at `offset` in the real file `path`.
+
+    Directory sources point at the file itself (offset 0); plain tar archives point
+    into the archive; compressed archives are spooled to a temporary file first.
+    `stamp` is (st_size, st_mtime_ns) as collected, or None when the file cannot
+    change under us (a spool file): readers check it to catch files that change
+    while the image is built.
+    """
+
+    path: str
+    offset: int
+    size: int
+    stamp: tuple[int, int] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    kind: Kind
+    mode: int  # permission bits only (0o7777): setuid, setgid, sticky included
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0  # regular files: content size; symlinks: len(target)
+    target: bytes = b""  # symlink target, stored as is, never followed
+    rdev: tuple[int, int] = (0, 0)  # (major, minor) of char/block devices
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)  # full names b"user.x"
+    data: DataRef | None = None  # regular files with size > 0
+
+    @property
+    def mtime(self) -> int:
+        """Whole seconds (floor), as formats with second resolution store it."""
+        return self.mtime_ns // 1_000_000_000
+
+
+def new_dir(mode: int = 0o755, uid: int = 0, gid: int = 0, mtime_ns: int = 0) -> Inode:
+    return Inode(Kind.DIR, mode, uid, gid, mtime_ns)
+
+
+def split_path(path: bytes) -> list[bytes]:
+    return [part for part in path.split(b"/") if part]
+
+
+def normalize_path(path: bytes | str, *, where: str | bytes | None = None) -> bytes:
+    """Image path from any spelling: b'/usr//bin/./ls' -> b'usr/bin/ls'.
+
+    `..` is refused rather than resolved: no source may place anything outside the root.
+    """
+    raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise SourceError(f"path {raw!r} escapes the image root", where if where is not None else raw)
+    return b"/".join(parts)
+
+
+class Tree:
+    """A mutable tree, filled by sources in order; later entries replace earlier ones."""
+
+    def __init__(self, root: Inode | None = None) -> None:
+        self.entries: dict[bytes, Inode] = {b"": root or new_dir()}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: bytes) -> bool:
+        return path in self.entries
+
+    def get(self, path: bytes) -> Inode | None:
+        return self.entries.get(path)
+
+    def add(self, path: bytes, inode: Inode, *, parent_template: Inode | None = None) -> None:
+        """Place `inode` at `path` (normalized).  Missing parents are created as
+        directories copied from `parent_template` (default: 0755 root:root, time 0).
+
+        A non-directory replacing a directory removes that directory's subtree; a
+        directory replacing a directory keeps the children (layers merge).
+        """
+        if path == b"":
+            if inode.kind is not Kind.DIR:
+                raise SourceError("the image root must be a directory", "/")
+            self.entries[b""] = inode
+            return
+        self._ensure_parents(path, parent_template)
+        old = self.entries.get(path)
+        if old is not None and old.kind is Kind.DIR and inode.kind is not Kind.DIR:
+            self.remove(path)
+        self.entries[path] = inode
+
+    def remove(self, path: bytes) -> None:
+        """Remove `path` and, for a directory, everything below it."""
+        self.entries.pop(path, None)
+        prefix = path + b"/" if path else b""
+        for other in [p for p in self.entries if p.startswith(prefix) and p]:
+            del self.entries[other]
+
+    def _ensure_parents(self, path: bytes, template: Inode | None) -> None:
+        parts = path.split(b"/")
+        for depth in range(1, len(parts)):
+            parent = b"/".join(parts[:depth])
+            existing = self.entries.get(parent)
+            if existing is None:
+                t = template or new_dir()
+                self.entries[parent] = new_dir(t.mode, t.uid, t.gid, t.mtime_ns)
+            elif existing.kind is not Kind.DIR:
+                # A later layer puts something below what was a file: the file yields.
+                t = template or new_dir()
+                self.entries[parent] = new_dir(t.mode, t.uid, t.gid, t.mtime_ns)
+
+    def freeze(self) -> FrozenTree:
+        return FrozenTree(self.entries)
+
+
+def _sort_key(path: bytes) -> list[bytes]:
+    return path.split(b"/") if path else []
+
+
+@dataclass(slots=True)
+class Node:
+    """One directory entry of a frozen tree."""
+
+    path: bytes
+    name: bytes
+    inode: Inode
+    ino: int  # 1-based inode number; hard links share it
+    parent: int  # index of the parent node in FrozenTree.nodes (root: its own index 0)
+    children: list[int] = field(default_factory=list)  # indexes, sorted by name bytes
+
+
+class FrozenTree:
+    """Entries in their one canonical order, with inode numbers and link counts.
+
+    nodes[0] is the root.  Order is depth first with children sorted by raw name
+    bytes, so it never depends on readdir order.  Inode numbers are assigned in that
+    order, a hard-link group taking the number of its first path.
+    """
+
+    def __init__(self, entries: dict[bytes, Inode]) -> None:
+        paths = sorted(entries, key=_sort_key)
+        self.nodes: list[Node] = []
+        index_of: dict[bytes, int] = {}
+        ino_of: dict[int, int] = {}  # id(inode) -> ino
+        self.nlink: dict[int, int] = {}  # ino -> link count as the formats store it
+        self.inodes: list[Inode] = []  # inodes[ino - 1]
+        for path in paths:
+            inode = entries[path]
+            ino = ino_of.get(id(inode))
+            if ino is None:
+                ino = len(self.inodes) + 1
+                ino_of[id(inode)] = ino
+                self.inodes.append(inode)
+                self.nlink[ino] = 0
+            slash = path.rfind(b"/")
+            parent = index_of[path[:slash] if slash >= 0 else b""] if path else 0
+            name = path[slash + 1 :] if path else b""
+            index = len(self.nodes)
+            self.nodes.append(Node(path, name, inode, ino, parent))
+            index_of[path] = index
+            if path:
+                self.nodes[parent].children.append(index)
+            self.nlink[ino] += 1
+        # Directories count their own "." and each subdirectory's "..".
+        for node in self.nodes:
+            if node.inode.kind is Kind.DIR:
+                subdirs = sum(1 for c in node.children if self.nodes[c].inode.kind is Kind.DIR)
+                self.nlink[node.ino] = 2 + subdirs
+        self.index_of = index_of
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[0]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def newest_mtime_ns(self) -> int:
+        return max((inode.mtime_ns for inode in self.inodes), default=0)
+
+    def postorder(self) -> list[int]:
+        """Node indexes, children before their directory (root last)."""
+        order: list[int] = []
+        stack: list[tuple[int, bool]] = [(0, False)]
+        while stack:
+            index, expanded = stack.pop()
+            node = self.nodes[index]
+            if expanded or not node.children:
+                order.append(index)
+                continue
+            stack.append((index, True))
+            for child in reversed(node.children):
+                stack.append((child, False))
+        return order
