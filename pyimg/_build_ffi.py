@@ -51,6 +51,11 @@ def _flags() -> tuple[list[str], list[str]]:
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
+# Callbacks into Python exist only on the cffi side (cffi generates their C body),
+# so they are declared here and not in a C header.
+ffibuilder.cdef(
+    'extern "Python" int pyimg_py_compress(void *ctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);'
+)
 _compile, _link = _flags()
 ffibuilder.set_source(
     "pyimg._core",

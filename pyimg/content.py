@@ -27,6 +27,7 @@ class ContentReader:
 
     def __init__(self, ref: DataRef) -> None:
         self.ref = ref
+        self._ranges: list[tuple[int, int]] | None = None
         try:
             self.fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
         except PermissionError:
@@ -73,7 +74,13 @@ class ContentReader:
 
         Holes of a sparse file are never read.  Falls back to the whole range where
         the file system does not report holes (or the content is inside an archive).
+        Computed once per reader.
         """
+        if self._ranges is None:
+            self._ranges = self._find_data_ranges()
+        return self._ranges
+
+    def _find_data_ranges(self) -> list[tuple[int, int]]:
         size = self.ref.size
         if self.ref.offset != 0 or size == 0:
             return [(0, size)] if size else []

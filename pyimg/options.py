@@ -60,7 +60,7 @@ class Policy:
 @dataclass(frozen=True, slots=True)
 class SquashfsOptions:
     compression: Literal["zstd", "gzip", "xz"] = "zstd"
-    level: int | None = None  # None: the compressor's default (zstd 15 like mksquashfs? no: 3, see docs)
+    level: int | None = None  # None: zstd 3, gzip 9, xz 6 (docs/squashfs.md says why)
     block_size: int = 128 * 1024
     fragments: bool = True
     dedup: bool = True

@@ -1,10 +1,125 @@
-/* sqfs writer: see the .c files beside this header. */
+/* squashfs 4.0 writer: the on-disk encoders of the C core.
+ *
+ * Python lays the image out (which content goes where, ids, fragments) and
+ * streams file data; C encodes every metadata structure: inodes, directory
+ * listings with their headers and index, lookup tables, the xattr table and the
+ * superblock, and packs them into 8 KiB metadata blocks.  Metadata blocks are
+ * compressed through a callback so the C core does not link a compressor itself
+ * (Python's zstandard/zlib/lzma do the work, and the same ones compress data).
+ *
+ * Layout facts: squashfs-tools-ng doc/format.adoc, the kernel's
+ * Documentation/filesystems/squashfs.rst.
+ */
 #ifndef PYIMG_SQFS_H
 #define PYIMG_SQFS_H
 
 #include "../common/common.h"
 
+#define SQFS_META_SIZE 8192
+#define SQFS_SUPERBLOCK_SIZE 96
+
 /* CDEF BEGIN */
+/* Compress len bytes at src into dst (capacity cap).  Returns the compressed size
+ * when it is smaller than len, 0 when it is not (the block is then stored raw),
+ * and -1 on failure.  ctx is passed back untouched (borrowed). */
+typedef int (*pyimg_sqfs_compress_fn)(void *ctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);
+
+/* A stream of metadata blocks, kept in memory: 2-byte header + (compressed) data
+ * for each block of up to 8 KiB.  References into it are (block start << 16) |
+ * offset, block start counted from the first block of this stream. */
+typedef struct pyimg_sqfs_meta pyimg_sqfs_meta;
+
+pyimg_sqfs_meta *pyimg_sqfs_meta_new(pyimg_sqfs_compress_fn fn, void *ctx); /* ctx borrowed for the handle's life */
+void pyimg_sqfs_meta_free(pyimg_sqfs_meta *m);
+const char *pyimg_sqfs_meta_error(const pyimg_sqfs_meta *m);
+int pyimg_sqfs_meta_append(pyimg_sqfs_meta *m, const uint8_t *data, size_t len);
+/* Where the next appended byte will live. */
+uint64_t pyimg_sqfs_meta_ref(const pyimg_sqfs_meta *m);
+/* Compresses the last, partial block.  Call once, after the last append. */
+int pyimg_sqfs_meta_finish(pyimg_sqfs_meta *m);
+/* The encoded stream (borrowed; valid until the next call on m). */
+const uint8_t *pyimg_sqfs_meta_data(const pyimg_sqfs_meta *m);
+size_t pyimg_sqfs_meta_size(const pyimg_sqfs_meta *m);
+/* Offsets of each block within the stream (for lookup tables). */
+size_t pyimg_sqfs_meta_block_count(const pyimg_sqfs_meta *m);
+uint64_t pyimg_sqfs_meta_block_offset(const pyimg_sqfs_meta *m, size_t i);
+
+/* The inode and directory tables, written bottom-up: each entry's inode before
+ * the directory that lists it, so every reference is known when it is needed. */
+typedef struct pyimg_sqfs pyimg_sqfs;
+
+pyimg_sqfs *pyimg_sqfs_new(pyimg_sqfs_compress_fn fn, void *ctx); /* ctx borrowed */
+void pyimg_sqfs_free(pyimg_sqfs *w);
+const char *pyimg_sqfs_error(const pyimg_sqfs *w);
+pyimg_sqfs_meta *pyimg_sqfs_inodes(pyimg_sqfs *w);      /* borrowed, owned by w */
+pyimg_sqfs_meta *pyimg_sqfs_directories(pyimg_sqfs *w); /* borrowed, owned by w */
+
+/* Common inode fields.  xattr is an index into the xattr id table, or 0xFFFFFFFF. */
+typedef struct {
+    uint16_t mode;  /* permission bits (07777) */
+    uint16_t uid_idx;
+    uint16_t gid_idx;
+    uint32_t mtime;
+    uint32_t ino;
+    uint32_t nlink;
+    uint32_t xattr;
+} pyimg_sqfs_common;
+
+/* Each returns the new inode's reference (>= 0) or a negative PYIMG_E* code.
+ * The extended inode form is chosen when the basic one cannot hold the values. */
+int64_t pyimg_sqfs_add_file(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint64_t size, uint64_t blocks_start,
+                            uint64_t sparse, uint32_t frag_index, uint32_t frag_offset,
+                            const uint32_t *block_sizes, size_t nblocks);
+/* type: 3 symlink (target used), 4 block dev, 5 char dev (rdev used), 6 fifo, 7 socket. */
+int64_t pyimg_sqfs_add_special(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint16_t type, uint32_t rdev,
+                               const uint8_t *target, size_t target_len);
+/* A directory: its listing (n entries, sorted by name) goes to the directory
+ * table and its inode to the inode table.  names holds the names back to back,
+ * name_ends[i] the end offset of name i; refs/inos/types describe each child
+ * (types: the basic squashfs type 1..7). */
+int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t parent_ino, size_t n,
+                           const uint8_t *names, const uint32_t *name_ends, const uint64_t *refs,
+                           const uint32_t *inos, const uint16_t *types);
+
+/* Appends one xattr key/value pair (prefix 0 user, 1 trusted, 2 security; name
+ * without its prefix) to a key/value metadata stream. */
+int pyimg_sqfs_xattr_pair(pyimg_sqfs_meta *kv, uint16_t prefix, const uint8_t *name, size_t name_len,
+                          const uint8_t *value, size_t value_len);
+/* Appends one xattr id entry (16 bytes) to an id metadata stream. */
+int pyimg_sqfs_xattr_id(pyimg_sqfs_meta *ids, uint64_t kv_ref, uint32_t count, uint32_t size);
+
+typedef struct {
+    uint32_t inode_count;
+    uint32_t mod_time;
+    uint32_t block_size;
+    uint32_t fragment_count;
+    uint16_t compressor;
+    uint16_t flags;
+    uint16_t id_count;
+    uint64_t root_ref;
+    uint64_t bytes_used;
+    uint64_t id_table;
+    uint64_t xattr_table; /* ~0 when absent */
+    uint64_t inode_table;
+    uint64_t directory_table;
+    uint64_t fragment_table; /* ~0 when absent */
+    uint64_t export_table;   /* ~0 when absent */
+} pyimg_sqfs_super;
+
+/* Encodes the 96-byte superblock into out. */
+void pyimg_sqfs_encode_super(const pyimg_sqfs_super *s, uint8_t *out);
 /* CDEF END */
+
+/* Inode types. */
+enum {
+    SQFS_DIR = 1, SQFS_FILE = 2, SQFS_SYMLINK = 3, SQFS_BDEV = 4, SQFS_CDEV = 5, SQFS_FIFO = 6, SQFS_SOCKET = 7,
+    SQFS_EXT = 7 /* extended type = basic type + 7 */
+};
+
+#define SQFS_NO_XATTR 0xFFFFFFFFu
+#define SQFS_NO_FRAGMENT 0xFFFFFFFFu
+
+/* Shared between the .c files of the writer. */
+int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...);
 
 #endif

@@ -1,0 +1,199 @@
+/* The writer handle and the inode encoders.  Every inode starts with the
+ * 16-byte common header; the extended form of a type is used only where the
+ * basic one cannot hold the values (link count, xattrs, 64-bit sizes...). */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "sqfs.h"
+
+#define INODE_HEADER_SIZE 16
+#define FILE_BASIC_SIZE (INODE_HEADER_SIZE + 16)
+#define FILE_EXT_SIZE (INODE_HEADER_SIZE + 40)
+_Static_assert(FILE_BASIC_SIZE == 32, "basic file inode is 32 bytes before its block list");
+_Static_assert(FILE_EXT_SIZE == 56, "extended file inode is 56 bytes before its block list");
+
+struct pyimg_sqfs {
+    pyimg_sqfs_meta *inodes;
+    pyimg_sqfs_meta *dirs;
+    pyimg_buf scratch; /* one encoded inode or one directory index */
+    char err[PYIMG_ERRMSG_MAX];
+};
+
+pyimg_sqfs *pyimg_sqfs_new(pyimg_sqfs_compress_fn fn, void *ctx) {
+    pyimg_sqfs *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    w->inodes = pyimg_sqfs_meta_new(fn, ctx);
+    w->dirs = pyimg_sqfs_meta_new(fn, ctx);
+    if (!w->inodes || !w->dirs) {
+        pyimg_sqfs_free(w);
+        return NULL;
+    }
+    return w;
+}
+
+void pyimg_sqfs_free(pyimg_sqfs *w) {
+    if (!w) return;
+    pyimg_sqfs_meta_free(w->inodes);
+    pyimg_sqfs_meta_free(w->dirs);
+    pyimg_buf_free(&w->scratch);
+    free(w);
+}
+
+const char *pyimg_sqfs_error(const pyimg_sqfs *w) { return w->err; }
+pyimg_sqfs_meta *pyimg_sqfs_inodes(pyimg_sqfs *w) { return w->inodes; }
+pyimg_sqfs_meta *pyimg_sqfs_directories(pyimg_sqfs *w) { return w->dirs; }
+
+int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(w->err, sizeof w->err, fmt, ap);
+    va_end(ap);
+    return -code;
+}
+
+/* Copies a metadata stream's error onto the writer. */
+static int meta_error(pyimg_sqfs *w, pyimg_sqfs_meta *m, int rc) {
+    return pyimg_sqfs_fail(w, -rc, "%s", pyimg_sqfs_meta_error(m));
+}
+
+static void encode_header(uint8_t *p, uint16_t type, const pyimg_sqfs_common *c) {
+    put_le16(p + 0, type);
+    put_le16(p + 2, c->mode & 07777);
+    put_le16(p + 4, c->uid_idx);
+    put_le16(p + 6, c->gid_idx);
+    put_le32(p + 8, c->mtime);
+    put_le32(p + 12, c->ino);
+}
+
+/* Appends the encoded inode in w->scratch to the inode table; returns its ref. */
+static int64_t emit_inode(pyimg_sqfs *w) {
+    uint64_t ref = pyimg_sqfs_meta_ref(w->inodes);
+    int rc = pyimg_sqfs_meta_append(w->inodes, w->scratch.data, w->scratch.len);
+    if (rc) return meta_error(w, w->inodes, rc);
+    return (int64_t)ref;
+}
+
+static uint8_t *scratch_reset(pyimg_sqfs *w, size_t len) {
+    w->scratch.len = 0;
+    if (pyimg_buf_reserve(&w->scratch, len)) return NULL;
+    memset(w->scratch.data, 0, len);
+    w->scratch.len = len;
+    return w->scratch.data;
+}
+
+int64_t pyimg_sqfs_add_file(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint64_t size, uint64_t blocks_start,
+                            uint64_t sparse, uint32_t frag_index, uint32_t frag_offset,
+                            const uint32_t *block_sizes, size_t nblocks) {
+    int basic = size <= UINT32_MAX && blocks_start <= UINT32_MAX && c->nlink == 1 && c->xattr == SQFS_NO_XATTR &&
+                sparse == 0;
+    size_t fixed = basic ? FILE_BASIC_SIZE : FILE_EXT_SIZE;
+    if (nblocks > (SIZE_MAX - fixed) / 4) return pyimg_sqfs_fail(w, PYIMG_ELIMIT, "file has too many blocks");
+    uint8_t *p = scratch_reset(w, fixed + 4 * nblocks);
+    if (!p) return pyimg_sqfs_fail(w, PYIMG_ENOMEM, "out of memory");
+    if (basic) {
+        encode_header(p, SQFS_FILE, c);
+        put_le32(p + 16, (uint32_t)blocks_start);
+        put_le32(p + 20, frag_index);
+        put_le32(p + 24, frag_offset);
+        put_le32(p + 28, (uint32_t)size);
+    } else {
+        encode_header(p, SQFS_FILE + SQFS_EXT, c);
+        put_le64(p + 16, blocks_start);
+        put_le64(p + 24, size);
+        put_le64(p + 32, sparse);
+        put_le32(p + 40, c->nlink);
+        put_le32(p + 44, frag_index);
+        put_le32(p + 48, frag_offset);
+        put_le32(p + 52, c->xattr);
+    }
+    for (size_t i = 0; i < nblocks; i++) put_le32(p + fixed + 4 * i, block_sizes[i]);
+    return emit_inode(w);
+}
+
+int64_t pyimg_sqfs_add_special(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint16_t type, uint32_t rdev,
+                               const uint8_t *target, size_t target_len) {
+    int ext = c->xattr != SQFS_NO_XATTR;
+    uint16_t disk_type = (uint16_t)(type + (ext ? SQFS_EXT : 0));
+    uint8_t *p;
+    switch (type) {
+    case SQFS_SYMLINK:
+        if (target_len > UINT32_MAX) return pyimg_sqfs_fail(w, PYIMG_ELIMIT, "symlink target too long");
+        p = scratch_reset(w, INODE_HEADER_SIZE + 8 + target_len + (ext ? 4 : 0));
+        if (!p) return pyimg_sqfs_fail(w, PYIMG_ENOMEM, "out of memory");
+        encode_header(p, disk_type, c);
+        put_le32(p + 16, c->nlink);
+        put_le32(p + 20, (uint32_t)target_len);
+        if (target_len) memcpy(p + 24, target, target_len);
+        if (ext) put_le32(p + 24 + target_len, c->xattr);
+        break;
+    case SQFS_BDEV:
+    case SQFS_CDEV:
+        p = scratch_reset(w, INODE_HEADER_SIZE + 8 + (ext ? 4 : 0));
+        if (!p) return pyimg_sqfs_fail(w, PYIMG_ENOMEM, "out of memory");
+        encode_header(p, disk_type, c);
+        put_le32(p + 16, c->nlink);
+        put_le32(p + 20, rdev);
+        if (ext) put_le32(p + 24, c->xattr);
+        break;
+    case SQFS_FIFO:
+    case SQFS_SOCKET:
+        p = scratch_reset(w, INODE_HEADER_SIZE + 4 + (ext ? 4 : 0));
+        if (!p) return pyimg_sqfs_fail(w, PYIMG_ENOMEM, "out of memory");
+        encode_header(p, disk_type, c);
+        put_le32(p + 16, c->nlink);
+        if (ext) put_le32(p + 20, c->xattr);
+        break;
+    default:
+        return pyimg_sqfs_fail(w, PYIMG_EINVAL, "not a special inode type: %u", (unsigned)type);
+    }
+    return emit_inode(w);
+}
+
+void pyimg_sqfs_encode_super(const pyimg_sqfs_super *s, uint8_t *out) {
+    memset(out, 0, SQFS_SUPERBLOCK_SIZE);
+    put_le32(out + 0, 0x73717368u); /* "hsqs" */
+    put_le32(out + 4, s->inode_count);
+    put_le32(out + 8, s->mod_time);
+    put_le32(out + 12, s->block_size);
+    put_le32(out + 16, s->fragment_count);
+    put_le16(out + 20, s->compressor);
+    uint16_t block_log = 0;
+    while ((1u << block_log) < s->block_size) block_log++;
+    put_le16(out + 22, block_log);
+    put_le16(out + 24, s->flags);
+    put_le16(out + 26, s->id_count);
+    put_le16(out + 28, 4); /* version 4.0 */
+    put_le16(out + 30, 0);
+    put_le64(out + 32, s->root_ref);
+    put_le64(out + 40, s->bytes_used);
+    put_le64(out + 48, s->id_table);
+    put_le64(out + 56, s->xattr_table);
+    put_le64(out + 64, s->inode_table);
+    put_le64(out + 72, s->directory_table);
+    put_le64(out + 80, s->fragment_table);
+    put_le64(out + 88, s->export_table);
+}
+_Static_assert(88 + 8 == SQFS_SUPERBLOCK_SIZE, "the superblock is 96 bytes");
+
+int pyimg_sqfs_xattr_pair(pyimg_sqfs_meta *kv, uint16_t prefix, const uint8_t *name, size_t name_len,
+                          const uint8_t *value, size_t value_len) {
+    if (name_len > UINT16_MAX || value_len > UINT32_MAX) return -PYIMG_ELIMIT;
+    uint8_t key[4], size[4];
+    put_le16(key, prefix);
+    put_le16(key + 2, (uint16_t)name_len);
+    put_le32(size, (uint32_t)value_len);
+    int rc = pyimg_sqfs_meta_append(kv, key, 4);
+    if (!rc) rc = pyimg_sqfs_meta_append(kv, name, name_len);
+    if (!rc) rc = pyimg_sqfs_meta_append(kv, size, 4);
+    if (!rc) rc = pyimg_sqfs_meta_append(kv, value, value_len);
+    return rc;
+}
+
+int pyimg_sqfs_xattr_id(pyimg_sqfs_meta *ids, uint64_t kv_ref, uint32_t count, uint32_t size) {
+    uint8_t e[16];
+    put_le64(e, kv_ref);
+    put_le32(e + 8, count);
+    put_le32(e + 12, size);
+    return pyimg_sqfs_meta_append(ids, e, sizeof e);
+}

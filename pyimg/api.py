@@ -1,0 +1,243 @@
+"""The public Python API: build an image, read an image's digest.
+
+    result = pyimg.build(["rootfs/"], "root.sqfs", compression="zstd:3")
+    print(result.digest)
+
+The build reads as its stages: collect → (hash & dedup → lay out → stream, inside the
+format writer) → finalize (fsync, rename, digest, manifest).  Nothing here prints or
+exits; every failure is a PyImgError subclass, and the target is left untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .collect import check_output_not_input, collect
+from .errors import OutputError, SpecError
+from .formats.base import FormatWriter, WriteResult
+from .manifest import ImageDigest, build_manifest, digest_image, dump
+from .options import BuildOptions, Ext4Options, Policy, SourceSpec, SquashfsOptions, default_jobs
+from .output import AtomicOutput, write_file_atomically
+from .spec import load_spec, options_from_spec, parse_compression, parse_owner, parse_size
+
+
+def writer_for(options: BuildOptions) -> FormatWriter:
+    """The format plugin for options.format."""
+    if options.format == "squashfs":
+        from .formats.squashfs import SquashfsWriter
+
+        return SquashfsWriter(options)
+    if options.format == "ext4":
+        from .formats.ext4 import Ext4Writer
+
+        return Ext4Writer(options)
+    raise SpecError(f"unknown format {options.format!r} (choose squashfs or ext4)")
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    output: str
+    format: str
+    digest: str  # BLAKE3 of the image, hex: what `pyimg digest` prints
+    sha256: str
+    image_size: int
+    entries: int
+    bytes_in: int
+    bytes_stored: int
+    dedup_saved: int
+    seconds: float
+    manifest: dict[str, Any]
+    manifest_path: str | None
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the manifest's entries: what `--json` prints."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "manifest"}
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as progress(done_bytes, total_bytes) while content is processed."""
+
+
+def build_with(options: BuildOptions, progress: ProgressCallback | None = None) -> BuildResult:
+    """Build the image that `options` describes."""
+    started = time.monotonic()
+    writer = writer_for(options)  # validates format options before any work
+    check_output_not_input(options)
+    with collect(options) as collected:
+        tree = collected.tree.freeze()
+        total = sum(inode.size for inode in tree.inodes if inode.data is not None)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        with AtomicOutput(options.output) as out:
+            try:
+                result: WriteResult = writer.write(tree, out.fd, advance)
+            except OutputError as exc:
+                if exc.path is None:
+                    raise OutputError(exc.reason, options.output) from exc
+                raise
+            out.commit()
+    image = digest_image(options.output)
+    manifest = build_manifest(options, tree, result, image)
+    if options.manifest:
+        write_file_atomically(options.manifest, dump(manifest))
+    return BuildResult(
+        output=options.output,
+        format=options.format,
+        digest=image.blake3,
+        sha256=image.sha256,
+        image_size=image.size,
+        entries=len(tree.nodes),
+        bytes_in=result.bytes_in,
+        bytes_stored=result.bytes_stored,
+        dedup_saved=result.dedup_saved,
+        seconds=time.monotonic() - started,
+        manifest=manifest,
+        manifest_path=options.manifest,
+    )
+
+
+def resolve_epoch(epoch: int | None) -> int | None:
+    """An explicit epoch, else SOURCE_DATE_EPOCH, else None."""
+    if epoch is not None:
+        return epoch
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SpecError(f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds") from None
+
+
+def parse_source(text: str) -> SourceSpec:
+    """'PATH' or 'PATH:/DEST' (DEST is an absolute image path)."""
+    path, sep, dest = text.rpartition(":/")
+    if sep and path:
+        return SourceSpec(path=path, dest=("/" + dest).encode("utf-8", "surrogateescape").strip(b"/"))
+    return SourceSpec(path=text)
+
+
+def options_for(
+    sources: Sequence[str | SourceSpec],
+    output: str | None,
+    *,
+    format: str | None = None,
+    compression: str | None = None,
+    block_size: int | str | None = None,
+    jobs: int | None = None,
+    epoch: int | None = None,
+    owner: str | None = None,
+    exclude: Sequence[str] = (),
+    spec: str | None = None,
+    manifest: str | None = None,
+    fragments: bool | None = None,
+    dedup: bool | None = None,
+    size: int | str | None = None,
+    headroom: int | None = None,
+    journal: int | str | bool | None = None,
+    features: Sequence[str] = (),
+    uuid: str | None = None,
+    label: str | None = None,
+) -> BuildOptions:
+    """BuildOptions from CLI-style arguments; a spec file's values are the base and
+    every argument that is given (not None / not empty) overrides them."""
+    base = options_from_spec(load_spec(spec), os.path.dirname(os.path.abspath(spec))) if spec else None
+    src = tuple(s if isinstance(s, SourceSpec) else parse_source(s) for s in sources)
+    if not src and base is not None:
+        src = base.sources
+    if not src:
+        raise SpecError("no source given")
+    out = output or (base.output if base is not None else None)
+    if not out:
+        raise SpecError("no output given (-o/--output)")
+
+    policy = base.policy if base is not None else Policy()
+    policy = dataclasses.replace(
+        policy,
+        epoch=resolve_epoch(epoch if epoch is not None else policy.epoch),
+        owner=parse_owner(owner) if owner is not None else policy.owner,
+        excludes=policy.excludes + tuple(exclude),
+    )
+    sq = base.squashfs if base is not None else SquashfsOptions()
+    if compression is not None:
+        name, level = parse_compression(compression)
+        sq = dataclasses.replace(sq, compression=name, level=level)  # type: ignore[arg-type]
+    if block_size is not None:
+        sq = dataclasses.replace(sq, block_size=parse_size(block_size) if isinstance(block_size, str) else block_size)
+    if fragments is not None:
+        sq = dataclasses.replace(sq, fragments=fragments)
+    if dedup is not None:
+        sq = dataclasses.replace(sq, dedup=dedup)
+    e4 = base.ext4 if base is not None else Ext4Options()
+    e4 = _ext4_overrides(e4, size, headroom, journal, features, uuid, label, dedup)
+    return BuildOptions(
+        sources=src,
+        output=out,
+        format=(format or (base.format if base is not None else "squashfs")),  # type: ignore[arg-type]
+        jobs=jobs or (base.jobs if base is not None else default_jobs()),
+        policy=policy,
+        squashfs=sq,
+        ext4=e4,
+        manifest=manifest if manifest is not None else (base.manifest if base is not None else None),
+    )
+
+
+def _ext4_overrides(
+    e4: Ext4Options,
+    size: int | str | None,
+    headroom: int | None,
+    journal: int | str | bool | None,
+    features: Sequence[str],
+    uuid: str | None,
+    label: str | None,
+    dedup: bool | None,
+) -> Ext4Options:
+    changes: dict[str, Any] = {}
+    if size is not None:
+        changes["size"] = None if size == "auto" else (parse_size(size) if isinstance(size, str) else size)
+    if headroom is not None:
+        changes["headroom"] = headroom
+    if journal is not None and journal is not False:
+        changes["journal"] = 0 if journal is True or journal == "" else (
+            parse_size(journal) if isinstance(journal, str) else journal
+        )
+    if features:
+        changes["features"] = e4.features + tuple(features)
+    if uuid is not None:
+        changes["uuid"] = uuid
+    if label is not None:
+        changes["label"] = label
+    if dedup is not None:
+        changes["dedup"] = dedup
+    return dataclasses.replace(e4, **changes)
+
+
+def build(
+    sources: Sequence[str | SourceSpec],
+    output: str | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> BuildResult:
+    """Build an image.  Keyword options are those of `pyimg build` (see options_for)."""
+    return build_with(options_for(sources, output, **options), progress)
+
+
+def digest(image: str) -> ImageDigest:
+    """The image's BLAKE3 (and SHA-256), as its manifest records them."""
+    if not os.path.isfile(image):
+        raise OutputError("no such image file", image)
+    return digest_image(image)

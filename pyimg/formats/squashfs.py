@@ -1,0 +1,365 @@
+"""squashfs 4.0 writer: lay out → stream data → encode metadata → superblock.
+
+Image layout (the order mksquashfs uses, which unsquashfs expects):
+  superblock | data and fragment blocks | inode table | directory table |
+  fragment table | export table | id table | xattr table | zero padding to 4 KiB
+The C core encodes the metadata (csrc/sqfs/); this module decides what goes where.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from .._ffi import check, ffi, lib
+from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
+from ..errors import LimitError, SpecError
+from ..options import BuildOptions
+from ..tree import FrozenTree, Inode, Kind
+from .base import Progress, WriteResult, image_epoch
+from .imagefile import ImageFile, pwrite_all
+from .squashfs_data import NO_FRAGMENT, DataStream, FileData
+
+SUPERBLOCK_SIZE = 96
+META_SIZE = 8192
+NO_XATTR = 0xFFFFFFFF
+NO_TABLE = 0xFFFFFFFFFFFFFFFF
+MAX_NAME = 255  # the on-disk field allows 256, but Linux cannot look such a name up
+MAX_IDS = 65536
+PAD_TO = 4096
+
+# Superblock flags.
+FLAG_NO_FRAGMENTS = 0x0010
+FLAG_DUPLICATES = 0x0040
+FLAG_EXPORTABLE = 0x0080
+FLAG_NO_XATTRS = 0x0200
+
+BASIC_TYPE = {
+    Kind.DIR: 1,
+    Kind.FILE: 2,
+    Kind.SYMLINK: 3,
+    Kind.BLOCK: 4,
+    Kind.CHAR: 5,
+    Kind.FIFO: 6,
+    Kind.SOCKET: 7,
+}
+XATTR_PREFIXES = ((b"user.", 0), (b"trusted.", 1), (b"security.", 2))
+
+
+@ffi.def_extern()  # type: ignore[misc]
+def pyimg_py_compress(ctx: Any, src: Any, length: int, dst: Any, cap: int) -> int:
+    """Metadata block compression, called by the C core (csrc/sqfs/meta.c)."""
+    try:
+        compressor: BlockCompressor = ffi.from_handle(ctx)
+        packed = compressor.compress(ffi.buffer(src, length))
+    except Exception:  # an exception must not cross into C: report failure instead
+        return -1
+    if len(packed) >= length or len(packed) > cap:
+        return 0
+    ffi.memmove(dst, packed, len(packed))
+    return len(packed)
+
+
+class SquashfsWriter:
+    name = "squashfs"
+
+    def __init__(self, options: BuildOptions) -> None:
+        self.options = options
+        sq = options.squashfs
+        size = sq.block_size
+        if size < 4096 or size > 1 << 20 or size & (size - 1):
+            raise SpecError(f"block size {size} must be a power of two from 4 KiB to 1 MiB")
+        self.spec = CompressionSpec.create(sq.compression, sq.level, size)
+
+    def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
+        ids = _id_table(tree)
+        _check_limits(tree)
+        files = [inode for inode in tree.inodes if inode.kind is Kind.FILE]
+        sq = self.options.squashfs
+        image = ImageFile(fd, start=SUPERBLOCK_SIZE)
+        stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
+        placed = stream.write(files, image, progress)
+        data_of = {id(inode): data for inode, data in zip(files, placed, strict=True)}
+
+        tables = _Tables(self.spec, tree, ids, data_of)
+        super_fields = tables.write(image, stream.fragment_table)
+        bytes_used = image.pos
+        image.write(bytes(-bytes_used % PAD_TO))
+        image.finish()
+
+        flags = (FLAG_DUPLICATES if sq.dedup else 0) | FLAG_EXPORTABLE
+        flags |= 0 if sq.fragments else FLAG_NO_FRAGMENTS
+        flags |= FLAG_NO_XATTRS if super_fields["xattr_table"] == NO_TABLE else 0
+        sb = ffi.new(
+            "pyimg_sqfs_super *",
+            dict(
+                super_fields,
+                inode_count=len(tree.inodes),
+                mod_time=image_epoch(self.options, tree),
+                block_size=self.spec.block_size,
+                fragment_count=len(stream.fragment_table),
+                compressor=SQUASHFS_IDS[self.spec.name],
+                flags=flags,
+                id_count=len(ids),
+                bytes_used=bytes_used,
+            ),
+        )
+        raw = ffi.new("uint8_t[]", SUPERBLOCK_SIZE)
+        lib.pyimg_sqfs_encode_super(sb, raw)
+        pwrite_all(fd, ffi.buffer(raw), 0)
+
+        digests = {ino: data_of[id(inode)].digest for ino, inode in enumerate(tree.inodes, 1) if id(inode) in data_of}
+        return WriteResult(
+            digests=digests,
+            bytes_in=sum(inode.size for inode in files),
+            bytes_stored=_stored_content(placed),
+            image_size=image.pos,
+            details={
+                "compression": self.spec.name,
+                "level": self.spec.level,
+                "block_size": self.spec.block_size,
+                "fragments": sq.fragments,
+                "dedup": sq.dedup,
+                "inodes": len(tree.inodes),
+                "fragment_blocks": len(stream.fragment_table),
+                "ids": len(ids),
+                "bytes_used": bytes_used,
+                "compressed_data": stream.bytes_stored,
+            },
+        )
+
+
+def _stored_content(placed: list[FileData]) -> int:
+    """Content bytes stored once dedup and holes are taken out."""
+    seen: set[int] = set()
+    total = 0
+    for data in placed:
+        if id(data) not in seen:
+            seen.add(id(data))
+            total += data.size - data.sparse
+    return total
+
+
+def _id_table(tree: FrozenTree) -> list[int]:
+    ids = sorted({inode.uid for inode in tree.inodes} | {inode.gid for inode in tree.inodes})
+    if len(ids) > MAX_IDS:
+        raise LimitError(f"{len(ids)} distinct uids/gids; squashfs holds at most {MAX_IDS}")
+    return ids
+
+
+def _check_limits(tree: FrozenTree) -> None:
+    """Refuse what squashfs cannot hold before any data is read."""
+    for node in tree.nodes:
+        if len(node.name) > MAX_NAME:
+            raise LimitError(f"name of {len(node.name)} bytes; squashfs allows {MAX_NAME}", b"/" + node.path)
+    for node in tree.nodes:
+        inode = node.inode
+        if not 0 <= inode.mtime <= 0xFFFFFFFF:
+            raise LimitError(f"mtime {inode.mtime} outside squashfs's range 0..2^32-1", b"/" + node.path)
+        if inode.kind in (Kind.CHAR, Kind.BLOCK) and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
+            raise LimitError(f"device number {inode.rdev} too large for squashfs", b"/" + node.path)
+        for name in inode.xattrs:
+            if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
+                raise LimitError(f"xattr {name!r}: squashfs stores only user., trusted. and security.", b"/" + node.path)
+
+
+def _encode_rdev(major: int, minor: int) -> int:
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """A lookup table's metadata blocks and their index, ready to be written."""
+
+    blocks: bytes
+    offsets: list[int]
+
+
+class _Tables:
+    """Encodes inodes, directories and the lookup tables through the C core."""
+
+    def __init__(self, spec: CompressionSpec, tree: FrozenTree, ids: list[int], data_of: dict[int, FileData]):
+        self.tree = tree
+        self.data_of = data_of
+        self.id_index = {value: index for index, value in enumerate(ids)}
+        self.ids = ids
+        self._compressor = BlockCompressor(spec)
+        self._ctx = ffi.new_handle(self._compressor)  # kept alive as long as the handles below
+        writer = lib.pyimg_sqfs_new(lib.pyimg_py_compress, self._ctx)
+        if writer == ffi.NULL:
+            raise MemoryError("squashfs writer")
+        self.writer = ffi.gc(writer, lib.pyimg_sqfs_free)
+        self.xattr_sets: dict[tuple[tuple[bytes, bytes], ...], int] = {}
+
+    def _new_meta(self) -> Any:
+        meta = lib.pyimg_sqfs_meta_new(lib.pyimg_py_compress, self._ctx)
+        if meta == ffi.NULL:
+            raise MemoryError("squashfs metadata stream")
+        return ffi.gc(meta, lib.pyimg_sqfs_meta_free)
+
+    def _err(self) -> Any:
+        return lib.pyimg_sqfs_error(self.writer)
+
+    # -- inodes and directories -----------------------------------------------------
+
+    def _xattr_index(self, inode: Inode) -> int:
+        if not inode.xattrs:
+            return NO_XATTR
+        key = tuple(sorted(inode.xattrs.items()))
+        return self.xattr_sets.setdefault(key, len(self.xattr_sets))
+
+    def _encode_inodes(self) -> dict[int, int]:
+        """All inodes, children before their directory; returns ino -> inode ref."""
+        tree = self.tree
+        refs: dict[int, int] = {}
+        common = ffi.new("pyimg_sqfs_common *")
+        root_parent = len(tree.inodes) + 1
+        for index in tree.postorder():
+            node = tree.nodes[index]
+            if node.ino in refs:
+                continue  # another path of a hard-link group
+            inode = node.inode
+            common.mode = inode.mode & 0o7777
+            common.uid_idx = self.id_index[inode.uid]
+            common.gid_idx = self.id_index[inode.gid]
+            common.mtime = inode.mtime
+            common.ino = node.ino
+            common.nlink = tree.nlink[node.ino]
+            common.xattr = self._xattr_index(inode)
+            path = b"/" + node.path
+            if inode.kind is Kind.FILE:
+                refs[node.ino] = self._add_file(common, inode, path)
+            elif inode.kind is Kind.DIR:
+                parent = root_parent if index == 0 else tree.nodes[node.parent].ino
+                refs[node.ino] = self._add_dir(common, node.children, refs, parent, path)
+            else:
+                rdev = _encode_rdev(*inode.rdev) if inode.kind in (Kind.CHAR, Kind.BLOCK) else 0
+                target = inode.target
+                ref = lib.pyimg_sqfs_add_special(self.writer, common, BASIC_TYPE[inode.kind], rdev, target, len(target))
+                refs[node.ino] = check(ref, self._err, path)
+        return refs
+
+    def _add_file(self, common: Any, inode: Inode, path: bytes) -> int:
+        data = self.data_of[id(inode)]
+        sizes = array("I", data.block_sizes)
+        ref = lib.pyimg_sqfs_add_file(
+            self.writer,
+            common,
+            inode.size,
+            data.blocks_start,
+            data.sparse,
+            data.frag_index,
+            data.frag_offset if data.frag_index != NO_FRAGMENT else 0,
+            ffi.from_buffer("uint32_t[]", sizes),
+            len(sizes),
+        )
+        return check(ref, self._err, path)
+
+    def _add_dir(self, common: Any, children: list[int], refs: dict[int, int], parent: int, path: bytes) -> int:
+        nodes = [self.tree.nodes[c] for c in children]
+        names = b"".join(n.name for n in nodes)
+        ends = array("I")
+        end = 0
+        for n in nodes:
+            end += len(n.name)
+            ends.append(end)
+        child_refs = array("Q", [refs[n.ino] for n in nodes])
+        inos = array("I", [n.ino for n in nodes])
+        types = array("H", [BASIC_TYPE[n.inode.kind] for n in nodes])
+        ref = lib.pyimg_sqfs_add_dir(
+            self.writer,
+            common,
+            parent,
+            len(nodes),
+            names,
+            ffi.from_buffer("uint32_t[]", ends),
+            ffi.from_buffer("uint64_t[]", child_refs),
+            ffi.from_buffer("uint32_t[]", inos),
+            ffi.from_buffer("uint16_t[]", types),
+        )
+        return check(ref, self._err, path)
+
+    # -- tables -------------------------------------------------------------------------
+
+    def _finished(self, meta: Any) -> _Lookup:
+        check(lib.pyimg_sqfs_meta_finish(meta), lambda: lib.pyimg_sqfs_meta_error(meta))
+        blocks = bytes(ffi.buffer(lib.pyimg_sqfs_meta_data(meta), lib.pyimg_sqfs_meta_size(meta)))
+        count = lib.pyimg_sqfs_meta_block_count(meta)
+        return _Lookup(blocks, [lib.pyimg_sqfs_meta_block_offset(meta, i) for i in range(count)])
+
+    def _lookup_table(self, entries: bytes) -> _Lookup:
+        meta = self._new_meta()
+        check(lib.pyimg_sqfs_meta_append(meta, entries, len(entries)), lambda: lib.pyimg_sqfs_meta_error(meta))
+        return self._finished(meta)
+
+    @staticmethod
+    def _write_lookup(image: ImageFile, table: _Lookup) -> int:
+        """Blocks, then the array of their absolute offsets; returns the array's offset."""
+        start = image.pos
+        image.write(table.blocks)
+        index_at = image.pos
+        image.write(b"".join(struct.pack("<Q", start + off) for off in table.offsets))
+        return index_at
+
+    def _xattr_tables(self) -> tuple[_Lookup, _Lookup] | None:
+        if not self.xattr_sets:
+            return None
+        kv = self._new_meta()
+        ids = self._new_meta()
+        for pairs in self.xattr_sets:  # dicts keep insertion order: the index order
+            ref = lib.pyimg_sqfs_meta_ref(kv)
+            size = 0
+            for name, value in pairs:
+                prefix, code = next((p, c) for p, c in XATTR_PREFIXES if name.startswith(p))
+                key = name[len(prefix) :]
+                rc = lib.pyimg_sqfs_xattr_pair(kv, code, key, len(key), value, len(value))
+                check(rc, lambda: lib.pyimg_sqfs_meta_error(kv))
+                size += 8 + len(key) + len(value)
+            check(lib.pyimg_sqfs_xattr_id(ids, ref, len(pairs), size), lambda: lib.pyimg_sqfs_meta_error(ids))
+        return self._finished(kv), self._finished(ids)
+
+    def write(self, image: ImageFile, fragments: list[tuple[int, int]]) -> dict[str, int]:
+        """Write every table after the data; return the superblock's table fields."""
+        refs = self._encode_inodes()
+        inode_table = self._finished(lib.pyimg_sqfs_inodes(self.writer))
+        dir_table = self._finished(lib.pyimg_sqfs_directories(self.writer))
+        fields: dict[str, int] = {"root_ref": refs[self.tree.root.ino]}
+
+        fields["inode_table"] = image.pos
+        image.write(inode_table.blocks)
+        fields["directory_table"] = image.pos
+        image.write(dir_table.blocks)
+
+        fields["fragment_table"] = NO_TABLE
+        if fragments:
+            entries = b"".join(struct.pack("<QII", start, size, 0) for start, size in fragments)
+            fields["fragment_table"] = self._write_lookup(image, self._lookup_table(entries))
+
+        exports = array("Q", [refs[ino] for ino in range(1, len(self.tree.inodes) + 1)])
+        fields["export_table"] = self._write_lookup(image, self._lookup_table(_le(exports)))
+        fields["id_table"] = self._write_lookup(image, self._lookup_table(_le(array("I", self.ids))))
+
+        fields["xattr_table"] = NO_TABLE
+        xattrs = self._xattr_tables()
+        if xattrs is not None:
+            kv, id_entries = xattrs
+            kv_start = image.pos
+            image.write(kv.blocks)
+            ids_start = image.pos
+            image.write(id_entries.blocks)
+            fields["xattr_table"] = image.pos
+            image.write(struct.pack("<QII", kv_start, len(self.xattr_sets), 0))
+            image.write(b"".join(struct.pack("<Q", ids_start + off) for off in id_entries.offsets))
+        return fields
+
+
+def _le(values: array[int]) -> bytes:
+    """An array's items as little-endian bytes, whatever the host's byte order."""
+    import sys
+
+    if sys.byteorder != "little":
+        values = array(values.typecode, values)
+        values.byteswap()
+    return values.tobytes()
