@@ -1,0 +1,137 @@
+"""Collect: every source, in order, into one Tree, with the policy applied once.
+
+    with collect(options) as collected:
+        frozen = collected.tree.freeze()
+        ...  # write the image while the spool file still exists
+
+Later sources overlay earlier ones (Tree.add semantics).  Compressed tar members
+are spooled to one temporary file; `Collected` deletes it on exit, so the tree's
+DataRefs are only valid inside the `with` block.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from types import TracebackType
+from typing import Literal
+
+from .errors import OutputError, SourceError, SpecError
+from .options import BuildOptions, SourceSpec
+from .sources import Rules, Spool
+from .sources.directory import add_directory
+from .sources.single import add_file
+from .sources.tar import TAR_SUFFIXES, add_tar, is_tar_archive
+from .tree import Tree, new_dir, normalize_path
+
+ResolvedKind = Literal["dir", "tar", "file"]
+
+
+class Collected:
+    """The collected tree and the temporary files its DataRefs may point into."""
+
+    def __init__(self, tree: Tree, spool: Spool) -> None:
+        self.tree = tree
+        self._spool = spool
+
+    @property
+    def spool_path(self) -> str | None:
+        """The spool file, if any member needed one (for diagnostics and tests)."""
+        return self._spool.path
+
+    def __enter__(self) -> Collected:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._spool.close()
+
+
+def collect(options: BuildOptions) -> Collected:
+    """Read every source of `options` into one Tree.  Raises SourceError/SpecError;
+    on error no temporary file is left behind."""
+    rules = Rules(options.policy)
+    tree = Tree(new_dir(0o755, 0, 0, rules.epoch_ns or 0))
+    spool = Spool()
+    try:
+        for spec in options.sources:
+            add_source(tree, spec, rules, spool)
+    except BaseException:
+        spool.close()
+        raise
+    return Collected(tree, spool)
+
+
+def add_source(tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool) -> None:
+    dest = normalize_path(spec.dest, where=spec.path)
+    kind = resolve_kind(spec)
+    if kind != "file" and (spec.mode, spec.uid, spec.gid) != (None, None, None):
+        raise SpecError(f"mode, uid and gid apply to single-file sources only (this is a {kind})", spec.path)
+    if kind == "dir":
+        add_directory(tree, spec.path, dest, rules)
+    elif kind == "tar":
+        add_tar(tree, spec.path, dest, rules, spool)
+    else:
+        add_file(tree, spec, dest, rules)
+
+
+def resolve_kind(spec: SourceSpec) -> ResolvedKind:
+    """What a source is: checked against the file system, "auto" decided here.
+
+    auto: a directory is "dir"; a file named like an archive (.tar, .tar.gz, .tgz,
+    .tar.zst, .tar.xz, ...) or whose (decompressed) first block is a tar header is
+    "tar"; any other regular file is "file".
+    """
+    try:
+        st = os.stat(spec.path)
+    except FileNotFoundError as exc:
+        raise SourceError("no such file or directory", spec.path) from exc
+    except OSError as exc:
+        raise SourceError(f"cannot stat: {exc.strerror}", spec.path) from exc
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if spec.kind == "dir":
+        if not is_dir:
+            raise SourceError("not a directory", spec.path)
+        return "dir"
+    if is_dir:
+        if spec.kind != "auto":
+            raise SourceError(f"is a directory, not a {spec.kind} source", spec.path)
+        return "dir"
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError("not a regular file or directory", spec.path)
+    if spec.kind in ("tar", "file"):
+        return spec.kind
+    if spec.path.lower().endswith(TAR_SUFFIXES) or is_tar_archive(spec.path):
+        return "tar"
+    if not spec.dest.strip(b"/"):
+        raise SpecError(
+            "neither a directory nor a tar archive; a single file needs a dest path in the image", spec.path
+        )
+    return "file"
+
+
+def check_output_not_input(options: BuildOptions) -> None:
+    """Refuse an output image that is (or lies inside) one of the sources.
+
+    A directory source must not contain the output (it would be read while being
+    written); a file source must not be the output file itself.
+    """
+    output = os.path.realpath(options.output)
+    for spec in options.sources:
+        source = os.path.realpath(spec.path)
+        if os.path.isdir(source):
+            if os.path.commonpath([output, source]) == source:
+                raise OutputError("output is also an input", options.output)
+        elif output == source or _same_file(options.output, spec.path):
+            raise OutputError("output is also an input", options.output)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

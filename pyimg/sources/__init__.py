@@ -1,0 +1,226 @@
+"""Sources: each turns one SourceSpec into entries of the tree.
+
+This package holds what every source shares: `Rules`, the build policy compiled
+once (ownership, id maps, the epoch clamp, excludes), the xattr filter, and
+`Spool`, the one temporary file that holds the data of compressed tar members.
+
+Notes for format writers:
+- Names may hold any byte except "/" and NUL.  Names longer than 255 bytes are
+  *not* refused here: each format knows its own limit and raises LimitError.
+- Only xattrs in the user., trusted. and security. namespaces are kept.  system.*
+  (POSIX ACLs: system.posix_acl_access/default) is dropped for now: the formats do
+  not encode ACLs yet, and a builder's ACLs rarely belong in an image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import os
+import re
+import tempfile
+from typing import Protocol
+
+from ..errors import OutputError, SourceError, SpecError
+from ..options import Policy
+from ..tree import DataRef, Inode, new_dir
+
+KEPT_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
+
+# errnos meaning "this file system has no xattrs": treated as none, not as an error.
+_NO_XATTR_SUPPORT = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def keep_xattr(name: bytes) -> bool:
+    return name.startswith(KEPT_XATTR_PREFIXES)
+
+
+def read_xattrs(path: bytes, *, follow_symlinks: bool = False) -> dict[bytes, bytes]:
+    """The kept xattrs of `path`, sorted by name (so the dict order never depends on the
+    file system's listing order)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=follow_symlinks)
+    except OSError as exc:
+        if exc.errno in _NO_XATTR_SUPPORT:
+            return {}
+        raise SourceError(f"cannot list xattrs: {exc.strerror}", path) from exc
+    xattrs: dict[bytes, bytes] = {}
+    for name in sorted(os.fsencode(n) for n in names):
+        if not keep_xattr(name):
+            continue
+        try:
+            xattrs[name] = os.getxattr(path, name, follow_symlinks=follow_symlinks)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:  # removed between list and get
+                continue
+            raise SourceError(f"cannot read xattr {name!r}: {exc.strerror}", path) from exc
+    return xattrs
+
+
+def join_image_path(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def owner_pair(owner: str) -> tuple[int, int] | None:
+    """(uid, gid) for "root" and "UID:GID", None for "auto" and "preserve"."""
+    if owner in ("auto", "preserve"):
+        return None
+    if owner == "root":
+        return (0, 0)
+    uid, sep, gid = owner.partition(":")
+    if sep and uid.isdigit() and gid.isdigit():
+        return (int(uid), int(gid))
+    raise SpecError(f"invalid owner policy {owner!r}: expected auto, preserve, root or UID:GID")
+
+
+class Rules:
+    """The build policy, compiled once and applied to every entry as it is collected."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._fixed_owner = owner_pair(policy.owner)
+        self._uid_map = dict(policy.uid_map)
+        self._gid_map = dict(policy.gid_map)
+        self.epoch_ns = None if policy.epoch is None else policy.epoch * 1_000_000_000
+        # Parents that Tree.add creates on its own: never the builder's ids or the clock.
+        self.parent_template = new_dir(0o755, 0, 0, self.epoch_ns or 0)
+        names: list[str] = []
+        paths: list[str] = []
+        for pattern in policy.excludes:
+            if "/" in pattern:
+                # A path pattern matches the whole image path, spelled with a leading "/".
+                paths.append("/" + pattern.strip("/"))
+            else:
+                names.append(pattern)
+        self._name_re = _compile(names)
+        self._path_re = _compile(paths)
+        self._dir_verdicts: dict[bytes, bool] = {}  # memo for excluded_within on parents
+
+    def apply(self, inode: Inode, *, recorded_owner: bool) -> Inode:
+        """Owner policy, then the id maps, then the epoch clamp, in place.
+
+        `recorded_owner` is True for tar members, whose owners are part of the
+        archive; False for files on disk, whose owner is just whoever ran the build
+        (which "auto" turns into root).
+        """
+        if self._fixed_owner is not None:
+            inode.uid, inode.gid = self._fixed_owner
+        elif self.policy.owner == "auto" and not recorded_owner:
+            inode.uid, inode.gid = 0, 0
+        inode.uid = self._uid_map.get(inode.uid, inode.uid)
+        inode.gid = self._gid_map.get(inode.gid, inode.gid)
+        inode.mtime_ns = self.clamp(inode.mtime_ns)
+        return inode
+
+    def clamp(self, mtime_ns: int) -> int:
+        if self.epoch_ns is not None and mtime_ns > self.epoch_ns:
+            return self.epoch_ns
+        return mtime_ns
+
+    @property
+    def has_excludes(self) -> bool:
+        return self._name_re is not None or self._path_re is not None
+
+    def excluded(self, path: bytes) -> bool:
+        """Whether the image path itself (not its parents) matches an exclude pattern."""
+        if not path or not self.has_excludes:
+            return False
+        text = path.decode("utf-8", "surrogateescape")
+        if self._name_re is not None and self._name_re.match(text.rpartition("/")[2]):
+            return True
+        return self._path_re is not None and self._path_re.match("/" + text) is not None
+
+    def excluded_within(self, path: bytes) -> bool:
+        """Whether the path or any of its parents is excluded (for sources that list
+        paths in no tree order, like tar archives)."""
+        if not path or not self.has_excludes:
+            return False
+        slash = path.rfind(b"/")
+        if slash >= 0:
+            parent = path[:slash]
+            verdict = self._dir_verdicts.get(parent)
+            if verdict is None:
+                verdict = self.excluded_within(parent)
+                self._dir_verdicts[parent] = verdict
+            if verdict:
+                return True
+        return self.excluded(path)
+
+
+def _compile(patterns: list[str]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+# Spool members at least this big start on a 4 KiB boundary, so their holes can stay
+# holes in the spool file; smaller ones are packed to keep the spool small.
+_ALIGN_FROM = 64 * 1024
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+
+
+class Spool:
+    """One temporary file (in $TMPDIR, mode 0600) holding the data of members of
+    compressed tar archives, which cannot be pointed into.  Created on first use,
+    deleted by close()."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self._fd = -1
+        self._end = 0
+
+    def store(self, stream: Readable, size: int, where: str) -> DataRef:
+        """Copy `size` bytes from `stream` into the spool; all-zero 1 MiB chunks are
+        skipped (left as holes), so sparse members cost no disk."""
+        fd, path = self._open()
+        offset = self._end
+        if size >= _ALIGN_FROM:
+            offset = (offset + 4095) & ~4095
+        pos = 0
+        while pos < size:
+            chunk = stream.read(min(_CHUNK, size - pos))
+            if not chunk:
+                raise SourceError("unexpected end of data", where)
+            if not (len(chunk) == _CHUNK and chunk == _ZEROS):
+                self._write(fd, chunk, offset + pos)
+            pos += len(chunk)
+        self._end = offset + size
+        try:
+            if os.fstat(fd).st_size < self._end:  # the member ended in a hole
+                os.ftruncate(fd, self._end)
+        except OSError as exc:
+            raise OutputError(f"cannot extend the temporary spool file: {exc.strerror}", path) from exc
+        return DataRef(path, offset, size, None)
+
+    def _open(self) -> tuple[int, str]:
+        if self._fd < 0 or self.path is None:
+            try:
+                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-")
+            except OSError as exc:
+                raise OutputError(f"cannot create a temporary spool file: {exc.strerror}") from exc
+        return self._fd, self.path
+
+    def _write(self, fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise OutputError(f"cannot write the temporary spool file: {exc.strerror}", self.path) from exc
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.path = None
