@@ -24,13 +24,14 @@ Progress = Callable[[int], None]
 class WriteResult:
     digests: dict[int, bytes]  # ino -> BLAKE3 (32 bytes) of each regular file's content
     bytes_in: int  # content bytes of all regular files (a hard-link group counted once)
-    bytes_stored: int  # content bytes actually stored once dedup and holes are taken out
+    bytes_unique: int  # content bytes left once identical contents are stored once
+    bytes_stored: int  # of those, the bytes that are not holes (zero blocks are not stored)
     image_size: int  # bytes of the finished image file
     details: dict[str, object] = field(default_factory=dict)  # format facts for the manifest
 
     @property
     def dedup_saved(self) -> int:
-        return max(0, self.bytes_in - self.bytes_stored)
+        return max(0, self.bytes_in - self.bytes_unique)
 
 
 class FormatWriter(Protocol):

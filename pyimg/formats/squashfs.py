@@ -114,7 +114,8 @@ class SquashfsWriter:
         return WriteResult(
             digests=digests,
             bytes_in=sum(inode.size for inode in files),
-            bytes_stored=_stored_content(placed),
+            bytes_unique=sum(data.size for data in _unique(placed)),
+            bytes_stored=sum(data.size - data.sparse for data in _unique(placed)),
             image_size=image.pos,
             details={
                 "compression": self.spec.name,
@@ -131,15 +132,9 @@ class SquashfsWriter:
         )
 
 
-def _stored_content(placed: list[FileData]) -> int:
-    """Content bytes stored once dedup and holes are taken out."""
-    seen: set[int] = set()
-    total = 0
-    for data in placed:
-        if id(data) not in seen:
-            seen.add(id(data))
-            total += data.size - data.sparse
-    return total
+def _unique(placed: list[FileData]) -> list[FileData]:
+    """Each stored content once (duplicates share one FileData)."""
+    return list({id(data): data for data in placed}.values())
 
 
 def _id_table(tree: FrozenTree) -> list[int]:
