@@ -1,0 +1,245 @@
+"""squashfs images checked by the real oracle: unsquashfs lists and extracts them,
+and the extraction equals the source."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import pyimg
+from pyimg.errors import LimitError
+
+from ..oracles import IS_ROOT, assert_same_tree, fix_mtimes, make_varied_tree, require_tool, unsquashfs_extract
+
+
+def build(tmp_path: Path, source: Path, name: str = "img.sqfs", **options: object) -> tuple[Path, pyimg.BuildResult]:
+    out = tmp_path / name
+    options.setdefault("owner", "preserve")
+    result = pyimg.build([str(source)], str(out), **options)  # type: ignore[arg-type]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_varied_tree(tmp_path_factory.mktemp("varied") / "root")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"compression": "gzip", "block_size": "4K"},
+        {"compression": "xz", "block_size": "1M"},
+        {"compression": "zstd:19", "fragments": False},
+        {"dedup": False, "block_size": "64K"},
+    ],
+    ids=["zstd-default", "gzip-4k", "xz-1m", "zstd19-nofrag", "nodedup-64k"],
+)
+def test_round_trip_varied_tree(tmp_path: Path, varied: Path, options: dict[str, object]) -> None:
+    image, result = build(tmp_path, varied, **options)
+    assert image.stat().st_size % 4096 == 0
+    extracted = tmp_path / "x"
+    unsquashfs_extract(image, extracted)
+    # unsquashfs cannot create sockets; everything else must match exactly.
+    assert_same_tree(varied, extracted, ignore={"links/socket"})
+    assert result.entries == len(result.manifest["entries"])
+
+
+def test_listing_shows_every_entry_and_socket(tmp_path: Path, varied: Path) -> None:
+    image, result = build(tmp_path, varied)
+    tool = require_tool("unsquashfs")
+    listing = subprocess.run([tool, "-lln", str(image)], capture_output=True, text=True, check=True).stdout
+    assert "links/socket" in listing and listing.count("\n") >= result.entries
+    sock_line = next(line for line in listing.splitlines() if line.endswith("links/socket"))
+    assert sock_line.startswith("s")
+
+
+def test_dedup_stores_identical_content_once(tmp_path: Path, varied: Path) -> None:
+    with_dedup, r1 = build(tmp_path, varied, name="a.sqfs")
+    without, r2 = build(tmp_path, varied, name="b.sqfs", dedup=False)
+    assert r1.dedup_saved >= 300_000
+    assert with_dedup.stat().st_size < without.stat().st_size
+
+
+def test_sparse_file_is_stored_as_holes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "huge", "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, all hole
+        f.seek(512 << 20)
+        f.write(b"x" * 1000)
+    image, result = build(tmp_path, src)
+    assert image.stat().st_size < 64 * 1024
+    extracted = tmp_path / "x"
+    unsquashfs_extract(image, extracted)
+    with open(extracted / "huge", "rb") as f:
+        f.seek((512 << 20) - 10)
+        assert f.read(1020) == bytes(10) + b"x" * 1000 + bytes(10)
+    assert os.path.getsize(extracted / "huge") == 1 << 30
+
+
+def test_real_tree_round_trip(tmp_path: Path) -> None:
+    """A Python installation's standard library: thousands of real files."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    image, result = build(tmp_path, stdlib, exclude=["site-packages", "__pycache__"], jobs=2)
+    assert result.entries > 1000
+    extracted = tmp_path / "x"
+    unsquashfs_extract(image, extracted)
+    assert_same_tree(stdlib, extracted, skip_parts={"site-packages", "__pycache__"})
+
+
+# -- determinism ---------------------------------------------------------------------
+
+
+def test_same_bytes_across_runs_and_jobs(tmp_path: Path, varied: Path) -> None:
+    digests = {build(tmp_path, varied, name=f"j{jobs}-{run}.sqfs", jobs=jobs)[1].digest for jobs in (1, 4) for run in (0, 1)}
+    assert len(digests) == 1
+
+
+def _create_tree(root: Path, order: list[int]) -> None:
+    root.mkdir()
+    for i in order:
+        d = root / f"d{i % 5}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i}").write_bytes(b"content %d\n" % i * (i + 1))
+        os.chmod(d / f"f{i}", 0o644)
+        os.chmod(d, 0o755)
+    os.chmod(root, 0o755)
+    fix_mtimes(root)
+
+
+def test_same_bytes_whatever_the_creation_order(tmp_path: Path) -> None:
+    order = list(range(300))
+    _create_tree(tmp_path / "a", order)
+    random.Random(7).shuffle(order)
+    _create_tree(tmp_path / "b", order)
+    assert build(tmp_path, tmp_path / "a", name="a.sqfs")[1].digest == build(tmp_path, tmp_path / "b", name="b.sqfs")[1].digest
+
+
+def test_same_bytes_whatever_the_umask(tmp_path: Path, varied: Path) -> None:
+    digests = set()
+    for mask in (0o022, 0o077):
+        old = os.umask(mask)
+        try:
+            digests.add(build(tmp_path, varied, name=f"u{mask:o}.sqfs")[1].digest)
+        finally:
+            os.umask(old)
+    assert len(digests) == 1
+
+
+def test_source_date_epoch_clamps_and_is_reproducible(tmp_path: Path, varied: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1500000000")
+    image, result = build(tmp_path, varied)
+    assert all(e["mtime"] <= 1500000000 for e in result.manifest["entries"])
+    assert result.digest == build(tmp_path, varied, name="again.sqfs")[1].digest
+    extracted = tmp_path / "x"
+    unsquashfs_extract(image, extracted)
+    assert int(os.lstat(extracted / "etc/hostname").st_mtime) == 1500000000
+
+
+# -- golden digests --------------------------------------------------------------------
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "squashfs.txt"
+
+
+def _golden_trees(base: Path) -> dict[str, Path]:
+    trees = {}
+    t = base / "small"
+    t.mkdir(parents=True)
+    (t / "hello.txt").write_bytes(b"hello, world\n")
+    (t / "sub").mkdir()
+    (t / "sub/data.bin").write_bytes(bytes(range(256)) * 2000)
+    os.symlink("../hello.txt", t / "sub/link")
+    trees["small"] = t
+    t = base / "dups"
+    t.mkdir()
+    for i in range(40):
+        (t / f"copy{i:02d}").write_bytes(b"same content\n" * 5000)
+        (t / f"uniq{i:02d}").write_bytes(b"unique %d\n" % i * 100)
+    trees["dups"] = t
+    t = base / "empty"
+    t.mkdir()
+    trees["empty"] = t
+    for tree in trees.values():
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for n in dirnames:
+                os.chmod(os.path.join(dirpath, n), 0o755)
+            for n in filenames:
+                os.chmod(os.path.join(dirpath, n), 0o644)
+        os.chmod(tree, 0o755)
+        fix_mtimes(tree)
+    return trees
+
+
+def test_golden_digests(tmp_path: Path) -> None:
+    expected = dict(line.split() for line in GOLDEN.read_text().splitlines() if line.strip())
+    got = {}
+    for name, tree in _golden_trees(tmp_path / "trees").items():
+        got[name] = pyimg.build([str(tree)], str(tmp_path / f"{name}.sqfs"), owner="root", epoch=1700000000).digest
+    assert got == expected, "golden digests changed: the on-disk output changed (update tests/golden only on purpose)"
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+def test_name_too_long_is_refused(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    archive = tmp_path / "long.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("d/" + "n" * 300)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    out = tmp_path / "out.sqfs"
+    with pytest.raises(LimitError) as err:
+        pyimg.build([str(archive)], str(out))
+    assert "n" * 300 in str(err.value) and "255" in str(err.value)
+    assert not out.exists() and os.listdir(tmp_path) == ["long.tar"]
+
+
+def test_too_many_ids_is_refused(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    archive = tmp_path / "ids.tar"
+    with tarfile.open(archive, "w") as tar:
+        for uid in range(33000):
+            info = tarfile.TarInfo(f"f{uid}")
+            info.uid = uid
+            info.gid = uid + 40000
+            tar.addfile(info, io.BytesIO(b""))
+    out = tmp_path / "out.sqfs"
+    with pytest.raises(LimitError, match="65536"):
+        pyimg.build([str(archive)], str(out))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not IS_ROOT and os.environ.get("CI") != "true", reason="device nodes need root")
+def test_devices_round_trip(tmp_path: Path, varied: Path) -> None:
+    image, _ = build(tmp_path, varied)
+    extracted = tmp_path / "x"
+    unsquashfs_extract(image, extracted)
+    st = os.lstat(extracted / "links/disk")
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (259, 70000)
+
+
+def test_cli_build_and_digest(tmp_path: Path, varied: Path) -> None:
+    out = tmp_path / "cli.sqfs"
+    manifest = tmp_path / "m.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyimg.cli", "build", str(varied), "-o", str(out), "--manifest", str(manifest), "--json"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    summary = json.loads(proc.stdout)
+    digest = subprocess.run([sys.executable, "-m", "pyimg.cli", "digest", str(out)], capture_output=True, text=True, check=True)
+    assert digest.stdout.strip() == summary["digest"] == json.loads(manifest.read_text())["image"]["blake3"]

@@ -1,0 +1,161 @@
+"""Shared test helpers: varied source trees, and comparing a tree with what a real
+tool extracted from an image (content, mode, owner, mtime, links, xattrs, devices)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+IS_ROOT = os.geteuid() == 0
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; in CI a missing oracle is a failure, never a skip."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI (the oracle must run)")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def can_xattr(directory: Path) -> bool:
+    probe = directory / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+FIXED_MTIME = 1_600_000_000
+
+
+def make_varied_tree(root: Path, *, devices: bool = IS_ROOT) -> Path:
+    """Every file type and the awkward cases: hard links across directories,
+    dangling/absolute/looping symlinks, setuid/sticky modes, empty and sparse files,
+    duplicates, xattrs, a directory big enough to need a directory index."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "etc").mkdir()
+    (root / "etc/hostname").write_bytes(b"pyimg\n")
+    (root / "etc/empty").write_bytes(b"")
+    (root / "bin").mkdir()
+    (root / "bin/tool").write_bytes(b"\x7fELF" + bytes(range(256)) * 1000)
+    os.chmod(root / "bin/tool", 0o4755)
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", 0o1777)
+    (root / "srv").mkdir()
+    os.chmod(root / "srv", 0o2750)
+    data = (b"the quick brown fox jumps over the lazy dog\n" * 7000)[:300_000]
+    (root / "srv/a.dat").write_bytes(data)
+    (root / "srv/dup.dat").write_bytes(data)  # identical content: stored once
+    (root / "srv/random.bin").write_bytes(os.urandom(200_000))
+    (root / "srv/one-block.bin").write_bytes(b"x" * 131072)
+    with open(root / "srv/sparse", "wb") as f:
+        f.truncate(3 * 1024 * 1024)
+        f.seek(1024 * 1024)
+        f.write(b"data in the middle")
+    (root / "links").mkdir()
+    os.link(root / "etc/hostname", root / "links/hostname-hard")
+    os.link(root / "etc/hostname", root / "links/hostname-hard2")
+    os.symlink("../etc/hostname", root / "links/relative")
+    os.symlink("/etc/passwd", root / "links/absolute")
+    os.symlink("nowhere/at/all", root / "links/dangling")
+    os.symlink("loop", root / "links/loop")
+    os.mkfifo(root / "links/fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "links/socket"))
+    sock.close()
+    if devices:
+        os.mknod(root / "links/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(root / "links/disk", 0o660 | stat.S_IFBLK, os.makedev(259, 70000))
+    big = root / "big-dir"
+    big.mkdir()
+    for i in range(1500):  # ~60 KiB of listing: several metadata blocks, a directory index
+        (big / f"entry-with-a-longish-name-{i:05d}").write_bytes(b"%d\n" % (i % 7))
+    if can_xattr(root):
+        os.setxattr(root / "etc/hostname", "user.comment", b"hello")
+        os.setxattr(root / "srv/a.dat", "user.a", b"1")
+        os.setxattr(root / "srv/a.dat", "user.b", b"\x00binary\xff")
+        os.setxattr(root / "srv", "user.dir", b"on a directory")
+        os.setxattr(root / "srv/dup.dat", "user.a", b"1")
+        os.setxattr(root / "srv/dup.dat", "user.b", b"\x00binary\xff")
+    os.chown(root / "srv/a.dat", 1000, 1000) if IS_ROOT else None
+    os.chown(root / "srv", 123, 456) if IS_ROOT else None
+    fix_mtimes(root)
+    return root
+
+
+def fix_mtimes(root: Path) -> None:
+    """Set every mtime to a fixed value (children first, so directories keep theirs)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (FIXED_MTIME, FIXED_MTIME + zlib.crc32(name.encode()) % 1000), follow_symlinks=False)
+    os.utime(root, (FIXED_MTIME, FIXED_MTIME))
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names) if not n.startswith("system.")}
+
+
+def snapshot(root: Path, *, owners: bool = True, skip_parts: set[str] = frozenset()) -> dict[str, tuple[object, ...]]:
+    """Everything the image must keep, per path; hard links as groups.  Directories
+    named in skip_parts are left out with their subtrees (what --exclude removed)."""
+    out: dict[str, tuple[object, ...]] = {}
+    groups: dict[tuple[int, int], str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_parts]
+        for name in [".", *dirnames, *filenames] if dirpath == str(root) else [*dirnames, *filenames]:
+            full = os.path.join(dirpath, name) if name != "." else dirpath
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            kind = stat.S_IFMT(st.st_mode)
+            item: list[object] = [kind, stat.S_IMODE(st.st_mode), int(st.st_mtime)]
+            if owners:
+                item += [st.st_uid, st.st_gid]
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    item.append(f.read())
+                if st.st_nlink > 1:
+                    item.append(("group", groups.setdefault((st.st_dev, st.st_ino), rel)))
+            elif stat.S_ISLNK(st.st_mode):
+                item.append(os.readlink(full))
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                item.append((os.major(st.st_rdev), os.minor(st.st_rdev)))
+            if not stat.S_ISLNK(st.st_mode):
+                item.append(_xattrs(full))
+            out[rel] = tuple(item)
+    return out
+
+
+def assert_same_tree(
+    source: Path, extracted: Path, *, owners: bool = True, ignore: set[str] = frozenset(), skip_parts: set[str] = frozenset()
+) -> None:
+    want = {k: v for k, v in snapshot(source, owners=owners, skip_parts=skip_parts).items() if k not in ignore}
+    got = {k: v for k, v in snapshot(extracted, owners=owners).items() if k not in ignore}
+    assert sorted(want) == sorted(got), f"paths differ: only in source {sorted(set(want) - set(got))[:10]}, only in image {sorted(set(got) - set(want))[:10]}"
+    bad = [k for k in want if want[k] != got[k]]
+    assert not bad, f"{len(bad)} entries differ, e.g. {bad[0]}: source {str(want[bad[0]])[:300]} image {str(got[bad[0]])[:300]}"
+
+
+def unsquashfs_extract(image: Path, dest: Path) -> None:
+    tool = require_tool("unsquashfs")
+    listing = subprocess.run([tool, "-lln", str(image)], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    proc = subprocess.run([tool, "-no-progress", "-d", str(dest), str(image)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
