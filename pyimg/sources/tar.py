@@ -100,12 +100,18 @@ def add_tar(tree: Tree, archive: str, dest: bytes, rules: Rules, spool: Spool) -
     with raw:
         try:
             compression = compression_of(raw.read(6))
-            tf = _open_tar(raw, compression)
-            with tf:
+            stream = _decompressed(raw, compression, rewind=True)
+            with _open_tar(stream, compression) as tf:
                 reader = _ArchiveReader(tree, archive, dest, rules, spool, tf)
                 if not compression:
                     reader.plain_stamp = (st.st_size, st.st_mtime_ns)
                 reader.read_all()
+            if compression:
+                # Read past the end-of-archive blocks to the end of the compressed
+                # stream: only there are its checksum (gzip CRC, xz check) and a cut
+                # verified.
+                while stream.read(1 << 20):
+                    pass
         except PyImgError:
             raise
         except (*_CORRUPT, _CorruptHeader) as exc:
@@ -117,13 +123,11 @@ class _Names(TypedDict):
     errors: str
 
 
-def _open_tar(raw: BinaryIO, compression: str) -> tarfile.TarFile:
+def _open_tar(stream: Readable, compression: str) -> tarfile.TarFile:
     """A plain archive is opened for random access (members are skipped by seeking,
     data offsets are real); a compressed one as a stream, decompressed by us."""
-    raw.seek(0)
     if not compression:
-        return tarfile.open(fileobj=raw, mode="r:", tarinfo=_StrictTarInfo, **_NAMES)
-    stream = _decompressed(raw, compression, rewind=False)
+        return tarfile.open(fileobj=cast(IO[bytes], stream), mode="r:", tarinfo=_StrictTarInfo, **_NAMES)
     return tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|", tarinfo=_StrictTarInfo, **_NAMES)
 
 
@@ -139,6 +143,8 @@ _BAD_HEADER: tuple[type[Exception], ...] = (
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
+    if isinstance(exc, _CorruptHeader):
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
