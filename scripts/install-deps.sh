@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what building and testing pyimg needs on Debian 12: the oracles
+# (squashfs-tools, e2fsprogs), the peers for bench/ (squashfs-tools-ng) and the
+# Python packages.  Idempotent; needs root (or sudo) for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+PY=${PYTHON:-python3}
+$PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+$PY -m pip install -q --no-build-isolation cffi setuptools wheel
+$PY -m pip install -q --no-build-isolation -e '.[test]'
