@@ -36,7 +36,7 @@ def keep_xattr(name: bytes) -> bool:
     return name.startswith(KEPT_XATTR_PREFIXES)
 
 
-def read_xattrs(path: bytes, *, follow_symlinks: bool = False) -> dict[bytes, bytes]:
+def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> dict[bytes, bytes]:
     """The kept xattrs of `path`, sorted by name (so the dict order never depends on the
     file system's listing order)."""
     try:

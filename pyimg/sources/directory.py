@@ -19,7 +19,9 @@ from . import Rules, join_image_path, read_xattrs
 
 def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
     """Add the directory `path` and everything below it at image path `dest`."""
-    top = os.fsencode(path)
+    # str paths (undecodable bytes kept by surrogateescape, os.fsdecode) for the walk:
+    # DataRef wants str anyway; image names are converted back with os.fsencode.
+    top = os.fsdecode(path)
     try:
         st = os.stat(top)  # the source itself may be a symlink to a directory: follow that one
     except FileNotFoundError as exc:
@@ -39,7 +41,7 @@ def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
     while pending:
         fs_dir, image_dir = pending.pop()
         for entry in _list(fs_dir):
-            image_path = join_image_path(image_dir, entry.name)
+            image_path = join_image_path(image_dir, os.fsencode(entry.name))
             if rules.excluded(image_path):
                 continue  # an excluded directory is never entered: its subtree goes too
             inode = _entry_inode(entry, links, rules)
@@ -48,7 +50,7 @@ def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
                 pending.append((entry.path, image_path))
 
 
-def _list(fs_dir: bytes) -> list[os.DirEntry[bytes]]:
+def _list(fs_dir: str) -> list[os.DirEntry[str]]:
     """The entries of one directory, sorted by name so that nothing (not even which
     name of a hard-link group is read) depends on readdir order."""
     try:
@@ -60,7 +62,7 @@ def _list(fs_dir: bytes) -> list[os.DirEntry[bytes]]:
     return entries
 
 
-def _entry_inode(entry: os.DirEntry[bytes], links: dict[tuple[int, int], Inode], rules: Rules) -> Inode:
+def _entry_inode(entry: os.DirEntry[str], links: dict[tuple[int, int], Inode], rules: Rules) -> Inode:
     try:
         st = entry.stat(follow_symlinks=False)
     except OSError as exc:
@@ -78,10 +80,10 @@ def _entry_inode(entry: os.DirEntry[bytes], links: dict[tuple[int, int], Inode],
         _check_readable(entry.path)
         inode.size = st.st_size
         if st.st_size:
-            inode.data = DataRef(os.fsdecode(entry.path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
+            inode.data = DataRef(entry.path, 0, st.st_size, (st.st_size, st.st_mtime_ns))
     elif kind is Kind.SYMLINK:
         try:
-            inode.target = os.readlink(entry.path)
+            inode.target = os.fsencode(os.readlink(entry.path))
         except OSError as exc:
             raise SourceError(f"cannot read symlink: {exc.strerror}", entry.path) from exc
         inode.size = len(inode.target)
@@ -94,7 +96,7 @@ def _entry_inode(entry: os.DirEntry[bytes], links: dict[tuple[int, int], Inode],
     return inode
 
 
-def _check_readable(path: bytes) -> None:
+def _check_readable(path: str) -> None:
     # Checked now, not when the data is read much later, so the error comes before
     # any work and names the file.  (As root this always passes.)
     if not os.access(path, os.R_OK):

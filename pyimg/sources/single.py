@@ -20,7 +20,7 @@ def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules) -> None:
         raise SpecError(
             'a single-file source needs a dest path in the image (e.g. dest = "/etc/hosts")', spec.path
         )
-    raw = os.fsencode(spec.path)
+    raw = spec.path
     try:
         st = os.stat(raw)  # the source is named explicitly: a symlink to it is followed
     except FileNotFoundError as exc:

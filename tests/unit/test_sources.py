@@ -188,8 +188,8 @@ def test_unreadable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     (root / "locked").mkdir(parents=True)
     real_scandir = os.scandir
 
-    def scandir(path: bytes) -> object:
-        if path.endswith(b"locked"):
+    def scandir(path: str | bytes) -> object:
+        if os.fsencode(path).endswith(b"locked"):
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
@@ -560,3 +560,18 @@ def test_output_elsewhere_is_fine(tmp_path: Path) -> None:
     (tmp_path / "srcfoo").mkdir()
     check_output_not_input(opts(SourceSpec(str(tmp_path / "src")), output=str(tmp_path / "srcfoo/img")))
     check_output_not_input(opts(SourceSpec(str(tmp_path / "src")), output=str(tmp_path / "image.sqfs")))
+
+
+def test_undecodable_names_round_trip(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    raw_name = b"caf\xe9-\xff"  # latin-1, not UTF-8
+    with open(os.path.join(os.fsencode(root), raw_name), "wb") as f:
+        f.write(b"x")
+    os.symlink(b"target-\xfe", os.path.join(os.fsencode(root), b"link"))
+    members = [(info(os.fsdecode(b"t/" + raw_name)), b"y")]
+    archive = write_tar(tmp_path / "n.tar", members, tarfile.GNU_FORMAT)
+    with run(SourceSpec(str(root)), SourceSpec(str(archive))) as c:
+        assert content(entry(c, raw_name).data) == b"x"
+        assert entry(c, b"link").target == b"target-\xfe"
+        assert content(entry(c, b"t/" + raw_name).data) == b"y"
