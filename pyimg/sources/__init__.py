@@ -45,6 +45,8 @@ def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> dict[byt
         if exc.errno in _NO_XATTR_SUPPORT:
             return {}
         raise SourceError(f"cannot list xattrs: {exc.strerror}", path) from exc
+    if not names:  # the common case: keep it cheap
+        return {}
     xattrs: dict[bytes, bytes] = {}
     for name in sorted(os.fsencode(n) for n in names):
         if not keep_xattr(name):
