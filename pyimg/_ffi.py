@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._core import ffi, lib  # type: ignore[import-not-found]
+from ._core import ffi, lib
 from .errors import FormatError, LimitError, OutputError, PyImgError
 
 __all__ = ["check", "ffi", "lib"]

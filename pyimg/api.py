@@ -21,9 +21,9 @@ from .collect import check_output_not_input, collect
 from .errors import OutputError, SpecError
 from .formats.base import FormatWriter, WriteResult
 from .manifest import ImageDigest, build_manifest, digest_image, dump
-from .options import BuildOptions, Ext4Options, Policy, SourceSpec, SquashfsOptions, default_jobs
+from .options import BuildOptions, SourceSpec
 from .output import AtomicOutput, write_file_atomically
-from .spec import load_spec, options_from_spec, parse_compression, parse_owner, parse_size
+from .spec import load_options, merge_options
 
 
 def writer_for(options: BuildOptions) -> FormatWriter:
@@ -134,95 +134,31 @@ def options_for(
     sources: Sequence[str | SourceSpec],
     output: str | None,
     *,
-    format: str | None = None,
-    compression: str | None = None,
-    block_size: int | str | None = None,
-    jobs: int | None = None,
-    epoch: int | None = None,
-    owner: str | None = None,
-    exclude: Sequence[str] = (),
     spec: str | None = None,
-    manifest: str | None = None,
-    fragments: bool | None = None,
-    dedup: bool | None = None,
-    size: int | str | None = None,
-    headroom: int | None = None,
-    journal: int | str | bool | None = None,
+    exclude: Sequence[str] = (),
     features: Sequence[str] = (),
-    uuid: str | None = None,
-    label: str | None = None,
+    **given: Any,
 ) -> BuildOptions:
-    """BuildOptions from CLI-style arguments; a spec file's values are the base and
-    every argument that is given (not None / not empty) overrides them."""
-    base = options_from_spec(load_spec(spec), os.path.dirname(os.path.abspath(spec))) if spec else None
-    src = tuple(s if isinstance(s, SourceSpec) else parse_source(s) for s in sources)
-    if not src and base is not None:
-        src = base.sources
-    if not src:
-        raise SpecError("no source given")
-    out = output or (base.output if base is not None else None)
-    if not out:
-        raise SpecError("no output given (-o/--output)")
+    """BuildOptions from CLI-style arguments (the names of `pyimg build`'s options).
 
-    policy = base.policy if base is not None else Policy()
-    policy = dataclasses.replace(
-        policy,
-        epoch=resolve_epoch(epoch if epoch is not None else policy.epoch),
-        owner=parse_owner(owner) if owner is not None else policy.owner,
-        excludes=policy.excludes + tuple(exclude),
+    A spec file's values are the base; every argument that is given (not None)
+    overrides them, and SOURCEs are layered after the spec's sources.  With no epoch
+    from either, SOURCE_DATE_EPOCH is used.
+    """
+    base = load_options(spec) if spec else None
+    options = merge_options(
+        base,
+        sources=[s if isinstance(s, SourceSpec) else parse_source(s) for s in sources] or None,
+        output=output,
+        excludes=list(exclude) or None,
+        features=list(features) or None,
+        **given,
     )
-    sq = base.squashfs if base is not None else SquashfsOptions()
-    if compression is not None:
-        name, level = parse_compression(compression)
-        sq = dataclasses.replace(sq, compression=name, level=level)  # type: ignore[arg-type]
-    if block_size is not None:
-        sq = dataclasses.replace(sq, block_size=parse_size(block_size) if isinstance(block_size, str) else block_size)
-    if fragments is not None:
-        sq = dataclasses.replace(sq, fragments=fragments)
-    if dedup is not None:
-        sq = dataclasses.replace(sq, dedup=dedup)
-    e4 = base.ext4 if base is not None else Ext4Options()
-    e4 = _ext4_overrides(e4, size, headroom, journal, features, uuid, label, dedup)
-    return BuildOptions(
-        sources=src,
-        output=out,
-        format=(format or (base.format if base is not None else "squashfs")),  # type: ignore[arg-type]
-        jobs=jobs or (base.jobs if base is not None else default_jobs()),
-        policy=policy,
-        squashfs=sq,
-        ext4=e4,
-        manifest=manifest if manifest is not None else (base.manifest if base is not None else None),
-    )
-
-
-def _ext4_overrides(
-    e4: Ext4Options,
-    size: int | str | None,
-    headroom: int | None,
-    journal: int | str | bool | None,
-    features: Sequence[str],
-    uuid: str | None,
-    label: str | None,
-    dedup: bool | None,
-) -> Ext4Options:
-    changes: dict[str, Any] = {}
-    if size is not None:
-        changes["size"] = None if size == "auto" else (parse_size(size) if isinstance(size, str) else size)
-    if headroom is not None:
-        changes["headroom"] = headroom
-    if journal is not None and journal is not False:
-        changes["journal"] = 0 if journal is True or journal == "" else (
-            parse_size(journal) if isinstance(journal, str) else journal
-        )
-    if features:
-        changes["features"] = e4.features + tuple(features)
-    if uuid is not None:
-        changes["uuid"] = uuid
-    if label is not None:
-        changes["label"] = label
-    if dedup is not None:
-        changes["dedup"] = dedup
-    return dataclasses.replace(e4, **changes)
+    if options.policy.epoch is None:
+        epoch = resolve_epoch(None)
+        if epoch is not None:
+            options = dataclasses.replace(options, policy=dataclasses.replace(options.policy, epoch=epoch))
+    return options
 
 
 def build(

@@ -67,7 +67,7 @@ class BlockCompressor:
         """Compress several blocks at once (zstd: in C threads, off the GIL)."""
         if self.spec.name == "zstd" and len(blocks) > 1 and threads > 1:
             batch = self._zstd.multi_compress_to_buffer(list(blocks), threads=threads)
-            return [segment.tobytes() for segment in batch]
+            return [batch[i].tobytes() for i in range(len(batch))]
         return [self.compress(b) for b in blocks]
 
 

@@ -141,6 +141,10 @@ class Tree:
             del self.entries[other]
 
     def _ensure_parents(self, path: bytes, template: Inode | None) -> None:
+        slash = path.rfind(b"/")
+        parent = self.entries.get(path[:slash] if slash >= 0 else b"")
+        if parent is not None and parent.kind is Kind.DIR:
+            return  # the common case: sources add parents before children
         parts = path.split(b"/")
         for depth in range(1, len(parts)):
             parent = b"/".join(parts[:depth])
@@ -157,8 +161,11 @@ class Tree:
         return FrozenTree(self.entries)
 
 
-def _sort_key(path: bytes) -> list[bytes]:
-    return path.split(b"/") if path else []
+def _sort_key(path: bytes) -> bytes:
+    # Depth-first order with children sorted by name bytes: compare component by
+    # component.  Names never hold NUL, so mapping "/" to NUL (lower than any name
+    # byte) makes one plain bytes comparison do exactly that, without splitting.
+    return path.replace(b"/", b"\0")
 
 
 @dataclass(slots=True)

@@ -155,7 +155,7 @@ def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def enospc(*args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(imagefile.os, "pwrite", enospc)
+    monkeypatch.setattr(imagefile.os, "pwritev", enospc)
     out = tmp_path / "out.sqfs"
     with pytest.raises(OutputError) as err:
         pyimg.build([str(src)], str(out))
@@ -172,7 +172,7 @@ def test_interrupt_leaves_nothing_and_keeps_old_image(tmp_path: Path, monkeypatc
     def interrupted(*args: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imagefile.os, "pwrite", interrupted)
+    monkeypatch.setattr(imagefile.os, "pwritev", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pyimg.build([str(src)], str(out))
     assert out.read_bytes() == b"the previous image"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._ffi import check, ffi, lib
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
@@ -48,7 +48,7 @@ BASIC_TYPE = {
 XATTR_PREFIXES = ((b"user.", 0), (b"trusted.", 1), (b"security.", 2))
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def pyimg_py_compress(ctx: Any, src: Any, length: int, dst: Any, cap: int) -> int:
     """Metadata block compression, called by the C core (csrc/sqfs/meta.c)."""
     try:
@@ -63,7 +63,7 @@ def pyimg_py_compress(ctx: Any, src: Any, length: int, dst: Any, cap: int) -> in
 
 
 class SquashfsWriter:
-    name = "squashfs"
+    name: ClassVar[str] = "squashfs"
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options

@@ -1,12 +1,13 @@
 """squashfs data stream: hash & dedup, compress, write blocks and fragments.
 
-Work is cut into tasks of at most CHUNK bytes of one file's content.  Tasks run
-on `jobs` threads (reading, BLAKE3 and compression release the GIL) and their
-results are committed strictly in plan order (inode order) by one committer, which
-alone decides where bytes go.  Hence the image is the same for every `jobs`.
+Work is cut into tasks: a batch of small files (up to ~1 MiB or 256 files), or one
+1 MiB chunk of a large file.  Tasks run on `jobs` threads (reading, BLAKE3 and
+compression release the GIL) and their results are committed strictly in plan
+order (inode order) by one committer, which alone decides where bytes go.  Hence
+the image is the same for every `jobs`.
 
 Dedup: a content that fits in one task is hashed before it is compressed; if an
-earlier task (in plan order) already claimed the same digest, compression is
+earlier content (in plan order) already claimed the same digest, compression is
 skipped.  A content spread over several tasks is hashed by the committer as its
 chunks arrive; if it turns out to be a duplicate its blocks are rewound.  Tails
 (the last partial block, or whole small files) are packed into fragment blocks;
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
 
-from ..compression import BlockCompressor, CompressionSpec, PerThread
+from ..compression import CompressionSpec, PerThread
 from ..content import ContentReader, ordered_map
-from ..errors import OutputError
 from ..tree import Inode
 from .base import Progress
 from .imagefile import ImageFile
@@ -31,7 +32,9 @@ from .imagefile import ImageFile
 UNCOMPRESSED = 1 << 24  # block size flag: stored as is
 NO_FRAGMENT = 0xFFFFFFFF
 CHUNK_TARGET = 1 << 20  # bytes of content per task, rounded to whole blocks
+BATCH_FILES = 256  # small files per task, at most
 FRAGMENT_BATCH = 16  # full fragment blocks compressed together
+TINY = 64  # a block that compresses below this may be all zeros: only then compare
 
 
 @dataclass(slots=True)
@@ -48,25 +51,28 @@ class FileData:
 
 
 @dataclass(slots=True)
-class _Task:
+class _Piece:
+    """One content, or one chunk of a large content."""
+
     content: int  # index in plan order
     inode: Inode
     offset: int
     length: int
     first: bool
     last: bool
-    reader: ContentReader | None  # shared by the tasks of a multi-chunk content
+    reader: ContentReader | None  # shared by the chunks of a large content
 
 
 @dataclass(slots=True)
-class _Result:
-    task: _Task
-    blocks: list[bytes | None]  # compressed (or raw) full blocks; None = hole; [] when skipped as duplicate
+class _Done:
+    piece: _Piece
+    blocks: list[bytes | None]  # compressed (or raw) full blocks; None = hole
     raw_sizes: list[int]
-    tail: bytes  # the content's last partial block (last task only)
-    digest: bytes | None  # whole-content digest when known (single-task contents)
-    raw: bytes | None  # multi-chunk contents: the chunk, for the committer's hasher
-    duplicate: bool
+    tail: bytes  # the content's last partial block (last piece only)
+    tail_key: bytes | None  # BLAKE3 of the tail, for tail dedup
+    digest: bytes | None  # whole-content digest when known (single-piece contents)
+    raw: bytes | None  # chunks of a large content: the bytes, for the committer's hasher
+    duplicate: bool  # an earlier content has the same digest: nothing compressed
 
 
 class _Claims:
@@ -77,13 +83,16 @@ class _Claims:
         self._owner: dict[bytes, int] = {}
 
     def claim(self, digest: bytes, content: int) -> bool:
-        """True when no earlier content has this digest (this one must store it)."""
+        """True unless an earlier content has this digest (then this one is a duplicate)."""
         with self._lock:
             owner = self._owner.get(digest)
             if owner is None or owner > content:
                 self._owner[digest] = content
                 return True
             return owner == content
+
+
+_EMPTY_DIGEST = blake3.blake3(b"").digest()
 
 
 class DataStream:
@@ -98,59 +107,83 @@ class DataStream:
         self.claims = _Claims()
         self.zero_block = bytes(self.block_size)
         self.bytes_stored = 0
+        self.fragment_table: list[tuple[int, int]] = []
 
     # -- tasks (run on worker threads) -------------------------------------------
 
-    def _tasks(self, files: list[Inode]) -> Iterator[_Task]:
+    def _tasks(self, files: list[Inode]) -> Iterator[list[_Piece]]:
+        batch: list[_Piece] = []
+        batch_bytes = 0
         for index, inode in enumerate(files):
             if inode.size <= self.chunk or inode.data is None:
-                yield _Task(index, inode, 0, inode.size, True, True, None)
+                batch.append(_Piece(index, inode, 0, inode.size, True, True, None))
+                batch_bytes += inode.size
+                if batch_bytes >= self.chunk or len(batch) >= BATCH_FILES:
+                    yield batch
+                    batch, batch_bytes = [], 0
                 continue
-            assert inode.data is not None
+            if batch:
+                yield batch
+                batch, batch_bytes = [], 0
             reader = ContentReader(inode.data)
             for offset in range(0, inode.size, self.chunk):
                 length = min(self.chunk, inode.size - offset)
-                yield _Task(index, inode, offset, length, offset == 0, offset + length == inode.size, reader)
+                yield [_Piece(index, inode, offset, length, offset == 0, offset + length == inode.size, reader)]
+        if batch:
+            yield batch
 
-    def _run(self, task: _Task) -> _Result:
-        if task.reader is None:
-            return self._run_whole(task)
-        return self._run_chunk(task)
+    def _run(self, task: list[_Piece]) -> list[_Done]:
+        return [self._run_whole(p) if p.reader is None else self._run_chunk(p) for p in task]
 
-    def _run_whole(self, task: _Task) -> _Result:
-        inode = task.inode
+    def _run_whole(self, piece: _Piece) -> _Done:
+        inode = piece.inode
         if inode.data is None or inode.size == 0:
-            return _Result(task, [], [], b"", blake3.blake3().digest(), None, False)
+            return _Done(piece, [], [], b"", None, _EMPTY_DIGEST, None, False)
         with ContentReader(inode.data) as reader:
             data = self._read(reader, 0, inode.size)
             reader.check_unchanged()
         digest = blake3.blake3(data).digest()
-        if self.dedup and not self.claims.claim(digest, task.content):
-            return _Result(task, [], [], b"", digest, None, True)
-        blocks, raw_sizes, tail = self._compress(data)
-        return _Result(task, blocks, raw_sizes, tail, digest, None, False)
+        if self.dedup and not self.claims.claim(digest, piece.content):
+            return _Done(piece, [], [], b"", None, digest, None, True)
+        blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
+        tail_key = None
+        if tail and self.dedup:
+            tail_key = digest if len(tail) == len(data) else blake3.blake3(tail).digest()
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, None, False)
 
-    def _run_chunk(self, task: _Task) -> _Result:
-        assert task.reader is not None
-        data = self._read(task.reader, task.offset, task.length)
-        blocks, raw_sizes, tail = self._compress(data, keep_tail=task.last)
-        if task.last:
-            task.reader.check_unchanged()
-        return _Result(task, blocks, raw_sizes, tail, None, data, False)
+    def _run_chunk(self, piece: _Piece) -> _Done:
+        assert piece.reader is not None
+        data, has_data = self._read_range(piece.reader, piece.offset, piece.length)
+        if has_data:
+            blocks, raw_sizes, tail = self._compress(data, keep_tail=piece.last)
+        else:  # entirely inside a hole: nothing to compress
+            full = self._full_blocks(len(data), piece.last)
+            blocks, raw_sizes = [None] * full, [self.block_size] * full
+            if full * self.block_size < len(data) and not (self.fragments and piece.last):
+                raw_sizes[-1] = len(data) - (full - 1) * self.block_size
+            tail = data[full * self.block_size :]
+        tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
+        if piece.last:
+            piece.reader.check_unchanged()
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, None, data, False)
 
     def _read(self, reader: ContentReader, offset: int, length: int) -> bytes:
+        return self._read_range(reader, offset, length)[0]
+
+    def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
         """Read a range, skipping the holes of sparse files (they read as zeros).
+        Returns the bytes and whether any of them came from data (not a hole).
 
         Holes smaller than a block cannot become squashfs holes: small files are
         read straight away, without asking for their holes.
         """
         if reader.ref.size <= self.block_size:
-            return reader.read(offset, length)
-        ranges = reader.data_ranges()
+            return reader.read(offset, length), True
         end = offset + length
         pieces: list[bytes] = []
         pos = offset
-        for start, stop in ranges:
+        has_data = False
+        for start, stop in reader.data_ranges():
             if stop <= pos:
                 continue
             if start >= end:
@@ -160,15 +193,21 @@ class DataStream:
                 pos = start
             upto = min(stop, end)
             pieces.append(reader.read(pos, upto - pos))
+            has_data = True
             pos = upto
         if pos < end:
             pieces.append(bytes(end - pos))
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), has_data
 
-    def _compress(self, data: bytes, keep_tail: bool = True) -> tuple[list[bytes | None], list[int], bytes]:
+    def _full_blocks(self, length: int, last: bool) -> int:
+        """Blocks stored as data blocks; with fragments the last partial one is a tail."""
+        bs = self.block_size
+        return length // bs if (self.fragments and last) else -(-length // bs)
+
+    def _compress(self, data: bytes, keep_tail: bool) -> tuple[list[bytes | None], list[int], bytes]:
         """Full blocks -> compressed blocks (None for a block of zeros); the rest is the tail."""
         bs = self.block_size
-        full = len(data) // bs if (self.fragments and keep_tail) else -(-len(data) // bs)
+        full = self._full_blocks(len(data), keep_tail)
         compressor = self.compressors.get()
         view = memoryview(data)
         blocks: list[bytes | None] = []
@@ -176,13 +215,14 @@ class DataStream:
         for i in range(full):
             block = view[i * bs : (i + 1) * bs]
             raw_sizes.append(len(block))
-            if block == self.zero_block[: len(block)]:
-                blocks.append(None)
-                continue
             packed = compressor.compress(block)
-            blocks.append(packed if len(packed) < len(block) else bytes(block))
-        tail = bytes(view[full * bs :])
-        return blocks, raw_sizes, tail
+            if len(packed) < TINY and block == self.zero_block[: len(block)]:
+                blocks.append(None)  # all zeros: a hole
+            elif len(packed) < len(block):
+                blocks.append(packed)
+            else:
+                blocks.append(bytes(block))
+        return blocks, raw_sizes, bytes(view[full * bs :])
 
     # -- committer (the calling thread) -------------------------------------------
 
@@ -192,46 +232,53 @@ class DataStream:
         placed: list[FileData] = []
         by_digest: dict[bytes, FileData] = {}
         hasher: blake3.blake3 | None = None
-        current: FileData | None = None
-        for result in ordered_map(self._run, self._tasks(files), self.jobs):
-            task = result.task
-            if task.first:
-                current = FileData(b"", task.inode.size, blocks_start=image.pos)
-                hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if result.raw is not None else None
-            assert current is not None
-            if hasher is not None and result.raw is not None:
-                hasher.update(result.raw)
-            if result.duplicate:
-                assert result.digest is not None
-                placed.append(by_digest[result.digest])
-                progress(task.length)
-                continue
-            self._write_blocks(current, result, image)
-            progress(task.length)
-            if not task.last:
-                continue
-            current.digest = result.digest if result.digest is not None else hasher.digest()  # type: ignore[union-attr]
-            if task.reader is not None:
-                task.reader.close()
-            earlier = by_digest.get(current.digest) if self.dedup else None
-            if earlier is not None:
-                # A multi-chunk duplicate found only now: take its blocks back.
-                image.rewind(current.blocks_start)
-                self.bytes_stored -= sum(result_size for result_size in _stored_sizes(current))
-                placed.append(earlier)
-                continue
-            if result.tail:
-                current.frag_index, current.frag_offset = packer.add(result.tail)
-            if not current.block_sizes:
-                current.blocks_start = 0
-            by_digest.setdefault(current.digest, current)
-            placed.append(current)
-        packer.flush_all()
+        current = FileData(b"", 0)
+        try:
+            for results in ordered_map(self._run, self._tasks(files), self.jobs):
+                for done in results:
+                    piece = done.piece
+                    progress(piece.length)
+                    if done.duplicate:
+                        assert done.digest is not None
+                        placed.append(by_digest[done.digest])
+                        continue
+                    if piece.first:
+                        current = FileData(b"", piece.inode.size, blocks_start=image.pos)
+                        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if done.raw is not None else None
+                    if hasher is not None and done.raw is not None:
+                        hasher.update(done.raw)
+                    self._write_blocks(current, done, image)
+                    if piece.last:
+                        assert done.digest is not None or hasher is not None
+                        current.digest = done.digest if done.digest is not None else hasher.digest()  # type: ignore[union-attr]
+                        placed.append(self._finish_content(current, done, image, packer, by_digest))
+            packer.flush_all()
+        finally:
+            packer.close()
         self.fragment_table = packer.table
         return placed
 
-    def _write_blocks(self, current: FileData, result: _Result, image: ImageFile) -> None:
-        for block, raw_size in zip(result.blocks, result.raw_sizes, strict=True):
+    def _finish_content(
+        self, current: FileData, done: _Done, image: ImageFile, packer: _FragmentPacker, by_digest: dict[bytes, FileData]
+    ) -> FileData:
+        if done.piece.reader is not None:
+            done.piece.reader.close()
+        earlier = by_digest.get(current.digest) if self.dedup else None
+        if earlier is not None:
+            # A duplicate found only now (large content, or an earlier claim lost the
+            # race in plan order): take its blocks back.
+            image.rewind(current.blocks_start)
+            self.bytes_stored -= sum(size & ~UNCOMPRESSED for size in current.block_sizes)
+            return earlier
+        if done.tail:
+            current.frag_index, current.frag_offset = packer.add(done.tail, done.tail_key)
+        if not current.block_sizes:
+            current.blocks_start = 0
+        by_digest[current.digest] = current
+        return current
+
+    def _write_blocks(self, current: FileData, done: _Done, image: ImageFile) -> None:
+        for block, raw_size in zip(done.blocks, done.raw_sizes, strict=True):
             if block is None:
                 current.block_sizes.append(0)
                 current.sparse += raw_size
@@ -241,29 +288,31 @@ class DataStream:
             current.block_sizes.append(len(block) | (UNCOMPRESSED if len(block) == raw_size else 0))
 
 
-def _stored_sizes(data: FileData) -> list[int]:
-    return [size & ~UNCOMPRESSED for size in data.block_sizes]
-
-
 class _FragmentPacker:
-    """Packs tails into fragment blocks; identical tails are stored once."""
+    """Packs tails into fragment blocks; identical tails are stored once.
+
+    Full fragment blocks are compressed in batches on a helper thread while the
+    committer goes on.  A batch is written at a fixed point (when the next batch is
+    handed over, or at the end), never "when it happens to be done": the image does
+    not depend on timing.
+    """
 
     def __init__(self, stream: DataStream, image: ImageFile) -> None:
         self.stream = stream
         self.image = image
         self.block = bytearray()
-        self.pending: list[tuple[int, bytes]] = []  # (fragment index, raw block) awaiting compression
+        self.batch: list[tuple[int, bytes]] = []  # (fragment index, raw block)
+        self.in_flight: tuple[list[tuple[int, bytes]], Future[list[bytes]]] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyimg-frag")
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
         self.seen: dict[bytes, tuple[int, int]] = {}
-        self.count = 0
 
-    def add(self, tail: bytes) -> tuple[int, int]:
-        key = blake3.blake3(tail).digest() if self.stream.dedup else None
+    def add(self, tail: bytes, key: bytes | None) -> tuple[int, int]:
         if key is not None and key in self.seen:
             return self.seen[key]
         if len(self.block) + len(tail) > self.stream.block_size:
             self._close_block()
-        where = (self.count, len(self.block))
+        where = (len(self.table), len(self.block))
         self.block += tail
         if key is not None:
             self.seen[key] = where
@@ -272,27 +321,43 @@ class _FragmentPacker:
     def _close_block(self) -> None:
         if not self.block:
             return
-        self.pending.append((self.count, bytes(self.block)))
+        self.batch.append((len(self.table), bytes(self.block)))
         self.table.append((0, 0))
-        self.count += 1
         self.block = bytearray()
-        if len(self.pending) >= FRAGMENT_BATCH:
-            self._write_pending()
+        if len(self.batch) >= FRAGMENT_BATCH:
+            self._hand_over()
 
-    def _write_pending(self) -> None:
-        compressor: BlockCompressor = self.stream.compressors.get()
-        raws = [raw for _, raw in self.pending]
-        packed = compressor.compress_many(raws, self.stream.jobs)
-        for (index, raw), out in zip(self.pending, packed, strict=True):
-            data, flag = (out, 0) if len(out) < len(raw) else (raw, UNCOMPRESSED)
+    def _hand_over(self) -> None:
+        """Write the batch in flight (waiting for it), then start compressing this one."""
+        self._write_in_flight()
+        if self.batch:
+            batch, self.batch = self.batch, []
+            compressor_source = self.stream.compressors
+            jobs = self.stream.jobs
+
+            def compress() -> list[bytes]:
+                return compressor_source.get().compress_many([raw for _, raw in batch], jobs)
+
+            self.in_flight = (batch, self.pool.submit(compress))
+
+    def _write_in_flight(self) -> None:
+        if self.in_flight is None:
+            return
+        batch, future = self.in_flight
+        self.in_flight = None
+        for (index, raw), packed in zip(batch, future.result(), strict=True):
+            data, flag = (packed, 0) if len(packed) < len(raw) else (raw, UNCOMPRESSED)
             self.table[index] = (self.image.pos, len(data) | flag)
             self.image.write(data)
             self.stream.bytes_stored += len(data)
-        self.pending.clear()
 
     def flush_all(self) -> None:
         self._close_block()
-        self._write_pending()
+        self._hand_over()
+        self._write_in_flight()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["NO_FRAGMENT", "UNCOMPRESSED", "DataStream", "FileData", "OutputError"]
+__all__ = ["NO_FRAGMENT", "UNCOMPRESSED", "DataStream", "FileData"]
