@@ -20,6 +20,27 @@ enum {
 };
 const char *pyimg_strerror(int code);
 uint32_t pyimg_crc32c(uint32_t crc, const uint8_t *data, size_t len);
+/* BLAKE3 of len bytes (hash mode, 32-byte digest). */
+void pyimg_blake3(const uint8_t *data, size_t len, uint8_t digest[32]);
+
+/* Per-file outcome of pyimg_read_batch. */
+enum {
+    PYIMG_READ_OK = 0,
+    PYIMG_READ_OPEN = 1,    /* open failed (errno kept) */
+    PYIMG_READ_IO = 2,      /* read failed (errno kept) */
+    PYIMG_READ_CHANGED = 3, /* size or mtime differ from the recorded stamp */
+    PYIMG_READ_SHORT = 4    /* the file ended early: it shrank */
+};
+/* Reads n files back to back into out (which holds the sum of sizes).  paths:
+ * n NUL-terminated paths, back to back; offsets/sizes: the byte range of each;
+ * stamp_sizes/stamp_mtimes: the recorded st_size and st_mtime in ns (size -1: do
+ * not check).  Fills status[i] (PYIMG_READ_*), errnos[i] and, for each file of
+ * at most hash_max bytes, its BLAKE3 in digests[32*i..] (others: left as they
+ * are; the caller hashes big files with a SIMD implementation).  All arguments
+ * are borrowed.  Returns the number of files that failed. */
+int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                     const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                     int32_t *errnos, uint8_t *digests, uint64_t hash_max);
 /* CDEF END */
 
 #define PYIMG_ERRMSG_MAX 512

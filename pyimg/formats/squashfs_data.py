@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from ..compression import CompressionSpec, PerThread
-from ..content import ContentReader, ordered_map
+from ..content import ContentReader, ordered_map, read_batch
 from ..tree import Inode
 from .base import Progress
 from .imagefile import ImageFile
@@ -82,14 +82,18 @@ class _Claims:
         self._lock = threading.Lock()
         self._owner: dict[bytes, int] = {}
 
-    def claim(self, digest: bytes, content: int) -> bool:
-        """True unless an earlier content has this digest (then this one is a duplicate)."""
+    def claim_all(self, claims: list[tuple[bytes, int]]) -> dict[bytes, bool]:
+        """For each (digest, content): may this content store it?  False when an
+        earlier content (in plan order) has the same digest: it is a duplicate."""
+        result: dict[bytes, bool] = {}
         with self._lock:
-            owner = self._owner.get(digest)
-            if owner is None or owner > content:
-                self._owner[digest] = content
-                return True
-            return owner == content
+            for digest, content in claims:
+                owner = self._owner.get(digest)
+                if owner is None or owner > content:
+                    self._owner[digest] = content
+                    owner = content
+                result[digest] = result.get(digest, False) or owner == content
+        return result
 
 
 _EMPTY_DIGEST = blake3.blake3(b"").digest()
@@ -133,17 +137,30 @@ class DataStream:
             yield batch
 
     def _run(self, task: list[_Piece]) -> list[_Done]:
-        return [self._run_whole(p) if p.reader is None else self._run_chunk(p) for p in task]
+        if len(task) == 1 and task[0].reader is not None:
+            return [self._run_chunk(task[0])]
+        # A batch of whole contents: read and hash them all in one C call, claim
+        # their digests under one lock, then compress each from the shared buffer.
+        with_data = [p for p in task if p.inode.data is not None and p.inode.size]
+        buffer, digests = read_batch([p.inode.data for p in with_data])  # type: ignore[misc]
+        digest_of = {id(p): d for p, d in zip(with_data, digests, strict=True)}
+        owners = self.claims.claim_all([(digest_of[id(p)], p.content) for p in with_data]) if self.dedup else None
+        view = memoryview(buffer)
+        done: list[_Done] = []
+        at = 0
+        for piece in task:
+            digest = digest_of.get(id(piece))
+            if digest is None:
+                done.append(_Done(piece, [], [], b"", None, _EMPTY_DIGEST, None, False))
+                continue
+            data = view[at : at + piece.length]
+            at += piece.length
+            duplicate = owners is not None and not owners[digest]
+            done.append(self._whole(piece, data, digest, duplicate))
+        return done
 
-    def _run_whole(self, piece: _Piece) -> _Done:
-        inode = piece.inode
-        if inode.data is None or inode.size == 0:
-            return _Done(piece, [], [], b"", None, _EMPTY_DIGEST, None, False)
-        with ContentReader(inode.data) as reader:
-            data = self._read(reader, 0, inode.size)
-            reader.check_unchanged()
-        digest = blake3.blake3(data).digest()
-        if self.dedup and not self.claims.claim(digest, piece.content):
+    def _whole(self, piece: _Piece, data: memoryview, digest: bytes, duplicate: bool) -> _Done:
+        if duplicate:
             return _Done(piece, [], [], b"", None, digest, None, True)
         blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
         tail_key = None
@@ -166,9 +183,6 @@ class DataStream:
         if piece.last:
             piece.reader.check_unchanged()
         return _Done(piece, blocks, raw_sizes, tail, tail_key, None, data, False)
-
-    def _read(self, reader: ContentReader, offset: int, length: int) -> bytes:
-        return self._read_range(reader, offset, length)[0]
 
     def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
         """Read a range, skipping the holes of sparse files (they read as zeros).
@@ -204,7 +218,7 @@ class DataStream:
         bs = self.block_size
         return length // bs if (self.fragments and last) else -(-length // bs)
 
-    def _compress(self, data: bytes, keep_tail: bool) -> tuple[list[bytes | None], list[int], bytes]:
+    def _compress(self, data: bytes | memoryview, keep_tail: bool) -> tuple[list[bytes | None], list[int], bytes]:
         """Full blocks -> compressed blocks (None for a block of zeros); the rest is the tail."""
         bs = self.block_size
         full = self._full_blocks(len(data), keep_tail)
