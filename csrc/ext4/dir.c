@@ -23,16 +23,49 @@ static uint32_t rec_len(uint32_t name_len) { return (8 + name_len + 3) & ~3u; }
 
 static uint32_t block_room(const pyimg_ext4 *h) { return h->csum ? E4_BS - 12 : E4_BS; }
 
+/* Linear directories larger than a block (dir_index off): entries packed in
+ * name order, block 0 starting with "." and ".."; leaf_start[] marks blocks. */
+static int linear_plan(pyimg_ext4 *h, e4_inode *in) {
+    uint32_t room = block_room(h), fill = 24;
+    size_t n = 1;
+    for (size_t i = 0; i < in->ndents; i++) {
+        uint32_t r = rec_len(in->dents[i].len);
+        if (fill + r > room) {
+            n++;
+            fill = 0;
+        }
+        fill += r;
+    }
+    in->leaf_start = malloc((n + 1) * sizeof *in->leaf_start);
+    if (!in->leaf_start) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    fill = 24;
+    n = 0;
+    in->leaf_start[n++] = 0;
+    for (size_t i = 0; i < in->ndents; i++) {
+        uint32_t r = rec_len(in->dents[i].len);
+        if (fill + r > room) {
+            in->leaf_start[n++] = i;
+            fill = 0;
+        }
+        fill += r;
+    }
+    in->leaf_start[n] = in->ndents;
+    in->nleaves = (uint32_t)n;
+    in->dir_blocks = (uint32_t)n;
+    in->htree_levels = -1;
+    return 0;
+}
+
 int e4_dir_plan(pyimg_ext4 *h, uint32_t ino) {
     e4_inode *in = &h->inodes[ino];
     uint32_t need = 12 + 12; /* "." and ".." */
     for (size_t i = 0; i < in->ndents; i++) need += rec_len(in->dents[i].len);
-    if (need <= block_room(h) || !(h->g.feature_compat & E4_COMPAT_DIR_INDEX)) {
-        if (need > block_room(h)) return e4_fail(h, PYIMG_ELIMIT, "directory inode %u needs more than one block: enable dir_index", ino);
+    if (need <= block_room(h)) {
         in->dir_blocks = 1;
         in->htree_levels = -1;
         return 0;
     }
+    if (!(h->g.feature_compat & E4_COMPAT_DIR_INDEX)) return linear_plan(h, in);
     return e4_htree_plan(h, in);
 }
 
@@ -56,14 +89,12 @@ static uint32_t put_dirent(uint8_t *p, uint32_t ino, const uint8_t *name, uint32
     return rlen;
 }
 
-uint8_t e4_dirent_type(const pyimg_ext4 *h, uint32_t ino);
 uint8_t e4_dirent_type(const pyimg_ext4 *h, uint32_t ino) {
     if (!(h->g.feature_incompat & E4_INCOMPAT_FILETYPE)) return 0;
     return e4_filetype(h->inodes[ino].mode);
 }
 
 /* Packs entries [lo, hi) of `in` into one leaf block (blk zeroed by the caller). */
-void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos);
 void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos) {
     uint32_t room = block_room(h);
     uint32_t last = pos;
@@ -98,8 +129,12 @@ int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd) {
         if (in->ndents == 0) {
             put_le16(blocks + 12 + 4, (uint16_t)(block_room(h) - 12));
             e4_dirblock_tail(h, ino, blocks);
-        } else {
+        } else if (in->dir_blocks == 1) {
             e4_dir_leaf(h, ino, in->dents, in->ndents, blocks, 24);
+        } else {
+            for (uint32_t b = 0; b < in->nleaves; b++)
+                e4_dir_leaf(h, ino, in->dents + in->leaf_start[b], in->leaf_start[b + 1] - in->leaf_start[b],
+                            blocks + (size_t)b * E4_BS, b == 0 ? 24 : 0);
         }
     } else {
         rc = e4_htree_write(h, ino, blocks);

@@ -146,6 +146,8 @@ uint32_t e4_dx_hash(const uint8_t *name, size_t len, const uint8_t seed[16], uin
 int e4_htree_plan(pyimg_ext4 *h, e4_inode *in);
 int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks);
 void e4_dirblock_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk);
+void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos);
+uint8_t e4_dirent_type(const pyimg_ext4 *h, uint32_t ino);
 /* xattr.c */
 int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino);
 void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *in, uint8_t *raw);

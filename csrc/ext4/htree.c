@@ -180,7 +180,6 @@ static void put_entries(uint8_t *p, uint32_t limit, const uint32_t *hashes, cons
     }
 }
 
-void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos);
 
 int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
     e4_inode *in = &h->inodes[ino];
