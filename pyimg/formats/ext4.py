@@ -222,7 +222,9 @@ class _Build:
         for ino, inode in enumerate(tree.inodes, 1):
             path = self.path_of[ino]
             if inode.kind is Kind.FILE and inode.size > MAX_FILE_SIZE:
-                raise LimitError(f"file of {inode.size} bytes is too big for ext4 (max {MAX_FILE_SIZE})", path)
+                raise LimitError(
+                    f"file of {inode.size} bytes is too big for ext4 (max {MAX_FILE_SIZE})", path
+                )
             if inode.kind is Kind.FILE and inode.size >= 1 << 31 and "large_file" not in self.features:
                 raise LimitError("files of 2 GiB or more need the large_file feature", path)
             if inode.kind is Kind.SYMLINK and not 0 < len(inode.target) < BLOCK:
@@ -238,7 +240,9 @@ class _Build:
         if "dir_nlink" not in self.features:
             for ino, inode in enumerate(tree.inodes, 1):
                 if inode.kind is Kind.DIR and tree.nlink[ino] > MAX_LINKS:
-                    raise LimitError("more than 64998 subdirectories need the dir_nlink feature", self.path_of[ino])
+                    raise LimitError(
+                        "more than 64998 subdirectories need the dir_nlink feature", self.path_of[ino]
+                    )
 
     def number_inodes(self) -> None:
         """ext4 inode numbers: root 2, lost+found 11, then tree order from 12."""
@@ -313,7 +317,9 @@ class _Build:
                 len(node.path), node.path, inode.kind, inode.mode, inode.uid, inode.gid, inode.mtime_ns,
                 inode.size, inode.rdev[0], inode.rdev[1], inode.target))  # fmt: skip
             for name in sorted(inode.xattrs):
-                material.update(b"%d %s %d %s" % (len(name), name, len(inode.xattrs[name]), inode.xattrs[name]))
+                material.update(
+                    b"%d %s %d %s" % (len(name), name, len(inode.xattrs[name]), inode.xattrs[name])
+                )
             material.update(self.digests.get(node.ino, b""))
         key = material.digest()
         if self.opts.uuid is not None:
@@ -322,11 +328,15 @@ class _Build:
             except ValueError as exc:
                 raise SpecError(f"invalid ext4 UUID {self.opts.uuid!r}") from exc
         else:
-            raw = bytearray(blake3.blake3(key, derive_key_context="pyimg 2024 ext4 file system uuid").digest()[:16])
+            raw = bytearray(
+                blake3.blake3(key, derive_key_context="pyimg 2024 ext4 file system uuid").digest()[:16]
+            )
             raw[6] = (raw[6] & 0x0F) | 0x40  # shaped like a random (version 4) UUID
             raw[8] = (raw[8] & 0x3F) | 0x80
             fs_uuid = bytes(raw)
-        seed = blake3.blake3(key + fs_uuid, derive_key_context="pyimg 2024 ext4 directory hash seed").digest()[:16]
+        seed = blake3.blake3(
+            key + fs_uuid, derive_key_context="pyimg 2024 ext4 directory hash seed"
+        ).digest()[:16]
         return fs_uuid, seed
 
     # ---- stage 2: register everything with the C core and lay out -----------------
@@ -366,9 +376,9 @@ class _Build:
                     value = acl_to_disk(value, path)
                 check(lib.pyimg_ext4_add_xattr(h, e, name, len(name), value, len(value)), err, path)
         if self.lf_tree_ino is None:
-            epoch = self.epoch
-            check(lib.pyimg_ext4_set_inode(h, LOST_FOUND_INO, stat.S_IFDIR | 0o700, 0, 0, epoch, 0, 0, 2, 0, 0,
-                                           ROOT_INO), err)  # fmt: skip
+            mode, epoch = stat.S_IFDIR | 0o700, self.epoch
+            rc = lib.pyimg_ext4_set_inode(h, LOST_FOUND_INO, mode, 0, 0, epoch, 0, 0, 2, 0, 0, ROOT_INO)
+            check(rc, err)
             check(lib.pyimg_ext4_add_dirent(h, ROOT_INO, b"lost+found", 10, LOST_FOUND_INO), err)
         for node in tree.nodes:
             if node.path:
@@ -398,7 +408,9 @@ class _Build:
         ipg = max(16, -(-ipg // 16) * 16)
         if ipg > 32768:
             if explicit:
-                raise LimitError(f"{inodes} inodes do not fit {blocks * BLOCK} bytes (32768 per 128 MiB group)")
+                raise LimitError(
+                    f"{inodes} inodes do not fit {blocks * BLOCK} bytes (32768 per 128 MiB group)"
+                )
             return None
         geom = ffi.new("pyimg_ext4_geom *")
         geom.blocks_count = blocks
@@ -498,7 +510,8 @@ class _Build:
                 reader.check_unchanged()
 
         items: Iterator[tuple[int, DataRef, _Scan]] = (
-            (cid, ref, scanned) for cid, (ref, scanned) in enumerate(self.contents))
+            (cid, ref, scanned) for cid, (ref, scanned) in enumerate(self.contents)
+        )
         for _ in ordered_map(copy, items, max(1, self.options.jobs)):
             pass
 

@@ -164,8 +164,13 @@ def check_round_trip(tmp_path: Path, image: Path, tree: Tree) -> None:
 
 @pytest.mark.parametrize(
     "ext4",
-    [{}, {"features": ("-metadata_csum", "-64bit")}, {"journal": 0}, {"features": ("-dir_index", "-filetype")},
-     {"dedup": False}],
+    [
+        {},
+        {"features": ("-metadata_csum", "-64bit")},
+        {"journal": 0},
+        {"features": ("-dir_index", "-filetype")},
+        {"dedup": False},
+    ],
     ids=["default", "no-csum-no-64bit", "journal", "no-dir-index", "no-dedup"],
 )  # fmt: skip
 def test_round_trip_varied(tmp_path: Path, ext4: dict[str, object]) -> None:
@@ -292,7 +297,7 @@ def test_dedup_shares_blocks(tmp_path: Path) -> None:
     assert "shared_blocks" in result.details["features"]
     ex_a = debugfs(image, "ex /a").splitlines()[1:]
     assert ex_a and ex_a == debugfs(image, "ex /b").splitlines()[1:]
-    plain, plain_result = build(tmp_path, tree, name="plain.ext4", dedup=False)
+    _plain, plain_result = build(tmp_path, tree, name="plain.ext4", dedup=False)
     assert "shared_blocks" not in plain_result.details["features"]
     used = int(result.details["blocks"]) - int(result.details["free_blocks"])  # type: ignore[call-overload]
     used_plain = int(plain_result.details["blocks"]) - int(plain_result.details["free_blocks"])  # type: ignore[call-overload]
@@ -308,7 +313,9 @@ def test_dedup_shares_blocks(tmp_path: Path) -> None:
 def test_determinism_jobs_and_runs(tmp_path: Path) -> None:
     tree = varied_tree(tmp_path / "src")
     for i in range(30):
-        add_file(tree, tmp_path / "src", b"many/f%02d" % i, blake3.blake3(b"%d" % i).digest(length=50_000 * i))
+        add_file(
+            tree, tmp_path / "src", b"many/f%02d" % i, blake3.blake3(b"%d" % i).digest(length=50_000 * i)
+        )
     one, _ = build(tmp_path, tree, name="j1.ext4", jobs=1)
     four, _ = build(tmp_path, tree, name="j4.ext4", jobs=4)
     again, _ = build(tmp_path, tree, name="j4b.ext4", jobs=4)
