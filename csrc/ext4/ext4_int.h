@@ -137,7 +137,7 @@ int e4_pwrite(pyimg_ext4 *h, int fd, const void *buf, size_t len, uint64_t off);
 uint32_t e4_inode_seed(const pyimg_ext4 *h, uint32_t ino);
 /* extent.c */
 uint32_t e4_tree_blocks(size_t nextents);
-void e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks);
+int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks);
 /* dir.c / htree.c */
 int e4_dir_plan(pyimg_ext4 *h, uint32_t ino);
 int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd);

@@ -47,23 +47,23 @@ static void block_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk) {
 
 /* Encodes the extents of `ino` into i_block and, when it needs a tree, into
  * `blocks` (ntree * 4096 bytes, zeroed by the caller, written at in->tree[]). */
-void e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks) {
+int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks) {
     e4_inode *in = &h->inodes[ino];
     const e4_extents *ex = (S_ISREG(in->mode) && in->content >= 0) ? &h->contents[in->content].ext : &in->own;
     size_t n = ex->n;
     if (n <= 4) {
         put_header(i_block, (uint16_t)n, 4, 0);
         for (size_t i = 0; i < n; i++) put_extent(i_block + 12 + 12 * i, &ex->v[i]);
-        return;
+        return 0;
     }
     /* level 0: leaves */
     size_t nodes = (n + E4_EXT_PER_BLOCK - 1) / E4_EXT_PER_BLOCK;
     uint32_t *first = malloc(nodes * sizeof *first); /* first logical block of each node */
     uint64_t *where = malloc(nodes * sizeof *where);
-    if (!first || !where) { /* tiny allocations: treat failure as fatal for the tree */
+    if (!first || !where) {
         free(first);
         free(where);
-        return;
+        return e4_fail(h, PYIMG_ENOMEM, "out of memory");
     }
     size_t used = 0; /* tree blocks consumed */
     for (size_t b = 0; b < nodes; b++) {
@@ -97,4 +97,5 @@ void e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t
     for (size_t i = 0; i < nodes; i++) put_index(i_block + 12 + 12 * i, first[i], where[i]);
     free(first);
     free(where);
+    return 0;
 }

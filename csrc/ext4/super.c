@@ -135,10 +135,11 @@ static int write_inode_table(pyimg_ext4 *h, int fd, uint32_t group, uint8_t *tab
         if (get_le32(raw + 32) & E4_EXTENTS_FL) {
             if ((size_t)in->ntree > treecap) return e4_fail(h, PYIMG_EINVAL, "extent tree buffer too small");
             memset(treebuf, 0, (size_t)in->ntree * E4_BS);
-            e4_encode_extents(h, (uint32_t)ino, raw + 40, treebuf);
+            int rc = e4_encode_extents(h, (uint32_t)ino, raw + 40, treebuf);
+            if (rc) return rc;
             if (ino == E4_JOURNAL_INO) memcpy(h->jnl_iblock, raw + 40, 60);
             for (uint32_t t = 0; t < in->ntree; t++) {
-                int rc = e4_pwrite(h, fd, treebuf + (size_t)t * E4_BS, E4_BS, in->tree[t] * E4_BS);
+                rc = e4_pwrite(h, fd, treebuf + (size_t)t * E4_BS, E4_BS, in->tree[t] * E4_BS);
                 if (rc) return rc;
             }
         }

@@ -396,3 +396,16 @@ def test_socket_node_from_a_real_socket_mode(tmp_path: Path) -> None:
     tree.add(b"s", Inode(Kind.SOCKET, 0o755, 0, 0, T0))
     image, _ = build(tmp_path, tree)
     assert "Type: socket" in debugfs(image, "stat /s")
+
+
+def test_lost_found_from_the_tree_and_journal_in_explicit_size(tmp_path: Path) -> None:
+    tree = Tree(new_dir(mtime_ns=T0))
+    tree.add(b"lost+found", new_dir(0o700, 0, 0, T0))
+    add_file(tree, tmp_path, b"f", b"data")
+    image, result = build(tmp_path, tree, size=64 << 20, journal=0)
+    assert "Inode: 11 " in debugfs(image, "stat /lost+found")
+    assert image.stat().st_size == 64 << 20 and result.details["journal_blocks"] == 1024
+    bad = Tree(new_dir(mtime_ns=T0))
+    bad.add(b"lost+found", Inode(Kind.FILE, 0o644, 0, 0, T0))
+    with pytest.raises(LimitError, match="lost\\+found"):
+        build(tmp_path, bad, name="bad.ext4")
