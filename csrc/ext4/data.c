@@ -87,3 +87,32 @@ int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t 
     }
     return 0;
 }
+
+int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
+                             char *err, size_t err_len) {
+    if (!h->laid_out || content >= h->ncontents) {
+        snprintf(err, err_len, "write: bad content %u", content);
+        return -PYIMG_EINVAL;
+    }
+    const e4_extents *ex = &h->contents[content].ext;
+    for (size_t i = 0; i < ex->n; i++) {
+        uint64_t off = (uint64_t)ex->v[i].lblk * E4_BS;
+        if (off >= size) break;
+        uint64_t len = (uint64_t)ex->v[i].len * E4_BS;
+        if (off + len > size) len = size - off;
+        const uint8_t *p = data + off;
+        uint64_t doff = ex->v[i].pblk * E4_BS;
+        while (len) {
+            ssize_t w = pwrite(out_fd, p, (size_t)len, (off_t)doff);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) {
+                snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
+                return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
+            }
+            p += w;
+            doff += (uint64_t)w;
+            len -= (uint64_t)w;
+        }
+    }
+    return 0;
+}

@@ -79,6 +79,11 @@ void pyimg_ext4_get_stats(const pyimg_ext4 *h, pyimg_ext4_stats *out);
 int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset,
                     uint64_t size, int out_fd, char *err, size_t err_len);
 
+/* Like pyimg_ext4_copy, from the content's bytes already in memory (data:
+ * borrowed, `size` bytes: the whole file). */
+int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
+                             char *err, size_t err_len);
+
 /* Writes all metadata (superblocks, descriptors, bitmaps, inode tables,
  * directories, extent trees, xattr blocks, journal) and sets the file size. */
 int pyimg_ext4_finalize(pyimg_ext4 *h, int out_fd);

@@ -21,9 +21,9 @@ import dataclasses
 import os
 import stat
 import uuid as uuid_mod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import blake3
 
@@ -37,7 +37,7 @@ from .base import Progress, WriteResult, image_epoch
 BLOCK = 4096
 BLOCKS_PER_GROUP = 32768
 CHUNK = 1 << 20  # read size while hashing (a multiple of BLOCK)
-_ZERO = bytes(CHUNK)
+_ZERO_BLOCK = bytes(BLOCK)
 _BIG_ZERO = bytes(16 << 20)
 MAX_FILE_SIZE = (1 << 32) * BLOCK - BLOCK  # 2^32 logical blocks with extents
 MAX_LINKS = 65000
@@ -47,6 +47,10 @@ FIRST_INO = 11
 LOG_GROUPS_PER_FLEX = 4
 MIN_BLOCKS = 256  # 1 MiB: the smallest image --size auto makes
 MIN_JOURNAL_BLOCKS = 1024
+SMALL_FILE = 256 << 10  # read in one piece; kept in memory for the stream (within CACHE_BUDGET)
+CACHE_BUDGET = 256 << 20  # bytes of small-file content kept between hashing and streaming
+BATCH_BYTES = 4 << 20  # work items: files grouped up to this size or BATCH_FILES files
+BATCH_FILES = 128
 
 # name -> (field, bit, can be removed)
 FEATURES: dict[str, tuple[str, int, bool]] = {
@@ -134,6 +138,7 @@ def acl_to_disk(value: bytes, path: bytes) -> bytes:
 class _Scan:
     digest: bytes
     runs: list[tuple[int, int]]  # (first block, count) of non-zero blocks
+    data: bytes | None = None  # the whole content of a small file, kept for the stream
 
 
 def _feed_zeros(hasher: Any, count: int) -> None:
@@ -145,11 +150,15 @@ def _feed_zeros(hasher: Any, count: int) -> None:
 
 
 def _add_runs(runs: list[tuple[int, int]], buf: bytes, first_block: int) -> None:
-    if buf == _ZERO[: len(buf)]:
-        return
-    for i in range(0, len(buf), BLOCK):
-        piece = buf[i : i + BLOCK]
-        if piece == _ZERO[: len(piece)]:
+    """Append the non-zero 4 KiB blocks of buf (starting at first_block) to runs.
+
+    bytes.startswith(zero_block, offset) is a memcmp without a copy."""
+    size = len(buf)
+    for i in range(0, size, BLOCK):
+        if i + BLOCK <= size:
+            if buf.startswith(_ZERO_BLOCK, i):
+                continue
+        elif buf.count(0, i) == size - i:
             continue
         block = first_block + i // BLOCK
         if runs and runs[-1][0] + runs[-1][1] == block:
@@ -158,11 +167,34 @@ def _add_runs(runs: list[tuple[int, int]], buf: bytes, first_block: int) -> None
             runs.append((block, 1))
 
 
+T = TypeVar("T")
+
+
+def batches(items: list[T], size_of: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive groups of items (up to BATCH_BYTES or BATCH_FILES): one thread-pool
+    task per group keeps the per-task overhead off small files."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        batch.append(item)
+        total += size_of(item)
+        if total >= BATCH_BYTES or len(batch) >= BATCH_FILES:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
 def scan_content(ref: DataRef) -> _Scan:
     """Read a content once: its BLAKE3 digest and its non-zero 4 KiB blocks."""
     size = ref.size
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (64 << 20) else 1)
     runs: list[tuple[int, int]] = []
+    if size <= SMALL_FILE:  # one read; no SEEK_DATA probing, it costs more than it saves
+        with ContentReader(ref) as reader:
+            buf = reader.read(0, size)
+        _add_runs(runs, buf, 0)
+        return _Scan(blake3.blake3(buf).digest(), runs, buf)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (64 << 20) else 1)
     with ContentReader(ref) as reader:
         pos = 0
         for start, end in reader.data_ranges():
@@ -275,11 +307,12 @@ class _Build:
         files = [(ino, inode) for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         refs = [inode.data for _, inode in files if inode.data is not None and inode.size > 0]
 
-        def scan(ref: DataRef) -> _Scan:
-            result = scan_content(ref)
-            return result
+        def scan(batch: list[DataRef]) -> list[_Scan]:
+            return [scan_content(ref) for ref in batch]
 
-        scans = iter(ordered_map(scan, refs, max(1, self.options.jobs)))
+        work = batches(refs, lambda ref: ref.size)
+        scans = (s for group in ordered_map(scan, work, max(1, self.options.jobs)) for s in group)
+        budget = CACHE_BUDGET
         empty = blake3.blake3(b"").digest()
         self.digests: dict[int, bytes] = {}
         self.content_of: dict[int, int] = {}  # tree ino -> content index
@@ -301,6 +334,11 @@ class _Build:
                 if result.runs:
                     self.shared = True
                 continue
+            if result.data is not None:
+                if len(result.data) <= budget and result.runs:
+                    budget -= len(result.data)
+                else:
+                    result.data = None
             by_key[key] = len(self.contents)
             self.content_of[ino] = len(self.contents)
             self.contents.append((inode.data, result))
@@ -495,11 +533,14 @@ class _Build:
     def stream(self) -> None:
         h, out = self.h, self.fd
 
-        def copy(item: tuple[int, DataRef, _Scan]) -> None:
-            cid, ref, scanned = item
+        def copy_one(cid: int, ref: DataRef, scanned: _Scan, errbuf: Any) -> None:
             if not scanned.runs:
                 return
-            errbuf = ffi.new("char[]", 512)
+            if scanned.data is not None:
+                rc = lib.pyimg_ext4_write_content(h, cid, scanned.data, len(scanned.data), out, errbuf, 512)
+                if rc < 0:
+                    raise OutputError(ffi.string(errbuf).decode("utf-8", "replace"))
+                return
             with ContentReader(ref) as reader:
                 rc = lib.pyimg_ext4_copy(h, cid, reader.fd, ref.offset, ref.size, out, errbuf, 512)
                 if rc < 0:
@@ -509,10 +550,13 @@ class _Build:
                     raise OutputError(text)
                 reader.check_unchanged()
 
-        items: Iterator[tuple[int, DataRef, _Scan]] = (
-            (cid, ref, scanned) for cid, (ref, scanned) in enumerate(self.contents)
-        )
-        for _ in ordered_map(copy, items, max(1, self.options.jobs)):
+        def copy(batch: list[tuple[int, DataRef, _Scan]]) -> None:
+            errbuf = ffi.new("char[]", 512)
+            for cid, ref, scanned in batch:
+                copy_one(cid, ref, scanned, errbuf)
+
+        items = [(cid, ref, scanned) for cid, (ref, scanned) in enumerate(self.contents)]
+        for _ in ordered_map(copy, batches(items, lambda item: item[1].size), max(1, self.options.jobs)):
             pass
 
     # ---- the whole build ------------------------------------------------------------
