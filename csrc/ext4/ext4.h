@@ -1,10 +1,95 @@
-/* ext4 writer: see the .c files beside this header. */
+/* ext4 writer: builds a complete ext4 image from inodes, directory entries,
+ * xattrs and file contents registered by Python (pyimg/formats/ext4.py).
+ *
+ * Life cycle: pyimg_ext4_new -> set_inode/add_dirent/add_xattr/set_symlink/
+ * new_content/content_run/set_content -> pyimg_ext4_layout (may be called again
+ * with another geometry) -> pyimg_ext4_copy (any thread, any order, once the
+ * layout is final) -> pyimg_ext4_finalize -> pyimg_ext4_free.
+ *
+ * Pointers: every pointer argument is borrowed for the duration of the call;
+ * the handle copies what it keeps.  The handle is owned by the caller (Python
+ * frees it through ffi.gc).  Block size is 4096, inodes are 256 bytes.
+ */
 #ifndef PYIMG_EXT4_H
 #define PYIMG_EXT4_H
 
 #include "../common/common.h"
 
 /* CDEF BEGIN */
+typedef struct pyimg_ext4 pyimg_ext4;
+
+/* The geometry and identity of the image; chosen by Python. */
+typedef struct {
+    uint64_t blocks_count;        /* image size in 4 KiB blocks */
+    uint32_t blocks_per_group;    /* 32768 */
+    uint32_t inodes_per_group;    /* multiple of 16, at most 32768 */
+    uint32_t log_groups_per_flex; /* s_log_groups_per_flex */
+    uint32_t journal_blocks;      /* 0: no journal (inode 8 unused) */
+    uint32_t feature_compat;
+    uint32_t feature_incompat;
+    uint32_t feature_ro_compat;
+    int64_t epoch;                /* mkfs/write/check time of the file system */
+    uint8_t uuid[16];
+    uint8_t hash_seed[16];
+    uint8_t label[16];
+} pyimg_ext4_geom;
+
+typedef struct {
+    uint64_t blocks_end;   /* one past the highest block the layout needs */
+    uint64_t blocks_used;  /* blocks marked in the block bitmaps */
+    uint64_t free_blocks;
+    uint64_t free_inodes;
+    uint64_t data_blocks;  /* file data blocks (each shared block once) */
+    uint32_t groups;
+    uint32_t inodes_count;
+} pyimg_ext4_stats;
+
+/* max_ino: the highest inode number that will be registered. NULL on ENOMEM. */
+pyimg_ext4 *pyimg_ext4_new(uint32_t max_ino);
+void pyimg_ext4_free(pyimg_ext4 *h);
+/* The message of the last failure; borrowed, valid until the next call. */
+const char *pyimg_ext4_error(const pyimg_ext4 *h);
+
+/* mode: S_IF* type and permission bits.  parent: for directories, the inode
+ * ".." points at.  links: the link count as stored (Python applies dir_nlink). */
+int pyimg_ext4_set_inode(pyimg_ext4 *h, uint32_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
+                         int64_t mtime, uint32_t mtime_nsec, uint64_t size, uint32_t links,
+                         uint32_t rdev_major, uint32_t rdev_minor, uint32_t parent);
+int pyimg_ext4_set_symlink(pyimg_ext4 *h, uint32_t ino, const uint8_t *target, size_t len);
+/* name: the full xattr name ("user.foo"); value in the on-disk format. */
+int pyimg_ext4_add_xattr(pyimg_ext4 *h, uint32_t ino, const uint8_t *name, size_t name_len,
+                         const uint8_t *value, size_t value_len);
+/* One entry of directory `dir` (without "." and ".."), names unique. */
+int pyimg_ext4_add_dirent(pyimg_ext4 *h, uint32_t dir, const uint8_t *name, size_t name_len,
+                          uint32_t child);
+/* A content: the non-zero block runs of a file's data; returns its id (>= 0). */
+int pyimg_ext4_new_content(pyimg_ext4 *h);
+int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint32_t count);
+/* Regular file `ino` holds `content` (several inodes may share one: shared_blocks). */
+int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content);
+
+/* Allocates every block for `geom`; never fails for lack of space: the stats
+ * report blocks_end and the caller compares it with blocks_count. */
+int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom);
+void pyimg_ext4_get_stats(const pyimg_ext4 *h, pyimg_ext4_stats *out);
+
+/* Copies the data of `content` (file bytes at src_offset .. +size in src_fd)
+ * to its blocks in out_fd.  Thread safe after the layout: it only reads the
+ * handle; a failure message goes to err (borrowed, err_len bytes). */
+int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset,
+                    uint64_t size, int out_fd, char *err, size_t err_len);
+
+/* Like pyimg_ext4_copy, from the content's bytes already in memory (data:
+ * borrowed, `size` bytes: the whole file). */
+int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
+                             char *err, size_t err_len);
+
+/* Writes all metadata (superblocks, descriptors, bitmaps, inode tables,
+ * directories, extent trees, xattr blocks, journal) and sets the file size. */
+int pyimg_ext4_finalize(pyimg_ext4 *h, int out_fd);
+
+/* The ext4 directory hash (half_md4, unsigned chars) of a name; for tests. */
+uint32_t pyimg_ext4_dirhash(const uint8_t *name, size_t len, const uint8_t seed[16]);
 /* CDEF END */
 
 #endif

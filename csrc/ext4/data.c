@@ -1,0 +1,118 @@
+/* The data copy: each extent of a content is copied from the source file to
+ * its blocks with copy_file_range (reflinks or in-kernel copies where the file
+ * systems allow), falling back to pread/pwrite.  Holes are never touched: the
+ * image file is sparse there and the blocks are not allocated. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "ext4_int.h"
+
+#define COPY_BUF (1u << 20)
+
+static int fallback(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, char *err, size_t err_len) {
+    uint8_t *buf = malloc(COPY_BUF);
+    if (!buf) {
+        snprintf(err, err_len, "out of memory");
+        return -PYIMG_ENOMEM;
+    }
+    int rc = 0;
+    while (len) {
+        size_t want = len < COPY_BUF ? (size_t)len : COPY_BUF;
+        ssize_t n = pread(src, buf, want, (off_t)soff);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            snprintf(err, err_len, "reading the source: %s", n < 0 ? strerror(errno) : "file shrank");
+            rc = -PYIMG_EIO;
+            break;
+        }
+        size_t done = 0;
+        while (done < (size_t)n) {
+            ssize_t w = pwrite(dst, buf + done, (size_t)n - done, (off_t)(doff + done));
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) {
+                snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
+                free(buf);
+                return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
+            }
+            done += (size_t)w;
+        }
+        soff += (uint64_t)n;
+        doff += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    free(buf);
+    return rc;
+}
+
+static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, char *err, size_t err_len) {
+    while (len) {
+        loff_t in = (loff_t)soff, out = (loff_t)doff;
+        size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        ssize_t n = copy_file_range(src, &in, dst, &out, want, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP || errno == EBADF ||
+                      errno == EPERM || errno == ETXTBSY))
+            return fallback(src, soff, dst, doff, len, err, err_len);
+        if (n < 0) {
+            snprintf(err, err_len, "copying data: %s", strerror(errno));
+            return errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
+        }
+        if (n == 0) {
+            snprintf(err, err_len, "reading the source: file shrank");
+            return -PYIMG_EIO;
+        }
+        soff += (uint64_t)n;
+        doff += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset, uint64_t size, int out_fd,
+                    char *err, size_t err_len) {
+    if (!h->laid_out || content >= h->ncontents) {
+        snprintf(err, err_len, "copy: bad content %u", content);
+        return -PYIMG_EINVAL;
+    }
+    const e4_extents *ex = &h->contents[content].ext;
+    for (size_t i = 0; i < ex->n; i++) {
+        uint64_t off = (uint64_t)ex->v[i].lblk * E4_BS;
+        if (off >= size) break;
+        uint64_t len = (uint64_t)ex->v[i].len * E4_BS;
+        if (off + len > size) len = size - off;
+        int rc = copy_range(src_fd, src_offset + off, out_fd, ex->v[i].pblk * E4_BS, len, err, err_len);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
+                             char *err, size_t err_len) {
+    if (!h->laid_out || content >= h->ncontents) {
+        snprintf(err, err_len, "write: bad content %u", content);
+        return -PYIMG_EINVAL;
+    }
+    const e4_extents *ex = &h->contents[content].ext;
+    for (size_t i = 0; i < ex->n; i++) {
+        uint64_t off = (uint64_t)ex->v[i].lblk * E4_BS;
+        if (off >= size) break;
+        uint64_t len = (uint64_t)ex->v[i].len * E4_BS;
+        if (off + len > size) len = size - off;
+        const uint8_t *p = data + off;
+        uint64_t doff = ex->v[i].pblk * E4_BS;
+        while (len) {
+            ssize_t w = pwrite(out_fd, p, (size_t)len, (off_t)doff);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) {
+                snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
+                return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
+            }
+            p += w;
+            doff += (uint64_t)w;
+            len -= (uint64_t)w;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,89 @@
+/* 256-byte inodes: the 128-byte base, 32 bytes of extra fields (nanosecond
+ * times, creation time, checksum high half) and in-inode xattrs after them. */
+#include <sys/stat.h>
+
+#include "ext4_int.h"
+
+_Static_assert(E4_INODE_SIZE == 256, "inode size");
+_Static_assert(128 + E4_EXTRA_ISIZE == 160, "extra_isize");
+
+/* Per-inode checksum seed: crc32c(fs seed, inode number, generation 0). */
+uint32_t e4_inode_seed(const pyimg_ext4 *h, uint32_t ino) {
+    uint8_t b[4];
+    put_le32(b, ino);
+    uint32_t c = pyimg_crc32c(h->csum_seed, b, 4);
+    put_le32(b, 0);
+    return pyimg_crc32c(c, b, 4);
+}
+
+/* Seconds beyond 32 bits go to the two epoch bits of the *_extra field. */
+static uint32_t time_extra(int64_t sec, uint32_t nsec) {
+    uint32_t epoch = (uint32_t)(((uint64_t)(sec - (int64_t)(int32_t)(uint32_t)sec) >> 32) & 3u);
+    return (nsec << 2) | epoch;
+}
+
+static void put_devices(uint8_t *i_block, uint32_t major, uint32_t minor) {
+    if (major < 256 && minor < 256) {
+        put_le32(i_block, (major << 8) | minor); /* old encoding */
+    } else {
+        put_le32(i_block + 4, (minor & 0xffu) | (major << 8) | ((minor & ~0xffu) << 12));
+    }
+}
+
+void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
+    e4_inode *in = &h->inodes[ino];
+    memset(raw, 0, E4_INODE_SIZE);
+    if (!in->used) return; /* reserved inodes stay zero: all-zero inodes pass the checksum check */
+    uint32_t t = (uint32_t)in->mtime;
+    uint32_t tx = time_extra(in->mtime, in->mtime_nsec);
+    uint32_t flags = 0;
+    put_le16(raw + 0, in->mode);
+    put_le16(raw + 2, (uint16_t)in->uid);
+    put_le32(raw + 4, (uint32_t)in->size);
+    put_le32(raw + 8, t);  /* atime */
+    put_le32(raw + 12, t); /* ctime */
+    put_le32(raw + 16, t); /* mtime */
+    put_le16(raw + 24, (uint16_t)in->gid);
+    put_le16(raw + 26, (uint16_t)in->links);
+    uint64_t sectors = in->i_blocks * (E4_BS / 512);
+    put_le32(raw + 28, (uint32_t)sectors);
+    uint8_t *i_block = raw + 40;
+    if (S_ISLNK(in->mode) && in->symlink_len < 60) {
+        memcpy(i_block, in->symlink, in->symlink_len); /* fast symlink */
+    } else if (S_ISCHR(in->mode) || S_ISBLK(in->mode)) {
+        put_devices(i_block, in->rdev_major, in->rdev_minor);
+    } else if (S_ISREG(in->mode) || S_ISDIR(in->mode) || S_ISLNK(in->mode)) {
+        flags |= E4_EXTENTS_FL;
+        /* tree blocks are encoded and written by the caller (finalize) */
+    }
+    if (S_ISDIR(in->mode) && in->htree_levels >= 0) flags |= E4_INDEX_FL;
+    put_le32(raw + 32, flags);
+    put_le32(raw + 100, 0); /* generation */
+    if (in->xblock >= 0) {
+        uint64_t b = h->xblocks[in->xblock].pblk;
+        put_le32(raw + 104, (uint32_t)b);
+        put_le16(raw + 116 + 2, (uint16_t)(b >> 32));
+    }
+    put_le32(raw + 108, (uint32_t)(in->size >> 32));
+    put_le16(raw + 116, (uint16_t)(sectors >> 32));
+    put_le16(raw + 116 + 4, (uint16_t)(in->uid >> 16));
+    put_le16(raw + 116 + 6, (uint16_t)(in->gid >> 16));
+    put_le16(raw + 128, E4_EXTRA_ISIZE);
+    put_le32(raw + 132, tx); /* ctime_extra */
+    put_le32(raw + 136, tx); /* mtime_extra */
+    put_le32(raw + 140, tx); /* atime_extra */
+    put_le32(raw + 144, t);  /* crtime */
+    put_le32(raw + 148, tx); /* crtime_extra */
+    e4_xattr_inode_body(h, in, raw);
+}
+
+/* Checksum over the whole inode with both checksum fields zero (they are). */
+static void inode_csum(const pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
+    uint32_t c = pyimg_crc32c(e4_inode_seed(h, ino), raw, E4_INODE_SIZE);
+    put_le16(raw + 124, (uint16_t)c);
+    put_le16(raw + 130, (uint16_t)(c >> 16));
+}
+
+void e4_inode_finish(const pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
+    if (h->csum && h->inodes[ino].used) inode_csum(h, ino, raw);
+}
