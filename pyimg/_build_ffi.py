@@ -44,7 +44,7 @@ def _flags() -> tuple[list[str], list[str]]:
         compile_args.append("-Werror")
     if os.environ.get("PYIMG_SANITIZE") == "1":
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
-        compile_args += san + ["-O1", "-g"]
+        compile_args += [*san, "-O1", "-g"]
         link_args += san
     return compile_args, link_args
 
@@ -54,7 +54,8 @@ ffibuilder.cdef(_cdef())
 # Callbacks into Python exist only on the cffi side (cffi generates their C body),
 # so they are declared here and not in a C header.
 ffibuilder.cdef(
-    'extern "Python" int pyimg_py_compress(void *ctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);'
+    'extern "Python" int pyimg_py_compress('
+    "void *ctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);"
 )
 _compile, _link = _flags()
 ffibuilder.set_source(

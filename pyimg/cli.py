@@ -83,39 +83,78 @@ def build_command(
     output: Annotated[str | None, typer.Option("-o", "--output", help="The image file to write.")] = None,
     format: Annotated[str | None, typer.Option("--format", help="squashfs (default) or ext4.")] = None,
     compression: Annotated[
-        str | None, typer.Option("--compression", help="squashfs: zstd[:LEVEL] (default zstd:3), gzip[:LEVEL], xz[:LEVEL].")
+        str | None,
+        typer.Option(
+            "--compression", help="squashfs: zstd[:LEVEL] (default zstd:3), gzip[:LEVEL], xz[:LEVEL]."
+        ),
     ] = None,
     block_size: Annotated[
-        str | None, typer.Option("--block-size", help="squashfs block size, 4K..1M, bytes or K/M suffix (default 128K).")
+        str | None,
+        typer.Option("--block-size", help="squashfs block size, 4K..1M, bytes or K/M suffix (default 128K)."),
     ] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Threads (default: all cores). Never changes the bytes.")] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Threads (default: all cores). Never changes the bytes."),
+    ] = None,
     epoch: Annotated[
-        int | None, typer.Option("--epoch", help="Clamp mtimes to this; the image's own time. Default: SOURCE_DATE_EPOCH.")
+        int | None,
+        typer.Option(
+            "--epoch", help="Clamp mtimes to this; the image's own time. Default: SOURCE_DATE_EPOCH."
+        ),
     ] = None,
     owner: Annotated[
-        str | None, typer.Option("--owner", help="auto (default: dirs root-owned, tars as recorded), preserve, root, or UID:GID.")
+        str | None,
+        typer.Option(
+            "--owner", help="auto (default: dirs root-owned, tars as recorded), preserve, root, or UID:GID."
+        ),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Glob to leave out (repeatable); with '/' it matches the whole path.")
+        list[str] | None,
+        typer.Option("--exclude", help="Glob to leave out (repeatable); with '/' it matches the whole path."),
     ] = None,
-    spec: Annotated[str | None, typer.Option("--spec", help="A TOML spec file; options given here override it.")] = None,
+    spec: Annotated[
+        str | None, typer.Option("--spec", help="A TOML spec file; options given here override it.")
+    ] = None,
     manifest: Annotated[str | None, typer.Option("--manifest", help="Write the JSON manifest here.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a summary.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON instead of a summary.")
+    ] = False,
     fragments: Annotated[
-        bool | None, typer.Option("--fragments/--no-fragments", help="squashfs: pack file tails into fragment blocks.", show_default=False)
+        bool | None,
+        typer.Option(
+            "--fragments/--no-fragments",
+            help="squashfs: pack file tails into fragment blocks.",
+            show_default=False,
+        ),
     ] = None,
     dedup: Annotated[
-        bool | None, typer.Option("--dedup/--no-dedup", help="Store identical content once (ext4: read-only images).", show_default=False)
+        bool | None,
+        typer.Option(
+            "--dedup/--no-dedup",
+            help="Store identical content once (ext4: read-only images).",
+            show_default=False,
+        ),
     ] = None,
-    size: Annotated[str | None, typer.Option("--size", help="ext4: 'auto' (default) or an exact size like 2G.")] = None,
-    headroom: Annotated[int | None, typer.Option("--headroom", min=0, help="ext4 with --size auto: free space, percent (default 10).")] = None,
+    size: Annotated[
+        str | None, typer.Option("--size", help="ext4: 'auto' (default) or an exact size like 2G.")
+    ] = None,
+    headroom: Annotated[
+        int | None,
+        typer.Option("--headroom", min=0, help="ext4 with --size auto: free space, percent (default 10)."),
+    ] = None,
     journal: Annotated[
-        str | None, typer.Option("--journal", help="ext4: add a journal (for read-write use): 'yes' or a size like 64M.")
+        str | None,
+        typer.Option("--journal", help="ext4: add a journal (for read-write use): 'yes' or a size like 64M."),
     ] = None,
     features: Annotated[
-        str | None, typer.Option("--features", help="ext4: comma-separated edits of the feature set, e.g. -metadata_csum,-64bit.")
+        str | None,
+        typer.Option(
+            "--features", help="ext4: comma-separated edits of the feature set, e.g. -metadata_csum,-64bit."
+        ),
     ] = None,
-    uuid: Annotated[str | None, typer.Option("--uuid", help="ext4: file system UUID (default: derived from the content).")] = None,
+    uuid: Annotated[
+        str | None, typer.Option("--uuid", help="ext4: file system UUID (default: derived from the content).")
+    ] = None,
     label: Annotated[str | None, typer.Option("--label", help="ext4: volume label.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
 ) -> None:
@@ -169,8 +208,12 @@ def build_command(
 @app.command("digest")
 def digest_command(
     image: Annotated[str, typer.Argument(help="An image file.")],
-    sha256: Annotated[bool, typer.Option("--sha256", help="Print the SHA-256 instead of the BLAKE3.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print both digests and the size as JSON.")] = False,
+    sha256: Annotated[
+        bool, typer.Option("--sha256", help="Print the SHA-256 instead of the BLAKE3.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print both digests and the size as JSON.")
+    ] = False,
 ) -> None:
     """Print an image's digest (BLAKE3, hex), as its manifest records it."""
     try:
@@ -178,7 +221,11 @@ def digest_command(
     except PyImgError as exc:
         _fail(exc)
     if json_out:
-        typer.echo(json.dumps({"file": os.path.basename(image), "size": d.size, "blake3": d.blake3, "sha256": d.sha256}))
+        typer.echo(
+            json.dumps(
+                {"file": os.path.basename(image), "size": d.size, "blake3": d.blake3, "sha256": d.sha256}
+            )
+        )
     else:
         typer.echo(d.sha256 if sha256 else d.blake3)
 

@@ -48,7 +48,9 @@ class BlockCompressor:
         self.spec = spec
         if spec.name == "zstd":
             # No checksum, no content size in the frame: what mksquashfs writes too.
-            self._zstd = zstandard.ZstdCompressor(level=spec.level, write_checksum=False, write_content_size=False)
+            self._zstd = zstandard.ZstdCompressor(
+                level=spec.level, write_checksum=False, write_content_size=False
+            )
         elif spec.name == "xz":
             # The kernel's decoder is set up for a dictionary of block_size: never more.
             self._xz_filters = [

@@ -4,6 +4,7 @@ is left exactly as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from types import TracebackType
@@ -32,7 +33,9 @@ class AtomicOutput:
         if os.path.isdir(self.target):
             raise OutputError("the output path is a directory", self.target)
         try:
-            self.fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.target) + ".")
+            self.fd, self.tmp = tempfile.mkstemp(
+                dir=directory, prefix="." + os.path.basename(self.target) + "."
+            )
         except OSError as exc:
             raise OutputError(f"cannot create a file beside the target: {exc.strerror}", self.target) from exc
         return self
@@ -61,10 +64,8 @@ class AtomicOutput:
             os.close(self.fd)
             self.fd = -1
         if not self.committed and self.tmp:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
 
 
 def write_file_atomically(target: str, data: bytes) -> None:

@@ -142,8 +142,8 @@ class Tree:
 
     def _ensure_parents(self, path: bytes, template: Inode | None) -> None:
         slash = path.rfind(b"/")
-        parent = self.entries.get(path[:slash] if slash >= 0 else b"")
-        if parent is not None and parent.kind is Kind.DIR:
+        direct_parent = self.entries.get(path[:slash] if slash >= 0 else b"")
+        if direct_parent is not None and direct_parent.kind is Kind.DIR:
             return  # the common case: sources add parents before children
         parts = path.split(b"/")
         for depth in range(1, len(parts)):

@@ -101,7 +101,11 @@ def fix_mtimes(root: Path) -> None:
     """Set every mtime to a fixed value (children first, so directories keep theirs)."""
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames + dirnames:
-            os.utime(os.path.join(dirpath, name), (FIXED_MTIME, FIXED_MTIME + zlib.crc32(name.encode()) % 1000), follow_symlinks=False)
+            os.utime(
+                os.path.join(dirpath, name),
+                (FIXED_MTIME, FIXED_MTIME + zlib.crc32(name.encode()) % 1000),
+                follow_symlinks=False,
+            )
     os.utime(root, (FIXED_MTIME, FIXED_MTIME))
 
 
@@ -110,10 +114,14 @@ def _xattrs(path: str) -> dict[str, bytes]:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return {}
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names) if not n.startswith("system.")}
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names) if not n.startswith("system.")
+    }
 
 
-def snapshot(root: Path, *, owners: bool = True, skip_parts: set[str] = frozenset()) -> dict[str, tuple[object, ...]]:
+def snapshot(
+    root: Path, *, owners: bool = True, skip_parts: set[str] = frozenset()
+) -> dict[str, tuple[object, ...]]:
     """Everything the image must keep, per path; hard links as groups.  Directories
     named in skip_parts are left out with their subtrees (what --exclude removed)."""
     out: dict[str, tuple[object, ...]] = {}
@@ -144,13 +152,25 @@ def snapshot(root: Path, *, owners: bool = True, skip_parts: set[str] = frozense
 
 
 def assert_same_tree(
-    source: Path, extracted: Path, *, owners: bool = True, ignore: set[str] = frozenset(), skip_parts: set[str] = frozenset()
+    source: Path,
+    extracted: Path,
+    *,
+    owners: bool = True,
+    ignore: set[str] = frozenset(),
+    skip_parts: set[str] = frozenset(),
 ) -> None:
-    want = {k: v for k, v in snapshot(source, owners=owners, skip_parts=skip_parts).items() if k not in ignore}
+    want = {
+        k: v for k, v in snapshot(source, owners=owners, skip_parts=skip_parts).items() if k not in ignore
+    }
     got = {k: v for k, v in snapshot(extracted, owners=owners).items() if k not in ignore}
-    assert sorted(want) == sorted(got), f"paths differ: only in source {sorted(set(want) - set(got))[:10]}, only in image {sorted(set(got) - set(want))[:10]}"
+    only_source, only_image = sorted(set(want) - set(got))[:10], sorted(set(got) - set(want))[:10]
+    assert not only_source and not only_image, f"only in source {only_source}, only in image {only_image}"
     bad = [k for k in want if want[k] != got[k]]
-    assert not bad, f"{len(bad)} entries differ, e.g. {bad[0]}: source {str(want[bad[0]])[:300]} image {str(got[bad[0]])[:300]}"
+    if bad:
+        first = bad[0]
+        raise AssertionError(
+            f"{len(bad)} entries differ, e.g. {first}: source {want[first]!s:.300} image {got[first]!s:.300}"
+        )
 
 
 def unsquashfs_extract(image: Path, dest: Path) -> None:

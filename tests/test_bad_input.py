@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,55 +45,73 @@ def test_missing_source_cli(tmp_path: Path) -> None:
     _nothing_written(tmp_path, keep=set())
 
 
+FORMATS = ["squashfs", "ext4"]
+
+
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _src(tmp_path)
-    real_open = os.open
+    real_access = os.access
 
-    def deny(path: object, flags: int, *args: object, **kw: object) -> int:
-        if str(path).endswith("/a"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+    def deny(path: object, mode: int, *args: object, **kw: object) -> bool:
+        # Root reads everything: pretend, as an unprivileged builder would see it.
+        return False if str(path).endswith("/a") else real_access(path, mode, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "open", deny)
+    monkeypatch.setattr(os, "access", deny)
     with pytest.raises(SourceError) as err:
         pyimg.build([str(src)], str(tmp_path / "out.sqfs"))
-    assert str(src / "a") in str(err.value) and "denied" in str(err.value).lower()
+    assert str(src / "a") in str(err.value) and "permission denied" in str(err.value)
     _nothing_written(tmp_path, keep={"src"})
 
 
-def test_file_changing_while_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _after_collect(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """Run `action` once the tree is collected, before any content is read."""
+    import pyimg.api as api
+
+    real_collect = api.collect
+
+    def collect_then_act(options: pyimg.BuildOptions) -> Any:
+        collected = real_collect(options)
+        action()
+        return collected
+
+    monkeypatch.setattr(api, "collect", collect_then_act)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("victim", ["a", "b"])  # a large file and a small one
+def test_file_changing_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, victim: str
+) -> None:
     src = _src(tmp_path)
-    import pyimg.content as content
-
-    real_pread = os.pread
-
-    def pread_then_touch(fd: int, n: int, off: int) -> bytes:
-        data = real_pread(fd, n, off)
-        os.utime(src / "a", ns=(0, 123))  # the file changes under the reader
-        return data
-
-    monkeypatch.setattr(content.os, "pread", pread_then_touch)
-    with pytest.raises(SourceError, match="changed while"):
-        pyimg.build([str(src)], str(tmp_path / "out.sqfs"), jobs=1)
+    _after_collect(monkeypatch, lambda: os.utime(src / victim, ns=(0, 123)))
+    with pytest.raises(SourceError) as err:
+        pyimg.build([str(src)], str(tmp_path / "out.img"), format=fmt)
+    assert str(src / victim) in str(err.value) and "changed while" in str(err.value)
     _nothing_written(tmp_path, keep={"src"})
 
 
-def test_file_growing_while_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_file_growing_while_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     src = _src(tmp_path)
-    import pyimg.content as content
 
-    real_pread = os.pread
-
-    def pread_then_grow(fd: int, n: int, off: int) -> bytes:
-        data = real_pread(fd, n, off)
+    def grow() -> None:
         with open(src / "b", "ab") as f:
             f.write(b"more")
-        return data
 
-    monkeypatch.setattr(content.os, "pread", pread_then_grow)
+    _after_collect(monkeypatch, grow)
     with pytest.raises(SourceError) as err:
-        pyimg.build([str(src)], str(tmp_path / "out.sqfs"), jobs=1)
-    assert "changed while" in str(err.value)
+        pyimg.build([str(src)], str(tmp_path / "out.img"), format=fmt)
+    assert str(src / "b") in str(err.value) and "changed while" in str(err.value)
+    _nothing_written(tmp_path, keep={"src"})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_file_vanishing_before_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    src = _src(tmp_path)
+    _after_collect(monkeypatch, lambda: os.unlink(src / "b"))
+    with pytest.raises(SourceError) as err:
+        pyimg.build([str(src)], str(tmp_path / "out.img"), format=fmt)
+    assert str(src / "b") in str(err.value) and "No such file" in str(err.value)
     _nothing_written(tmp_path, keep={"src"})
 
 
@@ -163,7 +183,9 @@ def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     _nothing_written(tmp_path, keep={"src"})
 
 
-def test_interrupt_leaves_nothing_and_keeps_old_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_leaves_nothing_and_keeps_old_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = _src(tmp_path)
     out = tmp_path / "out.sqfs"
     out.write_bytes(b"the previous image")
@@ -196,3 +218,31 @@ def test_bad_options_are_spec_errors(tmp_path: Path) -> None:
     _nothing_written(tmp_path, keep={"src"})
     proc = _cli("build", str(src), "-o", str(tmp_path / "o.sqfs"), "--block-size", "3K")
     assert proc.returncode == 2 and "block size" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_write_failure_from_the_kernel(tmp_path: Path, fmt: str) -> None:
+    """A real write error (the file size limit, as a full disk would): the CLI exits
+    non-zero with the reason and leaves no file, for the C writer (ext4) too."""
+    import resource
+    import signal
+
+    src = _src(tmp_path)
+    (src / "c").write_bytes(os.urandom(2 << 20))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyimg.cli", "build", str(src), "-o", str(out_dir / "img"), "--format", fmt],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit,
+    )
+    assert proc.returncode != 0
+    assert "File too large" in proc.stderr and str(out_dir / "img") in proc.stderr, proc.stderr
+    assert os.listdir(out_dir) == []

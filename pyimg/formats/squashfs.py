@@ -110,7 +110,9 @@ class SquashfsWriter:
         lib.pyimg_sqfs_encode_super(sb, raw)
         pwrite_all(fd, ffi.buffer(raw), 0)
 
-        digests = {ino: data_of[id(inode)].digest for ino, inode in enumerate(tree.inodes, 1) if id(inode) in data_of}
+        digests = {
+            ino: data_of[id(inode)].digest for ino, inode in enumerate(tree.inodes, 1) if id(inode) in data_of
+        }
         return WriteResult(
             digests=digests,
             bytes_in=sum(inode.size for inode in files),
@@ -157,7 +159,9 @@ def _check_limits(tree: FrozenTree) -> None:
             raise LimitError(f"device number {inode.rdev} too large for squashfs", b"/" + node.path)
         for name in inode.xattrs:
             if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
-                raise LimitError(f"xattr {name!r}: squashfs stores only user., trusted. and security.", b"/" + node.path)
+                raise LimitError(
+                    f"xattr {name!r}: squashfs stores only user., trusted. and security.", b"/" + node.path
+                )
 
 
 def _encode_rdev(major: int, minor: int) -> int:
@@ -232,7 +236,9 @@ class _Tables:
             else:
                 rdev = _encode_rdev(*inode.rdev) if inode.kind in (Kind.CHAR, Kind.BLOCK) else 0
                 target = inode.target
-                ref = lib.pyimg_sqfs_add_special(self.writer, common, BASIC_TYPE[inode.kind], rdev, target, len(target))
+                ref = lib.pyimg_sqfs_add_special(
+                    self.writer, common, BASIC_TYPE[inode.kind], rdev, target, len(target)
+                )
                 refs[node.ino] = check(ref, self._err, path)
         return refs
 
@@ -252,7 +258,9 @@ class _Tables:
         )
         return check(ref, self._err, path)
 
-    def _add_dir(self, common: Any, children: list[int], refs: dict[int, int], parent: int, path: bytes) -> int:
+    def _add_dir(
+        self, common: Any, children: list[int], refs: dict[int, int], parent: int, path: bytes
+    ) -> int:
         nodes = [self.tree.nodes[c] for c in children]
         names = b"".join(n.name for n in nodes)
         ends = array("I")
@@ -286,7 +294,9 @@ class _Tables:
 
     def _lookup_table(self, entries: bytes) -> _Lookup:
         meta = self._new_meta()
-        check(lib.pyimg_sqfs_meta_append(meta, entries, len(entries)), lambda: lib.pyimg_sqfs_meta_error(meta))
+        check(
+            lib.pyimg_sqfs_meta_append(meta, entries, len(entries)), lambda: lib.pyimg_sqfs_meta_error(meta)
+        )
         return self._finished(meta)
 
     @staticmethod

@@ -132,7 +132,9 @@ class DataStream:
             reader = ContentReader(inode.data)
             for offset in range(0, inode.size, self.chunk):
                 length = min(self.chunk, inode.size - offset)
-                yield [_Piece(index, inode, offset, length, offset == 0, offset + length == inode.size, reader)]
+                yield [
+                    _Piece(index, inode, offset, length, offset == 0, offset + length == inode.size, reader)
+                ]
         if batch:
             yield batch
 
@@ -144,7 +146,9 @@ class DataStream:
         with_data = [p for p in task if p.inode.data is not None and p.inode.size]
         buffer, digests = read_batch([p.inode.data for p in with_data])  # type: ignore[misc]
         digest_of = {id(p): d for p, d in zip(with_data, digests, strict=True)}
-        owners = self.claims.claim_all([(digest_of[id(p)], p.content) for p in with_data]) if self.dedup else None
+        owners = (
+            self.claims.claim_all([(digest_of[id(p)], p.content) for p in with_data]) if self.dedup else None
+        )
         view = memoryview(buffer)
         done: list[_Done] = []
         at = 0
@@ -218,7 +222,9 @@ class DataStream:
         bs = self.block_size
         return length // bs if (self.fragments and last) else -(-length // bs)
 
-    def _compress(self, data: bytes | memoryview, keep_tail: bool) -> tuple[list[bytes | None], list[int], bytes]:
+    def _compress(
+        self, data: bytes | memoryview, keep_tail: bool
+    ) -> tuple[list[bytes | None], list[int], bytes]:
         """Full blocks -> compressed blocks (None for a block of zeros); the rest is the tail."""
         bs = self.block_size
         full = self._full_blocks(len(data), keep_tail)
@@ -258,7 +264,9 @@ class DataStream:
                         continue
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
-                        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if done.raw is not None else None
+                        hasher = (
+                            blake3.blake3(max_threads=blake3.blake3.AUTO) if done.raw is not None else None
+                        )
                     if hasher is not None and done.raw is not None:
                         hasher.update(done.raw)
                     self._write_blocks(current, done, image)
@@ -273,7 +281,12 @@ class DataStream:
         return placed
 
     def _finish_content(
-        self, current: FileData, done: _Done, image: ImageFile, packer: _FragmentPacker, by_digest: dict[bytes, FileData]
+        self,
+        current: FileData,
+        done: _Done,
+        image: ImageFile,
+        packer: _FragmentPacker,
+        by_digest: dict[bytes, FileData],
     ) -> FileData:
         if done.piece.reader is not None:
             done.piece.reader.close()

@@ -15,10 +15,19 @@ import pytest
 import pyimg
 from pyimg.errors import LimitError
 
-from ..oracles import IS_ROOT, assert_same_tree, fix_mtimes, make_varied_tree, require_tool, unsquashfs_extract
+from ..oracles import (
+    IS_ROOT,
+    assert_same_tree,
+    fix_mtimes,
+    make_varied_tree,
+    require_tool,
+    unsquashfs_extract,
+)
 
 
-def build(tmp_path: Path, source: Path, name: str = "img.sqfs", **options: object) -> tuple[Path, pyimg.BuildResult]:
+def build(
+    tmp_path: Path, source: Path, name: str = "img.sqfs", **options: object
+) -> tuple[Path, pyimg.BuildResult]:
     out = tmp_path / name
     options.setdefault("owner", "preserve")
     result = pyimg.build([str(source)], str(out), **options)  # type: ignore[arg-type]
@@ -62,7 +71,7 @@ def test_listing_shows_every_entry_and_socket(tmp_path: Path, varied: Path) -> N
 
 def test_dedup_stores_identical_content_once(tmp_path: Path, varied: Path) -> None:
     with_dedup, r1 = build(tmp_path, varied, name="a.sqfs")
-    without, r2 = build(tmp_path, varied, name="b.sqfs", dedup=False)
+    without, _ = build(tmp_path, varied, name="b.sqfs", dedup=False)
     assert r1.dedup_saved >= 300_000
     assert with_dedup.stat().st_size < without.stat().st_size
 
@@ -74,7 +83,7 @@ def test_sparse_file_is_stored_as_holes(tmp_path: Path) -> None:
         f.truncate(1 << 30)  # 1 GiB, all hole
         f.seek(512 << 20)
         f.write(b"x" * 1000)
-    image, result = build(tmp_path, src)
+    image, _ = build(tmp_path, src)
     assert image.stat().st_size < 64 * 1024
     extracted = tmp_path / "x"
     unsquashfs_extract(image, extracted)
@@ -98,7 +107,11 @@ def test_real_tree_round_trip(tmp_path: Path) -> None:
 
 
 def test_same_bytes_across_runs_and_jobs(tmp_path: Path, varied: Path) -> None:
-    digests = {build(tmp_path, varied, name=f"j{jobs}-{run}.sqfs", jobs=jobs)[1].digest for jobs in (1, 4) for run in (0, 1)}
+    digests = {
+        build(tmp_path, varied, name=f"j{jobs}-{run}.sqfs", jobs=jobs)[1].digest
+        for jobs in (1, 4)
+        for run in (0, 1)
+    }
     assert len(digests) == 1
 
 
@@ -119,7 +132,10 @@ def test_same_bytes_whatever_the_creation_order(tmp_path: Path) -> None:
     _create_tree(tmp_path / "a", order)
     random.Random(7).shuffle(order)
     _create_tree(tmp_path / "b", order)
-    assert build(tmp_path, tmp_path / "a", name="a.sqfs")[1].digest == build(tmp_path, tmp_path / "b", name="b.sqfs")[1].digest
+    assert (
+        build(tmp_path, tmp_path / "a", name="a.sqfs")[1].digest
+        == build(tmp_path, tmp_path / "b", name="b.sqfs")[1].digest
+    )
 
 
 def test_same_bytes_whatever_the_umask(tmp_path: Path, varied: Path) -> None:
@@ -133,7 +149,9 @@ def test_same_bytes_whatever_the_umask(tmp_path: Path, varied: Path) -> None:
     assert len(digests) == 1
 
 
-def test_source_date_epoch_clamps_and_is_reproducible(tmp_path: Path, varied: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_source_date_epoch_clamps_and_is_reproducible(
+    tmp_path: Path, varied: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1500000000")
     image, result = build(tmp_path, varied)
     assert all(e["mtime"] <= 1500000000 for e in result.manifest["entries"])
@@ -181,8 +199,12 @@ def test_golden_digests(tmp_path: Path) -> None:
     expected = dict(line.split() for line in GOLDEN.read_text().splitlines() if line.strip())
     got = {}
     for name, tree in _golden_trees(tmp_path / "trees").items():
-        got[name] = pyimg.build([str(tree)], str(tmp_path / f"{name}.sqfs"), owner="root", epoch=1700000000).digest
-    assert got == expected, "golden digests changed: the on-disk output changed (update tests/golden only on purpose)"
+        got[name] = pyimg.build(
+            [str(tree)], str(tmp_path / f"{name}.sqfs"), owner="root", epoch=1700000000
+        ).digest
+    assert got == expected, (
+        "golden digests changed: the on-disk output changed (update tests/golden only on purpose)"
+    )
 
 
 # -- limits ------------------------------------------------------------------------------
@@ -234,12 +256,27 @@ def test_cli_build_and_digest(tmp_path: Path, varied: Path) -> None:
     out = tmp_path / "cli.sqfs"
     manifest = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pyimg.cli", "build", str(varied), "-o", str(out), "--manifest", str(manifest), "--json"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "pyimg.cli",
+            "build",
+            str(varied),
+            "-o",
+            str(out),
+            "--manifest",
+            str(manifest),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr
     import json
 
     summary = json.loads(proc.stdout)
-    digest = subprocess.run([sys.executable, "-m", "pyimg.cli", "digest", str(out)], capture_output=True, text=True, check=True)
+    digest = subprocess.run(
+        [sys.executable, "-m", "pyimg.cli", "digest", str(out)], capture_output=True, text=True, check=True
+    )
     assert digest.stdout.strip() == summary["digest"] == json.loads(manifest.read_text())["image"]["blake3"]
