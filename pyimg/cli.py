@@ -144,7 +144,12 @@ def build_command(
     ] = None,
     journal: Annotated[
         str | None,
-        typer.Option("--journal", help="ext4: add a journal (for read-write use): 'yes' or a size like 64M."),
+        typer.Option(
+            "--journal",
+            metavar="[=SIZE]",
+            help="ext4: add a journal, for images mounted read-write; --journal alone picks the size, "
+            "--journal=64M sets it.",
+        ),
     ] = None,
     features: Annotated[
         str | None,
@@ -236,7 +241,19 @@ def version_command() -> None:
     typer.echo(__version__)
 
 
+def _optional_values(argv: list[str]) -> list[str]:
+    """`--journal` takes an optional value (`--journal` or `--journal=64M`), which
+    the option parser cannot express: a bare `--journal` becomes `--journal=yes`."""
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        out.append("--journal=yes" if arg == "--journal" else arg)
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = _optional_values(sys.argv[1:])
     app()
 
 

@@ -149,7 +149,7 @@ _READ_REASONS = {
 }
 
 
-C_HASH_MAX = 64 << 10  # bigger files are hashed by the blake3 package (SIMD)
+C_HASH_MAX = 1024  # bigger files are hashed by the blake3 package (SIMD)
 
 
 def read_batch(refs: list[DataRef]) -> tuple[bytearray, list[bytes]]:

@@ -13,4 +13,4 @@ UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
 # to the C tests (the interpreter keeps memory alive until exit on purpose).
 LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/formats "$@"
+  $PY -m pytest -q -p no:cacheprovider -m "not slow" tests "$@"

@@ -125,7 +125,7 @@ def snapshot(
     """Everything the image must keep, per path; hard links as groups.  Directories
     named in skip_parts are left out with their subtrees (what --exclude removed)."""
     out: dict[str, tuple[object, ...]] = {}
-    groups: dict[tuple[int, int], str] = {}
+    groups: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip_parts]
         for name in [".", *dirnames, *filenames] if dirpath == str(root) else [*dirnames, *filenames]:
@@ -140,7 +140,8 @@ def snapshot(
                 with open(full, "rb") as f:
                     item.append(f.read())
                 if st.st_nlink > 1:
-                    item.append(("group", groups.setdefault((st.st_dev, st.st_ino), rel)))
+                    groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+                    item.append(("group", (st.st_dev, st.st_ino)))
             elif stat.S_ISLNK(st.st_mode):
                 item.append(os.readlink(full))
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -148,7 +149,15 @@ def snapshot(
             if not stat.S_ISLNK(st.st_mode):
                 item.append(_xattrs(full))
             out[rel] = tuple(item)
-    return out
+    return {rel: _name_group(item, groups) for rel, item in out.items()}
+
+
+def _name_group(item: tuple[object, ...], groups: dict[tuple[int, int], list[str]]) -> tuple[object, ...]:
+    """A hard-link group is named by its smallest path: independent of walk order."""
+    return tuple(
+        ("group", min(groups[x[1]])) if isinstance(x, tuple) and x[:1] == ("group",) else x  # type: ignore[index]
+        for x in item
+    )
 
 
 def assert_same_tree(

@@ -68,7 +68,7 @@ class _Done:
     piece: _Piece
     blocks: list[bytes | None]  # compressed (or raw) full blocks; None = hole
     raw_sizes: list[int]
-    tail: bytes  # the content's last partial block (last piece only)
+    tail: bytes | memoryview  # the content's last partial block (last piece only)
     tail_key: bytes | None  # BLAKE3 of the tail, for tail dedup
     digest: bytes | None  # whole-content digest when known (single-piece contents)
     raw: bytes | None  # chunks of a large content: the bytes, for the committer's hasher
@@ -182,7 +182,7 @@ class DataStream:
             blocks, raw_sizes = [None] * full, [self.block_size] * full
             if full * self.block_size < len(data) and not (self.fragments and piece.last):
                 raw_sizes[-1] = len(data) - (full - 1) * self.block_size
-            tail = data[full * self.block_size :]
+            tail = memoryview(data)[full * self.block_size :]
         tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
         if piece.last:
             piece.reader.check_unchanged()
@@ -224,12 +224,14 @@ class DataStream:
 
     def _compress(
         self, data: bytes | memoryview, keep_tail: bool
-    ) -> tuple[list[bytes | None], list[int], bytes]:
+    ) -> tuple[list[bytes | None], list[int], memoryview]:
         """Full blocks -> compressed blocks (None for a block of zeros); the rest is the tail."""
         bs = self.block_size
+        view = memoryview(data)
+        if keep_tail and self.fragments and len(data) < bs:
+            return [], [], view  # most files: all tail, nothing to compress here
         full = self._full_blocks(len(data), keep_tail)
         compressor = self.compressors.get()
-        view = memoryview(data)
         blocks: list[bytes | None] = []
         raw_sizes: list[int] = []
         for i in range(full):
@@ -242,7 +244,7 @@ class DataStream:
                 blocks.append(packed)
             else:
                 blocks.append(bytes(block))
-        return blocks, raw_sizes, bytes(view[full * bs :])
+        return blocks, raw_sizes, view[full * bs :]  # no copy: the packer copies it
 
     # -- committer (the calling thread) -------------------------------------------
 
@@ -255,12 +257,15 @@ class DataStream:
         current = FileData(b"", 0)
         try:
             for results in ordered_map(self._run, self._tasks(files), self.jobs):
+                progress(sum(done.piece.length for done in results))
                 for done in results:
                     piece = done.piece
-                    progress(piece.length)
                     if done.duplicate:
                         assert done.digest is not None
                         placed.append(by_digest[done.digest])
+                        continue
+                    if not done.blocks and piece.first and piece.last:
+                        placed.append(self._place_small(done, packer, by_digest))
                         continue
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
@@ -279,6 +284,20 @@ class DataStream:
             packer.close()
         self.fragment_table = packer.table
         return placed
+
+    def _place_small(
+        self, done: _Done, packer: _FragmentPacker, by_digest: dict[bytes, FileData]
+    ) -> FileData:
+        """The fast path for a content that is all tail (no full block): most files."""
+        assert done.digest is not None
+        earlier = by_digest.get(done.digest) if self.dedup else None
+        if earlier is not None:
+            return earlier
+        data = FileData(done.digest, done.piece.length)
+        if done.tail:
+            data.frag_index, data.frag_offset = packer.add(done.tail, done.tail_key)
+        by_digest[done.digest] = data
+        return data
 
     def _finish_content(
         self,
@@ -334,7 +353,7 @@ class _FragmentPacker:
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
         self.seen: dict[bytes, tuple[int, int]] = {}
 
-    def add(self, tail: bytes, key: bytes | None) -> tuple[int, int]:
+    def add(self, tail: bytes | memoryview, key: bytes | None) -> tuple[int, int]:
         if key is not None and key in self.seen:
             return self.seen[key]
         if len(self.block) + len(tail) > self.stream.block_size:

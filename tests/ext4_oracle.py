@@ -1,0 +1,142 @@
+"""What an ext4 image holds, as e2fsprogs reads it: `e2fsck -fn` must pass, `debugfs`
+lists every directory (`ls -p`), dumps the content (`rdump`) and reports each
+inode (`stat`: type, mode with setuid/sticky, owner, mtime, links, device, xattrs).
+The result has the shape of oracles.snapshot(), so a source tree and an image
+compare with one `==`."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+from .oracles import require_tool
+
+TYPES = {
+    "regular": stat.S_IFREG,
+    "directory": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "character special": stat.S_IFCHR,
+    "block special": stat.S_IFBLK,
+    "FIFO": stat.S_IFIFO,
+    "socket": stat.S_IFSOCK,
+}
+
+
+def e2fsck_clean(image: Path) -> None:
+    tool = require_tool("e2fsck")
+    proc = subprocess.run(
+        [tool, "-fn", str(image)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "E2FSCK_CONFIG": "/dev/null"},
+    )
+    assert proc.returncode == 0, f"e2fsck -fn failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+
+
+def _debugfs(image: Path, commands: list[str], workdir: Path) -> list[tuple[str, str]]:
+    """Run commands in one debugfs session; (command, its output) for each."""
+    tool = require_tool("debugfs")
+    script = workdir / "debugfs-commands"
+    script.write_text("".join(c + "\n" for c in commands))
+    proc = subprocess.run(
+        [tool, "-f", str(script), str(image)], capture_output=True, text=True, errors="replace"
+    )
+    assert proc.returncode == 0, proc.stderr
+    chunks = re.split(r"^debugfs: ", proc.stdout, flags=re.M)[1:]
+    out = []
+    for chunk in chunks:
+        command, _, body = chunk.partition("\n")
+        out.append((command, body))
+    assert len(out) == len(commands), f"debugfs answered {len(out)} of {len(commands)} commands"
+    return out
+
+
+def _quote(path: str) -> str:
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _list_paths(image: Path, workdir: Path) -> list[str]:
+    """Every path in the image, walking directories with `ls -p`, one level per session."""
+    paths: list[str] = []
+    level = [""]
+    while level:
+        answers = _debugfs(image, [f"ls -p {_quote('/' + d)}" for d in level], workdir)
+        next_level = []
+        for directory, (_, body) in zip(level, answers, strict=True):
+            for line in body.splitlines():
+                fields = line.split("/")
+                if len(fields) < 7:
+                    continue
+                mode, name = int(fields[2], 8), "/".join(fields[5:-2])
+                if name in (".", ".."):
+                    continue
+                path = f"{directory}/{name}" if directory else name
+                paths.append(path)
+                if stat.S_ISDIR(mode):
+                    next_level.append(path)
+        level = next_level
+    return paths
+
+
+def _xattrs(body: str) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    lines = body.split("Extended attributes:\n", 1)
+    if len(lines) < 2:
+        return found
+    for line in lines[1].splitlines():
+        m = re.match(r"^  (\S+) \((\d+)\)(?: = (.*))?$", line)
+        if not m:
+            break
+        name, size, value = m.group(1), int(m.group(2)), m.group(3) or ""
+        if value.startswith('"'):
+            raw = value[1:-1].encode("latin-1")
+        else:
+            raw = bytes.fromhex(value.replace(" ", ""))
+        assert len(raw) == size, f"{name}: {value!r}"
+        if not name.startswith("system."):
+            found[name] = raw
+    return dict(sorted(found.items()))
+
+
+def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[str, tuple[object, ...]]:
+    e2fsck_clean(image)
+    dump = workdir / "rdump"
+    dump.mkdir()
+    _debugfs(image, [f"rdump / {dump}"], workdir)
+    paths = [p for p in _list_paths(image, workdir) if p != "lost+found" and not p.startswith("lost+found/")]
+    stats = _debugfs(image, [f"stat {_quote('/' + p)}" for p in ["", *paths]], workdir)
+    inode_paths: dict[int, list[str]] = {}
+    parsed = {}
+    for path, (_, body) in zip([".", *paths], stats, strict=True):
+        ino = int(re.search(r"Inode: (\d+)", body).group(1))  # type: ignore[union-attr]
+        kind = TYPES[re.search(r"Type: ([\w ]+?)\s+Mode:", body).group(1)]  # type: ignore[union-attr]
+        mode = int(re.search(r"Mode:\s+(\d+)", body).group(1), 8) & 0o7777  # type: ignore[union-attr]
+        uid, gid = map(int, re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", body).groups())  # type: ignore[union-attr]
+        mtime = int(re.search(r"mtime: 0x([0-9a-f]+)", body).group(1), 16)  # type: ignore[union-attr]
+        links = int(re.search(r"Links: (\d+)", body).group(1))  # type: ignore[union-attr]
+        item: list[object] = [kind, mode, mtime]
+        if owners:
+            item += [uid, gid]
+        local = dump / path if path != "." else dump
+        if kind == stat.S_IFREG:
+            item.append(local.read_bytes())
+            if links > 1:
+                inode_paths.setdefault(ino, []).append(path)
+                item.append(("group", ino))
+        elif kind == stat.S_IFLNK:
+            item.append(os.readlink(local))
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            dev = re.search(r"Device major/minor number: (\d+):(\d+)", body)
+            item.append((int(dev.group(1)), int(dev.group(2))))  # type: ignore[union-attr]
+        if kind != stat.S_IFLNK:
+            item.append(_xattrs(body))
+        parsed[path] = item
+    return {
+        path: tuple(
+            ("group", min(inode_paths[x[1]])) if isinstance(x, tuple) and x[0] == "group" else x for x in item
+        )
+        for path, item in parsed.items()
+    }
