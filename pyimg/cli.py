@@ -17,6 +17,7 @@ from .errors import PyImgError
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Build reproducible, deduplicated filesystem images (squashfs, ext4) without root.",
 )

@@ -152,12 +152,12 @@ _READ_REASONS = {
 C_HASH_MAX = 1024  # bigger files are hashed by the blake3 package (SIMD)
 
 
-def read_batch(refs: list[DataRef]) -> tuple[bytearray, list[bytes]]:
+def read_batch(refs: list[DataRef], *, hash: bool = True) -> tuple[bytearray, list[bytes]]:
     """The contents of many (small) DataRefs, back to back, and their BLAKE3
     digests, read and hashed by the C core with the GIL released once for the whole
     batch (files over C_HASH_MAX are hashed here with the blake3 package).  Raises
     SourceError for the first file (in order) that cannot be read or changed since
-    it was collected."""
+    it was collected.  With hash=False only the bytes are read (digests: [])."""
     from array import array
 
     from ._ffi import ffi, lib
@@ -184,7 +184,7 @@ def read_batch(refs: list[DataRef]) -> tuple[bytearray, list[bytes]]:
         ffi.from_buffer("int32_t[]", status, require_writable=True),
         ffi.from_buffer("int32_t[]", errnos, require_writable=True),
         ffi.from_buffer("uint8_t[]", digests, require_writable=True),
-        C_HASH_MAX,
+        C_HASH_MAX if hash else 0,
     )
     if failed:
         for ref, code, err in zip(refs, status, errnos, strict=True):
@@ -194,6 +194,8 @@ def read_batch(refs: list[DataRef]) -> tuple[bytearray, list[bytes]]:
                 raise SourceError("file shrank while the image was built", ref.path)
             if code:
                 raise SourceError(f"{_READ_REASONS.get(code, 'read failed')}: {os.strerror(err)}", ref.path)
+    if not hash:
+        return out, []
     view = memoryview(out)
     result: list[bytes] = []
     at = 0

@@ -17,7 +17,6 @@ Pipeline (each stage a method of `_Build`):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 import uuid as uuid_mod
@@ -28,7 +27,7 @@ from typing import Any, ClassVar, TypeVar
 import blake3
 
 from .._ffi import check, ffi, lib
-from ..content import ContentReader, ordered_map
+from ..content import ContentReader, ordered_map, read_batch
 from ..errors import LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Kind
@@ -48,7 +47,7 @@ LOG_GROUPS_PER_FLEX = 4
 MIN_BLOCKS = 256  # 1 MiB: the smallest image --size auto makes
 MIN_JOURNAL_BLOCKS = 1024
 SMALL_FILE = 256 << 10  # read in one piece; kept in memory for the stream (within CACHE_BUDGET)
-CACHE_BUDGET = 256 << 20  # bytes of small-file content kept between hashing and streaming
+CACHE_BUDGET = 32 << 20  # bytes of small-file content kept between hashing and streaming
 BATCH_BYTES = 4 << 20  # work items: files grouped up to this size or BATCH_FILES files
 BATCH_FILES = 128
 
@@ -138,7 +137,7 @@ def acl_to_disk(value: bytes, path: bytes) -> bytes:
 class _Scan:
     digest: bytes
     runs: list[tuple[int, int]]  # (first block, count) of non-zero blocks
-    data: bytes | None = None  # the whole content of a small file, kept for the stream
+    data: bytes | memoryview | None = None  # the whole content of a small file, kept for the stream
 
 
 def _feed_zeros(hasher: Any, count: int) -> None:
@@ -308,7 +307,23 @@ class _Build:
         refs = [inode.data for _, inode in files if inode.data is not None and inode.size > 0]
 
         def scan(batch: list[DataRef]) -> list[_Scan]:
-            return [scan_content(ref) for ref in batch]
+            # Small files: read and hashed by the C core in one call per batch.
+            small = [ref for ref in batch if ref.size <= SMALL_FILE]
+            buffer, digests = read_batch(small) if small else (bytearray(), [])
+            view = memoryview(buffer)
+            scans: list[_Scan] = []
+            at = 0
+            small_digests = iter(digests)
+            for ref in batch:
+                if ref.size > SMALL_FILE:
+                    scans.append(scan_content(ref))
+                    continue
+                data = bytes(view[at : at + ref.size])
+                at += ref.size
+                runs: list[tuple[int, int]] = []
+                _add_runs(runs, data, 0)
+                scans.append(_Scan(next(small_digests), runs, data))
+            return scans
 
         work = batches(refs, lambda ref: ref.size)
         scans = (s for group in ordered_map(scan, work, max(1, self.options.jobs)) for s in group)
@@ -537,7 +552,8 @@ class _Build:
             if not scanned.runs:
                 return
             if scanned.data is not None:
-                rc = lib.pyimg_ext4_write_content(h, cid, scanned.data, len(scanned.data), out, errbuf, 512)
+                data = ffi.from_buffer("uint8_t[]", scanned.data)
+                rc = lib.pyimg_ext4_write_content(h, cid, data, len(data), out, errbuf, 512)
                 if rc < 0:
                     raise OutputError(ffi.string(errbuf).decode("utf-8", "replace"))
                 return
@@ -552,8 +568,20 @@ class _Build:
 
         def copy(batch: list[tuple[int, DataRef, _Scan]]) -> None:
             errbuf = ffi.new("char[]", 512)
+            # Small files not kept from the hash pass: read again, all in one C call.
+            reread = [
+                item for item in batch if item[2].data is None and item[2].runs and item[1].size <= SMALL_FILE
+            ]
+            buffer, _ = read_batch([ref for _, ref, _ in reread], hash=False) if reread else (bytearray(), [])
+            view = memoryview(buffer)
+            at = 0
+            for cid, ref, scanned in reread:
+                scanned.data = view[at : at + ref.size]
+                at += ref.size
             for cid, ref, scanned in batch:
                 copy_one(cid, ref, scanned, errbuf)
+                if scanned.data is not None and ref.size <= SMALL_FILE:
+                    scanned.data = None  # written: let the memory go
 
         items = [(cid, ref, scanned) for cid, (ref, scanned) in enumerate(self.contents)]
         for _ in ordered_map(copy, batches(items, lambda item: item[1].size), max(1, self.options.jobs)):
@@ -590,13 +618,11 @@ class _Build:
             "size": size,
             "shared_blocks": self.shared,
         }
-        kwargs: dict[str, Any] = {
-            "digests": dict(self.digests),
-            "bytes_in": self.bytes_in,
-            "bytes_stored": stored,
-            "image_size": size,
-            "details": details,
-        }
-        if "bytes_unique" in {f.name for f in dataclasses.fields(WriteResult)}:
-            kwargs["bytes_unique"] = unique  # newer base.py: bytes left once duplicates are stored once
-        return WriteResult(**kwargs)
+        return WriteResult(
+            digests=dict(self.digests),
+            bytes_in=self.bytes_in,
+            bytes_unique=unique,
+            bytes_stored=stored,
+            image_size=size,
+            details=details,
+        )
