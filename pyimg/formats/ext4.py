@@ -575,7 +575,7 @@ class _Build:
             buffer, _ = read_batch([ref for _, ref, _ in reread], hash=False) if reread else (bytearray(), [])
             view = memoryview(buffer)
             at = 0
-            for cid, ref, scanned in reread:
+            for _, ref, scanned in reread:
                 scanned.data = view[at : at + ref.size]
                 at += ref.size
             for cid, ref, scanned in batch:
