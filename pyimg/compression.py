@@ -66,8 +66,8 @@ class BlockCompressor:
         return lzma.compress(block, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self._xz_filters)
 
     def compress_many(self, blocks: Sequence[bytes], threads: int) -> list[bytes]:
-        """Compress several blocks at once (zstd: in C threads, off the GIL)."""
-        if self.spec.name == "zstd" and len(blocks) > 1 and threads > 1:
+        """Compress several blocks at once (zstd: one call, off the GIL, on `threads` C threads)."""
+        if self.spec.name == "zstd" and len(blocks) > 1:
             batch = self._zstd.multi_compress_to_buffer(list(blocks), threads=threads)
             return [batch[i].tobytes() for i in range(len(batch))]
         return [self.compress(b) for b in blocks]

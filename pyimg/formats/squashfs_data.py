@@ -16,6 +16,7 @@ identical tails are stored once.  Full blocks of zeros are stored as holes.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,8 @@ UNCOMPRESSED = 1 << 24  # block size flag: stored as is
 NO_FRAGMENT = 0xFFFFFFFF
 CHUNK_TARGET = 1 << 20  # bytes of content per task, rounded to whole blocks
 BATCH_FILES = 256  # small files per task, at most
-FRAGMENT_BATCH = 16  # full fragment blocks compressed together
+FRAGMENT_BATCH = 8  # full fragment blocks compressed together
+FRAGMENT_IN_FLIGHT = 2  # batches in flight per job before the oldest is written
 TINY = 64  # a block that compresses below this may be all zeros: only then compare
 
 
@@ -337,10 +339,10 @@ class DataStream:
 class _FragmentPacker:
     """Packs tails into fragment blocks; identical tails are stored once.
 
-    Full fragment blocks are compressed in batches on a helper thread while the
-    committer goes on.  A batch is written at a fixed point (when the next batch is
-    handed over, or at the end), never "when it happens to be done": the image does
-    not depend on timing.
+    Full fragment blocks are compressed in batches on `jobs` helper threads while the
+    committer goes on.  Batches are written oldest first at fixed points (when more
+    than FRAGMENT_IN_FLIGHT x jobs batches are in flight, and at the end), never
+    "when one happens to be done": the image does not depend on timing.
     """
 
     def __init__(self, stream: DataStream, image: ImageFile) -> None:
@@ -348,8 +350,9 @@ class _FragmentPacker:
         self.image = image
         self.block = bytearray()
         self.batch: list[tuple[int, bytes]] = []  # (fragment index, raw block)
-        self.in_flight: tuple[list[tuple[int, bytes]], Future[list[bytes]]] | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyimg-frag")
+        self.in_flight: collections.deque[tuple[list[tuple[int, bytes]], Future[list[bytes]]]] = collections.deque()
+        self.max_in_flight = FRAGMENT_IN_FLIGHT * stream.jobs
+        self.pool = ThreadPoolExecutor(max_workers=stream.jobs, thread_name_prefix="pyimg-frag")
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
         self.seen: dict[bytes, tuple[int, int]] = {}
 
@@ -374,23 +377,20 @@ class _FragmentPacker:
             self._hand_over()
 
     def _hand_over(self) -> None:
-        """Write the batch in flight (waiting for it), then start compressing this one."""
-        self._write_in_flight()
+        """Start compressing the current batch; write the oldest ones past the limit."""
         if self.batch:
             batch, self.batch = self.batch, []
-            compressor_source = self.stream.compressors
-            jobs = self.stream.jobs
+            compressors = self.stream.compressors
 
             def compress() -> list[bytes]:
-                return compressor_source.get().compress_many([raw for _, raw in batch], jobs)
+                return compressors.get().compress_many([raw for _, raw in batch], threads=1)
 
-            self.in_flight = (batch, self.pool.submit(compress))
+            self.in_flight.append((batch, self.pool.submit(compress)))
+        while len(self.in_flight) > self.max_in_flight:
+            self._write_oldest()
 
-    def _write_in_flight(self) -> None:
-        if self.in_flight is None:
-            return
-        batch, future = self.in_flight
-        self.in_flight = None
+    def _write_oldest(self) -> None:
+        batch, future = self.in_flight.popleft()
         for (index, raw), packed in zip(batch, future.result(), strict=True):
             data, flag = (packed, 0) if len(packed) < len(raw) else (raw, UNCOMPRESSED)
             self.table[index] = (self.image.pos, len(data) | flag)
@@ -400,7 +400,8 @@ class _FragmentPacker:
     def flush_all(self) -> None:
         self._close_block()
         self._hand_over()
-        self._write_in_flight()
+        while self.in_flight:
+            self._write_oldest()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
