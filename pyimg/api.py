@@ -11,6 +11,7 @@ exits; every failure is a PyImgError subclass, and the target is left untouched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ def writer_for(options: BuildOptions) -> FormatWriter:
     raise SpecError(f"unknown format {options.format!r} (choose squashfs or ext4)")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class BuildResult:
     output: str
     format: str
@@ -51,12 +52,17 @@ class BuildResult:
     bytes_stored: int
     dedup_saved: int
     seconds: float
-    manifest: dict[str, Any]
     manifest_path: str | None
+    _make_manifest: Callable[[], dict[str, Any]] = dataclasses.field(repr=False, compare=False)
+
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest (docs/determinism.md); built on first use, it costs a dict per entry."""
+        return self._make_manifest()
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the manifest's entries: what `--json` prints."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "manifest"}
+        """Everything but the manifest: what `--json` prints."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         out["seconds"] = round(self.seconds, 3)
         return out
 
@@ -90,9 +96,12 @@ def build_with(options: BuildOptions, progress: ProgressCallback | None = None) 
                 raise
             out.commit()
     image = digest_image(options.output)
-    manifest = build_manifest(options, tree, result, image)
+
+    def make_manifest() -> dict[str, Any]:
+        return build_manifest(options, tree, result, image)
+
     if options.manifest:
-        write_file_atomically(options.manifest, dump(manifest))
+        write_file_atomically(options.manifest, dump(make_manifest()))
     return BuildResult(
         output=options.output,
         format=options.format,
@@ -104,8 +113,8 @@ def build_with(options: BuildOptions, progress: ProgressCallback | None = None) 
         bytes_stored=result.bytes_stored,
         dedup_saved=result.dedup_saved,
         seconds=time.monotonic() - started,
-        manifest=manifest,
         manifest_path=options.manifest,
+        _make_manifest=make_manifest,
     )
 
 

@@ -336,6 +336,9 @@ class DataStream:
             current.block_sizes.append(len(block) | (UNCOMPRESSED if len(block) == raw_size else 0))
 
 
+_FragmentBatch = tuple[list[tuple[int, bytes]], "Future[list[bytes]]"]  # blocks, their compression
+
+
 class _FragmentPacker:
     """Packs tails into fragment blocks; identical tails are stored once.
 
@@ -350,7 +353,7 @@ class _FragmentPacker:
         self.image = image
         self.block = bytearray()
         self.batch: list[tuple[int, bytes]] = []  # (fragment index, raw block)
-        self.in_flight: collections.deque[tuple[list[tuple[int, bytes]], Future[list[bytes]]]] = collections.deque()
+        self.in_flight: collections.deque[_FragmentBatch] = collections.deque()
         self.max_in_flight = FRAGMENT_IN_FLIGHT * stream.jobs
         self.pool = ThreadPoolExecutor(max_workers=stream.jobs, thread_name_prefix="pyimg-frag")
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
