@@ -8,6 +8,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -15,6 +16,17 @@ import pytest
 
 IN_CI = os.environ.get("CI") == "true"
 IS_ROOT = os.geteuid() == 0
+
+
+def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """`pyimg ARGS...` as CI runs it: a fresh interpreter, no stdin."""
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-m", "pyimg.cli", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
+    )
 
 
 def require_tool(name: str) -> str:

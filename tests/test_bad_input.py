@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import subprocess
-import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +15,8 @@ import pytest
 
 import pyimg
 from pyimg.errors import OutputError, PyImgError, SourceError
+
+from .oracles import run_cli
 
 
 def _src(tmp_path: Path) -> Path:
@@ -32,14 +32,8 @@ def _nothing_written(out_dir: Path, *, keep: set[str]) -> None:
     assert not left, f"left behind: {left}"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyimg.cli", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL
-    )
-
-
 def test_missing_source_cli(tmp_path: Path) -> None:
-    proc = _cli("build", str(tmp_path / "nope"), "-o", str(tmp_path / "out.sqfs"))
+    proc = run_cli("build", str(tmp_path / "nope"), "-o", str(tmp_path / "out.sqfs"))
     assert proc.returncode != 0
     assert "nope" in proc.stderr and "no such file" in proc.stderr
     _nothing_written(tmp_path, keep=set())
@@ -122,7 +116,7 @@ def test_tar_member_escaping_the_root(tmp_path: Path, name: str) -> None:
         info = tarfile.TarInfo(name)
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
-    proc = _cli("build", str(archive), "-o", str(tmp_path / "out.sqfs"))
+    proc = run_cli("build", str(archive), "-o", str(tmp_path / "out.sqfs"))
     assert proc.returncode != 0 and "evil.tar" in proc.stderr, proc.stderr
     _nothing_written(tmp_path, keep={"evil.tar"})
 
@@ -216,7 +210,7 @@ def test_bad_options_are_spec_errors(tmp_path: Path) -> None:
         with pytest.raises(PyImgError):
             pyimg.build([str(src)], str(tmp_path / "o.sqfs"), **bad)  # type: ignore[arg-type]
     _nothing_written(tmp_path, keep={"src"})
-    proc = _cli("build", str(src), "-o", str(tmp_path / "o.sqfs"), "--block-size", "3K")
+    proc = run_cli("build", str(src), "-o", str(tmp_path / "o.sqfs"), "--block-size", "3K")
     assert proc.returncode == 2 and "block size" in proc.stderr
 
 
@@ -236,13 +230,7 @@ def test_write_failure_from_the_kernel(tmp_path: Path, fmt: str) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "pyimg.cli", "build", str(src), "-o", str(out_dir / "img"), "--format", fmt],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=limit,
-    )
+    proc = run_cli("build", str(src), "-o", str(out_dir / "img"), "--format", fmt, preexec_fn=limit)
     assert proc.returncode != 0
     assert "File too large" in proc.stderr and str(out_dir / "img") in proc.stderr, proc.stderr
     assert os.listdir(out_dir) == []

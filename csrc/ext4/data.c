@@ -11,6 +11,22 @@
 
 #define COPY_BUF (1u << 20)
 
+/* Writes all of p at off, or says why not. */
+static int write_all(int fd, const uint8_t *p, size_t len, uint64_t off, char *err, size_t err_len) {
+    while (len) {
+        ssize_t w = pwrite(fd, p, len, (off_t)off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
+            return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
+        }
+        p += w;
+        off += (uint64_t)w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
 static int fallback(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, char *err, size_t err_len) {
     uint8_t *buf = malloc(COPY_BUF);
     if (!buf) {
@@ -18,7 +34,7 @@ static int fallback(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len
         return -PYIMG_ENOMEM;
     }
     int rc = 0;
-    while (len) {
+    while (len && !rc) {
         size_t want = len < COPY_BUF ? (size_t)len : COPY_BUF;
         ssize_t n = pread(src, buf, want, (off_t)soff);
         if (n < 0 && errno == EINTR) continue;
@@ -27,17 +43,7 @@ static int fallback(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len
             rc = -PYIMG_EIO;
             break;
         }
-        size_t done = 0;
-        while (done < (size_t)n) {
-            ssize_t w = pwrite(dst, buf + done, (size_t)n - done, (off_t)(doff + done));
-            if (w < 0 && errno == EINTR) continue;
-            if (w <= 0) {
-                snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
-                free(buf);
-                return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
-            }
-            done += (size_t)w;
-        }
+        rc = write_all(dst, buf, (size_t)n, doff, err, err_len);
         soff += (uint64_t)n;
         doff += (uint64_t)n;
         len -= (uint64_t)n;
@@ -70,10 +76,14 @@ static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t l
     return 0;
 }
 
-int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset, uint64_t size, int out_fd,
-                    char *err, size_t err_len) {
+/* Calls fn for each stored range of a content (holes are skipped): offset within
+ * the content, length, and where in the image it goes. */
+typedef int (*range_fn)(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len);
+
+static int for_each_range(const pyimg_ext4 *h, uint32_t content, uint64_t size, range_fn fn, void *ctx, char *err,
+                          size_t err_len) {
     if (!h->laid_out || content >= h->ncontents) {
-        snprintf(err, err_len, "copy: bad content %u", content);
+        snprintf(err, err_len, "data: bad content %u", content);
         return -PYIMG_EINVAL;
     }
     const e4_extents *ex = &h->contents[content].ext;
@@ -82,37 +92,41 @@ int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t 
         if (off >= size) break;
         uint64_t len = (uint64_t)ex->v[i].len * E4_BS;
         if (off + len > size) len = size - off;
-        int rc = copy_range(src_fd, src_offset + off, out_fd, ex->v[i].pblk * E4_BS, len, err, err_len);
+        int rc = fn(ctx, off, len, ex->v[i].pblk * E4_BS, err, err_len);
         if (rc) return rc;
     }
     return 0;
 }
 
+typedef struct {
+    int src_fd;
+    uint64_t src_offset;
+    int out_fd;
+} copy_ctx;
+
+static int copy_one_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len) {
+    const copy_ctx *c = ctx;
+    return copy_range(c->src_fd, c->src_offset + off, c->out_fd, dest, len, err, err_len);
+}
+
+int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset, uint64_t size, int out_fd,
+                    char *err, size_t err_len) {
+    copy_ctx c = {src_fd, src_offset, out_fd};
+    return for_each_range(h, content, size, copy_one_range, &c, err, err_len);
+}
+
+typedef struct {
+    const uint8_t *data;
+    int out_fd;
+} write_ctx;
+
+static int write_one_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len) {
+    const write_ctx *c = ctx;
+    return write_all(c->out_fd, c->data + off, (size_t)len, dest, err, err_len);
+}
+
 int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
                              char *err, size_t err_len) {
-    if (!h->laid_out || content >= h->ncontents) {
-        snprintf(err, err_len, "write: bad content %u", content);
-        return -PYIMG_EINVAL;
-    }
-    const e4_extents *ex = &h->contents[content].ext;
-    for (size_t i = 0; i < ex->n; i++) {
-        uint64_t off = (uint64_t)ex->v[i].lblk * E4_BS;
-        if (off >= size) break;
-        uint64_t len = (uint64_t)ex->v[i].len * E4_BS;
-        if (off + len > size) len = size - off;
-        const uint8_t *p = data + off;
-        uint64_t doff = ex->v[i].pblk * E4_BS;
-        while (len) {
-            ssize_t w = pwrite(out_fd, p, (size_t)len, (off_t)doff);
-            if (w < 0 && errno == EINTR) continue;
-            if (w <= 0) {
-                snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
-                return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
-            }
-            p += w;
-            doff += (uint64_t)w;
-            len -= (uint64_t)w;
-        }
-    }
-    return 0;
+    write_ctx c = {data, out_fd};
+    return for_each_range(h, content, size, write_one_range, &c, err, err_len);
 }

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import pyimg
 
 from ..ext4_oracle import e2fsck_clean, snapshot_image
-from ..oracles import fix_mtimes, make_varied_tree, snapshot
+from ..oracles import fix_mtimes, make_varied_tree, run_cli, snapshot
 
 
 def build(
@@ -133,43 +132,27 @@ def test_golden_digests(tmp_path: Path) -> None:
 
 def test_cli_summary_reports_dedup(tmp_path: Path, varied: Path) -> None:
     out = tmp_path / "cli.ext4"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyimg.cli",
-            "build",
-            str(varied),
-            "-o",
-            str(out),
-            "--format",
-            "ext4",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
+    proc = run_cli(
+        "build",
+        str(varied),
+        "-o",
+        str(out),
+        "--format",
+        "ext4",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["format"] == "ext4" and summary["dedup_saved"] >= 300_000
     e2fsck_clean(out)
-    human = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyimg.cli",
-            "build",
-            str(varied),
-            "-o",
-            str(out),
-            "--format",
-            "ext4",
-            "--journal",
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
+    human = run_cli(
+        "build",
+        str(varied),
+        "-o",
+        str(out),
+        "--format",
+        "ext4",
+        "--journal",
     )
     # With a journal the image is for read-write use: no dedup, no saving reported.
     assert human.returncode == 0 and "dedup saved" not in human.stdout

@@ -3,10 +3,10 @@ and the extraction equals the source."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from ..oracles import (
     fix_mtimes,
     make_varied_tree,
     require_tool,
+    run_cli,
     unsquashfs_extract,
 )
 
@@ -255,28 +256,8 @@ def test_devices_round_trip(tmp_path: Path, varied: Path) -> None:
 def test_cli_build_and_digest(tmp_path: Path, varied: Path) -> None:
     out = tmp_path / "cli.sqfs"
     manifest = tmp_path / "m.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyimg.cli",
-            "build",
-            str(varied),
-            "-o",
-            str(out),
-            "--manifest",
-            str(manifest),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_cli("build", str(varied), "-o", str(out), "--manifest", str(manifest), "--json")
     assert proc.returncode == 0, proc.stderr
-    import json
-
     summary = json.loads(proc.stdout)
-    digest = subprocess.run(
-        [sys.executable, "-m", "pyimg.cli", "digest", str(out)], capture_output=True, text=True, check=True
-    )
+    digest = run_cli("digest", str(out))
     assert digest.stdout.strip() == summary["digest"] == json.loads(manifest.read_text())["image"]["blake3"]
