@@ -179,6 +179,11 @@ class Node:
     parent: int  # index of the parent node in FrozenTree.nodes (root: its own index 0)
     children: list[int] = field(default_factory=list)  # indexes, sorted by name bytes
 
+    @property
+    def image_path(self) -> bytes:
+        """The absolute path inside the image, as error messages show it."""
+        return b"/" + self.path
+
 
 class FrozenTree:
     """Entries in their one canonical order, with inode numbers and link counts.

@@ -249,7 +249,7 @@ class _Build:
         tree = self.tree
         for node in tree.nodes:
             if len(node.name) > 255:
-                raise LimitError(f"file name of {len(node.name)} bytes (ext4 allows 255)", node.path)
+                raise LimitError(f"file name of {len(node.name)} bytes (ext4 allows 255)", node.image_path)
         for ino, inode in enumerate(tree.inodes, 1):
             path = self.path_of[ino]
             if inode.kind is Kind.FILE and inode.size > MAX_FILE_SIZE:
@@ -280,14 +280,14 @@ class _Build:
         tree = self.tree
         self.path_of: dict[int, bytes] = {}
         for node in tree.nodes:
-            self.path_of.setdefault(node.ino, node.path)
+            self.path_of.setdefault(node.ino, node.image_path)
         lf_index = tree.index_of.get(b"lost+found")
         self.lf_tree_ino = tree.nodes[lf_index].ino if lf_index is not None else None
         if self.lf_tree_ino is not None:
             if tree.inodes[self.lf_tree_ino - 1].kind is not Kind.DIR:
-                raise LimitError("ext4 needs /lost+found to be a directory", b"lost+found")
+                raise LimitError("ext4 needs /lost+found to be a directory", b"/lost+found")
             if sum(1 for n in tree.nodes if n.ino == self.lf_tree_ino) > 1:
-                raise LimitError("ext4 needs /lost+found to be a plain directory", b"lost+found")
+                raise LimitError("ext4 needs /lost+found to be a plain directory", b"/lost+found")
         self.ext_ino: list[int] = [0] * (len(tree.inodes) + 1)
         next_ino = FIRST_INO + 1
         for ino in range(1, len(tree.inodes) + 1):

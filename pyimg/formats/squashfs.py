@@ -150,17 +150,17 @@ def _check_limits(tree: FrozenTree) -> None:
     """Refuse what squashfs cannot hold before any data is read."""
     for node in tree.nodes:
         if len(node.name) > MAX_NAME:
-            raise LimitError(f"name of {len(node.name)} bytes; squashfs allows {MAX_NAME}", b"/" + node.path)
+            raise LimitError(f"name of {len(node.name)} bytes; squashfs allows {MAX_NAME}", node.image_path)
     for node in tree.nodes:
         inode = node.inode
         if not 0 <= inode.mtime <= 0xFFFFFFFF:
-            raise LimitError(f"mtime {inode.mtime} outside squashfs's range 0..2^32-1", b"/" + node.path)
+            raise LimitError(f"mtime {inode.mtime} outside squashfs's range 0..2^32-1", node.image_path)
         if inode.kind in (Kind.CHAR, Kind.BLOCK) and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
-            raise LimitError(f"device number {inode.rdev} too large for squashfs", b"/" + node.path)
+            raise LimitError(f"device number {inode.rdev} too large for squashfs", node.image_path)
         for name in inode.xattrs:
             if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
                 raise LimitError(
-                    f"xattr {name!r}: squashfs stores only user., trusted. and security.", b"/" + node.path
+                    f"xattr {name!r}: squashfs stores only user., trusted. and security.", node.image_path
                 )
 
 
@@ -227,7 +227,7 @@ class _Tables:
             common.ino = node.ino
             common.nlink = tree.nlink[node.ino]
             common.xattr = self._xattr_index(inode)
-            path = b"/" + node.path
+            path = node.image_path
             if inode.kind is Kind.FILE:
                 refs[node.ino] = self._add_file(common, inode, path)
             elif inode.kind is Kind.DIR:

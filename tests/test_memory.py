@@ -1,0 +1,53 @@
+"""Memory stays bounded: a build's peak RSS does not grow with the data.
+
+A tree with 1 GiB of (compressible, non-zero) content is built in a subprocess and
+its peak RSS must stay far below the data size; the same tree with 16x less data
+gives the baseline.  (The tree's *entries* cost memory, the bytes must not.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MiB = 1 << 20
+
+
+def _peak_rss_of_build(source: Path, out: Path, fmt: str) -> int:
+    script = (
+        "import resource, sys, pyimg\n"
+        "pyimg.build([sys.argv[1]], sys.argv[2], format=sys.argv[3], compression='zstd:1')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(source), str(out), fmt],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out.unlink()
+    return int(proc.stdout.strip()) * 1024
+
+
+def _tree(root: Path, total: int) -> Path:
+    root.mkdir()
+    pattern = bytes(range(1, 256)) * (MiB // 255 + 1)
+    for i in range(4):
+        with open(root / f"big{i}", "wb") as f:
+            for _ in range(total // 4 // MiB):
+                f.write(pattern[:MiB])
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["squashfs", "ext4"])
+def test_peak_memory_does_not_follow_the_data(tmp_path: Path, fmt: str) -> None:
+    small = _peak_rss_of_build(_tree(tmp_path / "small", 64 * MiB), tmp_path / "small.img", fmt)
+    big = _peak_rss_of_build(_tree(tmp_path / "big", 1024 * MiB), tmp_path / "big.img", fmt)
+    assert big < 200 * MiB, f"peak RSS {big / MiB:.0f} MiB for 1 GiB of data"
+    assert big < small + 64 * MiB, (
+        f"peak RSS grew from {small / MiB:.0f} to {big / MiB:.0f} MiB with the data"
+    )
