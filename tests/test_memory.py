@@ -16,10 +16,12 @@ MiB = 1 << 20
 
 
 def _peak_rss_of_build(source: Path, out: Path, fmt: str) -> int:
+    # VmHWM, not ru_maxrss: the latter is inherited from the (large) pytest process
+    # across fork and exec; the high-water mark of the new address space is not.
     script = (
-        "import resource, sys, pyimg\n"
+        "import sys, pyimg\n"
         "pyimg.build([sys.argv[1]], sys.argv[2], format=sys.argv[3], compression='zstd:1')\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, str(source), str(out), fmt],
