@@ -254,6 +254,9 @@ def _optional_values(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from ._ffi import lib
+
+    lib.pyimg_tune_malloc()  # fewer page faults on 1 MiB buffers; see csrc/common/malloc_tune.c
     sys.argv[1:] = _optional_values(sys.argv[1:])
     app()
 

@@ -20,6 +20,9 @@ enum {
 };
 const char *pyimg_strerror(int code);
 uint32_t pyimg_crc32c(uint32_t crc, const uint8_t *data, size_t len);
+/* Keeps large buffers in the malloc heap instead of fresh mmaps (glibc; 0 or a
+ * negative code).  For programs, not libraries: it changes the whole process. */
+int pyimg_tune_malloc(void);
 /* BLAKE3 of len bytes (hash mode, 32-byte digest). */
 void pyimg_blake3(const uint8_t *data, size_t len, uint8_t digest[32]);
 

@@ -272,7 +272,7 @@ class DataStream:
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
                         hasher = (
-                            blake3.blake3(max_threads=blake3.blake3.AUTO) if done.raw is not None else None
+                            blake3.blake3() if done.raw is not None else None
                         )
                     if hasher is not None and done.raw is not None:
                         hasher.update(done.raw)
