@@ -153,7 +153,7 @@ _READ_REASONS = {
 
 # Files up to this size are hashed by the C core inside the batch (no per-call cost);
 # bigger ones by the blake3 package, whose SIMD code is ~10x faster per byte.
-C_HASH_MAX = 1024
+C_HASH_MAX = 16 << 10
 
 
 def read_batch(refs: list[DataRef], *, hash: bool = True) -> tuple[bytearray, list[bytes]]:
