@@ -148,9 +148,11 @@ class DataStream:
         with_data = [p for p in task if p.inode.data is not None and p.inode.size]
         buffer, digests = read_batch([p.inode.data for p in with_data])  # type: ignore[misc]
         digest_of = {id(p): d for p, d in zip(with_data, digests, strict=True)}
-        owners = (
-            self.claims.claim_all([(digest_of[id(p)], p.content) for p in with_data]) if self.dedup else None
-        )
+        # Only contents with full blocks are compressed here, so only they need to
+        # know whether an earlier content already stores the same bytes.  Contents
+        # that are all tail are deduplicated by the committer (memory: no claim each).
+        blocky = [(digest_of[id(p)], p.content) for p in with_data if p.length >= self.block_size]
+        owners = self.claims.claim_all(blocky) if self.dedup and blocky else {}
         view = memoryview(buffer)
         done: list[_Done] = []
         at = 0
@@ -161,7 +163,7 @@ class DataStream:
                 continue
             data = view[at : at + piece.length]
             at += piece.length
-            duplicate = owners is not None and not owners[digest]
+            duplicate = not owners.get(digest, True)
             done.append(self._whole(piece, data, digest, duplicate))
         return done
 
@@ -297,7 +299,9 @@ class DataStream:
             return earlier
         data = FileData(done.digest, done.piece.length)
         if done.tail:
-            data.frag_index, data.frag_offset = packer.add(done.tail, done.tail_key)
+            # The whole file is its tail: by_digest dedups it against other small
+            # files, `seen` (looked up, not grown) against the tails of big ones.
+            data.frag_index, data.frag_offset = packer.add(done.tail, done.tail_key, remember=False)
         by_digest[done.digest] = data
         return data
 
@@ -359,14 +363,14 @@ class _FragmentPacker:
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
         self.seen: dict[bytes, tuple[int, int]] = {}
 
-    def add(self, tail: bytes | memoryview, key: bytes | None) -> tuple[int, int]:
+    def add(self, tail: bytes | memoryview, key: bytes | None, remember: bool = True) -> tuple[int, int]:
         if key is not None and key in self.seen:
             return self.seen[key]
         if len(self.block) + len(tail) > self.stream.block_size:
             self._close_block()
         where = (len(self.table), len(self.block))
         self.block += tail
-        if key is not None:
+        if key is not None and remember:
             self.seen[key] = where
         return where
 
