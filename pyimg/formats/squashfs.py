@@ -9,6 +9,7 @@ The C core encodes the metadata (csrc/sqfs/); this module decides what goes wher
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -362,8 +363,6 @@ class _Tables:
 
 def _le(values: array[int]) -> bytes:
     """An array's items as little-endian bytes, whatever the host's byte order."""
-    import sys
-
     if sys.byteorder != "little":
         values = array(values.typecode, values)
         values.byteswap()
