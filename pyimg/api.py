@@ -45,7 +45,6 @@ class BuildResult:
     output: str
     format: str
     digest: str  # BLAKE3 of the image, hex: what `pyimg digest` prints
-    sha256: str
     image_size: int
     entries: int
     bytes_in: int
@@ -57,12 +56,18 @@ class BuildResult:
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any]:
-        """The manifest (docs/determinism.md); built on first use, it costs a dict per entry."""
+        """The manifest (docs/manifest.md); built on first use, it costs a dict per entry."""
         return self._make_manifest()
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the image, hex (from the manifest, computed on first use)."""
+        return str(self.manifest["image"]["sha256"])
 
     def summary(self) -> dict[str, Any]:
         """Everything but the manifest: what `--json` prints."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        out["sha256"] = self.sha256
         out["seconds"] = round(self.seconds, 3)
         return out
 
@@ -95,10 +100,11 @@ def build_with(options: BuildOptions, progress: ProgressCallback | None = None) 
                     raise OutputError(exc.reason, options.output) from exc
                 raise
             out.commit()
-    image = digest_image(options.output)
+    image = digest_image(options.output, sha256=bool(options.manifest))
 
     def make_manifest() -> dict[str, Any]:
-        return build_manifest(options, tree, result, image)
+        full = image if image.sha256 is not None else digest_image(options.output)
+        return build_manifest(options, tree, result, full)
 
     if options.manifest:
         write_file_atomically(options.manifest, dump(make_manifest()))
@@ -106,7 +112,6 @@ def build_with(options: BuildOptions, progress: ProgressCallback | None = None) 
         output=options.output,
         format=options.format,
         digest=image.blake3,
-        sha256=image.sha256,
         image_size=image.size,
         entries=len(tree.nodes),
         bytes_in=result.bytes_in,

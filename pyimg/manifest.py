@@ -31,19 +31,26 @@ _READ = 1 << 20
 @dataclass(frozen=True, slots=True)
 class ImageDigest:
     blake3: str
-    sha256: str
+    sha256: str | None  # None when not asked for
     size: int
 
 
-def digest_image(path: str) -> ImageDigest:
-    """BLAKE3 and SHA-256 of a file, the two hashes fed by one read, on two threads."""
+def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
+    """BLAKE3 (and SHA-256) of a file, both hashes fed by one read, on two threads.
+
+    SHA-256 runs at ~1.6 GB/s here against ~7 GB/s for BLAKE3: on an 800 MB image it
+    is half a second of a build, so it is computed only when asked for (manifest,
+    --json, `pyimg digest --sha256`)."""
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    sha = hashlib.sha256()
+    sha = hashlib.sha256() if sha256 else None
     size = 0
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_READ * 8):
                 size += len(chunk)
+                if sha is None:
+                    b3.update(chunk)
+                    continue
                 # Both release the GIL on large buffers: hash in parallel.
                 t = threading.Thread(target=sha.update, args=(chunk,))
                 t.start()
@@ -51,7 +58,7 @@ def digest_image(path: str) -> ImageDigest:
                 t.join()
     except OSError as exc:
         raise OutputError(f"cannot read the image: {exc.strerror}", path) from exc
-    return ImageDigest(b3.hexdigest(), sha.hexdigest(), size)
+    return ImageDigest(b3.hexdigest(), sha.hexdigest() if sha is not None else None, size)
 
 
 def versions() -> dict[str, str]:
