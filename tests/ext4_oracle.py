@@ -25,7 +25,8 @@ TYPES = {
 }
 
 
-def e2fsck_clean(image: Path) -> None:
+def e2fsck_clean(image: Path) -> str:
+    """Assert `e2fsck -fn` (no host config) finds nothing to fix; return its output."""
     tool = require_tool("e2fsck")
     proc = subprocess.run(
         [tool, "-fn", str(image)],
@@ -33,7 +34,9 @@ def e2fsck_clean(image: Path) -> None:
         text=True,
         env={**os.environ, "E2FSCK_CONFIG": "/dev/null"},
     )
-    assert proc.returncode == 0, f"e2fsck -fn failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"e2fsck -fn {image} exited {proc.returncode}:\n{output}"
+    return output
 
 
 def _debugfs(image: Path, commands: list[str], workdir: Path) -> list[tuple[str, str]]:

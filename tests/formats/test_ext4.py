@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import stat
 import subprocess
@@ -20,26 +19,16 @@ from pyimg.formats.ext4 import Ext4Writer, resolve_features
 from pyimg.options import BuildOptions, Ext4Options, Policy
 from pyimg.tree import DataRef, FrozenTree, Inode, Kind, Tree, new_dir
 
+from ..ext4_oracle import e2fsck_clean
+from ..oracles import require_tool
+
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 T0 = 1_700_000_000_000_000_000  # a fixed mtime (ns)
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/sbin:/usr/sbin")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
-def e2fsck(image: Path) -> str:
-    """Assert `e2fsck -fn` finds nothing to fix; return its output."""
-    env = dict(os.environ, E2FSCK_CONFIG="/dev/null")
-    proc = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True, env=env)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"e2fsck -fn {image} exited {proc.returncode}:\n{output}"
-    return output
+# The oracle helpers are shared with the end-to-end tests (tests/ext4_oracle.py).
+e2fsck = e2fsck_clean
+tool = require_tool
 
 
 def debugfs(image: Path, command: str) -> str:
