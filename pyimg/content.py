@@ -158,14 +158,24 @@ C_HASH_MAX = 16 << 10
 
 def read_batch(refs: list[DataRef], *, hash: bool = True) -> tuple[bytearray, list[bytes]]:
     """The contents of many (small) DataRefs, back to back, and their BLAKE3
-    digests, read and hashed by the C core with the GIL released once for the whole
-    batch (files over C_HASH_MAX are hashed here with the blake3 package).  Raises
-    SourceError for the first file (in order) that cannot be read or changed since
-    it was collected.  With hash=False only the bytes are read (digests: [])."""
+    digests (see read_batch_packed).  With hash=False only the bytes are read
+    (digests: [])."""
+    out, digests = read_batch_packed(refs, hash=hash)
+    if not hash:
+        return out, []
+    return out, [bytes(digests[at : at + 32]) for at in range(0, len(digests), 32)]
+
+
+def read_batch_packed(refs: list[DataRef], *, hash: bool = True) -> tuple[bytearray, bytearray]:
+    """The contents of many (small) DataRefs, back to back, and their BLAKE3
+    digests, 32 bytes each, back to back: read and hashed by the C core with the
+    GIL released once for the whole batch (files over C_HASH_MAX are hashed here
+    with the blake3 package).  Raises SourceError for the first file (in order)
+    that cannot be read or changed since it was collected."""
     n = len(refs)
     total = sum(ref.size for ref in refs)
     out = bytearray(total)
-    paths = b"".join(os.fsencode(ref.path) + b"\0" for ref in refs)
+    paths = b"".join([os.fsencode(ref.path) + b"\0" for ref in refs])
     offsets = array("Q", [ref.offset for ref in refs])
     sizes = array("Q", [ref.size for ref in refs])
     stamp_sizes = array("q", [ref.stamp[0] if ref.stamp else -1 for ref in refs])
@@ -194,15 +204,11 @@ def read_batch(refs: list[DataRef], *, hash: bool = True) -> tuple[bytearray, li
                 raise SourceError("file shrank while the image was built", ref.path)
             if code:
                 raise SourceError(f"{_READ_REASONS.get(code, 'read failed')}: {os.strerror(err)}", ref.path)
-    if not hash:
-        return out, []
-    view = memoryview(out)
-    result: list[bytes] = []
-    at = 0
-    for i, ref in enumerate(refs):
-        if ref.size <= C_HASH_MAX:
-            result.append(bytes(digests[32 * i : 32 * i + 32]))
-        else:
-            result.append(blake3.blake3(view[at : at + ref.size]).digest())
-        at += ref.size
-    return out, result
+    if hash and any(size > C_HASH_MAX for size in sizes):
+        view = memoryview(out)
+        at = 0
+        for i, size in enumerate(sizes):
+            if size > C_HASH_MAX:
+                digests[32 * i : 32 * i + 32] = blake3.blake3(view[at : at + size]).digest()
+            at += size
+    return out, digests

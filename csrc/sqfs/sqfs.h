@@ -88,6 +88,31 @@ int pyimg_sqfs_xattr_pair(pyimg_sqfs_meta *kv, uint16_t prefix, const uint8_t *n
 /* Appends one xattr id entry (16 bytes) to an id metadata stream. */
 int pyimg_sqfs_xattr_id(pyimg_sqfs_meta *ids, uint64_t kv_ref, uint32_t count, uint32_t size);
 
+/* The fragment packer (frag.c): packs tails into fragment blocks in plan order,
+ * storing identical ones once.  Closed blocks wait in the packer until Python
+ * takes them (pending_data/size, then clear_pending) and compresses them. */
+typedef struct pyimg_sqfs_packer pyimg_sqfs_packer;
+
+pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size);
+void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p);
+/* The tail of a larger file.  key: the tail's 32-byte digest, or NULL for no
+ * dedup.  Sets its place: fragment index and offset in that fragment. */
+int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
+                               uint32_t *frag_index, uint32_t *frag_offset);
+/* n small files (each smaller than a block): sizes[i]; the bytes and the 32-byte
+ * digests of the non-empty ones, back to back in data and digests.  Sets each
+ * one's place (empty files: no fragment, 0xFFFFFFFF) and adds to *unique_bytes
+ * the sizes of those that are not duplicates of an earlier small file (dedup). */
+int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t n, const uint64_t *sizes, const uint8_t *data,
+                                const uint8_t *digests, int dedup, uint32_t *frag_index,
+                                uint32_t *frag_offset, uint64_t *unique_bytes);
+/* Closes the open block (if it holds anything): it becomes pending. */
+int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p);
+size_t pyimg_sqfs_packer_pending(const pyimg_sqfs_packer *p);
+const uint8_t *pyimg_sqfs_packer_pending_data(const pyimg_sqfs_packer *p, size_t i); /* borrowed */
+size_t pyimg_sqfs_packer_pending_size(const pyimg_sqfs_packer *p, size_t i);
+void pyimg_sqfs_packer_clear_pending(pyimg_sqfs_packer *p);
+
 typedef struct {
     uint32_t inode_count;
     uint32_t mod_time;

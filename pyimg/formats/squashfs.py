@@ -21,7 +21,7 @@ from ..options import BuildOptions
 from ..tree import FrozenTree, Inode, Kind
 from .base import Progress, WriteResult, image_epoch
 from .imagefile import ImageFile, pwrite_all
-from .squashfs_data import NO_FRAGMENT, DataStream, FileData
+from .squashfs_data import DataStream, Placement
 
 SUPERBLOCK_SIZE = 96
 META_SIZE = 8192
@@ -77,14 +77,15 @@ class SquashfsWriter:
     def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
         ids = _id_table(tree)
         _check_limits(tree)
-        files = [inode for inode in tree.inodes if inode.kind is Kind.FILE]
+        file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
+        files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.options.squashfs
         image = ImageFile(fd, start=SUPERBLOCK_SIZE)
         stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
-        placed = stream.write(files, image, progress)
-        data_of = {id(inode): data for inode, data in zip(files, placed, strict=True)}
+        placement = stream.write(files, image, progress)
+        file_index = {ino: index for index, ino in enumerate(file_inos)}
 
-        tables = _Tables(self.spec, tree, ids, data_of)
+        tables = _Tables(self.spec, tree, ids, placement, file_index)
         super_fields = tables.write(image, stream.fragment_table)
         bytes_used = image.pos
         image.write(bytes(-bytes_used % PAD_TO))
@@ -111,14 +112,11 @@ class SquashfsWriter:
         lib.pyimg_sqfs_encode_super(sb, raw)
         pwrite_all(fd, ffi.buffer(raw), 0)
 
-        digests = {
-            ino: data_of[id(inode)].digest for ino, inode in enumerate(tree.inodes, 1) if id(inode) in data_of
-        }
         return WriteResult(
-            digests=digests,
+            digests={ino: placement.digest(index) for index, ino in enumerate(file_inos)},
             bytes_in=sum(inode.size for inode in files),
-            bytes_unique=sum(data.size for data in _unique(placed)),
-            bytes_stored=sum(data.size - data.sparse for data in _unique(placed)),
+            bytes_unique=placement.bytes_unique,
+            bytes_stored=placement.bytes_data,
             image_size=image.pos,
             details={
                 "compression": self.spec.name,
@@ -133,11 +131,6 @@ class SquashfsWriter:
                 "compressed_data": stream.bytes_stored,
             },
         )
-
-
-def _unique(placed: list[FileData]) -> list[FileData]:
-    """Each stored content once (duplicates share one FileData)."""
-    return list({id(data): data for data in placed}.values())
 
 
 def _id_table(tree: FrozenTree) -> list[int]:
@@ -180,9 +173,17 @@ class _Lookup:
 class _Tables:
     """Encodes inodes, directories and the lookup tables through the C core."""
 
-    def __init__(self, spec: CompressionSpec, tree: FrozenTree, ids: list[int], data_of: dict[int, FileData]):
+    def __init__(
+        self,
+        spec: CompressionSpec,
+        tree: FrozenTree,
+        ids: list[int],
+        placement: Placement,
+        file_index: dict[int, int],
+    ):
         self.tree = tree
-        self.data_of = data_of
+        self.placement = placement
+        self.file_index = file_index
         self.id_index = {value: index for index, value in enumerate(ids)}
         self.ids = ids
         self._compressor = BlockCompressor(spec)
@@ -230,7 +231,7 @@ class _Tables:
             common.xattr = self._xattr_index(inode)
             path = node.image_path
             if inode.kind is Kind.FILE:
-                refs[node.ino] = self._add_file(common, inode, path)
+                refs[node.ino] = self._add_file(common, node.ino, inode, path)
             elif inode.kind is Kind.DIR:
                 parent = root_parent if index == 0 else tree.nodes[node.parent].ino
                 refs[node.ino] = self._add_dir(common, node.children, refs, parent, path)
@@ -243,17 +244,18 @@ class _Tables:
                 refs[node.ino] = check(ref, self._err, path)
         return refs
 
-    def _add_file(self, common: Any, inode: Inode, path: bytes) -> int:
-        data = self.data_of[id(inode)]
-        sizes = array("I", data.block_sizes)
+    def _add_file(self, common: Any, ino: int, inode: Inode, path: bytes) -> int:
+        placed = self.placement
+        index = self.file_index[ino]
+        sizes = array("I", placed.block_sizes.get(index, ()))
         ref = lib.pyimg_sqfs_add_file(
             self.writer,
             common,
             inode.size,
-            data.blocks_start,
-            data.sparse,
-            data.frag_index,
-            data.frag_offset if data.frag_index != NO_FRAGMENT else 0,
+            placed.blocks_start[index],
+            placed.sparse[index],
+            placed.frag_index[index],
+            placed.frag_offset[index],
             ffi.from_buffer("uint32_t[]", sizes),
             len(sizes),
         )

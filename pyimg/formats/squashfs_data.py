@@ -1,10 +1,15 @@
 """squashfs data stream: hash & dedup, compress, write blocks and fragments.
 
-Work is cut into tasks: a batch of small files (up to ~1 MiB or 256 files), or one
-1 MiB chunk of a large file.  Tasks run on `jobs` threads (reading, BLAKE3 and
-compression release the GIL) and their results are committed strictly in plan
-order (inode order) by one committer, which alone decides where bytes go.  Hence
-the image is the same for every `jobs`.
+Work is cut into tasks, run on `jobs` threads (reading, BLAKE3 and compression
+release the GIL), whose results are committed strictly in plan order (inode
+order) by one committer, which alone decides where bytes go.  Hence the image is
+the same for every `jobs`.  Tasks are:
+- a batch of small files (each smaller than a block: all of it is its tail), up to
+  ~1 MiB or 256 files: read and hashed in one C call; the committer packs the whole
+  batch into fragment blocks with one call to the C packer (csrc/sqfs/frag.c).
+  No Python object per file: that is what made trees of small files slow;
+- a batch of files with full blocks that fit in one task, or one 1 MiB chunk of a
+  large file: their blocks are compressed on the worker.
 
 Dedup: a content that fits in one task is hashed before it is compressed; if an
 earlier content (in plan order) already claimed the same digest, compression is
@@ -12,20 +17,25 @@ skipped.  A content spread over several tasks is hashed by the committer as its
 chunks arrive; if it turns out to be a duplicate its blocks are rewound.  Tails
 (the last partial block, or whole small files) are packed into fragment blocks;
 identical tails are stored once.  Full blocks of zeros are stored as holes.
+
+Where each file's content went is kept in a `Placement`: arrays indexed by file,
+which the inode encoder reads.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+from array import array
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
 
+from .._ffi import check, ffi, lib
 from ..compression import CompressionSpec, PerThread
-from ..content import ContentReader, ordered_map, read_batch
+from ..content import ContentReader, ordered_map, read_batch, read_batch_packed
 from ..tree import Inode
 from .base import Progress
 from .imagefile import ImageFile
@@ -77,6 +87,57 @@ class _Done:
     duplicate: bool  # an earlier content has the same digest: nothing compressed
 
 
+@dataclass(slots=True)
+class _SmallBatch:
+    """Consecutive files (plan order from `first`), each smaller than a block."""
+
+    first: int
+    inodes: list[Inode]
+
+
+@dataclass(slots=True)
+class _SmallDone:
+    batch: _SmallBatch
+    sizes: array[int]  # per file; 0 for empty files
+    data: bytearray  # the non-empty files' bytes, back to back
+    digests: bytearray  # their BLAKE3 digests, 32 bytes each, back to back
+    length: int  # bytes of content in the batch
+
+
+class Placement:
+    """Where each file's content went, indexed by file (plan order): what the file
+    inodes need.  Arrays, not an object per file: trees have 100k+ files."""
+
+    def __init__(self, count: int) -> None:
+        self.digests = bytearray(32 * count)
+        self.blocks_start = array("Q", bytes(8 * count))
+        self.sparse = array("Q", bytes(8 * count))
+        self.frag_index = array("I", [NO_FRAGMENT]) * count
+        self.frag_offset = array("I", bytes(4 * count))
+        self.block_sizes: dict[int, list[int]] = {}  # only files with data blocks
+        self.bytes_unique = 0  # content bytes, each distinct content once
+        self.bytes_data = 0  # the same without holes
+        # The C packer writes fragment places of small files straight into the arrays.
+        self.frag_index_ptr = ffi.from_buffer("uint32_t[]", self.frag_index, require_writable=True)
+        self.frag_offset_ptr = ffi.from_buffer("uint32_t[]", self.frag_offset, require_writable=True)
+
+    def digest(self, index: int) -> bytes:
+        return bytes(self.digests[32 * index : 32 * index + 32])
+
+    def place(self, index: int, data: FileData) -> None:
+        self.digests[32 * index : 32 * index + 32] = data.digest
+        self.blocks_start[index] = data.blocks_start
+        self.sparse[index] = data.sparse
+        self.frag_index[index] = data.frag_index
+        self.frag_offset[index] = data.frag_offset if data.frag_index != NO_FRAGMENT else 0
+        if data.block_sizes:
+            self.block_sizes[index] = data.block_sizes
+
+    def count_unique(self, data: FileData) -> None:
+        self.bytes_unique += data.size
+        self.bytes_data += data.size - data.sparse
+
+
 class _Claims:
     """Digest -> lowest content index seen so far; decides who compresses."""
 
@@ -117,10 +178,30 @@ class DataStream:
 
     # -- tasks (run on worker threads) -------------------------------------------
 
-    def _tasks(self, files: list[Inode]) -> Iterator[list[_Piece]]:
+    def _all_tail(self, inode: Inode) -> bool:
+        return self.fragments and inode.size < self.block_size
+
+    def _tasks(self, files: list[Inode]) -> Iterator[_SmallBatch | list[_Piece]]:
+        small: list[Inode] = []
+        small_first = small_bytes = 0
         batch: list[_Piece] = []
         batch_bytes = 0
         for index, inode in enumerate(files):
+            if self._all_tail(inode):
+                if batch:
+                    yield batch
+                    batch, batch_bytes = [], 0
+                if not small:
+                    small_first = index
+                small.append(inode)
+                small_bytes += inode.size
+                if small_bytes >= self.chunk or len(small) >= BATCH_FILES:
+                    yield _SmallBatch(small_first, small)
+                    small, small_bytes = [], 0
+                continue
+            if small:
+                yield _SmallBatch(small_first, small)
+                small, small_bytes = [], 0
             if inode.size <= self.chunk or inode.data is None:
                 batch.append(_Piece(index, inode, 0, inode.size, True, True, None))
                 batch_bytes += inode.size
@@ -137,8 +218,22 @@ class DataStream:
                 yield [
                     _Piece(index, inode, offset, length, offset == 0, offset + length == inode.size, reader)
                 ]
+        if small:
+            yield _SmallBatch(small_first, small)
         if batch:
             yield batch
+
+    def _run_task(self, task: _SmallBatch | list[_Piece]) -> _SmallDone | list[_Done]:
+        if isinstance(task, _SmallBatch):
+            return self._run_small(task)
+        return self._run(task)
+
+    def _run_small(self, batch: _SmallBatch) -> _SmallDone:
+        """Read and hash a batch of small files: one C call, no object per file."""
+        with_data = [inode.data for inode in batch.inodes if inode.data is not None and inode.size]
+        data, digests = read_batch_packed(with_data)
+        sizes = array("Q", [inode.size if inode.data is not None else 0 for inode in batch.inodes])
+        return _SmallDone(batch, sizes, data, digests, len(data))
 
     def _run(self, task: list[_Piece]) -> list[_Done]:
         if len(task) == 1 and task[0].reader is not None:
@@ -252,56 +347,73 @@ class DataStream:
 
     # -- committer (the calling thread) -------------------------------------------
 
-    def write(self, files: list[Inode], image: ImageFile, progress: Progress) -> list[FileData]:
-        """Stream every content of `files` (plan order) into `image`; return their placements."""
+    def write(self, files: list[Inode], image: ImageFile, progress: Progress) -> Placement:
+        """Stream every content of `files` (plan order) into `image`; return where each went."""
+        placement = Placement(len(files))
         packer = _FragmentPacker(self, image)
-        placed: list[FileData] = []
         by_digest: dict[bytes, FileData] = {}
         hasher: blake3.blake3 | None = None
         current = FileData(b"", 0)
         try:
-            for results in ordered_map(self._run, self._tasks(files), self.jobs):
+            for results in ordered_map(self._run_task, self._tasks(files), self.jobs):
+                if isinstance(results, _SmallDone):
+                    progress(results.length)
+                    self._place_small_batch(results, packer, placement)
+                    continue
                 progress(sum(done.piece.length for done in results))
                 for done in results:
                     piece = done.piece
                     if done.duplicate:
                         assert done.digest is not None
-                        placed.append(by_digest[done.digest])
+                        placement.place(piece.content, by_digest[done.digest])
                         continue
                     if not done.blocks and piece.first and piece.last:
-                        placed.append(self._place_small(done, packer, by_digest))
+                        placement.place(piece.content, self._place_empty(done, placement, by_digest))
                         continue
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
-                        hasher = (
-                            blake3.blake3() if done.raw is not None else None
-                        )
+                        hasher = blake3.blake3() if done.raw is not None else None
                     if hasher is not None and done.raw is not None:
                         hasher.update(done.raw)
                     self._write_blocks(current, done, image)
                     if piece.last:
                         assert done.digest is not None or hasher is not None
                         current.digest = done.digest if done.digest is not None else hasher.digest()  # type: ignore[union-attr]
-                        placed.append(self._finish_content(current, done, image, packer, by_digest))
+                        data = self._finish_content(current, done, image, packer, by_digest)
+                        if data is current:
+                            placement.count_unique(data)
+                        placement.place(piece.content, data)
             packer.flush_all()
         finally:
             packer.close()
         self.fragment_table = packer.table
-        return placed
+        return placement
 
-    def _place_small(
-        self, done: _Done, packer: _FragmentPacker, by_digest: dict[bytes, FileData]
-    ) -> FileData:
-        """The fast path for a content that is all tail (no full block): most files."""
-        assert done.digest is not None
+    def _place_small_batch(self, done: _SmallDone, packer: _FragmentPacker, placement: Placement) -> None:
+        first, count = done.batch.first, len(done.batch.inodes)
+        unique = packer.add_small(done, placement)
+        placement.bytes_unique += unique
+        placement.bytes_data += unique
+        if len(done.digests) == 32 * count:  # no empty file in the batch: one copy
+            placement.digests[32 * first : 32 * (first + count)] = done.digests
+            return
+        at = 0
+        for index, size in enumerate(done.sizes, first):
+            if size:
+                placement.digests[32 * index : 32 * index + 32] = done.digests[at : at + 32]
+                at += 32
+            else:
+                placement.digests[32 * index : 32 * index + 32] = _EMPTY_DIGEST
+
+    def _place_empty(self, done: _Done, placement: Placement, by_digest: dict[bytes, FileData]) -> FileData:
+        """A content without data blocks outside a small batch: an empty file when
+        fragments are off (with fragments, small files go through _place_small_batch)."""
+        assert done.digest is not None and not done.tail
         earlier = by_digest.get(done.digest) if self.dedup else None
         if earlier is not None:
             return earlier
         data = FileData(done.digest, done.piece.length)
-        if done.tail:
-            # The whole file is its tail: by_digest dedups it against other small
-            # files, `seen` (looked up, not grown) against the tails of big ones.
-            data.frag_index, data.frag_offset = packer.add(done.tail, done.tail_key, remember=False)
+        placement.count_unique(data)
         by_digest[done.digest] = data
         return data
 
@@ -339,12 +451,12 @@ class DataStream:
             self.bytes_stored += len(block)
             current.block_sizes.append(len(block) | (UNCOMPRESSED if len(block) == raw_size else 0))
 
-
 _FragmentBatch = tuple[list[tuple[int, bytes]], "Future[list[bytes]]"]  # blocks, their compression
 
 
 class _FragmentPacker:
-    """Packs tails into fragment blocks; identical tails are stored once.
+    """Packs tails into fragment blocks (the C packer, csrc/sqfs/frag.c); identical
+    tails are stored once.
 
     Full fragment blocks are compressed in batches on `jobs` helper threads while the
     committer goes on.  Batches are written oldest first at fixed points (when more
@@ -355,33 +467,55 @@ class _FragmentPacker:
     def __init__(self, stream: DataStream, image: ImageFile) -> None:
         self.stream = stream
         self.image = image
-        self.block = bytearray()
+        packer = lib.pyimg_sqfs_packer_new(stream.block_size)
+        if packer == ffi.NULL:
+            raise MemoryError("squashfs fragment packer")
+        self.packer = ffi.gc(packer, lib.pyimg_sqfs_packer_free)
         self.batch: list[tuple[int, bytes]] = []  # (fragment index, raw block)
         self.in_flight: collections.deque[_FragmentBatch] = collections.deque()
         self.max_in_flight = FRAGMENT_IN_FLIGHT * stream.jobs
         self.pool = ThreadPoolExecutor(max_workers=stream.jobs, thread_name_prefix="pyimg-frag")
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
-        self.seen: dict[bytes, tuple[int, int]] = {}
+        self._where = ffi.new("uint32_t[2]")
+        self._unique = ffi.new("uint64_t *")
 
-    def add(self, tail: bytes | memoryview, key: bytes | None, remember: bool = True) -> tuple[int, int]:
-        if key is not None and key in self.seen:
-            return self.seen[key]
-        if len(self.block) + len(tail) > self.stream.block_size:
-            self._close_block()
-        where = (len(self.table), len(self.block))
-        self.block += tail
-        if key is not None and remember:
-            self.seen[key] = where
-        return where
+    def add(self, tail: bytes | memoryview, key: bytes | None) -> tuple[int, int]:
+        """Place the tail of a larger file; with a key, an identical earlier tail is reused."""
+        rc = lib.pyimg_sqfs_packer_add_tail(
+            self.packer, ffi.from_buffer(tail), len(tail), key if key is not None else ffi.NULL,
+            self._where, self._where + 1,
+        )  # fmt: skip
+        check(rc)
+        self._take_closed()
+        return int(self._where[0]), int(self._where[1])
 
-    def _close_block(self) -> None:
-        if not self.block:
+    def add_small(self, done: _SmallDone, placement: Placement) -> int:
+        """Place a batch of small files (their places go straight into `placement`);
+        returns the bytes of those that are not duplicates."""
+        first = done.batch.first
+        self._unique[0] = 0
+        rc = lib.pyimg_sqfs_packer_add_small(
+            self.packer, len(done.sizes), ffi.from_buffer("uint64_t[]", done.sizes),
+            ffi.from_buffer(done.data), ffi.from_buffer(done.digests), int(self.stream.dedup),
+            placement.frag_index_ptr + first, placement.frag_offset_ptr + first, self._unique,
+        )  # fmt: skip
+        check(rc)
+        self._take_closed()
+        return int(self._unique[0])
+
+    def _take_closed(self) -> None:
+        """Hand the blocks the packer closed to compression, oldest first."""
+        count = lib.pyimg_sqfs_packer_pending(self.packer)
+        if not count:
             return
-        self.batch.append((len(self.table), bytes(self.block)))
-        self.table.append((0, 0))
-        self.block = bytearray()
-        if len(self.batch) >= FRAGMENT_BATCH:
-            self._hand_over()
+        for i in range(count):
+            size = lib.pyimg_sqfs_packer_pending_size(self.packer, i)
+            raw = bytes(ffi.buffer(lib.pyimg_sqfs_packer_pending_data(self.packer, i), size))
+            self.batch.append((len(self.table), raw))
+            self.table.append((0, 0))
+            if len(self.batch) >= FRAGMENT_BATCH:
+                self._hand_over()
+        lib.pyimg_sqfs_packer_clear_pending(self.packer)
 
     def _hand_over(self) -> None:
         """Start compressing the current batch; write the oldest ones past the limit."""
@@ -405,7 +539,8 @@ class _FragmentPacker:
             self.stream.bytes_stored += len(data)
 
     def flush_all(self) -> None:
-        self._close_block()
+        check(lib.pyimg_sqfs_packer_close_block(self.packer))
+        self._take_closed()
         self._hand_over()
         while self.in_flight:
             self._write_oldest()
@@ -414,4 +549,4 @@ class _FragmentPacker:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["NO_FRAGMENT", "UNCOMPRESSED", "DataStream", "FileData"]
+__all__ = ["NO_FRAGMENT", "UNCOMPRESSED", "DataStream", "FileData", "Placement"]
