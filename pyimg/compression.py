@@ -65,7 +65,7 @@ class BlockCompressor:
             return zlib.compress(block, self.spec.level)  # zlib stream, as squashfs "gzip" means
         return lzma.compress(block, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=self._xz_filters)
 
-    def compress_many(self, blocks: Sequence[bytes], threads: int) -> list[bytes]:
+    def compress_many(self, blocks: Sequence[bytes | memoryview], threads: int) -> list[bytes]:
         """Compress several blocks at once (zstd: one call, off the GIL, on `threads` C threads)."""
         if self.spec.name == "zstd" and len(blocks) > 1:
             batch = self._zstd.multi_compress_to_buffer(list(blocks), threads=threads)

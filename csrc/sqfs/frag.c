@@ -40,9 +40,15 @@ struct pyimg_sqfs_packer {
     uint32_t closed; /* fragment blocks closed so far: the index of the open one */
     table small;     /* whole digests of small files */
     table tails;     /* digests of the tails of larger files */
-    pyimg_buf pending;      /* closed blocks Python has not taken yet, back to back */
-    pyimg_buf pending_ends; /* uint64 end offset of each, native order (never on disk) */
+    /* Closed blocks Python has not taken yet.  Each is its own allocation, handed
+     * over as it is (no copy): Python compresses it and frees it. */
+    pyimg_buf pending; /* pending_block items, native order (never on disk) */
 };
+
+typedef struct {
+    uint8_t *data;
+    size_t size;
+} pending_block;
 
 static uint64_t key_hash(const uint8_t *key) {
     uint64_t h;
@@ -109,18 +115,22 @@ void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p) {
     free(p->block);
     free(p->small.slots);
     free(p->tails.slots);
+    pyimg_sqfs_packer_clear_pending(p);
     pyimg_buf_free(&p->pending);
-    pyimg_buf_free(&p->pending_ends);
     free(p);
 }
 
 int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p) {
     if (!p->fill) return 0;
-    int rc = pyimg_buf_append(&p->pending, p->block, p->fill);
-    if (rc) return rc;
-    uint64_t end = p->pending.len;
-    rc = pyimg_buf_append(&p->pending_ends, &end, sizeof end);
-    if (rc) return rc;
+    uint8_t *next = malloc(p->block_size);
+    if (!next) return -PYIMG_ENOMEM;
+    pending_block closed = {p->block, p->fill};
+    int rc = pyimg_buf_append(&p->pending, &closed, sizeof closed);
+    if (rc) {
+        free(next);
+        return rc;
+    }
+    p->block = next;
     p->fill = 0;
     p->closed++;
     return 0;
@@ -188,23 +198,23 @@ int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t n, const uint64_t *
     return 0;
 }
 
-size_t pyimg_sqfs_packer_pending(const pyimg_sqfs_packer *p) { return p->pending_ends.len / sizeof(uint64_t); }
+size_t pyimg_sqfs_packer_pending(const pyimg_sqfs_packer *p) { return p->pending.len / sizeof(pending_block); }
 
-static uint64_t pending_end(const pyimg_sqfs_packer *p, size_t i) {
-    uint64_t end;
-    memcpy(&end, p->pending_ends.data + i * sizeof end, sizeof end);
-    return end;
+static pending_block *pending_at(const pyimg_sqfs_packer *p, size_t i) {
+    return (pending_block *)(void *)(p->pending.data + i * sizeof(pending_block));
 }
 
-const uint8_t *pyimg_sqfs_packer_pending_data(const pyimg_sqfs_packer *p, size_t i) {
-    return p->pending.data + (i ? pending_end(p, i - 1) : 0);
-}
-
-size_t pyimg_sqfs_packer_pending_size(const pyimg_sqfs_packer *p, size_t i) {
-    return (size_t)(pending_end(p, i) - (i ? pending_end(p, i - 1) : 0));
+uint8_t *pyimg_sqfs_packer_take(pyimg_sqfs_packer *p, size_t i, size_t *size) {
+    pending_block *b = pending_at(p, i);
+    uint8_t *data = b->data;
+    *size = b->size;
+    b->data = NULL;
+    return data;
 }
 
 void pyimg_sqfs_packer_clear_pending(pyimg_sqfs_packer *p) {
+    for (size_t i = 0; i < pyimg_sqfs_packer_pending(p); i++) free(pending_at(p, i)->data);
     p->pending.len = 0;
-    p->pending_ends.len = 0;
 }
+
+void pyimg_free(void *ptr) { free(ptr); }

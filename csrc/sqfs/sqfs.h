@@ -90,7 +90,7 @@ int pyimg_sqfs_xattr_id(pyimg_sqfs_meta *ids, uint64_t kv_ref, uint32_t count, u
 
 /* The fragment packer (frag.c): packs tails into fragment blocks in plan order,
  * storing identical ones once.  Closed blocks wait in the packer until Python
- * takes them (pending_data/size, then clear_pending) and compresses them. */
+ * takes them (take, then clear_pending) and compresses them. */
 typedef struct pyimg_sqfs_packer pyimg_sqfs_packer;
 
 pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size);
@@ -109,9 +109,11 @@ int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t n, const uint64_t *
 /* Closes the open block (if it holds anything): it becomes pending. */
 int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p);
 size_t pyimg_sqfs_packer_pending(const pyimg_sqfs_packer *p);
-const uint8_t *pyimg_sqfs_packer_pending_data(const pyimg_sqfs_packer *p, size_t i); /* borrowed */
-size_t pyimg_sqfs_packer_pending_size(const pyimg_sqfs_packer *p, size_t i);
+/* Pending block i, handed over: the caller frees it with pyimg_free. */
+uint8_t *pyimg_sqfs_packer_take(pyimg_sqfs_packer *p, size_t i, size_t *size);
+/* Forgets the pending blocks (frees those not taken). */
 void pyimg_sqfs_packer_clear_pending(pyimg_sqfs_packer *p);
+void pyimg_free(void *ptr);
 
 typedef struct {
     uint32_t inode_count;

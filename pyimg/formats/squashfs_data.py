@@ -451,7 +451,7 @@ class DataStream:
             self.bytes_stored += len(block)
             current.block_sizes.append(len(block) | (UNCOMPRESSED if len(block) == raw_size else 0))
 
-_FragmentBatch = tuple[list[tuple[int, bytes]], "Future[list[bytes]]"]  # blocks, their compression
+_FragmentBatch = tuple[list[tuple[int, memoryview]], "Future[list[bytes]]"]  # blocks, their compression
 
 
 class _FragmentPacker:
@@ -471,7 +471,7 @@ class _FragmentPacker:
         if packer == ffi.NULL:
             raise MemoryError("squashfs fragment packer")
         self.packer = ffi.gc(packer, lib.pyimg_sqfs_packer_free)
-        self.batch: list[tuple[int, bytes]] = []  # (fragment index, raw block)
+        self.batch: list[tuple[int, memoryview]] = []  # (fragment index, raw block)
         self.in_flight: collections.deque[_FragmentBatch] = collections.deque()
         self.max_in_flight = FRAGMENT_IN_FLIGHT * stream.jobs
         self.pool = ThreadPoolExecutor(max_workers=stream.jobs, thread_name_prefix="pyimg-frag")
@@ -508,10 +508,11 @@ class _FragmentPacker:
         count = lib.pyimg_sqfs_packer_pending(self.packer)
         if not count:
             return
+        size = ffi.new("size_t *")
         for i in range(count):
-            size = lib.pyimg_sqfs_packer_pending_size(self.packer, i)
-            raw = bytes(ffi.buffer(lib.pyimg_sqfs_packer_pending_data(self.packer, i), size))
-            self.batch.append((len(self.table), raw))
+            # Handed over without a copy; the memoryview keeps it alive until written.
+            block = ffi.gc(lib.pyimg_sqfs_packer_take(self.packer, i, size), lib.pyimg_free)
+            self.batch.append((len(self.table), memoryview(ffi.buffer(block, size[0]))))
             self.table.append((0, 0))
             if len(self.batch) >= FRAGMENT_BATCH:
                 self._hand_over()
