@@ -81,6 +81,48 @@ int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t p
                            const uint8_t *names, const uint32_t *name_ends, const uint64_t *refs,
                            const uint32_t *inos, const uint16_t *types);
 
+/* A whole tree as columns (tree.c).  Nodes (directory entries) come in tree
+ * order: depth first, children by name, node 0 the root; node_ino[i] is the
+ * entry's inode number (1-based; hard links share one), node_parent[i] its
+ * parent node, and names[name_ends[i-1] .. name_ends[i]) its name.  Inode
+ * columns are indexed by ino - 1.  type: the basic squashfs type 1..7.  Files:
+ * file_of[ino-1] indexes the file columns (-1 for other types); file f's block
+ * sizes are block_sizes[block_ends[f-1] .. block_ends[f]).  Symlinks: targets
+ * [target_ends[ino-2] .. target_ends[ino-1]) (empty for other types).  Devices:
+ * rdev in squashfs's encoding.  All arrays are borrowed. */
+typedef struct {
+    size_t node_count;
+    const uint32_t *node_ino;
+    const uint32_t *node_parent;
+    const uint8_t *names;
+    const uint64_t *name_ends;
+    size_t inode_count;
+    const uint16_t *type;
+    const uint16_t *mode;
+    const uint16_t *uid_idx;
+    const uint16_t *gid_idx;
+    const uint32_t *mtime;
+    const uint32_t *nlink;
+    const uint32_t *xattr;
+    const uint64_t *size;
+    const uint32_t *rdev;
+    const uint8_t *targets;
+    const uint64_t *target_ends;
+    const int64_t *file_of;
+    size_t file_count;
+    const uint64_t *blocks_start;
+    const uint64_t *sparse;
+    const uint32_t *frag_index;
+    const uint32_t *frag_offset;
+    const uint64_t *block_ends;
+    const uint32_t *block_sizes;
+} pyimg_sqfs_tree;
+
+/* Encodes every inode and directory listing of the tree into w's tables;
+ * refs_out[ino-1] receives each inode's reference.  On failure, *failed_node
+ * is the node being encoded. */
+int pyimg_sqfs_encode_tree(pyimg_sqfs *w, const pyimg_sqfs_tree *t, uint64_t *refs_out, size_t *failed_node);
+
 /* Appends one xattr key/value pair (prefix 0 user, 1 trusted, 2 security; name
  * without its prefix) to a key/value metadata stream. */
 int pyimg_sqfs_xattr_pair(pyimg_sqfs_meta *kv, uint16_t prefix, const uint8_t *name, size_t name_len,

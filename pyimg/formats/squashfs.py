@@ -8,9 +8,11 @@ The C core encodes the metadata (csrc/sqfs/); this module decides what goes wher
 
 from __future__ import annotations
 
+import itertools
 import struct
 import sys
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +48,8 @@ BASIC_TYPE = {
     Kind.FIFO: 6,
     Kind.SOCKET: 7,
 }
+_TYPE_OF_KIND = [0] + [BASIC_TYPE[Kind(k)] for k in range(1, 8)]  # BASIC_TYPE as a list, indexed by Kind
+_DEVICES = (Kind.CHAR, Kind.BLOCK)
 XATTR_PREFIXES = ((b"user.", 0), (b"trusted.", 1), (b"security.", 2))
 
 
@@ -83,9 +87,8 @@ class SquashfsWriter:
         image = ImageFile(fd, start=SUPERBLOCK_SIZE)
         stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
         placement = stream.write(files, image, progress)
-        file_index = {ino: index for index, ino in enumerate(file_inos)}
 
-        tables = _Tables(self.spec, tree, ids, placement, file_index)
+        tables = _Tables(self.spec, tree, ids, placement, file_inos)
         super_fields = tables.write(image, stream.fragment_table)
         bytes_used = image.pos
         image.write(bytes(-bytes_used % PAD_TO))
@@ -179,11 +182,11 @@ class _Tables:
         tree: FrozenTree,
         ids: list[int],
         placement: Placement,
-        file_index: dict[int, int],
+        file_inos: list[int],
     ):
         self.tree = tree
         self.placement = placement
-        self.file_index = file_index
+        self.file_inos = file_inos  # the ino of each file, in placement order
         self.id_index = {value: index for index, value in enumerate(ids)}
         self.ids = ids
         self._compressor = BlockCompressor(spec)
@@ -211,81 +214,65 @@ class _Tables:
         key = tuple(sorted(inode.xattrs.items()))
         return self.xattr_sets.setdefault(key, len(self.xattr_sets))
 
-    def _encode_inodes(self) -> dict[int, int]:
-        """All inodes, children before their directory; returns ino -> inode ref."""
-        tree = self.tree
-        refs: dict[int, int] = {}
-        common = ffi.new("pyimg_sqfs_common *")
-        root_parent = len(tree.inodes) + 1
-        for index in tree.postorder():
-            node = tree.nodes[index]
-            if node.ino in refs:
-                continue  # another path of a hard-link group
-            inode = node.inode
-            common.mode = inode.mode & 0o7777
-            common.uid_idx = self.id_index[inode.uid]
-            common.gid_idx = self.id_index[inode.gid]
-            common.mtime = inode.mtime
-            common.ino = node.ino
-            common.nlink = tree.nlink[node.ino]
-            common.xattr = self._xattr_index(inode)
-            path = node.image_path
-            if inode.kind is Kind.FILE:
-                refs[node.ino] = self._add_file(common, node.ino, inode, path)
-            elif inode.kind is Kind.DIR:
-                parent = root_parent if index == 0 else tree.nodes[node.parent].ino
-                refs[node.ino] = self._add_dir(common, node.children, refs, parent, path)
-            else:
-                rdev = _encode_rdev(*inode.rdev) if inode.kind in (Kind.CHAR, Kind.BLOCK) else 0
-                target = inode.target
-                ref = lib.pyimg_sqfs_add_special(
-                    self.writer, common, BASIC_TYPE[inode.kind], rdev, target, len(target)
-                )
-                refs[node.ino] = check(ref, self._err, path)
+    def _encode_inodes(self) -> array[int]:
+        """All inodes and directory listings, encoded by the C core in one call from
+        the tree's columns; returns each inode's reference, indexed by ino - 1."""
+        tree, placed = self.tree, self.placement
+        nodes, inodes = tree.nodes, tree.inodes
+        keep: list[object] = []  # the columns must outlive the call
+
+        def column(typecode: str, ctype: str, values: Iterable[int]) -> Any:
+            values = array(typecode, values)
+            keep.append(values)
+            return ffi.from_buffer(f"{ctype}[]", values)
+
+        def blob(parts: list[bytes]) -> tuple[Any, Any]:
+            joined = b"".join(parts)
+            keep.append(joined)
+            return ffi.from_buffer(joined), column("Q", "uint64_t", itertools.accumulate(map(len, parts)))
+
+        t = ffi.new("pyimg_sqfs_tree *")
+        t.node_count = len(nodes)
+        t.node_ino = column("I", "uint32_t", [node.ino for node in nodes])
+        t.node_parent = column("I", "uint32_t", [node.parent for node in nodes])
+        t.names, t.name_ends = blob([node.name for node in nodes])
+        id_index = self.id_index
+        t.inode_count = len(inodes)
+        t.type = column("H", "uint16_t", [_TYPE_OF_KIND[inode.kind] for inode in inodes])
+        t.mode = column("H", "uint16_t", [inode.mode & 0o7777 for inode in inodes])
+        t.uid_idx = column("H", "uint16_t", [id_index[inode.uid] for inode in inodes])
+        t.gid_idx = column("H", "uint16_t", [id_index[inode.gid] for inode in inodes])
+        t.mtime = column("I", "uint32_t", [inode.mtime_ns // 1_000_000_000 for inode in inodes])
+        t.nlink = column("I", "uint32_t", [tree.nlink[ino] for ino in range(1, len(inodes) + 1)])
+        xattr_index = self._xattr_index
+        t.xattr = column("I", "uint32_t", [xattr_index(i) if i.xattrs else NO_XATTR for i in inodes])
+        t.size = column("Q", "uint64_t", [inode.size for inode in inodes])
+        t.rdev = column("I", "uint32_t", [_encode_rdev(*i.rdev) if i.kind in _DEVICES else 0 for i in inodes])
+        t.targets, t.target_ends = blob([inode.target for inode in inodes])
+        file_of = array("q", [-1]) * len(inodes)
+        for index, ino in enumerate(self.file_inos):
+            file_of[ino - 1] = index
+        t.file_of = column("q", "int64_t", file_of)
+        t.file_count = len(self.file_inos)
+        t.blocks_start = column("Q", "uint64_t", placed.blocks_start)
+        t.sparse = column("Q", "uint64_t", placed.sparse)
+        t.frag_index = column("I", "uint32_t", placed.frag_index)
+        t.frag_offset = column("I", "uint32_t", placed.frag_offset)
+        counts = array("Q", bytes(8 * len(self.file_inos)))
+        sizes = array("I")
+        for index in sorted(placed.block_sizes):
+            counts[index] = len(placed.block_sizes[index])
+            sizes.extend(placed.block_sizes[index])
+        t.block_ends = column("Q", "uint64_t", itertools.accumulate(counts))
+        t.block_sizes = column("I", "uint32_t", sizes)
+
+        refs = array("Q", bytes(8 * len(inodes)))
+        failed = ffi.new("size_t *")
+        rc = lib.pyimg_sqfs_encode_tree(
+            self.writer, t, ffi.from_buffer("uint64_t[]", refs, require_writable=True), failed
+        )
+        check(rc, self._err, nodes[failed[0]].image_path)
         return refs
-
-    def _add_file(self, common: Any, ino: int, inode: Inode, path: bytes) -> int:
-        placed = self.placement
-        index = self.file_index[ino]
-        sizes = array("I", placed.block_sizes.get(index, ()))
-        ref = lib.pyimg_sqfs_add_file(
-            self.writer,
-            common,
-            inode.size,
-            placed.blocks_start[index],
-            placed.sparse[index],
-            placed.frag_index[index],
-            placed.frag_offset[index],
-            ffi.from_buffer("uint32_t[]", sizes),
-            len(sizes),
-        )
-        return check(ref, self._err, path)
-
-    def _add_dir(
-        self, common: Any, children: list[int], refs: dict[int, int], parent: int, path: bytes
-    ) -> int:
-        nodes = [self.tree.nodes[c] for c in children]
-        names = b"".join(n.name for n in nodes)
-        ends = array("I")
-        end = 0
-        for n in nodes:
-            end += len(n.name)
-            ends.append(end)
-        child_refs = array("Q", [refs[n.ino] for n in nodes])
-        inos = array("I", [n.ino for n in nodes])
-        types = array("H", [BASIC_TYPE[n.inode.kind] for n in nodes])
-        ref = lib.pyimg_sqfs_add_dir(
-            self.writer,
-            common,
-            parent,
-            len(nodes),
-            names,
-            ffi.from_buffer("uint32_t[]", ends),
-            ffi.from_buffer("uint64_t[]", child_refs),
-            ffi.from_buffer("uint32_t[]", inos),
-            ffi.from_buffer("uint16_t[]", types),
-        )
-        return check(ref, self._err, path)
 
     # -- tables -------------------------------------------------------------------------
 
@@ -333,7 +320,7 @@ class _Tables:
         refs = self._encode_inodes()
         inode_table = self._finished(lib.pyimg_sqfs_inodes(self.writer))
         dir_table = self._finished(lib.pyimg_sqfs_directories(self.writer))
-        fields: dict[str, int] = {"root_ref": refs[self.tree.root.ino]}
+        fields: dict[str, int] = {"root_ref": refs[self.tree.root.ino - 1]}
 
         fields["inode_table"] = image.pos
         image.write(inode_table.blocks)
@@ -345,8 +332,7 @@ class _Tables:
             entries = b"".join(struct.pack("<QII", start, size, 0) for start, size in fragments)
             fields["fragment_table"] = self._write_lookup(image, self._lookup_table(entries))
 
-        exports = array("Q", [refs[ino] for ino in range(1, len(self.tree.inodes) + 1)])
-        fields["export_table"] = self._write_lookup(image, self._lookup_table(_le(exports)))
+        fields["export_table"] = self._write_lookup(image, self._lookup_table(_le(refs)))
         fields["id_table"] = self._write_lookup(image, self._lookup_table(_le(array("I", self.ids))))
 
         fields["xattr_table"] = NO_TABLE
