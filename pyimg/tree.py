@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import SourceError
@@ -177,7 +178,7 @@ class Node:
     inode: Inode
     ino: int  # 1-based inode number; hard links share it
     parent: int  # index of the parent node in FrozenTree.nodes (root: its own index 0)
-    children: list[int] = field(default_factory=list)  # indexes, sorted by name bytes
+    children: Sequence[int] = ()  # indexes, sorted by name bytes (directories only)
 
     @property
     def image_path(self) -> bytes:
@@ -194,34 +195,44 @@ class FrozenTree:
     """
 
     def __init__(self, entries: dict[bytes, Inode]) -> None:
-        paths = sorted(entries, key=_sort_key)
-        self.nodes: list[Node] = []
+        # One pass, no per-entry helper calls: this runs once per entry of trees
+        # with hundreds of thousands of them.
+        nodes: list[Node] = []
         index_of: dict[bytes, int] = {}
         ino_of: dict[int, int] = {}  # id(inode) -> ino
-        self.nlink: dict[int, int] = {}  # ino -> link count as the formats store it
-        self.inodes: list[Inode] = []  # inodes[ino - 1]
-        for path in paths:
+        inodes: list[Inode] = []
+        nlink = [0]  # nlink[ino]: the link count as the formats store it
+        children: dict[int, list[int]] = {}  # node index -> its children, directories only
+        directory = Kind.DIR
+        for path in sorted(entries, key=_sort_key):
             inode = entries[path]
             ino = ino_of.get(id(inode))
             if ino is None:
-                ino = len(self.inodes) + 1
-                ino_of[id(inode)] = ino
-                self.inodes.append(inode)
-                self.nlink[ino] = 0
-            slash = path.rfind(b"/")
-            parent = index_of[path[:slash] if slash >= 0 else b""] if path else 0
-            name = path[slash + 1 :] if path else b""
-            index = len(self.nodes)
-            self.nodes.append(Node(path, name, inode, ino, parent))
-            index_of[path] = index
+                inodes.append(inode)
+                ino = ino_of[id(inode)] = len(inodes)
+                # A directory counts its own "." (and, below, each subdirectory's "..").
+                nlink.append(1 if inode.kind is directory else 0)
+            nlink[ino] += 1
+            index = len(nodes)
             if path:
-                self.nodes[parent].children.append(index)
-            self.nlink[ino] += 1
-        # Directories count their own "." and each subdirectory's "..".
-        for node in self.nodes:
-            if node.inode.kind is Kind.DIR:
-                subdirs = sum(1 for c in node.children if self.nodes[c].inode.kind is Kind.DIR)
-                self.nlink[node.ino] = 2 + subdirs
+                slash = path.rfind(b"/")
+                parent = index_of[path[:slash] if slash >= 0 else b""]
+                children[parent].append(index)
+                name = path[slash + 1 :]
+                if inode.kind is directory:
+                    nlink[nodes[parent].ino] += 1
+            else:
+                parent, name = 0, b""
+            if inode.kind is directory:
+                kids: list[int] = []
+                children[index] = kids
+                nodes.append(Node(path, name, inode, ino, parent, kids))
+            else:
+                nodes.append(Node(path, name, inode, ino, parent))
+            index_of[path] = index
+        self.nodes = nodes
+        self.inodes = inodes  # inodes[ino - 1]
+        self.nlink = nlink
         self.index_of = index_of
 
     @property
