@@ -25,6 +25,10 @@ uint32_t pyimg_crc32c(uint32_t crc, const uint8_t *data, size_t len);
 int pyimg_tune_malloc(void);
 /* BLAKE3 of len bytes (hash mode, 32-byte digest). */
 void pyimg_blake3(const uint8_t *data, size_t len, uint8_t digest[32]);
+/* BLAKE3 of n inputs at once, back to back in data (lens[i] bytes each), into
+ * digests (32 bytes each): same digests as pyimg_blake3, faster on many small
+ * inputs (SIMD lanes across inputs). */
+void pyimg_blake3_many(size_t n, const uint8_t *data, const uint64_t *lens, uint8_t *digests);
 
 /* Per-file outcome of pyimg_read_batch. */
 enum {
@@ -47,6 +51,15 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
 /* CDEF END */
 
 #define PYIMG_ERRMSG_MAX 512
+
+/* One input of pyimg_blake3_jobs (borrowed pointers). */
+typedef struct {
+    const uint8_t *data;
+    size_t len;
+    uint8_t *digest; /* 32 bytes, written */
+} pyimg_b3_job;
+/* Hashes every job; the batch form of pyimg_blake3 (see blake3.c). */
+void pyimg_blake3_jobs(pyimg_b3_job *jobs, size_t n);
 
 /* A growable byte buffer; owns its memory. */
 typedef struct {

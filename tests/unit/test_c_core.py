@@ -45,6 +45,23 @@ def test_blake3_in_c_matches_the_blake3_package(size: int) -> None:
     assert bytes(out) == blake3.blake3(data).digest()
 
 
+def test_blake3_many_matches_the_blake3_package() -> None:
+    # Inputs pooled into SIMD lanes across inputs: every size class around chunk
+    # (1 KiB) and lane-group (8 chunks) boundaries, in one batch and in odd order.
+    rng = random.Random(7)
+    sizes = [*SIZES, 8 * 1024 - 1, 8 * 1024 + 1, 17 * 1024, 33 * 1024 + 5]
+    sizes += [rng.randrange(20000) for _ in range(300)]
+    rng.shuffle(sizes)
+    data = rng.randbytes(sum(sizes))
+    lens = ffi.new("uint64_t[]", sizes)
+    out = ffi.new("uint8_t[]", 32 * len(sizes))
+    lib.pyimg_blake3_many(len(sizes), data, lens, out)
+    at = 0
+    for i, size in enumerate(sizes):
+        assert bytes(out[32 * i : 32 * i + 32]) == blake3.blake3(data[at : at + size]).digest(), size
+        at += size
+
+
 def test_crc32c_check_value() -> None:
     # The CRC-32C check value of "123456789" (RFC 3720 appendix B.4).
     assert lib.pyimg_crc32c(0xFFFFFFFF, b"123456789", 9) ^ 0xFFFFFFFF == 0xE3069283
