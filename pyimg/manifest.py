@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -81,7 +82,7 @@ def _path(raw: bytes) -> str:
     return "/" + raw.decode("utf-8", "surrogateescape")
 
 
-def entries(tree: FrozenTree, digests: dict[int, bytes]) -> list[dict[str, Any]]:
+def entries(tree: FrozenTree, digests: Mapping[int, bytes]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for node in tree.nodes:
         inode = node.inode

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import enum
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .errors import SourceError
+
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
 
 
 class Kind(enum.IntEnum):
@@ -72,7 +75,9 @@ class Inode:
     size: int = 0  # regular files: content size; symlinks: len(target)
     target: bytes = b""  # symlink target, stored as is, never followed
     rdev: tuple[int, int] = (0, 0)  # (major, minor) of char/block devices
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)  # full names b"user.x"
+    # Full names (b"user.x") -> values, sorted by name.  Replaced, never edited in
+    # place: most inodes share the one empty mapping (a dict each costs 64 bytes).
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
     data: DataRef | None = None  # regular files with size > 0
 
     @property

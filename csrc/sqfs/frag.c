@@ -18,11 +18,13 @@
 
 #define KEY_SIZE 32
 
+/* A slot names its key by number (keys live in a key store, 32 bytes each) so
+ * that a table of 100k small files costs 12 bytes a slot, not 44.  ref is the
+ * key's number + 1; 0 marks an empty slot. */
 typedef struct {
-    uint8_t key[KEY_SIZE];
+    uint32_t ref;
     uint32_t frag_index;
     uint32_t frag_offset;
-    uint8_t used;
 } slot;
 
 /* Open addressing, linear probing, keyed by a BLAKE3 digest (already uniform:
@@ -38,8 +40,9 @@ struct pyimg_sqfs_packer {
     uint8_t *block; /* the fragment block being filled */
     size_t fill;
     uint32_t closed; /* fragment blocks closed so far: the index of the open one */
-    table small;     /* whole digests of small files */
-    table tails;     /* digests of the tails of larger files */
+    table small;     /* whole digests of small files; keys: the caller's digest array */
+    table tails;     /* digests of the tails of larger files; keys: tail_keys */
+    pyimg_buf tail_keys;
     /* Closed blocks Python has not taken yet.  Each is its own allocation, handed
      * over as it is (no copy): Python compresses it and frees it. */
     pyimg_buf pending; /* pending_block items, native order (never on disk) */
@@ -56,23 +59,24 @@ static uint64_t key_hash(const uint8_t *key) {
     return h;
 }
 
-static slot *table_find(const table *t, const uint8_t *key) {
+static const slot *table_find(const table *t, const uint8_t *keys, const uint8_t *key) {
     if (!t->cap) return NULL;
     for (size_t i = (size_t)key_hash(key) & (t->cap - 1);; i = (i + 1) & (t->cap - 1)) {
-        slot *s = &t->slots[i];
-        if (!s->used) return NULL;
-        if (!memcmp(s->key, key, KEY_SIZE)) return s;
+        const slot *s = &t->slots[i];
+        if (!s->ref) return NULL;
+        if (!memcmp(keys + (size_t)(s->ref - 1) * KEY_SIZE, key, KEY_SIZE)) return s;
     }
 }
 
-static int table_grow(table *t) {
+static int table_grow(table *t, const uint8_t *keys) {
     size_t cap = t->cap ? t->cap * 2 : 1024;
+    if (cap > UINT32_MAX) return -PYIMG_ELIMIT;
     slot *slots = calloc(cap, sizeof *slots);
     if (!slots) return -PYIMG_ENOMEM;
     for (size_t j = 0; j < t->cap; j++) {
-        if (!t->slots[j].used) continue;
-        size_t i = (size_t)key_hash(t->slots[j].key) & (cap - 1);
-        while (slots[i].used) i = (i + 1) & (cap - 1);
+        if (!t->slots[j].ref) continue;
+        size_t i = (size_t)key_hash(keys + (size_t)(t->slots[j].ref - 1) * KEY_SIZE) & (cap - 1);
+        while (slots[i].ref) i = (i + 1) & (cap - 1);
         slots[i] = t->slots[j];
     }
     free(t->slots);
@@ -81,19 +85,17 @@ static int table_grow(table *t) {
     return 0;
 }
 
-/* Inserts a key known to be absent. */
-static int table_put(table *t, const uint8_t *key, uint32_t frag_index, uint32_t frag_offset) {
+/* Inserts key number `key_no` (of `keys`), known to be absent. */
+static int table_put(table *t, const uint8_t *keys, size_t key_no, uint32_t frag_index, uint32_t frag_offset) {
+    if (key_no >= UINT32_MAX) return -PYIMG_ELIMIT;
     if ((t->count + 1) * 4 > t->cap * 3) { /* keep the load under 3/4 */
-        int rc = table_grow(t);
+        int rc = table_grow(t, keys);
         if (rc) return rc;
     }
+    const uint8_t *key = keys + key_no * KEY_SIZE;
     size_t i = (size_t)key_hash(key) & (t->cap - 1);
-    while (t->slots[i].used) i = (i + 1) & (t->cap - 1);
-    slot *s = &t->slots[i];
-    memcpy(s->key, key, KEY_SIZE);
-    s->frag_index = frag_index;
-    s->frag_offset = frag_offset;
-    s->used = 1;
+    while (t->slots[i].ref) i = (i + 1) & (t->cap - 1);
+    t->slots[i] = (slot){(uint32_t)key_no + 1, frag_index, frag_offset};
     t->count++;
     return 0;
 }
@@ -115,6 +117,7 @@ void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p) {
     free(p->block);
     free(p->small.slots);
     free(p->tails.slots);
+    pyimg_buf_free(&p->tail_keys);
     pyimg_sqfs_packer_clear_pending(p);
     pyimg_buf_free(&p->pending);
     free(p);
@@ -154,7 +157,7 @@ static int append_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, ui
 int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
                                uint32_t *frag_index, uint32_t *frag_offset) {
     if (key) {
-        const slot *s = table_find(&p->tails, key);
+        const slot *s = table_find(&p->tails, p->tail_keys.data, key);
         if (s) {
             *frag_index = s->frag_index;
             *frag_offset = s->frag_offset;
@@ -162,24 +165,28 @@ int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t
         }
     }
     int rc = append_tail(p, tail, len, frag_index, frag_offset);
-    if (!rc && key) rc = table_put(&p->tails, key, *frag_index, *frag_offset);
+    if (rc || !key) return rc;
+    size_t key_no = p->tail_keys.len / KEY_SIZE;
+    rc = pyimg_buf_append(&p->tail_keys, key, KEY_SIZE);
+    if (!rc) rc = table_put(&p->tails, p->tail_keys.data, key_no, *frag_index, *frag_offset);
     return rc;
 }
 
-int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t n, const uint64_t *sizes, const uint8_t *data,
-                                const uint8_t *digests, int dedup, uint32_t *frag_index,
+int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t first, size_t n, const uint64_t *sizes,
+                                const uint8_t *data, const uint8_t *digests, int dedup, uint32_t *frag_index,
                                 uint32_t *frag_offset, uint64_t *unique_bytes) {
-    const uint8_t *at = data, *key = digests;
-    for (size_t i = 0; i < n; i++) {
-        size_t len = (size_t)sizes[i];
+    const uint8_t *at = data;
+    for (size_t i = first; i < first + n; i++) {
+        size_t len = (size_t)sizes[i - first];
         if (len == 0) { /* no fragment: the caller shares one empty content */
             frag_index[i] = SQFS_NO_FRAGMENT;
             frag_offset[i] = 0;
             continue;
         }
-        const slot *s = dedup ? table_find(&p->small, key) : NULL;
+        const uint8_t *key = digests + i * KEY_SIZE;
+        const slot *s = dedup ? table_find(&p->small, digests, key) : NULL;
         int duplicate = s != NULL;
-        if (!s && dedup) s = table_find(&p->tails, key); /* stored already as another file's tail */
+        if (!s && dedup) s = table_find(&p->tails, p->tail_keys.data, key); /* stored as another file's tail */
         int rc = 0;
         if (s) {
             frag_index[i] = s->frag_index;
@@ -189,11 +196,10 @@ int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t n, const uint64_t *
         }
         if (!duplicate) {
             *unique_bytes += len;
-            if (!rc && dedup) rc = table_put(&p->small, key, frag_index[i], frag_offset[i]);
+            if (!rc && dedup) rc = table_put(&p->small, digests, i, frag_index[i], frag_offset[i]);
         }
         if (rc) return rc;
         at += len;
-        key += KEY_SIZE;
     }
     return 0;
 }

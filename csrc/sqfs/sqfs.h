@@ -141,12 +141,15 @@ void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p);
  * dedup.  Sets its place: fragment index and offset in that fragment. */
 int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
                                uint32_t *frag_index, uint32_t *frag_offset);
-/* n small files (each smaller than a block): sizes[i]; the bytes and the 32-byte
- * digests of the non-empty ones, back to back in data and digests.  Sets each
- * one's place (empty files: no fragment, 0xFFFFFFFF) and adds to *unique_bytes
- * the sizes of those that are not duplicates of an earlier small file (dedup). */
-int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t n, const uint64_t *sizes, const uint8_t *data,
-                                const uint8_t *digests, int dedup, uint32_t *frag_index,
+/* n small files (each smaller than a block), files first .. first+n-1 of the
+ * build: sizes[i - first]; the non-empty ones' bytes back to back in data.
+ * digests: the 32-byte digests of ALL files of the build, by file number (the
+ * packer keeps referring to them: the same array, unchanged, on every call).
+ * Sets each one's place in frag_index/frag_offset (also by file number; empty
+ * files: no fragment, 0xFFFFFFFF) and adds to *unique_bytes the sizes of those
+ * that are not duplicates of an earlier small file (with dedup). */
+int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t first, size_t n, const uint64_t *sizes,
+                                const uint8_t *data, const uint8_t *digests, int dedup, uint32_t *frag_index,
                                 uint32_t *frag_offset, uint64_t *unique_bytes);
 /* Closes the open block (if it holds anything): it becomes pending. */
 int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p);

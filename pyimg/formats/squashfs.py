@@ -21,7 +21,7 @@ from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError, SpecError
 from ..options import BuildOptions
 from ..tree import FrozenTree, Inode, Kind
-from .base import Progress, WriteResult, image_epoch
+from .base import PackedDigests, Progress, WriteResult, image_epoch
 from .imagefile import ImageFile, pwrite_all
 from .squashfs_data import DataStream, Placement
 
@@ -116,7 +116,7 @@ class SquashfsWriter:
         pwrite_all(fd, ffi.buffer(raw), 0)
 
         return WriteResult(
-            digests={ino: placement.digest(index) for index, ino in enumerate(file_inos)},
+            digests=PackedDigests(file_inos, placement.digests),
             bytes_in=sum(inode.size for inode in files),
             bytes_unique=placement.bytes_unique,
             bytes_stored=placement.bytes_data,

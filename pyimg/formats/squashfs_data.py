@@ -120,6 +120,7 @@ class Placement:
         # The C packer writes fragment places of small files straight into the arrays.
         self.frag_index_ptr = ffi.from_buffer("uint32_t[]", self.frag_index, require_writable=True)
         self.frag_offset_ptr = ffi.from_buffer("uint32_t[]", self.frag_offset, require_writable=True)
+        self.digests_ptr = ffi.from_buffer("uint8_t[]", self.digests)  # the packer's dedup keys
 
     def digest(self, index: int) -> bytes:
         return bytes(self.digests[32 * index : 32 * index + 32])
@@ -391,19 +392,20 @@ class DataStream:
 
     def _place_small_batch(self, done: _SmallDone, packer: _FragmentPacker, placement: Placement) -> None:
         first, count = done.batch.first, len(done.batch.inodes)
+        # Digests first: the packer's dedup table refers to them in placement.digests.
+        if len(done.digests) == 32 * count:  # no empty file in the batch: one copy
+            placement.digests[32 * first : 32 * (first + count)] = done.digests
+        else:
+            at = 0
+            for index, size in enumerate(done.sizes, first):
+                if size:
+                    placement.digests[32 * index : 32 * index + 32] = done.digests[at : at + 32]
+                    at += 32
+                else:
+                    placement.digests[32 * index : 32 * index + 32] = _EMPTY_DIGEST
         unique = packer.add_small(done, placement)
         placement.bytes_unique += unique
         placement.bytes_data += unique
-        if len(done.digests) == 32 * count:  # no empty file in the batch: one copy
-            placement.digests[32 * first : 32 * (first + count)] = done.digests
-            return
-        at = 0
-        for index, size in enumerate(done.sizes, first):
-            if size:
-                placement.digests[32 * index : 32 * index + 32] = done.digests[at : at + 32]
-                at += 32
-            else:
-                placement.digests[32 * index : 32 * index + 32] = _EMPTY_DIGEST
 
     def _place_empty(self, done: _Done, placement: Placement, by_digest: dict[bytes, FileData]) -> FileData:
         """A content without data blocks outside a small batch: an empty file when
@@ -492,12 +494,11 @@ class _FragmentPacker:
     def add_small(self, done: _SmallDone, placement: Placement) -> int:
         """Place a batch of small files (their places go straight into `placement`);
         returns the bytes of those that are not duplicates."""
-        first = done.batch.first
         self._unique[0] = 0
         rc = lib.pyimg_sqfs_packer_add_small(
-            self.packer, len(done.sizes), ffi.from_buffer("uint64_t[]", done.sizes),
-            ffi.from_buffer(done.data), ffi.from_buffer(done.digests), int(self.stream.dedup),
-            placement.frag_index_ptr + first, placement.frag_offset_ptr + first, self._unique,
+            self.packer, done.batch.first, len(done.sizes), ffi.from_buffer("uint64_t[]", done.sizes),
+            ffi.from_buffer(done.data), placement.digests_ptr, int(self.stream.dedup),
+            placement.frag_index_ptr, placement.frag_offset_ptr, self._unique,
         )  # fmt: skip
         check(rc)
         self._take_closed()

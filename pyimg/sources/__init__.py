@@ -20,11 +20,12 @@ import fnmatch
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from typing import Protocol
 
 from ..errors import OutputError, SourceError, SpecError
 from ..options import Policy
-from ..tree import DataRef, Inode, new_dir
+from ..tree import NO_XATTRS, DataRef, Inode, new_dir
 
 KEPT_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 
@@ -36,17 +37,17 @@ def keep_xattr(name: bytes) -> bool:
     return name.startswith(KEPT_XATTR_PREFIXES)
 
 
-def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> dict[bytes, bytes]:
+def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[bytes, bytes]:
     """The kept xattrs of `path`, sorted by name (so the dict order never depends on the
     file system's listing order)."""
     try:
         names = os.listxattr(path, follow_symlinks=follow_symlinks)
     except OSError as exc:
         if exc.errno in _NO_XATTR_SUPPORT:
-            return {}
+            return NO_XATTRS
         raise SourceError(f"cannot list xattrs: {exc.strerror}", path) from exc
     if not names:  # the common case: keep it cheap
-        return {}
+        return NO_XATTRS
     xattrs: dict[bytes, bytes] = {}
     for name in sorted(os.fsencode(n) for n in names):
         if not keep_xattr(name):
