@@ -151,6 +151,15 @@ _READ_REASONS = {
 }
 
 
+def read_error(ref: DataRef, code: int, err: int) -> SourceError:
+    """The error for a file the C core could not read (a PYIMG_READ_* code, errno)."""
+    if code == lib.PYIMG_READ_CHANGED:
+        return SourceError("file changed while the image was built (size or mtime differ)", ref.path)
+    if code == lib.PYIMG_READ_SHORT:
+        return SourceError("file shrank while the image was built", ref.path)
+    return SourceError(f"{_READ_REASONS.get(code, 'read failed')}: {os.strerror(err)}", ref.path)
+
+
 # Files up to this size are hashed by the C core inside the batch (no per-call cost);
 # bigger ones by the blake3 package, whose SIMD code is ~10x faster per byte.
 C_HASH_MAX = 16 << 10
@@ -198,12 +207,8 @@ def read_batch_packed(refs: list[DataRef], *, hash: bool = True) -> tuple[bytear
     )
     if failed:
         for ref, code, err in zip(refs, status, errnos, strict=True):
-            if code == lib.PYIMG_READ_CHANGED:
-                raise SourceError("file changed while the image was built (size or mtime differ)", ref.path)
-            if code == lib.PYIMG_READ_SHORT:
-                raise SourceError("file shrank while the image was built", ref.path)
             if code:
-                raise SourceError(f"{_READ_REASONS.get(code, 'read failed')}: {os.strerror(err)}", ref.path)
+                raise read_error(ref, code, err)
     if hash and any(size > C_HASH_MAX for size in sizes):
         view = memoryview(out)
         at = 0

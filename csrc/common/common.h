@@ -48,6 +48,26 @@ enum {
 int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
+/* One file as pyimg_read_batch reads each: `size` bytes at `offset` into out,
+ * checked against the stamp before and after.  Returns PYIMG_READ_*; *err gets
+ * errno for OPEN and IO. */
+int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
+                    uint8_t *out, int32_t *err);
+/* The runs of non-zero blocks of data (`block` bytes each, the last one may be
+ * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
+ * numbered from first_block.  cap: room in the two arrays (ceil(size / block)
+ * always suffices).  Returns the number of runs, -1 if cap is too small. */
+int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t first_block,
+                         uint32_t *run_first, uint32_t *run_count, size_t cap);
+/* pyimg_read_batch, and for each file read its non-zero block runs (as
+ * pyimg_block_runs, numbered from 0): nruns[i] of them, the files' runs back to
+ * back in run_first/run_count (run_cap: room, at least the sum of the files'
+ * block counts), and stored[i], its bytes outside holes.  A file that failed
+ * gets no runs.  Returns the number of files that failed. */
+int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                     const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                     int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
+                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored);
 /* CDEF END */
 
 #define PYIMG_ERRMSG_MAX 512

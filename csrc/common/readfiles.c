@@ -28,7 +28,7 @@ static int unchanged(int fd, int64_t want_size, int64_t want_mtime_ns) {
     return (int64_t)st.st_size == want_size && mtime_ns == want_mtime_ns;
 }
 
-static int read_one(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
+int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
                     uint8_t *out, int32_t *err) {
     int fd = open_source(path);
     if (fd < 0) {
@@ -72,13 +72,96 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
     size_t njobs = 0;
     for (size_t i = 0; i < n; i++) {
         errnos[i] = 0;
-        status[i] = read_one(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], out + at, &errnos[i]);
+        status[i] = pyimg_read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], out + at, &errnos[i]);
         if (status[i] != PYIMG_READ_OK) {
             failed++;
         } else if (sizes[i] <= hash_max) {
             if (jobs) jobs[njobs++] = (pyimg_b3_job){out + at, (size_t)sizes[i], digests + 32 * i};
             else pyimg_blake3(out + at, (size_t)sizes[i], digests + 32 * i);
         }
+        at += sizes[i];
+        path += strlen(path) + 1;
+    }
+    if (jobs) pyimg_blake3_jobs(jobs, njobs);
+    free(jobs);
+    return failed;
+}
+
+/* A block of zeros (len may be short: the file's last block): the first byte is
+ * zero and every byte equals the next one. */
+static int all_zero(const uint8_t *p, size_t len) { return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0); }
+
+int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t first_block,
+                         uint32_t *run_first, uint32_t *run_count, size_t cap) {
+    size_t nruns = 0;
+    uint64_t blocks = block ? (size + block - 1) / block : 0;
+    for (uint64_t b = 0; b < blocks; b++) {
+        uint64_t off = b * block;
+        size_t len = size - off < block ? (size_t)(size - off) : block;
+        if (all_zero(data + off, len)) continue;
+        uint32_t lblk = (uint32_t)(first_block + b);
+        if (nruns && run_first[nruns - 1] + run_count[nruns - 1] == lblk) {
+            run_count[nruns - 1]++;
+            continue;
+        }
+        if (nruns == cap) return -1;
+        run_first[nruns] = lblk;
+        run_count[nruns] = 1;
+        nruns++;
+    }
+    return (int64_t)nruns;
+}
+
+/* The bytes of a file of `size` bytes stored by its runs: whole blocks, except
+ * that the file's last block holds only what is left of it. */
+static uint64_t stored_bytes(uint64_t size, uint32_t block, const uint32_t *first, const uint32_t *count, size_t n) {
+    uint64_t total = 0;
+    for (size_t k = 0; k < n; k++) {
+        uint64_t start = (uint64_t)first[k] * block, end = ((uint64_t)first[k] + count[k]) * block;
+        total += (end < size ? end : size) - start;
+    }
+    return total;
+}
+
+/* The runs of one file just read (while its bytes are still in the cache). */
+static int scan_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t *nruns, uint32_t *first,
+                     uint32_t *count, size_t cap, uint64_t *stored) {
+    int64_t got = pyimg_block_runs(data, size, block, 0, first, count, cap);
+    if (got < 0) return -1;
+    *nruns = (uint32_t)got;
+    *stored = stored_bytes(size, block, first, count, (size_t)got);
+    return 0;
+}
+
+int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                     const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                     int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
+                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored) {
+    int failed = 0;
+    const char *path = paths;
+    uint64_t at = 0;
+    size_t used = 0;
+    pyimg_b3_job *jobs = malloc((n ? n : 1) * sizeof *jobs); /* hashed together at the end */
+    size_t njobs = 0;
+    for (size_t i = 0; i < n; i++) {
+        errnos[i] = 0;
+        nruns[i] = 0;
+        stored[i] = 0;
+        status[i] =
+            pyimg_read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], out + at, &errnos[i]);
+        if (status[i] == PYIMG_READ_OK &&
+            scan_runs(out + at, sizes[i], block, &nruns[i], run_first + used, run_count + used, run_cap - used,
+                      &stored[i])) {
+            status[i] = PYIMG_READ_IO; /* the caller gave too little room: a bug, reported on this file */
+            errnos[i] = ENOBUFS;
+        }
+        if (status[i] != PYIMG_READ_OK) {
+            failed++;
+        } else if (sizes[i] <= hash_max) {
+            if (jobs) jobs[njobs++] = (pyimg_b3_job){out + at, (size_t)sizes[i], digests + 32 * i};
+            else pyimg_blake3(out + at, (size_t)sizes[i], digests + 32 * i);
+        }
+        used += nruns[i];
         at += sizes[i];
         path += strlen(path) + 1;
     }

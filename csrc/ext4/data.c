@@ -130,3 +130,128 @@ int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_
     write_ctx c = {data, out_fd};
     return for_each_range(h, content, size, write_one_range, &c, err, err_len);
 }
+
+/* ---- many small contents in one call ---- */
+
+#define STAGE_MAX (1u << 20)
+
+/* Writes to adjacent image blocks gathered into one buffer: the layout puts the
+ * contents of a batch of small files mostly back to back, so one pwrite covers
+ * many files instead of one (or more) per file. */
+typedef struct {
+    int fd;
+    uint8_t *buf;
+    size_t len;
+    uint64_t dest; /* image offset of buf[0] */
+    const uint8_t *data; /* the content being staged */
+} stage;
+
+static int stage_flush(stage *s, char *err, size_t err_len) {
+    int rc = s->len ? write_all(s->fd, s->buf, s->len, s->dest, err, err_len) : 0;
+    s->len = 0;
+    return rc;
+}
+
+/* One stored range of the current content, padded with zeros to whole blocks:
+ * the image holds zeros there anyway (its blocks are the content's own), and the
+ * padding keeps the next content's blocks adjacent in the buffer. */
+static int stage_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len) {
+    stage *s = ctx;
+    uint64_t padded = (len + E4_BS - 1) / E4_BS * E4_BS;
+    if (s->len && (dest != s->dest + s->len || s->len + padded > STAGE_MAX)) {
+        int rc = stage_flush(s, err, err_len);
+        if (rc) return rc;
+    }
+    if (padded > STAGE_MAX) return write_all(s->fd, s->data + off, (size_t)len, dest, err, err_len);
+    if (!s->len) s->dest = dest;
+    memcpy(s->buf + s->len, s->data + off, (size_t)len);
+    memset(s->buf + s->len + len, 0, (size_t)(padded - len));
+    s->len += (size_t)padded;
+    return 0;
+}
+
+/* The image offset of a content stored in one piece from its first byte (no
+ * holes, one extent), else 0: such a file can be read straight into the stage. */
+static uint64_t one_piece(const pyimg_ext4 *h, uint32_t content, uint64_t size) {
+    if (!h->laid_out || content >= h->ncontents) return 0;
+    const e4_extents *ex = &h->contents[content].ext;
+    if (ex->n != 1 || ex->v[0].lblk != 0 || (uint64_t)ex->v[0].len * E4_BS < size ||
+        (uint64_t)ex->v[0].len * E4_BS >= size + E4_BS)
+        return 0;
+    return ex->v[0].pblk * E4_BS;
+}
+
+/* Reads a content in one piece straight into the stage (no copy through a
+ * scratch buffer), zero padded to whole blocks. */
+static int stage_read(stage *s, const char *path, uint64_t offset, uint64_t size, int64_t stamp_size,
+                      int64_t stamp_mtime, uint64_t dest, int32_t *status, int32_t *err_no, char *err,
+                      size_t err_len) {
+    uint64_t padded = (size + E4_BS - 1) / E4_BS * E4_BS;
+    if (s->len && (dest != s->dest + s->len || s->len + padded > STAGE_MAX)) {
+        int rc = stage_flush(s, err, err_len);
+        if (rc) return rc;
+    }
+    if (!s->len) s->dest = dest;
+    *status = pyimg_read_file(path, offset, size, stamp_size, stamp_mtime, s->buf + s->len, err_no);
+    if (*status != PYIMG_READ_OK) {
+        snprintf(err, err_len, "reading the source failed");
+        return -PYIMG_EIO;
+    }
+    memset(s->buf + s->len + size, 0, (size_t)(padded - size));
+    s->len += (size_t)padded;
+    return 0;
+}
+
+/* The largest content of the batch that is read from its file (0: none). */
+static uint64_t largest_read(size_t n, const uint64_t *sizes, const int64_t *cache_at) {
+    uint64_t most = 0;
+    for (size_t i = 0; i < n; i++)
+        if (cache_at[i] < 0 && sizes[i] > most) most = sizes[i];
+    return most;
+}
+
+int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *contents, const char *paths,
+                           const uint64_t *offsets, const uint64_t *sizes, const int64_t *stamp_sizes,
+                           const int64_t *stamp_mtimes, const uint8_t *cache, const int64_t *cache_at,
+                           int out_fd, size_t *failed, int32_t *status, int32_t *err_no, char *err,
+                           size_t err_len) {
+    *failed = 0;
+    *status = PYIMG_READ_OK;
+    *err_no = 0;
+    uint64_t most = largest_read(n, sizes, cache_at);
+    uint8_t *scratch = most ? malloc((size_t)most) : NULL;
+    stage s = {out_fd, malloc(STAGE_MAX), 0, 0, NULL};
+    int rc = 0;
+    if ((most && !scratch) || !s.buf) {
+        snprintf(err, err_len, "out of memory");
+        rc = -PYIMG_ENOMEM;
+        goto out;
+    }
+    const char *path = paths;
+    for (size_t i = 0; i < n && !rc; i++, path += strlen(path) + 1) {
+        *failed = i;
+        uint64_t dest = cache_at[i] < 0 && sizes[i] <= STAGE_MAX ? one_piece(h, contents[i], sizes[i]) : 0;
+        if (dest) {
+            rc = stage_read(&s, path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], dest, status, err_no,
+                            err, err_len);
+            continue;
+        }
+        if (cache_at[i] >= 0) {
+            s.data = cache + cache_at[i];
+        } else {
+            *status = pyimg_read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], scratch, err_no);
+            if (*status != PYIMG_READ_OK) {
+                snprintf(err, err_len, "reading the source failed");
+                rc = -PYIMG_EIO;
+                break;
+            }
+            s.data = scratch;
+        }
+        rc = for_each_range(h, contents[i], sizes[i], stage_range, &s, err, err_len);
+    }
+    if (!rc) rc = stage_flush(&s, err, err_len);
+out:
+    free(s.buf);
+    free(scratch);
+    return rc;
+}

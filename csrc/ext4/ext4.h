@@ -68,6 +68,29 @@ int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint3
 /* Regular file `ino` holds `content` (several inodes may share one: shared_blocks). */
 int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content);
 
+/* Bulk forms of the calls above, one call for many items (each cffi call costs
+ * about a microsecond: too much per file on trees of 100k small files).  On a
+ * failure *failed is the index of the item and nothing after it is registered. */
+/* pyimg_ext4_set_inode for inos[i], ... (mtimes in whole seconds). */
+int pyimg_ext4_set_inodes(pyimg_ext4 *h, size_t n, const uint32_t *inos, const uint32_t *modes,
+                          const uint32_t *uids, const uint32_t *gids, const int64_t *mtimes,
+                          const uint32_t *mtime_nsecs, const uint64_t *sizes, const uint32_t *links,
+                          const uint32_t *rdev_majors, const uint32_t *rdev_minors, const uint32_t *parents,
+                          size_t *failed);
+/* pyimg_ext4_add_dirent for each (dirs[i], name i, children[i]); names: back to
+ * back, name_lens[i] bytes each. */
+int pyimg_ext4_add_dirents(pyimg_ext4 *h, size_t n, const uint32_t *dirs, const uint8_t *names,
+                           const uint32_t *name_lens, const uint32_t *children, size_t *failed);
+/* A content for each of the n files with keep[i] set, in order, holding that
+ * file's runs: file i has nruns[i] runs, the files' runs back to back in
+ * run_first/run_count (files not kept included).  Returns the id of the first
+ * new content (the others follow), or the number of contents when none is kept. */
+int pyimg_ext4_add_contents(pyimg_ext4 *h, size_t n, const uint8_t *keep, const uint32_t *nruns,
+                            const uint32_t *run_first, const uint32_t *run_count, size_t *failed);
+/* pyimg_ext4_set_content(h, inos[i], contents[i]) for each i. */
+int pyimg_ext4_set_contents(pyimg_ext4 *h, size_t n, const uint32_t *inos, const uint32_t *contents,
+                            size_t *failed);
+
 /* Allocates every block for `geom`; never fails for lack of space: the stats
  * report blocks_end and the caller compares it with blocks_count. */
 int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom);
@@ -83,6 +106,19 @@ int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t 
  * borrowed, `size` bytes: the whole file). */
 int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
                              char *err, size_t err_len);
+
+/* Writes many small contents: contents[i] (sizes[i] bytes) comes from memory,
+ * cache + cache_at[i], when cache_at[i] >= 0, else it is read from paths[i] at
+ * offsets[i] exactly as pyimg_read_batch reads (the stamp checked before and
+ * after).  Writes of adjacent blocks are merged into one.  Thread safe after the
+ * layout, like pyimg_ext4_copy.  On failure: a negative code, *failed the index
+ * of the content, and either *status (PYIMG_READ_*) and *err_no for a source
+ * that could not be read, or *status 0 and the message in err for the image. */
+int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *contents, const char *paths,
+                           const uint64_t *offsets, const uint64_t *sizes, const int64_t *stamp_sizes,
+                           const int64_t *stamp_mtimes, const uint8_t *cache, const int64_t *cache_at,
+                           int out_fd, size_t *failed, int32_t *status, int32_t *err_no, char *err,
+                           size_t err_len);
 
 /* Writes all metadata (superblocks, descriptors, bitmaps, inode tables,
  * directories, extent trees, xattr blocks, journal) and sets the file size. */

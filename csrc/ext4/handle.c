@@ -258,6 +258,70 @@ int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content) {
     return 0;
 }
 
+/* ---- bulk registration ---- */
+
+int pyimg_ext4_set_inodes(pyimg_ext4 *h, size_t n, const uint32_t *inos, const uint32_t *modes,
+                          const uint32_t *uids, const uint32_t *gids, const int64_t *mtimes,
+                          const uint32_t *mtime_nsecs, const uint64_t *sizes, const uint32_t *links,
+                          const uint32_t *rdev_majors, const uint32_t *rdev_minors, const uint32_t *parents,
+                          size_t *failed) {
+    for (size_t i = 0; i < n; i++) {
+        int rc = pyimg_ext4_set_inode(h, inos[i], modes[i], uids[i], gids[i], mtimes[i], mtime_nsecs[i], sizes[i],
+                                      links[i], rdev_majors[i], rdev_minors[i], parents[i]);
+        if (rc < 0) {
+            *failed = i;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int pyimg_ext4_add_dirents(pyimg_ext4 *h, size_t n, const uint32_t *dirs, const uint8_t *names,
+                           const uint32_t *name_lens, const uint32_t *children, size_t *failed) {
+    for (size_t i = 0; i < n; i++) {
+        int rc = pyimg_ext4_add_dirent(h, dirs[i], names, name_lens[i], children[i]);
+        if (rc < 0) {
+            *failed = i;
+            return rc;
+        }
+        names += name_lens[i];
+    }
+    return 0;
+}
+
+int pyimg_ext4_add_contents(pyimg_ext4 *h, size_t n, const uint8_t *keep, const uint32_t *nruns,
+                            const uint32_t *run_first, const uint32_t *run_count, size_t *failed) {
+    if (h->ncontents >= INT32_MAX) return e4_fail(h, PYIMG_ELIMIT, "too many contents");
+    int first_id = (int)h->ncontents;
+    for (size_t i = 0; i < n; i++) {
+        if (keep[i]) {
+            int id = pyimg_ext4_new_content(h);
+            int rc = id;
+            for (uint32_t k = 0; id >= 0 && k < nruns[i] && rc >= 0; k++)
+                rc = pyimg_ext4_content_run(h, (uint32_t)id, run_first[k], run_count[k]);
+            if (rc < 0) {
+                *failed = i;
+                return rc;
+            }
+        }
+        run_first += nruns[i];
+        run_count += nruns[i];
+    }
+    return first_id;
+}
+
+int pyimg_ext4_set_contents(pyimg_ext4 *h, size_t n, const uint32_t *inos, const uint32_t *contents,
+                            size_t *failed) {
+    for (size_t i = 0; i < n; i++) {
+        int rc = pyimg_ext4_set_content(h, inos[i], contents[i]);
+        if (rc < 0) {
+            *failed = i;
+            return rc;
+        }
+    }
+    return 0;
+}
+
 /* ---- allocation ---- */
 
 int e4_is_backup_group(uint64_t g) {

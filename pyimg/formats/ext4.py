@@ -2,14 +2,17 @@
 
 Pipeline (each stage a method of `_Build`):
 
-1. hash & dedup -- every regular file's content is read once (ContentReader, holes
-   skipped with SEEK_DATA/SEEK_HOLE), hashed with BLAKE3 and scanned for all-zero
-   4 KiB blocks, on `jobs` threads through `ordered_map` (results in fixed order).
-   Zero blocks become holes; identical contents are stored once and shared through
-   the `shared_blocks` ro_compat feature (read-only images, as Android's e2fsdroid).
+1. hash & dedup -- every regular file's content is read once, hashed with BLAKE3
+   and scanned for all-zero 4 KiB blocks, on `jobs` threads through `ordered_map`
+   (results in fixed order): small files in batches by one C call each, which
+   returns flat arrays (digests, block runs) that Python takes in bulk; big files
+   through ContentReader (holes skipped with SEEK_DATA/SEEK_HOLE).  Zero blocks
+   become holes; identical contents are stored once and shared through the
+   `shared_blocks` ro_compat feature (read-only images, as Android's e2fsdroid).
 2. lay out -- inode numbers, the geometry (size, groups, inode tables) and every
    block are planned by the C core from the tree and the options only.
-3. stream -- the C core copies each content to its blocks (copy_file_range).
+3. stream -- the C core writes a batch of small contents per call (from the bytes
+   kept by the hash pass, else read again), big ones with copy_file_range.
 4. finalize -- the C core writes superblocks, descriptors, bitmaps, inode tables,
    directories (htree when larger than a block), extent trees, xattr blocks and
    checksums.
@@ -17,17 +20,19 @@ Pipeline (each stage a method of `_Build`):
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import uuid as uuid_mod
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import blake3
 
 from .._ffi import check, ffi, lib
-from ..content import ContentReader, ordered_map, read_batch
+from ..content import C_HASH_MAX, ContentReader, ordered_map, read_error
 from ..errors import LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Kind
@@ -36,7 +41,6 @@ from .base import Progress, WriteResult, image_epoch
 BLOCK = 4096
 BLOCKS_PER_GROUP = 32768
 CHUNK = 1 << 20  # read size while hashing (a multiple of BLOCK)
-_ZERO_BLOCK = bytes(BLOCK)
 _BIG_ZERO = bytes(16 << 20)
 MAX_FILE_SIZE = (1 << 32) * BLOCK - BLOCK  # 2^32 logical blocks with extents
 MAX_LINKS = 65000
@@ -46,10 +50,11 @@ FIRST_INO = 11
 LOG_GROUPS_PER_FLEX = 4
 MIN_BLOCKS = 256  # 1 MiB: the smallest image --size auto makes
 MIN_JOURNAL_BLOCKS = 1024
-SMALL_FILE = 256 << 10  # read in one piece; kept in memory for the stream (within CACHE_BUDGET)
-CACHE_BUDGET = 32 << 20  # bytes of small-file content kept between hashing and streaming
-BATCH_BYTES = 4 << 20  # work items: files grouped up to this size or BATCH_FILES files
+SMALL_FILE = 256 << 10  # read in one piece, in batches; kept in memory for the stream (within CACHE_BUDGET)
+CACHE_BUDGET = 32 << 20  # bytes of small-file batches kept between hashing and streaming
+BATCH_BYTES = 4 << 20  # work items: small files grouped up to this size or BATCH_FILES files
 BATCH_FILES = 128
+NS = 1_000_000_000
 
 # name -> (field, bit, can be removed)
 FEATURES: dict[str, tuple[str, int, bool]] = {
@@ -133,13 +138,6 @@ def acl_to_disk(value: bytes, path: bytes) -> bytes:
     return bytes(out)
 
 
-@dataclass(slots=True)
-class _Scan:
-    digest: bytes
-    runs: list[tuple[int, int]]  # (first block, count) of non-zero blocks
-    data: bytes | memoryview | None = None  # the whole content of a small file, kept for the stream
-
-
 def _feed_zeros(hasher: Any, count: int) -> None:
     view = memoryview(_BIG_ZERO)
     while count > 0:
@@ -148,51 +146,104 @@ def _feed_zeros(hasher: Any, count: int) -> None:
         count -= n
 
 
-def _add_runs(runs: list[tuple[int, int]], buf: bytes, first_block: int) -> None:
-    """Append the non-zero 4 KiB blocks of buf (starting at first_block) to runs.
-
-    bytes.startswith(zero_block, offset) is a memcmp without a copy."""
-    size = len(buf)
-    for i in range(0, size, BLOCK):
-        if i + BLOCK <= size:
-            if buf.startswith(_ZERO_BLOCK, i):
-                continue
-        elif buf.count(0, i) == size - i:
-            continue
-        block = first_block + i // BLOCK
-        if runs and runs[-1][0] + runs[-1][1] == block:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((block, 1))
+def _u32(n: int) -> array[int]:
+    return array("I", bytes(4 * n))
 
 
-T = TypeVar("T")
+def _c(kind: str, buf: Any) -> Any:
+    """A C pointer into an array or bytearray (writable for the outputs)."""
+    return ffi.from_buffer(kind, buf, require_writable=not isinstance(buf, bytes))
 
 
-def batches(items: list[T], size_of: Callable[[T], int]) -> Iterator[list[T]]:
-    """Consecutive groups of items (up to BATCH_BYTES or BATCH_FILES): one thread-pool
-    task per group keeps the per-task overhead off small files."""
-    batch: list[T] = []
-    total = 0
-    for item in items:
-        batch.append(item)
-        total += size_of(item)
-        if total >= BATCH_BYTES or len(batch) >= BATCH_FILES:
-            yield batch
-            batch, total = [], 0
-    if batch:
-        yield batch
+@dataclass(slots=True)
+class _Sources:
+    """The C view of a batch of DataRefs (as pyimg_read_batch takes them)."""
+
+    paths: bytes  # NUL-terminated, back to back
+    offsets: array[int]
+    sizes: array[int]
+    stamp_sizes: array[int]  # -1: not checked (spool files)
+    stamp_mtimes: array[int]
+
+    @classmethod
+    def of(cls, refs: list[DataRef]) -> _Sources:
+        return cls(
+            b"".join([os.fsencode(ref.path) + b"\0" for ref in refs]),
+            array("Q", [ref.offset for ref in refs]),
+            array("Q", [ref.size for ref in refs]),
+            array("q", [ref.stamp[0] if ref.stamp else -1 for ref in refs]),
+            array("q", [ref.stamp[1] if ref.stamp else 0 for ref in refs]),
+        )
+
+    def args(self) -> tuple[Any, ...]:
+        return (
+            self.paths,
+            _c("uint64_t[]", self.offsets),
+            _c("uint64_t[]", self.sizes),
+            _c("int64_t[]", self.stamp_sizes),
+            _c("int64_t[]", self.stamp_mtimes),
+        )
 
 
-def scan_content(ref: DataRef) -> _Scan:
-    """Read a content once: its BLAKE3 digest and its non-zero 4 KiB blocks."""
+@dataclass(slots=True)
+class _Scanned:
+    """What the hash pass learned about a batch of contents, as flat arrays."""
+
+    digests: list[bytes]
+    nruns: array[int]  # non-zero block runs of each file
+    first: array[int]  # the files' runs back to back: first block ...
+    count: array[int]  # ... and number of blocks
+    stored: array[int]  # bytes of each file outside holes
+    buffer: bytearray | None = None  # small files: their bytes back to back
+
+
+def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[array[int], array[int]]:
+    """The runs (first blocks, counts) of the non-zero 4 KiB blocks of buf, which
+    starts at block first_block."""
+    cap = -(-len(buf) // BLOCK)
+    first, count = _u32(cap), _u32(cap)
+    got = lib.pyimg_block_runs(_c("uint8_t[]", buf), len(buf), BLOCK, first_block,
+                               _c("uint32_t[]", first), _c("uint32_t[]", count), cap)  # fmt: skip
+    return first[:got], count[:got]
+
+
+def scan_small(refs: list[DataRef]) -> _Scanned:
+    """Read, hash and scan many small files: one C call with the GIL released
+    (files over C_HASH_MAX are hashed here by the blake3 package, faster per byte)."""
+    n = len(refs)
+    src = _Sources.of(refs)
+    buffer = bytearray(sum(src.sizes))
+    cap = sum(-(-size // BLOCK) for size in src.sizes)
+    status, errnos = array("i", bytes(4 * n)), array("i", bytes(4 * n))
+    digests = bytearray(32 * n)
+    nruns, first, count = _u32(n), _u32(cap), _u32(cap)
+    stored = array("Q", bytes(8 * n))
+    failed = lib.pyimg_scan_batch(
+        n, *src.args(), _c("uint8_t[]", buffer), _c("int32_t[]", status), _c("int32_t[]", errnos),
+        _c("uint8_t[]", digests), C_HASH_MAX, BLOCK, _c("uint32_t[]", nruns), _c("uint32_t[]", first),
+        _c("uint32_t[]", count), cap, _c("uint64_t[]", stored),
+    )  # fmt: skip
+    if failed:
+        for ref, code, err in zip(refs, status, errnos, strict=True):
+            if code:
+                raise read_error(ref, code, err)
+    result = [bytes(digests[i : i + 32]) for i in range(0, 32 * n, 32)]
+    if max(src.sizes, default=0) > C_HASH_MAX:
+        view = memoryview(buffer)
+        at = 0
+        for i, size in enumerate(src.sizes):
+            if size > C_HASH_MAX:
+                result[i] = blake3.blake3(view[at : at + size]).digest()
+            at += size
+    runs = sum(nruns)
+    return _Scanned(result, nruns, first[:runs], count[:runs], stored, buffer)
+
+
+def scan_big(ref: DataRef) -> _Scanned:
+    """Read a big content once: its BLAKE3 digest and its non-zero 4 KiB blocks;
+    holes of sparse files are not read."""
     size = ref.size
-    runs: list[tuple[int, int]] = []
-    if size <= SMALL_FILE:  # one read; no SEEK_DATA probing, it costs more than it saves
-        with ContentReader(ref) as reader:
-            buf = reader.read(0, size)
-        _add_runs(runs, buf, 0)
-        return _Scan(blake3.blake3(buf).digest(), runs, buf)
+    first, count = array("I"), array("I")
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (64 << 20) else 1)
     with ContentReader(ref) as reader:
         pos = 0
@@ -206,12 +257,49 @@ def scan_content(ref: DataRef) -> _Scan:
                 n = min(CHUNK, end - start)
                 buf = reader.read(start, n)
                 hasher.update(buf)
-                _add_runs(runs, buf, start // BLOCK)
+                more_first, more_count = block_runs(buf, start // BLOCK)
+                if more_first and first and first[-1] + count[-1] == more_first[0]:
+                    count[-1] += more_count[0]  # a run going on across two reads
+                    more_first, more_count = more_first[1:], more_count[1:]
+                first.extend(more_first)
+                count.extend(more_count)
                 start += n
             pos = end
         _feed_zeros(hasher, size - pos)
         reader.check_unchanged()
-    return _Scan(hasher.digest(), runs)
+    stored = sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
+    return _Scanned([hasher.digest()], array("I", [len(first)]), first, count, array("Q", [stored]))
+
+
+def spans(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive groups [start, end) of small files (up to BATCH_BYTES or
+    BATCH_FILES: one thread-pool task and one C call per group keep the per-file
+    overhead down); a big file is a group of its own."""
+    start = total = 0
+    for i, size in enumerate(sizes):
+        if size > SMALL_FILE:
+            if start < i:
+                yield start, i
+            yield i, i + 1
+            start, total = i + 1, 0
+            continue
+        total += size
+        if total >= BATCH_BYTES or i + 1 - start >= BATCH_FILES:
+            yield start, i + 1
+            start, total = i + 1, 0
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+@dataclass(slots=True)
+class _Writes:
+    """A batch of contents for the stream: small ones written by one C call (from
+    `buffer`, the hash pass's bytes, when kept, else read again), or one big one."""
+
+    contents: array[int]
+    refs: list[DataRef]
+    cache_at: array[int]  # offset of each content in buffer, -1: read again
+    buffer: bytearray | None
 
 
 class Ext4Writer:
@@ -302,63 +390,97 @@ class _Build:
 
     # ---- stage 1: hash & dedup ----------------------------------------------------
     def hash_contents(self) -> None:
+        """Digests of every file, contents registered with the C core (one per
+        distinct content), and the plan of the stream (self.writes)."""
         tree = self.tree
-        files = [(ino, inode) for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
-        refs = [inode.data for _, inode in files if inode.data is not None and inode.size > 0]
-
-        def scan(batch: list[DataRef]) -> list[_Scan]:
-            # Small files: read and hashed by the C core in one call per batch.
-            small = [ref for ref in batch if ref.size <= SMALL_FILE]
-            buffer, digests = read_batch(small) if small else (bytearray(), [])
-            view = memoryview(buffer)
-            scans: list[_Scan] = []
-            at = 0
-            small_digests = iter(digests)
-            for ref in batch:
-                if ref.size > SMALL_FILE:
-                    scans.append(scan_content(ref))
-                    continue
-                data = bytes(view[at : at + ref.size])
-                at += ref.size
-                runs: list[tuple[int, int]] = []
-                _add_runs(runs, data, 0)
-                scans.append(_Scan(next(small_digests), runs, data))
-            return scans
-
-        work = batches(refs, lambda ref: ref.size)
-        scans = (s for group in ordered_map(scan, work, max(1, self.options.jobs)) for s in group)
-        budget = CACHE_BUDGET
-        empty = blake3.blake3(b"").digest()
-        self.digests: dict[int, bytes] = {}
-        self.content_of: dict[int, int] = {}  # tree ino -> content index
-        self.contents: list[tuple[DataRef, _Scan]] = []
-        by_key: dict[tuple[bytes, int], int] = {}
+        self.new_handle()
+        # Lists of ints and arrays, no tuple per file: every object the garbage
+        # collector tracks costs on trees of 100k files (collections walk the tree).
+        inodes, file_kind = tree.inodes, Kind.FILE
+        files = [ino for ino, inode in enumerate(inodes, 1) if inode.kind is file_kind]
+        self.bytes_in = sum([inodes[ino - 1].size for ino in files])
+        self.digests: dict[int, bytes] = dict.fromkeys(files, blake3.blake3(b"").digest())
+        self.inos = [ino for ino in files if inodes[ino - 1].data is not None and inodes[ino - 1].size > 0]
+        self.refs: list[DataRef] = [inodes[ino - 1].data for ino in self.inos]  # type: ignore[misc]
+        self.file_inos = array("I", [self.ext_ino[ino] for ino in self.inos])
+        self.file_contents = _u32(len(self.inos))
+        self.by_key: dict[bytes, int] = {}  # digest + size -> content id
         self.shared = False
-        self.bytes_in = 0
-        for ino, inode in files:
-            self.bytes_in += inode.size
-            if inode.data is None or inode.size == 0:
-                self.digests[ino] = empty
-                continue
-            result = next(scans)
-            self.progress(inode.size)
-            self.digests[ino] = result.digest
-            key = (result.digest, inode.size)
-            if self.dedup and key in by_key:
-                self.content_of[ino] = by_key[key]
-                if result.runs:
-                    self.shared = True
-                continue
-            if result.data is not None:
-                if len(result.data) <= budget and result.runs:
-                    budget -= len(result.data)
-                else:
-                    result.data = None
-            by_key[key] = len(self.contents)
-            self.content_of[ino] = len(self.contents)
-            self.contents.append((inode.data, result))
+        self.bytes_unique = self.bytes_stored = self.data_blocks = 0
+        self.budget = CACHE_BUDGET
+        self.next_content = 0  # the id the C core gives the next new content
+        self.writes: list[_Writes] = []
+
+        def scan(span: tuple[int, int]) -> _Scanned:
+            start, end = span
+            if end - start == 1 and self.refs[start].size > SMALL_FILE:
+                return scan_big(self.refs[start])
+            return scan_small(self.refs[start:end])
+
+        groups = list(spans([ref.size for ref in self.refs]))
+        for span, scanned in zip(groups, ordered_map(scan, groups, max(1, self.options.jobs)), strict=True):
+            self.take(span[0], scanned)
         if self.shared:
             self.features.add("shared_blocks")
+
+    def new_handle(self) -> None:
+        h = ffi.gc(lib.pyimg_ext4_new(self.max_ino), lib.pyimg_ext4_free)
+        if h == ffi.NULL:
+            raise MemoryError("pyimg_ext4_new")
+        self.h = h
+
+    def take(self, start: int, scanned: _Scanned) -> None:
+        """Dedup a scanned batch (in file order: the first file of a content owns
+        it), register its new contents in one C call and plan their writes."""
+        refs, inos, digests, stored = self.refs, self.inos, self.digests, scanned.stored
+        keep = bytearray(len(scanned.digests))
+        kept: list[int] = []
+        next_id = self.next_content
+        by_key, dedup = self.by_key, self.dedup
+        for i, digest in enumerate(scanned.digests):
+            ref = refs[start + i]
+            digests[inos[start + i]] = digest
+            key = digest + ref.size.to_bytes(8, "little")  # bytes: not tracked by the collector
+            if dedup and key in by_key:
+                self.file_contents[start + i] = by_key[key]
+                if stored[i]:
+                    self.shared = True
+                continue
+            by_key[key] = self.file_contents[start + i] = next_id
+            next_id += 1
+            keep[i] = 1
+            kept.append(i)
+        self.progress(sum(ref.size for ref in refs[start : start + len(keep)]))
+        failed = ffi.new("size_t *")
+        runs = [_c("uint32_t[]", a) for a in (scanned.nruns, scanned.first, scanned.count)]
+        first_id = lib.pyimg_ext4_add_contents(self.h, len(keep), _c("uint8_t[]", keep), *runs, failed)
+        if first_id < 0:
+            check(first_id, self.err, refs[start + failed[0]].path)
+        assert first_id == self.next_content, "content ids out of step with the C core"
+        self.next_content = next_id
+        self.plan_writes(start, scanned, kept)
+
+    def plan_writes(self, start: int, scanned: _Scanned, kept: list[int]) -> None:
+        """The stream's work for the kept contents of a batch (those with stored
+        bytes); the batch's bytes stay in memory while within the cache budget."""
+        stored, sizes = scanned.stored, [self.refs[start + i].size for i in kept]
+        self.bytes_unique += sum(sizes)
+        kept_stored = [stored[i] for i in kept]
+        self.bytes_stored += sum(kept_stored)
+        self.data_blocks += sum(-(-n // BLOCK) for n in kept_stored)
+        written = [i for i in kept if stored[i]]
+        if not written:
+            return
+        buffer = scanned.buffer
+        if buffer is not None and len(buffer) <= self.budget:
+            self.budget -= len(buffer)
+            batch = self.refs[start : start + len(scanned.digests)]
+            offsets = list(itertools.accumulate([ref.size for ref in batch], initial=0))
+            cache_at = array("q", [offsets[i] for i in written])
+        else:
+            buffer, cache_at = None, array("q", [-1] * len(written))
+        contents = array("I", [self.file_contents[start + i] for i in written])
+        self.writes.append(_Writes(contents, [self.refs[start + i] for i in written], cache_at, buffer))
 
     # ---- identity -----------------------------------------------------------------
     def identity(self) -> tuple[bytes, bytes]:
@@ -394,57 +516,85 @@ class _Build:
 
     # ---- stage 2: register everything with the C core and lay out -----------------
     def register(self) -> Any:
-        tree = self.tree
-        h = ffi.gc(lib.pyimg_ext4_new(self.max_ino), lib.pyimg_ext4_free)
-        if h == ffi.NULL:
-            raise MemoryError("pyimg_ext4_new")
-        self.h = h
-
-        def err() -> Any:
-            return lib.pyimg_ext4_error(h)
-
-        parent_of: dict[int, int] = {}
-        for node in tree.nodes:
-            if node.inode.kind is Kind.DIR:
-                parent_of[node.ino] = tree.nodes[node.parent].ino
-        for ino, inode in enumerate(tree.inodes, 1):
-            e = self.ext_ino[ino]
-            path = self.path_of[ino]
-            links = tree.nlink[ino]
-            if inode.kind is Kind.DIR:
-                if e == ROOT_INO and self.lf_tree_ino is None:
-                    links += 1  # the lost+found pyimg adds
-                if links > MAX_LINKS:
-                    links = 1  # dir_nlink: "many"
-            sec, nsec = divmod(inode.mtime_ns, 1_000_000_000)
-            parent = self.ext_ino[parent_of[ino]] if inode.kind is Kind.DIR else 0
-            check(lib.pyimg_ext4_set_inode(h, e, IFMT_OF_KIND[inode.kind] | (inode.mode & 0o7777), inode.uid,
-                                           inode.gid, sec, nsec, inode.size, links, inode.rdev[0],
-                                           inode.rdev[1], parent), err, path)  # fmt: skip
+        """Inodes, symlinks, xattrs, directory entries and which content each file
+        holds (the contents themselves were registered by the hash pass); bulk
+        calls with arrays, not one call per item."""
+        h = self.h
+        self.set_inodes()
+        for ino, inode in enumerate(self.tree.inodes, 1):
             if inode.kind is Kind.SYMLINK:
-                check(lib.pyimg_ext4_set_symlink(h, e, inode.target, len(inode.target)), err, path)
+                e, path = self.ext_ino[ino], self.path_of[ino]
+                check(lib.pyimg_ext4_set_symlink(h, e, inode.target, len(inode.target)), self.err, path)
             for name in sorted(inode.xattrs):
+                e, path = self.ext_ino[ino], self.path_of[ino]
                 value = inode.xattrs[name]
                 if name in _ACL_NAMES:
                     value = acl_to_disk(value, path)
-                check(lib.pyimg_ext4_add_xattr(h, e, name, len(name), value, len(value)), err, path)
+                check(lib.pyimg_ext4_add_xattr(h, e, name, len(name), value, len(value)), self.err, path)
         if self.lf_tree_ino is None:
             mode, epoch = stat.S_IFDIR | 0o700, self.epoch
             rc = lib.pyimg_ext4_set_inode(h, LOST_FOUND_INO, mode, 0, 0, epoch, 0, 0, 2, 0, 0, ROOT_INO)
-            check(rc, err)
-            check(lib.pyimg_ext4_add_dirent(h, ROOT_INO, b"lost+found", 10, LOST_FOUND_INO), err)
-        for node in tree.nodes:
-            if node.path:
-                parent = self.ext_ino[tree.nodes[node.parent].ino]
-                check(lib.pyimg_ext4_add_dirent(h, parent, node.name, len(node.name), self.ext_ino[node.ino]),
-                      err, node.path)  # fmt: skip
-        for ref, scanned in self.contents:
-            cid = check(lib.pyimg_ext4_new_content(h), err)
-            for first, count in scanned.runs:
-                check(lib.pyimg_ext4_content_run(h, cid, first, count), err, ref.path)
-        for ino, cid in self.content_of.items():
-            check(lib.pyimg_ext4_set_content(h, self.ext_ino[ino], cid), err, self.path_of[ino])
+            check(rc, self.err)
+            check(lib.pyimg_ext4_add_dirent(h, ROOT_INO, b"lost+found", 10, LOST_FOUND_INO), self.err)
+        self.add_dirents()
+        failed = ffi.new("size_t *")
+        rc = lib.pyimg_ext4_set_contents(h, len(self.file_inos), _c("uint32_t[]", self.file_inos),
+                                         _c("uint32_t[]", self.file_contents), failed)  # fmt: skip
+        if rc < 0:
+            check(rc, self.err, self.path_of[self.inos[failed[0]]])
         return h
+
+    def err(self) -> Any:
+        return lib.pyimg_ext4_error(self.h)
+
+    def set_inodes(self) -> None:
+        tree, inodes = self.tree, self.tree.inodes
+        links = [tree.nlink[ino] for ino in range(1, len(inodes) + 1)]
+        parents = [0] * len(inodes)
+        for node in tree.nodes:
+            if node.inode.kind is Kind.DIR:
+                ino = node.ino
+                parents[ino - 1] = self.ext_ino[tree.nodes[node.parent].ino]
+                if ino == tree.root.ino and self.lf_tree_ino is None:
+                    links[ino - 1] += 1  # the lost+found pyimg adds
+                if links[ino - 1] > MAX_LINKS:
+                    links[ino - 1] = 1  # dir_nlink: "many"
+        mtimes = [inode.mtime_ns for inode in inodes]
+        arrays = (
+            array("I", self.ext_ino[1:]),
+            array("I", [IFMT_OF_KIND[inode.kind] | (inode.mode & 0o7777) for inode in inodes]),
+            array("I", [inode.uid for inode in inodes]),
+            array("I", [inode.gid for inode in inodes]),
+            array("q", [ns // NS for ns in mtimes]),
+            array("I", [ns % NS for ns in mtimes]),
+            array("Q", [inode.size for inode in inodes]),
+            array("I", links),
+            array("I", [inode.rdev[0] for inode in inodes]),
+            array("I", [inode.rdev[1] for inode in inodes]),
+            array("I", parents),
+        )
+        kinds = ("uint32_t[]",) * 4 + ("int64_t[]", "uint32_t[]", "uint64_t[]") + ("uint32_t[]",) * 4
+        failed = ffi.new("size_t *")
+        pointers = [_c(kind, a) for kind, a in zip(kinds, arrays, strict=True)]
+        rc = lib.pyimg_ext4_set_inodes(self.h, len(inodes), *pointers, failed)
+        if rc < 0:
+            check(rc, self.err, self.path_of[failed[0] + 1])
+
+    def add_dirents(self) -> None:
+        """Every entry but the root, in tree order (a directory's entries in name order)."""
+        nodes = self.tree.nodes
+        ext_of = [self.ext_ino[node.ino] for node in nodes]
+        entries = [index for index in range(len(nodes)) if nodes[index].path]
+        names = [nodes[index].name for index in entries]
+        failed = ffi.new("size_t *")
+        dirs = array("I", [ext_of[nodes[index].parent] for index in entries])
+        children = array("I", [ext_of[index] for index in entries])
+        lens = array("I", map(len, names))
+        blob = b"".join(names)
+        pointers = [_c("uint32_t[]", a) for a in (dirs, lens, children)]
+        rc = lib.pyimg_ext4_add_dirents(self.h, len(entries), pointers[0], blob, *pointers[1:], failed)
+        if rc < 0:
+            check(rc, self.err, nodes[entries[failed[0]]].path)
 
     def feature_masks(self) -> tuple[int, int, int]:
         masks = {"compat": 0, "incompat": 0, "ro_compat": 0}
@@ -514,8 +664,7 @@ class _Build:
                                  f"but the ext4 size is {self.opts.size}")  # fmt: skip
             return geom, stats
         # --size auto: start from an estimate, grow until the layout fits with headroom
-        data = sum(count for _, scanned in self.contents for _, count in scanned.runs)
-        estimate = data + -(-inodes // 16) + len(self.tree) // 16 + 64
+        estimate = self.data_blocks + -(-inodes // 16) + len(self.tree) // 16 + 64
         jblocks = self._journal_blocks(estimate)
         blocks = max(MIN_BLOCKS, estimate + jblocks)
         blocks = max(blocks, (-(-inodes // 32768) - 1) * BLOCKS_PER_GROUP + 1)
@@ -546,46 +695,41 @@ class _Build:
 
     # ---- stage 3: stream ----------------------------------------------------------
     def stream(self) -> None:
-        h, out = self.h, self.fd
+        """Every stored content to its blocks, batch by batch on `jobs` threads (the
+        layout fixed every block first, so the order of completion does not matter)."""
 
-        def copy_one(cid: int, ref: DataRef, scanned: _Scan, errbuf: Any) -> None:
-            if not scanned.runs:
-                return
-            if scanned.data is not None:
-                data = ffi.from_buffer("uint8_t[]", scanned.data)
-                rc = lib.pyimg_ext4_write_content(h, cid, data, len(data), out, errbuf, 512)
-                if rc < 0:
-                    raise OutputError(ffi.string(errbuf).decode("utf-8", "replace"))
-                return
-            with ContentReader(ref) as reader:
-                rc = lib.pyimg_ext4_copy(h, cid, reader.fd, ref.offset, ref.size, out, errbuf, 512)
-                if rc < 0:
-                    text = ffi.string(errbuf).decode("utf-8", "replace")
-                    if text.startswith("reading"):
-                        raise SourceError(text, ref.path)
-                    raise OutputError(text)
-                reader.check_unchanged()
-
-        def copy(batch: list[tuple[int, DataRef, _Scan]]) -> None:
+        def write(batch: _Writes) -> None:
             errbuf = ffi.new("char[]", 512)
-            # Small files not kept from the hash pass: read again, all in one C call.
-            reread = [
-                item for item in batch if item[2].data is None and item[2].runs and item[1].size <= SMALL_FILE
-            ]
-            buffer, _ = read_batch([ref for _, ref, _ in reread], hash=False) if reread else (bytearray(), [])
-            view = memoryview(buffer)
-            at = 0
-            for _, ref, scanned in reread:
-                scanned.data = view[at : at + ref.size]
-                at += ref.size
-            for cid, ref, scanned in batch:
-                copy_one(cid, ref, scanned, errbuf)
-                if scanned.data is not None and ref.size <= SMALL_FILE:
-                    scanned.data = None  # written: let the memory go
+            if len(batch.refs) == 1 and batch.refs[0].size > SMALL_FILE:
+                self.copy_big(batch.contents[0], batch.refs[0], errbuf)
+            else:
+                self.write_small(batch, errbuf)
+            batch.buffer = None  # written: let the memory go
 
-        items = [(cid, ref, scanned) for cid, (ref, scanned) in enumerate(self.contents)]
-        for _ in ordered_map(copy, batches(items, lambda item: item[1].size), max(1, self.options.jobs)):
+        for _ in ordered_map(write, self.writes, max(1, self.options.jobs)):
             pass
+
+    def write_small(self, batch: _Writes, errbuf: Any) -> None:
+        src = _Sources.of(batch.refs)
+        failed, status, err_no = ffi.new("size_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
+        cache = _c("uint8_t[]", batch.buffer) if batch.buffer is not None else ffi.NULL
+        contents, cache_at = _c("uint32_t[]", batch.contents), _c("int64_t[]", batch.cache_at)
+        rc = lib.pyimg_ext4_write_batch(self.h, len(batch.refs), contents, *src.args(), cache, cache_at,
+                                        self.fd, failed, status, err_no, errbuf, 512)  # fmt: skip
+        if rc < 0:
+            if status[0]:
+                raise read_error(batch.refs[failed[0]], status[0], err_no[0])
+            raise OutputError(ffi.string(errbuf).decode("utf-8", "replace"))
+
+    def copy_big(self, cid: int, ref: DataRef, errbuf: Any) -> None:
+        with ContentReader(ref) as reader:
+            rc = lib.pyimg_ext4_copy(self.h, cid, reader.fd, ref.offset, ref.size, self.fd, errbuf, 512)
+            if rc < 0:
+                text = ffi.string(errbuf).decode("utf-8", "replace")
+                if text.startswith("reading"):
+                    raise SourceError(text, ref.path)
+                raise OutputError(text)
+            reader.check_unchanged()
 
     # ---- the whole build ------------------------------------------------------------
     def run(self) -> WriteResult:
@@ -600,11 +744,6 @@ class _Build:
         h = self.h
         check(lib.pyimg_ext4_finalize(h, self.fd), lambda: lib.pyimg_ext4_error(h))
         size = os.fstat(self.fd).st_size
-        stored = 0
-        for ref, scanned in self.contents:
-            for first, count in scanned.runs:
-                stored += min(ref.size, (first + count) * BLOCK) - first * BLOCK
-        unique = sum(ref.size for ref, _ in self.contents)
         details: dict[str, object] = {
             "features": sorted(self.features | ({"has_journal"} if self.journal else set())),
             "block_size": BLOCK,
@@ -621,8 +760,8 @@ class _Build:
         return WriteResult(
             digests=dict(self.digests),
             bytes_in=self.bytes_in,
-            bytes_unique=unique,
-            bytes_stored=stored,
+            bytes_unique=self.bytes_unique,
+            bytes_stored=self.bytes_stored,
             image_size=size,
             details=details,
         )
