@@ -404,7 +404,7 @@ class _Build:
         self.refs: list[DataRef] = [inodes[ino - 1].data for ino in self.inos]  # type: ignore[misc]
         self.file_inos = array("I", [self.ext_ino[ino] for ino in self.inos])
         self.file_contents = _u32(len(self.inos))
-        self.by_key: dict[bytes, int] = {}  # digest + size -> content id
+        self.by_key: dict[bytes, int] = {}  # digest -> content id
         self.shared = False
         self.bytes_unique = self.bytes_stored = self.data_blocks = 0
         self.budget = CACHE_BUDGET
@@ -438,15 +438,15 @@ class _Build:
         next_id = self.next_content
         by_key, dedup = self.by_key, self.dedup
         for i, digest in enumerate(scanned.digests):
-            ref = refs[start + i]
             digests[inos[start + i]] = digest
-            key = digest + ref.size.to_bytes(8, "little")  # bytes: not tracked by the collector
-            if dedup and key in by_key:
-                self.file_contents[start + i] = by_key[key]
+            # The digest alone is the key (as for squashfs): equal BLAKE3 digests mean
+            # equal contents, sizes included; the key object is the one `digests` keeps.
+            if dedup and digest in by_key:
+                self.file_contents[start + i] = by_key[digest]
                 if stored[i]:
                     self.shared = True
                 continue
-            by_key[key] = self.file_contents[start + i] = next_id
+            by_key[digest] = self.file_contents[start + i] = next_id
             next_id += 1
             keep[i] = 1
             kept.append(i)
