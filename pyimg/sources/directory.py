@@ -80,8 +80,9 @@ def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
 def _gc_paused() -> Iterator[None]:
     """The walk creates objects that all stay alive in the tree and hold no cycles;
     the cyclic collector, set off again and again by so many new objects, would
-    traverse the growing tree over and over (a third of the walk's time on 100k
-    files) and never free a thing."""
+    traverse the growing tree over and over (0.15 s of 0.55 s on 100k small files)
+    and never free a thing.  Paused, not tuned: it runs again as soon as the walk
+    ends (or fails), with everything the walk made still to be looked at once."""
     enabled = gc.isenabled()
     gc.disable()
     try:
