@@ -30,7 +30,7 @@ from typing import Any
 
 from .._ffi import ffi, lib
 from ..errors import SourceError
-from ..tree import DataRef, Inode, Kind, Tree, kind_from_mode
+from ..tree import NO_XATTRS, DataRef, Inode, Kind, Tree, kind_from_mode
 from . import _NO_XATTR_SUPPORT, Rules, read_xattrs
 
 # Kind by the file type bits of st_mode (mode >> 12); None: not a type images hold.
@@ -104,6 +104,7 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
     apply = rules.apply
     excluded = rules.excluded if rules.has_excludes else None
     kinds = _KINDS
+    no_xattrs = NO_XATTRS  # shared by every inode without xattrs, never edited
     FILE, DIR, SYMLINK = Kind.FILE, Kind.DIR, Kind.SYMLINK
     pending = [(top, dest)]
     while pending:
@@ -137,7 +138,7 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
             elif kind is FILE:
                 if size:
                     data = DataRef(fs_prefix + fs_name, 0, size, (size, mtime_ns))
-                    inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns, size, b"", (0, 0), {}, data)
+                    inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns, size, b"", (0, 0), no_xattrs, data)
                 else:
                     inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns)
                 apply(inode, recorded_owner=False)

@@ -23,7 +23,7 @@ from pyimg._ffi import ffi, lib
 from pyimg.collect import collect
 from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.sources import read_xattrs
-from pyimg.tree import DataRef, Inode, Kind, kind_from_mode
+from pyimg.tree import NO_XATTRS, DataRef, Inode, Kind, kind_from_mode
 
 from ..oracles import IS_ROOT, can_xattr
 
@@ -185,6 +185,7 @@ def test_every_file_type_as_a_plain_walk_saw_it(tmp_path: Path, spelling: str) -
         assert inode.xattrs == xattrs and list(inode.xattrs) == list(xattrs), path
     assert entries[b"file"] is entries[b"zz-link"] is entries[b"dir/sub/file-link"]
     assert entries[b"long-target"].target == b"x" * 4000
+    assert all(entries[p].xattrs is NO_XATTRS for p in (b"empty", b"exec", b"fifo", b"loop", b"dir/sub"))
     assert entries[b"old"].mtime_ns == -123_456_789_123
     if IS_ROOT:
         assert entries[b"null"].kind is Kind.CHAR and entries[b"loop0"].kind is Kind.BLOCK
