@@ -13,6 +13,7 @@
 #define PYIMG_H
 
 #include "common/common.h"
+#include "common/walk.h"
 #include "sqfs/sqfs.h"
 #include "ext4/ext4.h"
 

@@ -1,26 +1,63 @@
-"""A directory source: walk it with os.scandir, lstat everything, follow nothing.
+"""A directory source: list each directory in C, lstat everything, follow nothing.
 
 The directory itself becomes the image root (or the directory at `dest`): its own
 mode, owner and mtime become that entry's.  Symlinks are stored as their raw target
 bytes, whatever they point at (dangling, absolute, looping).  Paths sharing one
 (st_dev, st_ino) share one Inode object: that is how hard links reach the tree.
 Memory: one Inode per entry, plus one dict entry per multiply linked file.
+
+Why C: on a tree of small files the walk is all per-entry overhead (lstat, access,
+listxattr, each a Python call dropping and retaking the GIL, plus a stat_result).
+One call of `pyimg_walk_list` (csrc/common/walk.c) lists a whole directory with the
+GIL released, sorted by raw name bytes, and hands back columns that are converted
+in bulk here.  Policy stays in Python: excludes (an excluded directory is never
+entered), hard-link groups, Rules.apply, the tree.  The loop below is the cost that
+remains, so the common entry (a file, directory or symlink with nothing special
+about it) is handled inline; everything else goes through `_entry_inode`, which
+follows the order of checks (and so reports the same first error) of a plain walk.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import gc
 import os
 import stat
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from .._ffi import ffi, lib
 from ..errors import SourceError
-from ..tree import DataRef, Inode, Kind, Tree, kind_from_mode
-from . import Rules, join_image_path, read_xattrs
+from ..tree import NO_XATTRS, DataRef, Inode, Kind, Tree, kind_from_mode
+from . import _NO_XATTR_SUPPORT, Rules, read_xattrs
+
+# Kind by the file type bits of st_mode (mode >> 12); None: not a type images hold.
+_KINDS = [kind_from_mode(ifmt << 12) for ifmt in range(16)]
+
+# The names blob is NUL-separated; decoding it at once gives what os.fsdecode gives
+# name by name only where NUL is one byte never found inside another character.
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+_BULK_DECODE = codecs.lookup(_FS_ENCODING).name in ("utf-8", "ascii", "iso8859-1")
+
+# The C walker reads the real file system.  When these are replaced (a fake file
+# system such as pyfakefs, or a test making a file unreadable, which root cannot
+# do with chmod), the same listing is made in Python through `os` instead.
+_REAL_OS = {
+    name: getattr(os, name) for name in ("scandir", "stat", "lstat", "readlink", "access", "listxattr")
+}
+
+
+def _os_is_real() -> bool:
+    return all(getattr(os, name) is real for name, real in _REAL_OS.items())
 
 
 def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
     """Add the directory `path` and everything below it at image path `dest`."""
     # str paths (undecodable bytes kept by surrogateescape, os.fsdecode) for the walk:
-    # DataRef wants str anyway; image names are converted back with os.fsencode.
+    # DataRef wants str anyway; the C walker gets them back as bytes (os.fsencode).
     top = os.fsdecode(path)
     try:
         st = os.stat(top)  # the source itself may be a symlink to a directory: follow that one
@@ -35,69 +72,268 @@ def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
     root = Inode(Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
     root.xattrs = read_xattrs(top, follow_symlinks=True)
     tree.add(dest, rules.apply(root, recorded_owner=False), parent_template=rules.parent_template)
+    with _gc_paused():
+        _walk(tree, top, dest, rules)
 
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The walk creates objects that all stay alive in the tree and hold no cycles;
+    the cyclic collector, set off again and again by so many new objects, would
+    traverse the growing tree over and over (0.15 s of 0.55 s on 100k small files)
+    and never free a thing.  Paused, not tuned: it runs again as soon as the walk
+    ends (or fails), with everything the walk made still to be looked at once."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
+    """Everything below `top`, depth first (a stack: the last directory listed is
+    entered first), each directory's entries by name."""
+    lister = _list_in_c() if _os_is_real() else _list_with_os
     links: dict[tuple[int, int], Inode] = {}
+    # Locals for the loop below: it runs once per entry.
+    entries = tree.entries
+    add = tree.add
+    template = rules.parent_template
+    apply = rules.apply
+    excluded = rules.excluded if rules.has_excludes else None
+    kinds = _KINDS
+    no_xattrs = NO_XATTRS  # shared by every inode without xattrs, never edited
+    FILE, DIR, SYMLINK = Kind.FILE, Kind.DIR, Kind.SYMLINK
     pending = [(top, dest)]
     while pending:
         fs_dir, image_dir = pending.pop()
-        for entry in _list(fs_dir):
-            image_path = join_image_path(image_dir, os.fsencode(entry.name))
-            if rules.excluded(image_path):
+        listing = lister(fs_dir)
+        if listing is None:
+            continue  # empty
+        # Same spelling as os.scandir's entry.path: "dir/name", "dir/" kept as it is.
+        fs_prefix = fs_dir if fs_dir.endswith("/") else fs_dir + "/"
+        prefix = image_dir + b"/" if image_dir else b""
+        columns = zip(
+            listing.names,
+            listing.fs_names,
+            listing.mode,
+            listing.uid,
+            listing.gid,
+            listing.mtime_ns,
+            listing.size,
+            listing.flags,
+            listing.targets,
+            strict=True,
+        )
+        for i, (name, fs_name, mode, uid, gid, mtime_ns, size, flags, target) in enumerate(columns):
+            image_path = prefix + name
+            if excluded is not None and excluded(image_path):
                 continue  # an excluded directory is never entered: its subtree goes too
-            inode = _entry_inode(entry, links, rules)
-            tree.add(image_path, inode, parent_template=rules.parent_template)
-            if inode.kind is Kind.DIR:
-                pending.append((entry.path, image_path))
+            kind = kinds[mode >> 12]
+            if flags or (kind is not FILE and kind is not DIR and kind is not SYMLINK):
+                inode = _entry_inode(listing, i, fs_prefix + fs_name, links, rules)
+                kind = inode.kind
+            elif kind is FILE:
+                if size:
+                    data = DataRef(fs_prefix + fs_name, 0, size, (size, mtime_ns))
+                    inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns, size, b"", (0, 0), no_xattrs, data)
+                else:
+                    inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns)
+                apply(inode, recorded_owner=False)
+            elif kind is DIR:
+                inode = apply(Inode(DIR, mode & 0o7777, uid, gid, mtime_ns), recorded_owner=False)
+            else:
+                inode = Inode(SYMLINK, mode & 0o7777, uid, gid, mtime_ns, len(target), target)
+                apply(inode, recorded_owner=False)
+            # What tree.add does, minus its general cases: the parent is the directory
+            # added just before this listing, so only an existing entry (from an
+            # earlier source) needs tree.add's rules for replacing.
+            if image_path in entries:
+                add(image_path, inode, parent_template=template)
+            else:
+                entries[image_path] = inode
+            if kind is DIR:
+                pending.append((fs_prefix + fs_name, image_path))
 
 
-def _list(fs_dir: str) -> list[os.DirEntry[str]]:
-    """The entries of one directory, sorted by name so that nothing (not even which
-    name of a hard-link group is read) depends on readdir order."""
+class _Listing:
+    """One directory's entries as columns, sorted by raw name bytes so that nothing
+    (not even which name of a hard-link group is read) depends on readdir order.
+    Column i of each describes entry i, as pyimg_walk_listing (csrc/common/walk.h)
+    says; the columns the loop reads for every entry are lists, the others may be
+    C arrays, read only for the rare entry that needs them."""
+
+    __slots__ = ("dev", "err", "flags", "fs_names", "gid", "ino", "mode", "mtime_ns", "mtime_nsec",
+                 "mtime_sec", "names", "rdev", "size", "targets", "uid")  # fmt: skip
+
+    names: list[bytes]
+    fs_names: list[str]  # os.fsdecode of each name
+    targets: list[bytes]  # symlink targets (b"" for the others)
+    mode: list[int]
+    uid: list[int]
+    gid: list[int]
+    mtime_ns: list[int]
+    size: list[int]
+    flags: list[int]  # PYIMG_WALK_*
+    err: Any  # the rest: indexable by entry, ints
+    dev: Any
+    ino: Any
+    rdev: Any
+    mtime_sec: Any
+    mtime_nsec: Any
+
+
+def _decode_names(blob: bytes, names: list[bytes]) -> list[str]:
+    if _BULK_DECODE:
+        return blob.decode(_FS_ENCODING, _FS_ERRORS).split("\0")
+    return [os.fsdecode(name) for name in names]
+
+
+def _list_in_c() -> Callable[[str], _Listing | None]:
+    """A lister of directories through one C walker, whose buffers it reuses: each
+    listing is valid until the next one."""
+    walker = ffi.gc(lib.pyimg_walk_new(), lib.pyimg_walk_free)
+    if walker == ffi.NULL:
+        raise MemoryError("cannot allocate the directory walker")
+    out = ffi.new("pyimg_walk_listing *")
+    unpack = ffi.unpack
+
+    def list_one(fs_dir: str) -> _Listing | None:
+        n = lib.pyimg_walk_list(walker, os.fsencode(fs_dir), out)
+        if n == -lib.PYIMG_EIO:
+            raise SourceError(f"cannot read directory: {os.strerror(out.dir_errno)}", fs_dir)
+        if n < 0:
+            raise MemoryError(ffi.string(lib.pyimg_walk_error(walker)).decode())
+        if n == 0:
+            return None
+        listing = _Listing()
+        blob = unpack(out.names, out.names_len - 1)  # without the last NUL
+        listing.names = blob.split(b"\0")
+        listing.fs_names = _decode_names(blob, listing.names)
+        listing.targets = unpack(out.targets, out.targets_len - 1).split(b"\0")
+        listing.mode = unpack(out.mode, n)
+        listing.uid = unpack(out.uid, n)
+        listing.gid = unpack(out.gid, n)
+        listing.mtime_ns = unpack(out.mtime_ns, n)
+        listing.size = unpack(out.size, n)
+        listing.flags = unpack(out.flags, n)
+        listing.err, listing.dev, listing.ino, listing.rdev = out.err, out.dev, out.ino, out.rdev
+        listing.mtime_sec, listing.mtime_nsec = out.mtime_sec, out.mtime_nsec
+        return listing
+
+    return list_one
+
+
+def _list_with_os(fs_dir: str) -> _Listing | None:
+    """What pyimg_walk_list does, through `os` (see _REAL_OS)."""
     try:
         with os.scandir(fs_dir) as it:
-            entries = list(it)
+            found = sorted(it, key=lambda e: os.fsencode(e.name))
     except OSError as exc:
         raise SourceError(f"cannot read directory: {exc.strerror}", fs_dir) from exc
-    entries.sort(key=lambda e: e.name)
-    return entries
+    if not found:
+        return None
+    listing = _Listing()
+    listing.names = [os.fsencode(entry.name) for entry in found]
+    listing.fs_names = [entry.name for entry in found]
+    columns: list[list[int]] = [[] for _ in range(10)]
+    targets: list[bytes] = []
+    for entry in found:
+        row, target = _describe_with_os(entry)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+        targets.append(target)
+    listing.targets = targets
+    (listing.mode, listing.uid, listing.gid, listing.mtime_ns, listing.size, listing.flags,
+     listing.err, listing.dev, listing.ino, listing.rdev) = columns  # fmt: skip
+    listing.mtime_sec = listing.mtime_nsec = listing.err  # never read: no WIDE_TIME here
+    return listing
 
 
-def _entry_inode(entry: os.DirEntry[str], links: dict[tuple[int, int], Inode], rules: Rules) -> Inode:
+def _describe_with_os(entry: os.DirEntry[str]) -> tuple[tuple[int, ...], bytes]:
+    """(mode, uid, gid, mtime_ns, size, flags, errno, dev, ino, rdev), target: one
+    entry as pyimg_walk_list describes it."""
     try:
         st = entry.stat(follow_symlinks=False)
     except OSError as exc:
-        raise SourceError(f"cannot stat: {exc.strerror}", entry.path) from exc
-    kind = kind_from_mode(st.st_mode)
+        return (0, 0, 0, 0, 0, lib.PYIMG_WALK_STAT, exc.errno or 0, 0, 0, 0), b""
+    flags, err, target = _steps_with_os(entry.path, st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+        flags |= lib.PYIMG_WALK_LINKED
+    rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size, flags, err, st.st_dev, st.st_ino,
+            rdev), target  # fmt: skip
+
+
+def _steps_with_os(path: str, mode: int) -> tuple[int, int, bytes]:
+    """What follows the stat, in the order of pyimg_walk_list: flags, errno, target."""
+    target = b""
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.fsencode(os.readlink(path))
+        except OSError as exc:
+            return lib.PYIMG_WALK_READLINK, exc.errno or 0, b""
+    elif stat.S_ISREG(mode) and not os.access(path, os.R_OK):
+        return lib.PYIMG_WALK_ACCESS, 0, b""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _NO_XATTR_SUPPORT:
+            return 0, 0, target
+        return lib.PYIMG_WALK_XATTRS, exc.errno or 0, target
+    return (lib.PYIMG_WALK_HAS_XATTRS if names else 0), 0, target
+
+
+def _entry_inode(
+    listing: _Listing, i: int, path: str, links: dict[tuple[int, int], Inode], rules: Rules
+) -> Inode:
+    """Entry `i` of the listing, in full: failures, hard links, xattrs, devices and
+    times beyond an int64 of ns.  The order of checks decides which error is
+    reported: stat, the file type, a known hard link (whose other name was already
+    checked), then what failed after the stat."""
+    flags = listing.flags[i]
+    failed = flags & lib.PYIMG_WALK_FAILED
+    if failed == lib.PYIMG_WALK_STAT:
+        raise SourceError(f"cannot stat: {os.strerror(listing.err[i])}", path)
+    mode = listing.mode[i]
+    kind = kind_from_mode(mode)
     if kind is None:
-        raise SourceError(f"unsupported file type {stat.S_IFMT(st.st_mode):o}", entry.path)
-    key = (st.st_dev, st.st_ino)
-    if kind is not Kind.DIR and st.st_nlink > 1:
+        raise SourceError(f"unsupported file type {stat.S_IFMT(mode):o}", path)
+    key = (listing.dev[i], listing.ino[i])
+    linked = flags & lib.PYIMG_WALK_LINKED
+    if linked:
         known = links.get(key)
         if known is not None:
             return known  # another name of a file already collected
-    inode = Inode(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+    if failed == lib.PYIMG_WALK_ACCESS:
+        # Checked when collected, not when the data is read much later, so the error
+        # comes before any work and names the file.  (As root this always passes.)
+        raise SourceError("permission denied: cannot read the file", path)
+    if failed == lib.PYIMG_WALK_READLINK:
+        raise SourceError(f"cannot read symlink: {os.strerror(listing.err[i])}", path)
+    if failed == lib.PYIMG_WALK_XATTRS:
+        raise SourceError(f"cannot list xattrs: {os.strerror(listing.err[i])}", path)
+    if flags & lib.PYIMG_WALK_WIDE_TIME:
+        mtime_ns = listing.mtime_sec[i] * 1_000_000_000 + listing.mtime_nsec[i]
+    else:
+        mtime_ns = listing.mtime_ns[i]
+    inode = Inode(kind, mode & 0o7777, listing.uid[i], listing.gid[i], mtime_ns)
     if kind is Kind.FILE:
-        _check_readable(entry.path)
-        inode.size = st.st_size
-        if st.st_size:
-            inode.data = DataRef(entry.path, 0, st.st_size, (st.st_size, st.st_mtime_ns))
+        size = listing.size[i]
+        inode.size = size
+        if size:
+            inode.data = DataRef(path, 0, size, (size, mtime_ns))
     elif kind is Kind.SYMLINK:
-        try:
-            inode.target = os.fsencode(os.readlink(entry.path))
-        except OSError as exc:
-            raise SourceError(f"cannot read symlink: {exc.strerror}", entry.path) from exc
+        inode.target = listing.targets[i]
         inode.size = len(inode.target)
     elif kind in (Kind.CHAR, Kind.BLOCK):
-        inode.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    inode.xattrs = read_xattrs(entry.path)
+        rdev = listing.rdev[i]
+        inode.rdev = (os.major(rdev), os.minor(rdev))
+    if flags & lib.PYIMG_WALK_HAS_XATTRS:
+        inode.xattrs = read_xattrs(path)
     rules.apply(inode, recorded_owner=False)
-    if kind is not Kind.DIR and st.st_nlink > 1:
+    if linked:
         links[key] = inode
     return inode
-
-
-def _check_readable(path: str) -> None:
-    # Checked now, not when the data is read much later, so the error comes before
-    # any work and names the file.  (As root this always passes.)
-    if not os.access(path, os.R_OK):
-        raise SourceError("permission denied: cannot read the file", path)

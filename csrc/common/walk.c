@@ -1,0 +1,288 @@
+/* Listing one directory of a directory source in one call.
+ *
+ * Collecting a tree of many small files in Python costs a few microseconds per
+ * entry in system calls alone (lstat, access, listxattr, each dropping and
+ * retaking the GIL) plus the os.stat_result objects.  Here one call lists a whole
+ * directory with the GIL released: readdir, fstatat relative to the directory's
+ * descriptor, readlinkat, faccessat and llistxattr, and returns the results as
+ * columns that Python converts in bulk.  Policy (excludes, hard links, owners)
+ * stays in Python: this file only reports what the file system says.
+ *
+ * Entries are sorted here by raw name bytes, so that nothing downstream (which
+ * name of a hard-link group is read, which error is reported first) depends on
+ * readdir order.  A failing entry does not stop the listing: its failed step and
+ * errno are kept, and Python decides whether it matters (an excluded entry's
+ * failure does not).
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "walk.h"
+
+/* Seconds whose mtime in ns (plus up to 999999999 ns) fits an int64_t. */
+#define SEC_NS_MAX (INT64_MAX / 1000000000 - 1)
+
+struct pyimg_walk {
+    size_t cap; /* entries the columns hold */
+    uint32_t *mode, *uid, *gid, *flags;
+    int32_t *err;
+    int64_t *mtime_ns, *mtime_sec, *size;
+    int32_t *mtime_nsec;
+    uint64_t *dev, *ino, *rdev;
+    size_t *raw_ends;    /* end offset of each name in raw, in readdir order */
+    const char **sorted; /* the names, sorted (pointers into raw) */
+    pyimg_buf raw;       /* names in readdir order, NUL-terminated */
+    pyimg_buf names;     /* names in sorted order, NUL-terminated */
+    pyimg_buf targets;   /* one NUL-terminated target per entry */
+    pyimg_buf path;      /* "dir/" + the current name, for llistxattr */
+    char msg[PYIMG_ERRMSG_MAX];
+};
+
+pyimg_walk *pyimg_walk_new(void) { return calloc(1, sizeof(pyimg_walk)); }
+
+void pyimg_walk_free(pyimg_walk *w) {
+    if (!w) return;
+    free(w->mode);
+    free(w->uid);
+    free(w->gid);
+    free(w->flags);
+    free(w->err);
+    free(w->mtime_ns);
+    free(w->mtime_sec);
+    free(w->mtime_nsec);
+    free(w->size);
+    free(w->dev);
+    free(w->ino);
+    free(w->rdev);
+    free(w->raw_ends);
+    free(w->sorted);
+    pyimg_buf_free(&w->raw);
+    pyimg_buf_free(&w->names);
+    pyimg_buf_free(&w->targets);
+    pyimg_buf_free(&w->path);
+    free(w);
+}
+
+const char *pyimg_walk_error(const pyimg_walk *w) { return w->msg; }
+
+static int fail(pyimg_walk *w, int code, const char *what) {
+    snprintf(w->msg, sizeof w->msg, "%s", what);
+    return code;
+}
+
+/* realloc one column to cap entries of size elem; 0 or -1. */
+static int grow_column(void *column_ptr, size_t cap, size_t elem) {
+    void **column = column_ptr;
+    if (cap > SIZE_MAX / elem) return -1;
+    void *p = realloc(*column, cap * elem);
+    if (!p) return -1;
+    *column = p;
+    return 0;
+}
+
+/* Room for at least n entries in every per-entry array. */
+static int reserve_entries(pyimg_walk *w, size_t n) {
+    if (n <= w->cap) return 0;
+    size_t cap = w->cap ? w->cap : 256;
+    while (cap < n) {
+        if (cap > SIZE_MAX / 2) return -PYIMG_ENOMEM;
+        cap *= 2;
+    }
+    if (grow_column(&w->mode, cap, sizeof *w->mode) || grow_column(&w->uid, cap, sizeof *w->uid) ||
+        grow_column(&w->gid, cap, sizeof *w->gid) || grow_column(&w->flags, cap, sizeof *w->flags) ||
+        grow_column(&w->err, cap, sizeof *w->err) || grow_column(&w->mtime_ns, cap, sizeof *w->mtime_ns) ||
+        grow_column(&w->mtime_sec, cap, sizeof *w->mtime_sec) ||
+        grow_column(&w->mtime_nsec, cap, sizeof *w->mtime_nsec) ||
+        grow_column(&w->size, cap, sizeof *w->size) || grow_column(&w->dev, cap, sizeof *w->dev) ||
+        grow_column(&w->ino, cap, sizeof *w->ino) || grow_column(&w->rdev, cap, sizeof *w->rdev) ||
+        grow_column(&w->raw_ends, cap, sizeof *w->raw_ends) || grow_column(&w->sorted, cap, sizeof *w->sorted))
+        return -PYIMG_ENOMEM; /* the columns grown so far stay valid, cap unchanged */
+    w->cap = cap;
+    return 0;
+}
+
+/* strcmp compares as unsigned char: byte order, a prefix before its extensions. */
+static int by_name(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Reads every name but "." and ".." into w->raw; returns the count or a negative code. */
+static int64_t read_names(pyimg_walk *w, DIR *dir, int *dir_errno) {
+    size_t n = 0;
+    for (;;) {
+        errno = 0;
+        struct dirent *d = readdir(dir);
+        if (!d) {
+            if (errno) {
+                *dir_errno = errno;
+                return -PYIMG_EIO;
+            }
+            return (int64_t)n;
+        }
+        const char *name = d->d_name;
+        if (name[0] == '.' && (name[1] == '\0' || (name[1] == '.' && name[2] == '\0'))) continue;
+        if (reserve_entries(w, n + 1) || pyimg_buf_append(&w->raw, name, strlen(name) + 1))
+            return -PYIMG_ENOMEM;
+        w->raw_ends[n++] = w->raw.len;
+    }
+}
+
+/* Appends the target of symlink `name` (NUL-terminated) to w->targets; 0 or an errno. */
+static int read_target(pyimg_walk *w, int dirfd, const char *name, size_t hint, int *nomem) {
+    size_t cap = hint ? hint + 1 : 256;
+    for (;;) {
+        if (pyimg_buf_reserve(&w->targets, cap + 1)) {
+            *nomem = 1;
+            return ENOMEM;
+        }
+        char *dst = (char *)w->targets.data + w->targets.len;
+        ssize_t got = readlinkat(dirfd, name, dst, cap);
+        if (got < 0) return errno;
+        if ((size_t)got < cap) { /* not truncated */
+            dst[got] = '\0';
+            w->targets.len += (size_t)got + 1;
+            return 0;
+        }
+        if (cap > SIZE_MAX / 4) {
+            *nomem = 1;
+            return ENOMEM;
+        }
+        cap *= 2;
+    }
+}
+
+/* Fills the columns of entry i, named `name`, in the directory open as dirfd;
+ * w->path holds "dir/" (prefix_len bytes).  Returns 0 or a negative code (only
+ * for running out of memory: failures of the entry are kept in its columns). */
+static int describe(pyimg_walk *w, int dirfd, size_t prefix_len, size_t i, const char *name) {
+    struct stat st;
+    uint32_t flags = 0;
+    int err = 0;
+    w->mode[i] = w->uid[i] = w->gid[i] = 0;
+    w->mtime_ns[i] = w->mtime_sec[i] = w->size[i] = 0;
+    w->mtime_nsec[i] = 0;
+    w->dev[i] = w->ino[i] = w->rdev[i] = 0;
+    size_t target_at = w->targets.len;
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        flags = PYIMG_WALK_STAT;
+        err = errno;
+        goto done;
+    }
+    w->mode[i] = (uint32_t)st.st_mode;
+    w->uid[i] = (uint32_t)st.st_uid;
+    w->gid[i] = (uint32_t)st.st_gid;
+    int64_t sec = (int64_t)st.st_mtim.tv_sec;
+    w->mtime_sec[i] = sec;
+    w->mtime_nsec[i] = (int32_t)st.st_mtim.tv_nsec;
+    if (sec >= -SEC_NS_MAX && sec <= SEC_NS_MAX)
+        w->mtime_ns[i] = sec * 1000000000 + st.st_mtim.tv_nsec;
+    else
+        flags |= PYIMG_WALK_WIDE_TIME; /* years beyond 1677..2262: Python computes it */
+    w->size[i] = (int64_t)st.st_size;
+    w->dev[i] = (uint64_t)st.st_dev;
+    w->ino[i] = (uint64_t)st.st_ino;
+    w->rdev[i] = (uint64_t)st.st_rdev;
+    if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) flags |= PYIMG_WALK_LINKED;
+    if (S_ISLNK(st.st_mode)) {
+        int nomem = 0;
+        err = read_target(w, dirfd, name, st.st_size > 0 ? (size_t)st.st_size : 0, &nomem);
+        if (nomem) return -PYIMG_ENOMEM;
+        if (err) {
+            flags |= PYIMG_WALK_READLINK;
+            goto done;
+        }
+    } else if (S_ISREG(st.st_mode)) {
+        /* access(2) semantics (real ids), as os.access: checked now so that the
+         * error comes before any work and names the file. */
+        if (faccessat(dirfd, name, R_OK, 0) != 0) {
+            flags |= PYIMG_WALK_ACCESS;
+            err = errno;
+            goto done;
+        }
+    }
+    /* There is no llistxattrat: the path is dir + "/" + name. */
+    w->path.len = prefix_len;
+    if (pyimg_buf_append(&w->path, name, strlen(name) + 1)) return -PYIMG_ENOMEM;
+    ssize_t listed = llistxattr((const char *)w->path.data, NULL, 0);
+    if (listed > 0) {
+        flags |= PYIMG_WALK_HAS_XATTRS;
+    } else if (listed < 0 && errno != ENOTSUP && errno != EOPNOTSUPP && errno != ENOSYS) {
+        flags |= PYIMG_WALK_XATTRS;
+        err = errno;
+    }
+done:
+    if (w->targets.len == target_at) { /* not a symlink, or its target is unknown */
+        if (pyimg_buf_append(&w->targets, "", 1)) return -PYIMG_ENOMEM;
+    }
+    w->flags[i] = flags;
+    w->err[i] = err;
+    return 0;
+}
+
+static int64_t list_open(pyimg_walk *w, DIR *dir, pyimg_walk_listing *out) {
+    int64_t counted = read_names(w, dir, &out->dir_errno);
+    if (counted < 0) return counted;
+    size_t n = (size_t)counted;
+    size_t start = 0;
+    for (size_t i = 0; i < n; i++) {
+        w->sorted[i] = (const char *)w->raw.data + start;
+        start = w->raw_ends[i];
+    }
+    if (n > 1) qsort(w->sorted, n, sizeof *w->sorted, by_name);
+    size_t prefix_len = w->path.len;
+    int dirfd_ = dirfd(dir);
+    for (size_t i = 0; i < n; i++) {
+        const char *name = w->sorted[i];
+        if (pyimg_buf_append(&w->names, name, strlen(name) + 1)) return -PYIMG_ENOMEM;
+        int rc = describe(w, dirfd_, prefix_len, i, name);
+        if (rc) return rc;
+    }
+    return (int64_t)n;
+}
+
+int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out) {
+    memset(out, 0, sizeof *out);
+    w->msg[0] = '\0';
+    w->raw.len = w->names.len = w->targets.len = w->path.len = 0;
+    size_t path_len = strlen(path);
+    if (pyimg_buf_reserve(&w->path, path_len + 2)) return fail(w, -PYIMG_ENOMEM, "out of memory");
+    pyimg_buf_append(&w->path, path, path_len);
+    if (path_len && path[path_len - 1] != '/') pyimg_buf_append(&w->path, "/", 1);
+
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!dir) {
+        out->dir_errno = errno;
+        if (fd >= 0) close(fd);
+        return fail(w, -PYIMG_EIO, "cannot open the directory");
+    }
+    int64_t n = list_open(w, dir, out);
+    closedir(dir);
+    if (n == -PYIMG_EIO) return fail(w, -PYIMG_EIO, "cannot read the directory");
+    if (n < 0) return fail(w, (int)n, "out of memory");
+    out->count = (size_t)n;
+    out->mode = w->mode;
+    out->uid = w->uid;
+    out->gid = w->gid;
+    out->mtime_ns = w->mtime_ns;
+    out->mtime_sec = w->mtime_sec;
+    out->mtime_nsec = w->mtime_nsec;
+    out->size = w->size;
+    out->dev = w->dev;
+    out->ino = w->ino;
+    out->rdev = w->rdev;
+    out->flags = w->flags;
+    out->err = w->err;
+    out->names = (const char *)w->names.data;
+    out->names_len = w->names.len;
+    out->targets = (const char *)w->targets.data;
+    out->targets_len = w->targets.len;
+    return n;
+}
