@@ -48,7 +48,7 @@ def kind_from_mode(st_mode: int) -> Kind | None:
     return _KIND_FROM_IFMT.get(stat.S_IFMT(st_mode))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~0.5 us per file; never changed once made
 class DataRef:
     """Where a regular file's bytes live: `size` bytes at `offset` in the real file `path`.
 
