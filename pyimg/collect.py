@@ -22,7 +22,7 @@ from .sources import Rules, Spool
 from .sources.directory import add_directory
 from .sources.single import add_file
 from .sources.tar import TAR_SUFFIXES, add_tar, is_tar_archive
-from .tree import Tree, new_dir, normalize_path
+from .tree import Tree, gc_paused, new_dir, normalize_path
 
 ResolvedKind = Literal["dir", "tar", "file"]
 
@@ -58,8 +58,9 @@ def collect(options: BuildOptions) -> Collected:
     tree = Tree(new_dir(0o755, 0, 0, rules.epoch_ns or 0))
     spool = Spool()
     try:
-        for spec in options.sources:
-            add_source(tree, spec, rules, spool)
+        with gc_paused():
+            for spec in options.sources:
+                add_source(tree, spec, rules, spool)
     except BaseException:
         spool.close()
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import threading
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from .options import BuildOptions
 from .tree import FrozenTree, Kind
 
 MANIFEST_VERSION = 1
-_READ = 1 << 20
+_WINDOW = 32 << 20  # bytes of the image mapped at a time while hashing it
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,29 +38,38 @@ class ImageDigest:
 
 
 def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
-    """BLAKE3 (and SHA-256) of a file, both hashes fed by one read, on two threads.
+    """BLAKE3 (and SHA-256) of a file, both hashes fed from the same pages, on
+    separate threads.
 
+    The file is mapped a window at a time and hashed in place: no copy into Python
+    buffers (that copy was half the time on a 1.3 GB image), and at most one window
+    of it mapped at once, so memory stays bounded whatever the image size.
     SHA-256 runs at ~1.6 GB/s here against ~7 GB/s for BLAKE3: on an 800 MB image it
     is half a second of a build, so it is computed only when asked for (manifest,
     --json, `pyimg digest --sha256`)."""
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
     sha = hashlib.sha256() if sha256 else None
-    size = 0
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(_READ * 8):
-                size += len(chunk)
-                if sha is None:
-                    b3.update(chunk)
-                    continue
-                # Both release the GIL on large buffers: hash in parallel.
-                t = threading.Thread(target=sha.update, args=(chunk,))
-                t.start()
-                b3.update(chunk)
-                t.join()
+            size = os.fstat(f.fileno()).st_size
+            for offset in range(0, size, _WINDOW):
+                length = min(_WINDOW, size - offset)
+                with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as window:
+                    _hash_window(window, b3, sha)
     except OSError as exc:
         raise OutputError(f"cannot read the image: {exc.strerror}", path) from exc
     return ImageDigest(b3.hexdigest(), sha.hexdigest() if sha is not None else None, size)
+
+
+def _hash_window(window: mmap.mmap, b3: Any, sha: Any) -> None:
+    if sha is None:
+        b3.update(window)
+        return
+    # Both release the GIL on large buffers: hash in parallel.
+    t = threading.Thread(target=sha.update, args=(window,))
+    t.start()
+    b3.update(window)
+    t.join()
 
 
 def versions() -> dict[str, str]:

@@ -10,15 +10,36 @@ inode numbers in that order, link counts computed — the only input a writer se
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import gc
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .errors import SourceError
 
 NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a tree is built and used.
+
+    A build makes a few objects per tree entry and frees nothing until the end;
+    each burst of allocations would make the collector traverse every live object
+    again (0.15 s of a 0.55 s walk of 100k small files, ~10 % of a build) without
+    freeing a thing: the tree holds no reference cycles.  Paused, not tuned: the
+    previous state is restored on exit (or failure).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class Kind(enum.IntEnum):
