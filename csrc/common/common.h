@@ -49,7 +49,7 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
 /* One file as pyimg_read_batch reads each: `size` bytes at `offset` into out,
- * checked against the stamp before and after.  Returns PYIMG_READ_*; *err gets
+ * checked against the stamp after the read.  Returns PYIMG_READ_*; *err gets
  * errno for OPEN and IO. */
 int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
                     uint8_t *out, int32_t *err);

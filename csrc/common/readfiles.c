@@ -3,8 +3,8 @@
  * Python's per-file cost (open, fstat, pread, fstat, close, each dropping and
  * retaking the GIL) dominates trees of small files; here a batch is read with the
  * GIL released once.  Each file is checked against the size and mtime recorded
- * when the tree was collected, before and after the read, so a file that changes
- * while it is read is reported, never silently stored half-old, half-new.
+ * when the tree was collected, after the read, so a file that changed before or
+ * while it was read is reported, never silently stored half-old, half-new.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -36,10 +36,6 @@ int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t st
         return PYIMG_READ_OPEN;
     }
     int status = PYIMG_READ_OK;
-    if (!unchanged(fd, stamp_size, stamp_mtime)) {
-        status = PYIMG_READ_CHANGED;
-        goto done;
-    }
     uint64_t done_bytes = 0;
     while (done_bytes < size) {
         ssize_t n = pread(fd, out + done_bytes, (size_t)(size - done_bytes), (off_t)(offset + done_bytes));
@@ -51,10 +47,13 @@ int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t st
         }
         if (n == 0) {
             status = PYIMG_READ_SHORT;
-            goto done;
+            break;
         }
         done_bytes += (uint64_t)n;
     }
+    /* One fstat, after the read, is enough: a file changed at any time since it
+     * was collected no longer has the recorded size and mtime (a short read of a
+     * changed file is reported as the change it is). */
     if (!unchanged(fd, stamp_size, stamp_mtime)) status = PYIMG_READ_CHANGED;
 done:
     close(fd);
