@@ -6,13 +6,9 @@ override file permissions, so that chmod means what it says)."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shutil
 import socket
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,7 @@ from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.sources import read_xattrs
 from pyimg.tree import NO_XATTRS, DataRef, Inode, Kind, kind_from_mode
 
-from ..oracles import IS_ROOT, can_xattr
+from ..oracles import IS_ROOT, can_xattr, collect_unprivileged
 
 ODD_NAMES = [
     b"a",
@@ -222,37 +218,6 @@ def test_excluded_entries_are_never_entered(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- real failures
 
-_CHILD = """
-import json, sys
-from pyimg.collect import collect
-from pyimg.errors import SourceError
-from pyimg.options import BuildOptions, Policy, SourceSpec
-options = BuildOptions(sources=(SourceSpec(sys.argv[1]),), output="/nonexistent/x",
-                       policy=Policy(excludes=tuple(sys.argv[2:])))
-try:
-    with collect(options) as c:
-        print(json.dumps({"entries": len(c.tree)}))
-except SourceError as exc:
-    print(json.dumps({"path": exc.path, "reason": exc.reason}))
-"""
-
-
-def collect_unprivileged(root: Path, *excludes: str) -> dict[str, Any]:
-    """Collect `root` in a child that cannot override file permissions: as root,
-    without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (uid 0 still owns the files)."""
-    command = [sys.executable, "-c", _CHILD, str(root), *excludes]
-    if IS_ROOT:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv is needed to drop root's permission override")
-        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 and "setpriv" in proc.stderr:
-        pytest.skip(f"cannot drop capabilities here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
-
 
 @pytest.fixture
 def locked(tmp_path: Path) -> Iterator[Path]:
@@ -291,7 +256,6 @@ def test_real_stat_failure(locked: Path) -> None:
         "path": str(locked / "a/fine"),
         "reason": "cannot stat: Permission denied",
     }
-
 
 
 def test_c_and_os_listings_agree(tmp_path: Path) -> None:
