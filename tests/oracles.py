@@ -3,6 +3,7 @@ tool extracted from an image (content, mode, owner, mtime, links, xattrs, device
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +39,47 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI (the oracle must run)")
         pytest.skip(f"{name} not installed")
     return path
+
+
+def run_unprivileged(code: str, *args: str) -> Any:
+    """Run `python -c code args...` in a child that cannot override file permissions,
+    so that chmod means what it says, and return the JSON value it prints.  As root:
+    without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (uid 0 still owns the files),
+    through setpriv; in CI a missing setpriv, or one that cannot drop them, fails."""
+    command = [sys.executable, "-c", code, *args]
+    if IS_ROOT:
+        command = [require_tool("setpriv"), "--bounding-set", "-dac_override,-dac_read_search", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0 and "setpriv" in proc.stderr:
+        message = f"cannot drop root's permission override here: {proc.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+_COLLECT = """
+import json, sys
+from pyimg.collect import collect
+from pyimg.errors import SourceError
+from pyimg.options import BuildOptions, Policy, SourceSpec
+options = BuildOptions(sources=(SourceSpec(sys.argv[1]),), output="/nonexistent/x",
+                       policy=Policy(excludes=tuple(sys.argv[2:])))
+try:
+    with collect(options) as c:
+        print(json.dumps({"entries": len(c.tree)}))
+except SourceError as exc:
+    print(json.dumps({"path": exc.path, "reason": exc.reason}))
+"""
+
+
+def collect_unprivileged(root: Path, *excludes: str) -> dict[str, Any]:
+    """Collect the directory `root` (default policy, these excludes) without the
+    permission override (run_unprivileged): {"entries": count} or the SourceError's
+    {"path", "reason"}."""
+    result: dict[str, Any] = run_unprivileged(_COLLECT, str(root), *excludes)
+    return result
 
 
 def can_xattr(directory: Path) -> bool:

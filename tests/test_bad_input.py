@@ -16,7 +16,7 @@ import pytest
 import pyimg
 from pyimg.errors import OutputError, PyImgError, SourceError
 
-from .oracles import run_cli
+from .oracles import run_cli, run_unprivileged
 
 
 def _src(tmp_path: Path) -> Path:
@@ -42,18 +42,27 @@ def test_missing_source_cli(tmp_path: Path) -> None:
 FORMATS = ["squashfs", "ext4"]
 
 
-def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+_BUILD = """
+import json, sys
+import pyimg
+from pyimg.errors import SourceError
+try:
+    pyimg.build([sys.argv[1]], sys.argv[2])
+except SourceError as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps({"built": sys.argv[2]}))
+"""
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # Root reads everything: build in a child that cannot override file permissions,
+    # as an unprivileged builder would.
     src = _src(tmp_path)
-    real_access = os.access
-
-    def deny(path: object, mode: int, *args: object, **kw: object) -> bool:
-        # Root reads everything: pretend, as an unprivileged builder would see it.
-        return False if str(path).endswith("/a") else real_access(path, mode, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "access", deny)
-    with pytest.raises(SourceError) as err:
-        pyimg.build([str(src)], str(tmp_path / "out.sqfs"))
-    assert str(src / "a") in str(err.value) and "permission denied" in str(err.value)
+    (src / "a").chmod(0)
+    result = run_unprivileged(_BUILD, str(src), str(tmp_path / "out.sqfs"))
+    assert "error" in result, result
+    assert str(src / "a") in result["error"] and "permission denied" in result["error"]
     _nothing_written(tmp_path, keep={"src"})
 
 

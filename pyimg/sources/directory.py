@@ -29,7 +29,7 @@ from typing import Any
 from .._ffi import ffi, lib
 from ..errors import SourceError
 from ..tree import NO_XATTRS, DataRef, Inode, Kind, Tree, kind_from_mode
-from . import _NO_XATTR_SUPPORT, Rules, read_xattrs
+from . import Rules, read_xattrs
 
 # Kind by the file type bits of st_mode (mode >> 12); None: not a type images hold.
 _KINDS = [kind_from_mode(ifmt << 12) for ifmt in range(16)]
@@ -39,17 +39,6 @@ _KINDS = [kind_from_mode(ifmt << 12) for ifmt in range(16)]
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 _BULK_DECODE = codecs.lookup(_FS_ENCODING).name in ("utf-8", "ascii", "iso8859-1")
-
-# The C walker reads the real file system.  When these are replaced (a fake file
-# system such as pyfakefs, or a test making a file unreadable, which root cannot
-# do with chmod), the same listing is made in Python through `os` instead.
-_REAL_OS = {
-    name: getattr(os, name) for name in ("scandir", "stat", "lstat", "readlink", "access", "listxattr")
-}
-
-
-def _os_is_real() -> bool:
-    return all(getattr(os, name) is real for name, real in _REAL_OS.items())
 
 
 def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
@@ -76,7 +65,7 @@ def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
 def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
     """Everything below `top`, depth first (a stack: the last directory listed is
     entered first), each directory's entries by name."""
-    lister = _list_in_c() if _os_is_real() else _list_with_os
+    lister = _list_in_c()
     links: dict[tuple[int, int], Inode] = {}
     # Locals for the loop below: it runs once per entry.
     entries = tree.entries
@@ -143,8 +132,8 @@ class _Listing:
     """One directory's entries as columns, sorted by raw name bytes so that nothing
     (not even which name of a hard-link group is read) depends on readdir order.
     Column i of each describes entry i, as pyimg_walk_listing (csrc/common/walk.h)
-    says; the columns the loop reads for every entry are lists, the others may be
-    C arrays, read only for the rare entry that needs them."""
+    says; the columns the loop reads for every entry are lists, the others are the
+    walker's C arrays, read only for the rare entry that needs them."""
 
     __slots__ = ("dev", "err", "flags", "fs_names", "gid", "ino", "mode", "mtime_ns", "mtime_nsec",
                  "mtime_sec", "names", "rdev", "size", "targets", "uid")  # fmt: skip
@@ -205,66 +194,6 @@ def _list_in_c() -> Callable[[str], _Listing | None]:
         return listing
 
     return list_one
-
-
-def _list_with_os(fs_dir: str) -> _Listing | None:
-    """What pyimg_walk_list does, through `os` (see _REAL_OS)."""
-    try:
-        with os.scandir(fs_dir) as it:
-            found = sorted(it, key=lambda e: os.fsencode(e.name))
-    except OSError as exc:
-        raise SourceError(f"cannot read directory: {exc.strerror}", fs_dir) from exc
-    if not found:
-        return None
-    listing = _Listing()
-    listing.names = [os.fsencode(entry.name) for entry in found]
-    listing.fs_names = [entry.name for entry in found]
-    columns: list[list[int]] = [[] for _ in range(10)]
-    targets: list[bytes] = []
-    for entry in found:
-        row, target = _describe_with_os(entry)
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-        targets.append(target)
-    listing.targets = targets
-    (listing.mode, listing.uid, listing.gid, listing.mtime_ns, listing.size, listing.flags,
-     listing.err, listing.dev, listing.ino, listing.rdev) = columns  # fmt: skip
-    listing.mtime_sec = listing.mtime_nsec = listing.err  # never read: no WIDE_TIME here
-    return listing
-
-
-def _describe_with_os(entry: os.DirEntry[str]) -> tuple[tuple[int, ...], bytes]:
-    """(mode, uid, gid, mtime_ns, size, flags, errno, dev, ino, rdev), target: one
-    entry as pyimg_walk_list describes it."""
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except OSError as exc:
-        return (0, 0, 0, 0, 0, lib.PYIMG_WALK_STAT, exc.errno or 0, 0, 0, 0), b""
-    flags, err, target = _steps_with_os(entry.path, st.st_mode)
-    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-        flags |= lib.PYIMG_WALK_LINKED
-    rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
-    return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size, flags, err, st.st_dev, st.st_ino,
-            rdev), target  # fmt: skip
-
-
-def _steps_with_os(path: str, mode: int) -> tuple[int, int, bytes]:
-    """What follows the stat, in the order of pyimg_walk_list: flags, errno, target."""
-    target = b""
-    if stat.S_ISLNK(mode):
-        try:
-            target = os.fsencode(os.readlink(path))
-        except OSError as exc:
-            return lib.PYIMG_WALK_READLINK, exc.errno or 0, b""
-    elif stat.S_ISREG(mode) and not os.access(path, os.R_OK):
-        return lib.PYIMG_WALK_ACCESS, 0, b""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _NO_XATTR_SUPPORT:
-            return 0, 0, target
-        return lib.PYIMG_WALK_XATTRS, exc.errno or 0, target
-    return (lib.PYIMG_WALK_HAS_XATTRS if names else 0), 0, target
 
 
 def _entry_inode(

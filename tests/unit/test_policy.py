@@ -1,18 +1,21 @@
-"""Policy (owner, id maps, epoch clamp, excludes) and the directory walk, on a fake
-file system (pyfakefs): pure logic, no real files needed."""
+"""Policy (owner, id maps, epoch clamp, excludes): the rules alone (pure logic),
+then applied while collecting real directories (under tmp_path: the directory
+walker is C and reads the real file system)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
-from pyfakefs.fake_filesystem import FakeFilesystem
 
 from pyimg.collect import collect
 from pyimg.errors import SpecError
 from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.sources import Rules, owner_pair
 from pyimg.tree import Inode, Kind
+
+from ..oracles import IS_ROOT
 
 NS = 1_000_000_000
 
@@ -99,26 +102,43 @@ def test_owner_pair() -> None:
         owner_pair("nobody")
 
 
-# ----------------------------------------------------------------------------- collect on a fake fs
+# ----------------------------------------------------------------------------- collect a directory
 
 
-def build(fs: FakeFilesystem) -> None:
-    fs.create_dir("/src", perm_bits=0o751)
-    fs.create_file("/src/usr/bin/tool", contents="#!/bin/sh\n", st_mode=0o100755)
-    fs.create_file("/src/usr/share/doc/tool/README", contents="readme")
-    fs.create_file("/src/usr/lib/py/m.py", contents="x = 1\n")
-    fs.create_file("/src/usr/lib/py/m.pyc", contents="\0bytecode")
-    fs.create_file("/src/var/cache/apt/pkgcache.bin", contents="cache")
-    fs.create_symlink("/src/usr/lib/py/link", "../../bin/tool")
-    for path in ("/src", "/src/usr/bin/tool", "/src/usr/lib/py/m.py"):
+def put(path: Path, contents: str, mode: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(contents)
+    if mode is not None:
+        path.chmod(mode)
+
+
+def build(tmp_path: Path) -> tuple[int, int]:
+    """A source tree at tmp_path/src; returns the owner of usr/bin/tool (1000:1000,
+    or the builder's ids where chown is not allowed)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    src.chmod(0o751)
+    put(src / "usr/bin/tool", "#!/bin/sh\n", 0o755)
+    put(src / "usr/share/doc/tool/README", "readme")
+    put(src / "usr/lib/py/m.py", "x = 1\n")
+    put(src / "usr/lib/py/m.pyc", "\0bytecode")
+    put(src / "var/cache/apt/pkgcache.bin", "cache")
+    os.symlink("../../bin/tool", src / "usr/lib/py/link")
+    for path in (src, src / "usr/bin/tool", src / "usr/lib/py/m.py"):
         os.utime(path, (2_000_000_000, 2_000_000_000))
-    os.chown("/src/usr/bin/tool", 1000, 1000)
+    owner = (1000, 1000) if IS_ROOT else (os.getuid(), os.getgid())
+    os.chown(src / "usr/bin/tool", *owner)
+    return owner
 
 
-def test_collect_directory_with_policy(fs: FakeFilesystem) -> None:
-    build(fs)
+def options(tmp_path: Path, *sources: SourceSpec, policy: Policy | None = None) -> BuildOptions:
+    return BuildOptions(sources=sources, output=str(tmp_path / "out.img"), policy=policy or Policy())
+
+
+def test_collect_directory_with_policy(tmp_path: Path) -> None:
+    build(tmp_path)
     policy = Policy(excludes=("*.pyc", "/usr/share/doc", "/var/cache/*"), epoch=1_700_000_000)
-    with collect(BuildOptions(sources=(SourceSpec("/src"),), output="/out.img", policy=policy)) as c:
+    with collect(options(tmp_path, SourceSpec(str(tmp_path / "src")), policy=policy)) as c:
         paths = set(c.tree.entries)
         assert b"usr/lib/py/m.pyc" not in paths
         assert not any(p.startswith(b"usr/share/doc") for p in paths)
@@ -131,29 +151,29 @@ def test_collect_directory_with_policy(fs: FakeFilesystem) -> None:
         assert c.tree.entries[b"usr/lib/py/link"].target == b"../../bin/tool"
 
 
-def test_collect_preserve_and_maps(fs: FakeFilesystem) -> None:
-    build(fs)
-    policy = Policy(owner="preserve", uid_map=((1000, 10),), gid_map=((1000, 20),))
-    with collect(BuildOptions(sources=(SourceSpec("/src"),), output="/out.img", policy=policy)) as c:
+def test_collect_preserve_and_maps(tmp_path: Path) -> None:
+    uid, gid = build(tmp_path)
+    policy = Policy(owner="preserve", uid_map=((uid, 10),), gid_map=((gid, 20),))
+    with collect(options(tmp_path, SourceSpec(str(tmp_path / "src")), policy=policy)) as c:
         tool = c.tree.entries[b"usr/bin/tool"]
         assert (tool.uid, tool.gid) == (10, 20)
 
 
-def test_layers_and_single_files(fs: FakeFilesystem) -> None:
-    build(fs)
-    fs.create_file("/overlay/usr/bin/tool", contents="new tool")
-    fs.create_file("/motd", contents="hi", st_mode=0o100600)
+def test_layers_and_single_files(tmp_path: Path) -> None:
+    build(tmp_path)
+    put(tmp_path / "overlay/usr/bin/tool", "new tool")
+    put(tmp_path / "motd", "hi", 0o600)
     sources = (
-        SourceSpec("/src"),
-        SourceSpec("/overlay"),
-        SourceSpec("/motd", dest=b"/etc/motd", mode=0o644, uid=3),
-        SourceSpec("/motd", dest=b"/usr/share/doc/skipped"),
+        SourceSpec(str(tmp_path / "src")),
+        SourceSpec(str(tmp_path / "overlay")),
+        SourceSpec(str(tmp_path / "motd"), dest=b"/etc/motd", mode=0o644, uid=3),
+        SourceSpec(str(tmp_path / "motd"), dest=b"/usr/share/doc/skipped"),
     )
     policy = Policy(excludes=("/usr/share/doc",), epoch=5)
-    with collect(BuildOptions(sources=sources, output="/out.img", policy=policy)) as c:
+    with collect(options(tmp_path, *sources, policy=policy)) as c:
         tool = c.tree.entries[b"usr/bin/tool"]
         assert tool.size == len("new tool")
-        assert tool.data is not None and tool.data.path == "/overlay/usr/bin/tool"
+        assert tool.data is not None and tool.data.path == str(tmp_path / "overlay/usr/bin/tool")
         motd = c.tree.entries[b"etc/motd"]
         assert (motd.mode, motd.uid, motd.gid) == (0o644, 3, 0)
         etc = c.tree.entries[b"etc"]  # created as a parent: the template
@@ -162,19 +182,20 @@ def test_layers_and_single_files(fs: FakeFilesystem) -> None:
         assert b"usr/lib/py/m.pyc" in c.tree  # earlier layer kept what the overlay lacks
 
 
-def test_directory_replacing_file_and_back(fs: FakeFilesystem) -> None:
-    fs.create_file("/a/thing/inside", contents="x")
-    fs.create_file("/b/thing", contents="now a file")
-    with collect(BuildOptions(sources=(SourceSpec("/a"), SourceSpec("/b")), output="/o")) as c:
+def test_directory_replacing_file_and_back(tmp_path: Path) -> None:
+    put(tmp_path / "a/thing/inside", "x")
+    put(tmp_path / "b/thing", "now a file")
+    with collect(options(tmp_path, SourceSpec(str(tmp_path / "a")), SourceSpec(str(tmp_path / "b")))) as c:
         assert c.tree.entries[b"thing"].kind is Kind.FILE
         assert b"thing/inside" not in c.tree
 
 
-def test_names_with_any_byte(fs: FakeFilesystem) -> None:
-    fs.create_dir("/src")
-    long_name = "n" * 300  # not refused here: the formats decide
-    fs.create_file("/src/" + long_name, contents="x")
-    fs.create_file("/src/tab\tand\nnewline", contents="y")
-    with collect(BuildOptions(sources=(SourceSpec("/src"),), output="/o")) as c:
+def test_names_with_any_byte(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    long_name = "n" * 255  # the longest a real directory holds; not refused here: the formats decide
+    put(src / long_name, "x")
+    put(src / "tab\tand\nnewline", "y")
+    with collect(options(tmp_path, SourceSpec(str(src)))) as c:
         assert long_name.encode() in c.tree
         assert b"tab\tand\nnewline" in c.tree

@@ -24,7 +24,7 @@ from pyimg.errors import OutputError, SourceError, SpecError
 from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.tree import DataRef, Inode, Kind
 
-from ..oracles import IN_CI, can_xattr
+from ..oracles import IN_CI, can_xattr, collect_unprivileged
 
 IS_ROOT = os.geteuid() == 0
 
@@ -158,38 +158,29 @@ def test_owner_preserve_keeps_disk_ids(tmp_path: Path) -> None:
         assert (entry(c, b"f").uid, entry(c, b"f").gid) == (st.st_uid, st.st_gid)
 
 
-def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Root reads anything, so chmod 000 proves nothing in CI: make access() say no.
+def test_unreadable_file(tmp_path: Path) -> None:
+    # Root reads anything, so chmod 000 alone proves nothing in CI: collect in a
+    # child that cannot override file permissions.
     root = tmp_path / "src"
     root.mkdir()
     secret = root / "secret"
     secret.write_bytes(b"x")
     secret.chmod(0)
-    real_access = os.access
-    monkeypatch.setattr(
-        os, "access", lambda p, m, **kw: False if os.fsencode(p).endswith(b"secret") else real_access(p, m)
-    )
-    with pytest.raises(SourceError) as info:
-        run(SourceSpec(str(root)))
-    assert info.value.path == str(secret)
-    assert "permission denied" in info.value.reason
+    error = collect_unprivileged(root)
+    assert error.get("path") == str(secret), error
+    assert "permission denied" in error["reason"]
 
 
-def test_unreadable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_directory(tmp_path: Path) -> None:
     root = tmp_path / "src"
     (root / "locked").mkdir(parents=True)
-    real_scandir = os.scandir
-
-    def scandir(path: str | bytes) -> object:
-        if os.fsencode(path).endswith(b"locked"):
-            raise PermissionError(13, "Permission denied")
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(SourceError) as info:
-        run(SourceSpec(str(root)))
-    assert info.value.path == str(root / "locked")
-    assert "cannot read directory" in info.value.reason and "Permission denied" in info.value.reason
+    (root / "locked").chmod(0)
+    try:
+        error = collect_unprivileged(root)
+    finally:
+        (root / "locked").chmod(0o700)  # let pytest clean up
+    assert error.get("path") == str(root / "locked"), error
+    assert "cannot read directory" in error["reason"] and "Permission denied" in error["reason"]
 
 
 def test_missing_source(tmp_path: Path) -> None:

@@ -6,13 +6,9 @@ override file permissions, so that chmod means what it says)."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shutil
 import socket
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +18,10 @@ import pytest
 from pyimg._ffi import ffi, lib
 from pyimg.collect import collect
 from pyimg.options import BuildOptions, Policy, SourceSpec
-from pyimg.sources import read_xattrs
+from pyimg.sources import _NO_XATTR_SUPPORT, read_xattrs
 from pyimg.tree import NO_XATTRS, DataRef, Inode, Kind, kind_from_mode
 
-from ..oracles import IS_ROOT, can_xattr
+from ..oracles import IS_ROOT, can_xattr, collect_unprivileged
 
 ODD_NAMES = [
     b"a",
@@ -222,37 +218,6 @@ def test_excluded_entries_are_never_entered(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- real failures
 
-_CHILD = """
-import json, sys
-from pyimg.collect import collect
-from pyimg.errors import SourceError
-from pyimg.options import BuildOptions, Policy, SourceSpec
-options = BuildOptions(sources=(SourceSpec(sys.argv[1]),), output="/nonexistent/x",
-                       policy=Policy(excludes=tuple(sys.argv[2:])))
-try:
-    with collect(options) as c:
-        print(json.dumps({"entries": len(c.tree)}))
-except SourceError as exc:
-    print(json.dumps({"path": exc.path, "reason": exc.reason}))
-"""
-
-
-def collect_unprivileged(root: Path, *excludes: str) -> dict[str, Any]:
-    """Collect `root` in a child that cannot override file permissions: as root,
-    without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (uid 0 still owns the files)."""
-    command = [sys.executable, "-c", _CHILD, str(root), *excludes]
-    if IS_ROOT:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("setpriv is needed to drop root's permission override")
-        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 and "setpriv" in proc.stderr:
-        pytest.skip(f"cannot drop capabilities here: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
-
 
 @pytest.fixture
 def locked(tmp_path: Path) -> Iterator[Path]:
@@ -293,10 +258,10 @@ def test_real_stat_failure(locked: Path) -> None:
     }
 
 
-
-def test_c_and_os_listings_agree(tmp_path: Path) -> None:
-    """The C walker and the listing made through `os` (used when `os` is replaced)."""
-    from pyimg.sources.directory import _list_in_c, _list_with_os
+def test_c_listing_as_os_sees_it(tmp_path: Path) -> None:
+    """Every column of the C listing, entry by entry, against os: lstat, readlink,
+    listxattr (no failures here: those are the tests above)."""
+    from pyimg.sources.directory import _list_in_c
 
     root = tmp_path / "src"
     root.mkdir()
@@ -304,11 +269,36 @@ def test_c_and_os_listings_agree(tmp_path: Path) -> None:
     for name in ODD_NAMES:
         with open(os.path.join(os.fsencode(root), name), "wb"):
             pass
+    if can_xattr(root):
+        os.setxattr(root / "file", "user.x", b"1")
+        os.setxattr(root / "dir", "user.y", b"")
     list_in_c = _list_in_c()
     for directory in (root, root / "dir", root / "dir/sub"):
-        c, py = list_in_c(str(directory)), _list_with_os(str(directory))
-        assert c is not None and py is not None
-        for column in ("names", "fs_names", "targets", "mode", "uid", "gid", "mtime_ns", "size", "flags"):
-            assert getattr(c, column) == getattr(py, column), column
-        for column in ("err", "dev", "ino", "rdev"):
-            assert [getattr(c, column)[i] for i in range(len(c.names))] == getattr(py, column), column
+        c = list_in_c(str(directory))
+        assert c is not None
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        assert c.names == [os.fsencode(e.name) for e in entries]
+        assert c.fs_names == [e.name for e in entries]
+        for i, entry in enumerate(entries):
+            st = entry.stat(follow_symlinks=False)
+            target = os.fsencode(os.readlink(entry.path)) if stat.S_ISLNK(st.st_mode) else b""
+            flags = lib.PYIMG_WALK_HAS_XATTRS if _xattr_names(entry.path) else 0
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                flags |= lib.PYIMG_WALK_LINKED
+            rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
+            want = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size, flags, 0, st.st_dev,
+                    st.st_ino, rdev, target)  # fmt: skip
+            got = (c.mode[i], c.uid[i], c.gid[i], c.mtime_ns[i], c.size[i], c.flags[i], c.err[i], c.dev[i],
+                   c.ino[i], c.rdev[i], c.targets[i])  # fmt: skip
+            assert got == want, entry.name
+        assert len(c.targets) == len(entries)
+
+
+def _xattr_names(path: str) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _NO_XATTR_SUPPORT:
+            return []
+        raise
