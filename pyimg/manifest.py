@@ -8,6 +8,7 @@ count, so a manifest is as reproducible as the image.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -28,6 +29,7 @@ from .tree import FrozenTree, Kind
 
 MANIFEST_VERSION = 1
 _WINDOW = 32 << 20  # bytes of the image mapped at a time while hashing it
+_CHUNK = 8 << 20  # zeros hashed at a time for the holes
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,37 +40,85 @@ class ImageDigest:
 
 
 def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
-    """BLAKE3 (and SHA-256) of a file, both hashes fed from the same pages, on
+    """BLAKE3 (and SHA-256) of a file, both hashes fed from the same buffer, on
     separate threads.
 
-    The file is mapped a window at a time and hashed in place: no copy into Python
-    buffers (that copy was half the time on a 1.3 GB image), and at most one window
-    of it mapped at once, so memory stays bounded whatever the image size.
+    Data is hashed in place from a mapped window at a time (no copy into Python
+    buffers: that copy was half the time on a 1.3 GB image; one window mapped at a
+    time, so memory stays bounded).  Holes (an ext4 image is sparse) are never
+    mapped or read: mapping a hole of a tmpfs file allocates it.  They are hashed as
+    the zeros they are, from one zero buffer.
     SHA-256 runs at ~1.6 GB/s here against ~7 GB/s for BLAKE3: on an 800 MB image it
     is half a second of a build, so it is computed only when asked for (manifest,
     --json, `pyimg digest --sha256`)."""
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
     sha = hashlib.sha256() if sha256 else None
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            for offset in range(0, size, _WINDOW):
-                length = min(_WINDOW, size - offset)
-                with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as window:
-                    _hash_window(window, b3, sha)
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            pos = 0
+            for start, end in _data_ranges(fd, size):
+                _hash_zeros(start - pos, b3, sha)
+                _hash_mapped(fd, start, end, b3, sha)
+                pos = end
+            _hash_zeros(size - pos, b3, sha)
     except OSError as exc:
         raise OutputError(f"cannot read the image: {exc.strerror}", path) from exc
     return ImageDigest(b3.hexdigest(), sha.hexdigest() if sha is not None else None, size)
 
 
-def _hash_window(window: mmap.mmap, b3: Any, sha: Any) -> None:
+def _hash_mapped(fd: int, start: int, end: int, b3: Any, sha: Any) -> None:
+    """Hash bytes start..end of the file in place, a mapped window at a time."""
+    while start < end:
+        base = start - start % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
+        length = min(end - base, _WINDOW)
+        window = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
+        with window, memoryview(window) as view:
+            _hash(view[start - base :], b3, sha)
+        start = base + length
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the regions that may hold data (SEEK_DATA/SEEK_HOLE); the
+    whole file where the file system does not tell."""
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            ranges.append((start, end))
+            pos = end
+    except (AttributeError, OSError):
+        return [(0, size)]
+    return ranges
+
+
+_ZEROS = bytes(_CHUNK)
+
+
+def _hash_zeros(count: int, b3: Any, sha: Any) -> None:
+    zeros = memoryview(_ZEROS)
+    while count > 0:
+        n = min(count, _CHUNK)
+        _hash(zeros[:n], b3, sha)
+        count -= n
+
+
+def _hash(data: memoryview, b3: Any, sha: Any) -> None:
     if sha is None:
-        b3.update(window)
+        b3.update(data)
         return
     # Both release the GIL on large buffers: hash in parallel.
-    t = threading.Thread(target=sha.update, args=(window,))
+    t = threading.Thread(target=sha.update, args=(data,))
     t.start()
-    b3.update(window)
+    b3.update(data)
     t.join()
 
 
