@@ -28,7 +28,7 @@ from .options import BuildOptions
 from .tree import FrozenTree, Kind
 
 MANIFEST_VERSION = 1
-_WINDOW = 32 << 20  # bytes of the image mapped at a time while hashing it
+_WINDOW = 4 << 20  # bytes of the image mapped at a time while hashing it (counted in RSS)
 _CHUNK = 8 << 20  # zeros hashed at a time for the holes
 
 
