@@ -21,7 +21,6 @@ from .options import BuildOptions, SourceSpec
 from .sources import Rules, Spool
 from .sources.directory import add_directory
 from .sources.single import add_file
-from .sources.tar import TAR_SUFFIXES, add_tar, is_tar_archive
 from .tree import Tree, gc_paused, new_dir, normalize_path
 
 ResolvedKind = Literal["dir", "tar", "file"]
@@ -75,6 +74,8 @@ def add_source(tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool) -> None
     if kind == "dir":
         add_directory(tree, spec.path, dest, rules)
     elif kind == "tar":
+        from .sources.tar import add_tar  # imported on use: tarfile and friends cost every start ~12 ms
+
         add_tar(tree, spec.path, dest, rules, spool)
     else:
         add_file(tree, spec, dest, rules)
@@ -106,6 +107,8 @@ def resolve_kind(spec: SourceSpec) -> ResolvedKind:
         raise SourceError("not a regular file or directory", spec.path)
     if spec.kind in ("tar", "file"):
         return spec.kind
+    from .sources.tar import TAR_SUFFIXES, is_tar_archive
+
     if spec.path.lower().endswith(TAR_SUFFIXES) or is_tar_archive(spec.path):
         return "tar"
     if not spec.dest.strip(b"/"):

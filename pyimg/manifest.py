@@ -16,7 +16,6 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import blake3
@@ -132,6 +131,8 @@ def versions() -> dict[str, str]:
 
 
 def _version(dist: str) -> str:
+    from importlib import metadata  # on use: it costs every start ~20 ms
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

@@ -19,7 +19,6 @@ import errno
 import fnmatch
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -203,6 +202,8 @@ class Spool:
 
     def _open(self) -> tuple[int, str]:
         if self._fd < 0 or self.path is None:
+            import tempfile  # on first use: most builds never spool
+
             try:
                 self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-")
             except OSError as exc:
