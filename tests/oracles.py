@@ -129,9 +129,7 @@ def make_varied_tree(root: Path, *, devices: bool = IS_ROOT) -> Path:
     os.symlink("nowhere/at/all", root / "links/dangling")
     os.symlink("loop", root / "links/loop")
     os.mkfifo(root / "links/fifo")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(root / "links/socket"))
-    sock.close()
+    make_socket(root / "links/socket")
     if devices:
         os.mknod(root / "links/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         os.mknod(root / "links/disk", 0o660 | stat.S_IFBLK, os.makedev(259, 70000))
@@ -150,6 +148,15 @@ def make_varied_tree(root: Path, *, devices: bool = IS_ROOT) -> Path:
     os.chown(root / "srv", 123, 456) if IS_ROOT else None
     fix_mtimes(root)
     return root
+
+
+def make_socket(path: Path) -> None:
+    """A Unix socket node at path (left behind once the socket is closed)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    finally:
+        sock.close()
 
 
 def fix_mtimes(root: Path) -> None:

@@ -8,7 +8,6 @@ import io
 import lzma
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import tarfile
@@ -24,7 +23,7 @@ from pyimg.errors import OutputError, SourceError, SpecError
 from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.tree import DataRef, Inode, Kind
 
-from ..oracles import IN_CI, can_xattr, collect_unprivileged
+from ..oracles import IN_CI, can_xattr, collect_unprivileged, make_socket
 
 IS_ROOT = os.geteuid() == 0
 
@@ -101,11 +100,7 @@ def test_directory_placed_under_dest(rootfs: Path) -> None:
 def test_socket_and_device(tmp_path: Path) -> None:
     root = tmp_path / "src"
     root.mkdir()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(root / "sock"))
-    finally:
-        sock.close()
+    make_socket(root / "sock")
     if IS_ROOT:
         os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         os.chmod(root / "null", 0o666)  # past the umask

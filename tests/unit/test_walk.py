@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.sources import _NO_XATTR_SUPPORT, read_xattrs
 from pyimg.tree import NO_XATTRS, DataRef, Inode, Kind, kind_from_mode
 
-from ..oracles import IS_ROOT, can_xattr, collect_unprivileged
+from ..oracles import IS_ROOT, can_xattr, collect_unprivileged, make_socket
 
 ODD_NAMES = [
     b"a",
@@ -113,11 +112,7 @@ def _every_type(root: Path) -> None:
     os.symlink("loop", root / "loop")
     os.symlink("dir", root / "to-dir")  # never followed
     os.mkfifo(root / "fifo")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(root / "sock"))
-    finally:
-        sock.close()
+    make_socket(root / "sock")
     if IS_ROOT:
         os.mknod(root / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
         os.mknod(root / "loop0", 0o600 | stat.S_IFBLK, os.makedev(7, 0))
