@@ -113,6 +113,20 @@ static void parent_output(const uint32_t left[8], const uint32_t right[8], b3_ou
     o->flags = PARENT;
 }
 
+/* The last steps of every input: the last node output `o` is merged with the
+ * chaining values left on the stack, right to left, and the root is compressed
+ * with ROOT set into the digest. */
+static void finish_root(b3_output *o, uint32_t (*stack)[8], size_t depth, uint8_t digest[32]) {
+    while (depth > 0) {
+        uint32_t cv[8];
+        output_cv(o, cv);
+        parent_output(stack[--depth], cv, o);
+    }
+    uint32_t root[8];
+    compress(o->cv, o->block, o->counter, o->block_len, o->flags | ROOT, root);
+    for (int i = 0; i < 8; i++) put_le32(digest + 4 * i, root[i]);
+}
+
 void pyimg_blake3(const uint8_t *data, size_t len, uint8_t digest[32]) {
     uint32_t stack[B3_MAX_DEPTH][8];
     size_t depth = 0;
@@ -135,14 +149,7 @@ void pyimg_blake3(const uint8_t *data, size_t len, uint8_t digest[32]) {
     }
     b3_output o;
     chunk_output(data, len, chunk, &o);
-    while (depth > 0) {
-        uint32_t cv[8];
-        output_cv(&o, cv);
-        parent_output(stack[--depth], cv, &o);
-    }
-    uint32_t root[8];
-    compress(o.cv, o.block, o.counter, o.block_len, o.flags | ROOT, root);
-    for (int i = 0; i < 8; i++) put_le32(digest + 4 * i, root[i]);
+    finish_root(&o, stack, depth, digest);
 }
 
 /* ---- Many inputs at once: full chunks hashed eight at a time ---------------------
@@ -177,14 +184,7 @@ static void finish_from_cvs(const uint8_t *data, size_t len, const uint32_t (*cv
         size_t at = (size_t)(chunks - 1) * B3_CHUNK;
         chunk_output(data + at, len - at, chunks - 1, &o);
     }
-    while (depth > 0) {
-        uint32_t cv[8];
-        output_cv(&o, cv);
-        parent_output(stack[--depth], cv, &o);
-    }
-    uint32_t root[8];
-    compress(o.cv, o.block, o.counter, o.block_len, o.flags | ROOT, root);
-    for (int i = 0; i < 8; i++) put_le32(digest + 4 * i, root[i]);
+    finish_root(&o, stack, depth, digest);
 }
 
 #define LANES 8
