@@ -136,35 +136,22 @@ int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
                      uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored) {
-    int failed = 0;
-    const char *path = paths;
+    int failed = pyimg_read_batch(n, paths, offsets, sizes, stamp_sizes, stamp_mtimes, out, status, errnos, digests,
+                                  hash_max);
     uint64_t at = 0;
     size_t used = 0;
-    pyimg_b3_job *jobs = malloc((n ? n : 1) * sizeof *jobs); /* hashed together at the end */
-    size_t njobs = 0;
     for (size_t i = 0; i < n; i++) {
-        errnos[i] = 0;
         nruns[i] = 0;
         stored[i] = 0;
-        status[i] =
-            pyimg_read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], out + at, &errnos[i]);
         if (status[i] == PYIMG_READ_OK &&
             scan_runs(out + at, sizes[i], block, &nruns[i], run_first + used, run_count + used, run_cap - used,
                       &stored[i])) {
             status[i] = PYIMG_READ_IO; /* the caller gave too little room: a bug, reported on this file */
             errnos[i] = ENOBUFS;
-        }
-        if (status[i] != PYIMG_READ_OK) {
             failed++;
-        } else if (sizes[i] <= hash_max) {
-            if (jobs) jobs[njobs++] = (pyimg_b3_job){out + at, (size_t)sizes[i], digests + 32 * i};
-            else pyimg_blake3(out + at, (size_t)sizes[i], digests + 32 * i);
         }
         used += nruns[i];
         at += sizes[i];
-        path += strlen(path) + 1;
     }
-    if (jobs) pyimg_blake3_jobs(jobs, njobs);
-    free(jobs);
     return failed;
 }
