@@ -35,7 +35,7 @@ from .._ffi import check, ffi, lib
 from ..content import C_HASH_MAX, ContentReader, ordered_map, read_error
 from ..errors import LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
-from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Kind
+from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
 from .base import Progress, WriteResult, image_epoch
 
 BLOCK = 4096
@@ -331,6 +331,7 @@ class _Build:
         else:
             self.dedup = self.opts.dedup if self.opts.dedup is not None else not self.journal
         self.features.discard("shared_blocks")  # set below only when blocks are really shared
+        self._path_of: dict[int, bytes] | None = None  # see path_of()
 
     # ---- stage 0: checks and inode numbers --------------------------------------
     def check_tree(self) -> None:
@@ -339,36 +340,43 @@ class _Build:
             if len(node.name) > 255:
                 raise LimitError(f"file name of {len(node.name)} bytes (ext4 allows 255)", node.image_path)
         for ino, inode in enumerate(tree.inodes, 1):
-            path = self.path_of[ino]
-            if inode.kind is Kind.FILE and inode.size > MAX_FILE_SIZE:
-                raise LimitError(
-                    f"file of {inode.size} bytes is too big for ext4 (max {MAX_FILE_SIZE})", path
-                )
-            if inode.kind is Kind.FILE and inode.size >= 1 << 31 and "large_file" not in self.features:
-                raise LimitError("files of 2 GiB or more need the large_file feature", path)
-            if inode.kind is Kind.SYMLINK and not 0 < len(inode.target) < BLOCK:
-                raise LimitError(f"symlink target of {len(inode.target)} bytes (1..4095 allowed)", path)
-            if inode.kind is not Kind.DIR and tree.nlink[ino] > MAX_LINKS:
-                raise LimitError(f"{tree.nlink[ino]} hard links (ext4 allows {MAX_LINKS})", path)
-            if not (0 <= inode.uid < 1 << 32 and 0 <= inode.gid < 1 << 32):
-                raise LimitError("uid/gid beyond 32 bits", path)
-            if not -(1 << 31) <= inode.mtime_ns // 1_000_000_000 < (1 << 34) - (1 << 31):
-                raise LimitError("mtime out of ext4's range (1901..2446)", path)
-            if inode.xattrs and "ext_attr" not in self.features:
-                raise LimitError("xattrs need the ext_attr feature", path)
-        if "dir_nlink" not in self.features:
-            for ino, inode in enumerate(tree.inodes, 1):
-                if inode.kind is Kind.DIR and tree.nlink[ino] > MAX_LINKS:
-                    raise LimitError(
-                        "more than 64998 subdirectories need the dir_nlink feature", self.path_of[ino]
-                    )
+            problem = self.inode_problem(ino, inode)
+            if problem is not None:
+                raise LimitError(problem, self.path_of(ino))
+
+    def inode_problem(self, ino: int, inode: Inode) -> str | None:
+        """Why ext4 (with the chosen features) cannot hold this inode, if it cannot."""
+        kind, nlink = inode.kind, self.tree.nlink[ino]
+        if kind is Kind.FILE and inode.size > MAX_FILE_SIZE:
+            return f"file of {inode.size} bytes is too big for ext4 (max {MAX_FILE_SIZE})"
+        if kind is Kind.FILE and inode.size >= 1 << 31 and "large_file" not in self.features:
+            return "files of 2 GiB or more need the large_file feature"
+        if kind is Kind.SYMLINK and not 0 < len(inode.target) < BLOCK:
+            return f"symlink target of {len(inode.target)} bytes (1..4095 allowed)"
+        if kind is not Kind.DIR and nlink > MAX_LINKS:
+            return f"{nlink} hard links (ext4 allows {MAX_LINKS})"
+        if kind is Kind.DIR and nlink > MAX_LINKS and "dir_nlink" not in self.features:
+            return "more than 64998 subdirectories need the dir_nlink feature"
+        if not (0 <= inode.uid < 1 << 32 and 0 <= inode.gid < 1 << 32):
+            return "uid/gid beyond 32 bits"
+        if not -(1 << 31) <= inode.mtime_ns // 1_000_000_000 < (1 << 34) - (1 << 31):
+            return "mtime out of ext4's range (1901..2446)"
+        if inode.xattrs and "ext_attr" not in self.features:
+            return "xattrs need the ext_attr feature"
+        return None
+
+    def path_of(self, ino: int) -> bytes:
+        """The image path of an inode (its first path), for error messages: the map is
+        made on first use only, it costs ~100 bytes per entry."""
+        if self._path_of is None:
+            self._path_of = {}
+            for node in self.tree.nodes:
+                self._path_of.setdefault(node.ino, node.image_path)
+        return self._path_of[ino]
 
     def number_inodes(self) -> None:
         """ext4 inode numbers: root 2, lost+found 11, then tree order from 12."""
         tree = self.tree
-        self.path_of: dict[int, bytes] = {}
-        for node in tree.nodes:
-            self.path_of.setdefault(node.ino, node.image_path)
         lf_index = tree.index_of.get(b"lost+found")
         self.lf_tree_ino = tree.nodes[lf_index].ino if lf_index is not None else None
         if self.lf_tree_ino is not None:
@@ -523,10 +531,10 @@ class _Build:
         self.set_inodes()
         for ino, inode in enumerate(self.tree.inodes, 1):
             if inode.kind is Kind.SYMLINK:
-                e, path = self.ext_ino[ino], self.path_of[ino]
+                e, path = self.ext_ino[ino], self.path_of(ino)
                 check(lib.pyimg_ext4_set_symlink(h, e, inode.target, len(inode.target)), self.err, path)
             for name in sorted(inode.xattrs):
-                e, path = self.ext_ino[ino], self.path_of[ino]
+                e, path = self.ext_ino[ino], self.path_of(ino)
                 value = inode.xattrs[name]
                 if name in _ACL_NAMES:
                     value = acl_to_disk(value, path)
@@ -541,7 +549,7 @@ class _Build:
         rc = lib.pyimg_ext4_set_contents(h, len(self.file_inos), _c("uint32_t[]", self.file_inos),
                                          _c("uint32_t[]", self.file_contents), failed)  # fmt: skip
         if rc < 0:
-            check(rc, self.err, self.path_of[self.inos[failed[0]]])
+            check(rc, self.err, self.path_of(self.inos[failed[0]]))
         return h
 
     def err(self) -> Any:
@@ -578,7 +586,7 @@ class _Build:
         pointers = [_c(kind, a) for kind, a in zip(kinds, arrays, strict=True)]
         rc = lib.pyimg_ext4_set_inodes(self.h, len(inodes), *pointers, failed)
         if rc < 0:
-            check(rc, self.err, self.path_of[failed[0] + 1])
+            check(rc, self.err, self.path_of(failed[0] + 1))
 
     def add_dirents(self) -> None:
         """Every entry but the root, in tree order (a directory's entries in name order)."""
