@@ -12,6 +12,12 @@ int pyimg_tune_malloc(void) {
     int ok = mallopt(M_MMAP_THRESHOLD, 64 << 20);
     ok &= mallopt(M_TRIM_THRESHOLD, 256 << 20);
     ok &= mallopt(M_TOP_PAD, 64 << 20);
+#ifdef M_ARENA_MAX
+    /* One arena per thread (the default, up to 8 per core) keeps each thread's
+     * freed 1 MiB buffers apart: 13-20 MB more peak RSS on 100k small files, for
+     * no speed we could measure.  Two arenas: the main thread's and one shared. */
+    ok &= mallopt(M_ARENA_MAX, 2);
+#endif
     return ok ? 0 : -PYIMG_EINVAL;
 #else
     return 0;
