@@ -259,7 +259,21 @@ class FrozenTree:
         self.nodes = nodes
         self.inodes = inodes  # inodes[ino - 1]
         self.nlink = nlink
-        self.index_of = index_of
+        # index_of is dropped here: a dict over every path costs ~50 bytes an entry
+        # for the whole build, and writers look up a path or two (see find).
+
+    def find(self, path: bytes) -> int | None:
+        """The index of the node at image path `path`, or None; walks the tree from
+        the root (meant for a lookup or two, not for every entry)."""
+        index = 0
+        for part in split_path(path):
+            for child in self.nodes[index].children:
+                if self.nodes[child].name == part:
+                    index = child
+                    break
+            else:
+                return None
+        return index
 
     @property
     def root(self) -> Node:

@@ -377,7 +377,7 @@ class _Build:
     def number_inodes(self) -> None:
         """ext4 inode numbers: root 2, lost+found 11, then tree order from 12."""
         tree = self.tree
-        lf_index = tree.index_of.get(b"lost+found")
+        lf_index = tree.find(b"lost+found")
         self.lf_tree_ino = tree.nodes[lf_index].ino if lf_index is not None else None
         if self.lf_tree_ino is not None:
             if tree.inodes[self.lf_tree_ino - 1].kind is not Kind.DIR:
