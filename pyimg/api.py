@@ -88,7 +88,7 @@ def _build(options: BuildOptions, progress: ProgressCallback | None) -> BuildRes
     writer = writer_for(options)  # validates format options before any work
     check_output_not_input(options)
     with collect(options) as collected:
-        tree = collected.tree.freeze()
+        tree = collected.freeze()
         total = sum(inode.size for inode in tree.inodes if inode.data is not None)
         done = 0
 
