@@ -14,7 +14,8 @@ import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import blake3
 
@@ -165,6 +166,38 @@ def read_error(ref: DataRef, code: int, err: int) -> SourceError:
 C_HASH_MAX = 16 << 10
 
 
+@dataclass(slots=True)
+class BatchSources:
+    """A batch of DataRefs as the C readers take them (pyimg_read_batch,
+    pyimg_scan_batch, pyimg_ext4_write_batch): columns, not objects."""
+
+    paths: bytes  # NUL-terminated, back to back
+    offsets: array[int]
+    sizes: array[int]
+    stamp_sizes: array[int]  # -1: not checked (a spool file cannot change)
+    stamp_mtimes: array[int]
+
+    @classmethod
+    def of(cls, refs: list[DataRef]) -> BatchSources:
+        return cls(
+            b"".join([os.fsencode(ref.path) + b"\0" for ref in refs]),
+            array("Q", [ref.offset for ref in refs]),
+            array("Q", [ref.size for ref in refs]),
+            array("q", [ref.stamp[0] if ref.stamp else -1 for ref in refs]),
+            array("q", [ref.stamp[1] if ref.stamp else 0 for ref in refs]),
+        )
+
+    def args(self) -> tuple[Any, ...]:
+        """paths, offsets, sizes, stamp_sizes, stamp_mtimes as C arguments."""
+        return (
+            self.paths,
+            ffi.from_buffer("uint64_t[]", self.offsets),
+            ffi.from_buffer("uint64_t[]", self.sizes),
+            ffi.from_buffer("int64_t[]", self.stamp_sizes),
+            ffi.from_buffer("int64_t[]", self.stamp_mtimes),
+        )
+
+
 def read_batch(refs: list[DataRef], *, hash: bool = True) -> tuple[bytearray, list[bytes]]:
     """The contents of many (small) DataRefs, back to back, and their BLAKE3
     digests (see read_batch_packed).  With hash=False only the bytes are read
@@ -182,23 +215,14 @@ def read_batch_packed(refs: list[DataRef], *, hash: bool = True) -> tuple[bytear
     with the blake3 package).  Raises SourceError for the first file (in order)
     that cannot be read or changed since it was collected."""
     n = len(refs)
-    total = sum(ref.size for ref in refs)
-    out = bytearray(total)
-    paths = b"".join([os.fsencode(ref.path) + b"\0" for ref in refs])
-    offsets = array("Q", [ref.offset for ref in refs])
-    sizes = array("Q", [ref.size for ref in refs])
-    stamp_sizes = array("q", [ref.stamp[0] if ref.stamp else -1 for ref in refs])
-    stamp_mtimes = array("q", [ref.stamp[1] if ref.stamp else 0 for ref in refs])
+    src = BatchSources.of(refs)
+    out = bytearray(sum(src.sizes))
     status = array("i", bytes(4 * n))
     errnos = array("i", bytes(4 * n))
     digests = bytearray(32 * n)
     failed = lib.pyimg_read_batch(
         n,
-        paths,
-        ffi.from_buffer("uint64_t[]", offsets),
-        ffi.from_buffer("uint64_t[]", sizes),
-        ffi.from_buffer("int64_t[]", stamp_sizes),
-        ffi.from_buffer("int64_t[]", stamp_mtimes),
+        *src.args(),
         ffi.from_buffer("uint8_t[]", out, require_writable=True),
         ffi.from_buffer("int32_t[]", status, require_writable=True),
         ffi.from_buffer("int32_t[]", errnos, require_writable=True),
@@ -209,10 +233,10 @@ def read_batch_packed(refs: list[DataRef], *, hash: bool = True) -> tuple[bytear
         for ref, code, err in zip(refs, status, errnos, strict=True):
             if code:
                 raise read_error(ref, code, err)
-    if hash and any(size > C_HASH_MAX for size in sizes):
+    if hash and any(size > C_HASH_MAX for size in src.sizes):
         view = memoryview(out)
         at = 0
-        for i, size in enumerate(sizes):
+        for i, size in enumerate(src.sizes):
             if size > C_HASH_MAX:
                 digests[32 * i : 32 * i + 32] = blake3.blake3(view[at : at + size]).digest()
             at += size

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import blake3
 
 from .._ffi import check, ffi, lib
-from ..content import C_HASH_MAX, ContentReader, ordered_map, read_error
+from ..content import C_HASH_MAX, BatchSources, ContentReader, ordered_map, read_error
 from ..errors import LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
@@ -156,36 +156,6 @@ def _c(kind: str, buf: Any) -> Any:
 
 
 @dataclass(slots=True)
-class _Sources:
-    """The C view of a batch of DataRefs (as pyimg_read_batch takes them)."""
-
-    paths: bytes  # NUL-terminated, back to back
-    offsets: array[int]
-    sizes: array[int]
-    stamp_sizes: array[int]  # -1: not checked (spool files)
-    stamp_mtimes: array[int]
-
-    @classmethod
-    def of(cls, refs: list[DataRef]) -> _Sources:
-        return cls(
-            b"".join([os.fsencode(ref.path) + b"\0" for ref in refs]),
-            array("Q", [ref.offset for ref in refs]),
-            array("Q", [ref.size for ref in refs]),
-            array("q", [ref.stamp[0] if ref.stamp else -1 for ref in refs]),
-            array("q", [ref.stamp[1] if ref.stamp else 0 for ref in refs]),
-        )
-
-    def args(self) -> tuple[Any, ...]:
-        return (
-            self.paths,
-            _c("uint64_t[]", self.offsets),
-            _c("uint64_t[]", self.sizes),
-            _c("int64_t[]", self.stamp_sizes),
-            _c("int64_t[]", self.stamp_mtimes),
-        )
-
-
-@dataclass(slots=True)
 class _Scanned:
     """What the hash pass learned about a batch of contents, as flat arrays."""
 
@@ -211,7 +181,7 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
     """Read, hash and scan many small files: one C call with the GIL released
     (files over C_HASH_MAX are hashed here by the blake3 package, faster per byte)."""
     n = len(refs)
-    src = _Sources.of(refs)
+    src = BatchSources.of(refs)
     buffer = bytearray(sum(src.sizes))
     cap = sum(-(-size // BLOCK) for size in src.sizes)
     status, errnos = array("i", bytes(4 * n)), array("i", bytes(4 * n))
@@ -718,7 +688,7 @@ class _Build:
             pass
 
     def write_small(self, batch: _Writes, errbuf: Any) -> None:
-        src = _Sources.of(batch.refs)
+        src = BatchSources.of(batch.refs)
         failed, status, err_no = ffi.new("size_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
         cache = _c("uint8_t[]", batch.buffer) if batch.buffer is not None else ffi.NULL
         contents, cache_at = _c("uint32_t[]", batch.contents), _c("int64_t[]", batch.cache_at)
