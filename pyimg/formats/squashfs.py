@@ -12,7 +12,7 @@ import itertools
 import struct
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,7 +20,7 @@ from .._ffi import check, ffi, lib
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError, SpecError
 from ..options import BuildOptions
-from ..tree import FrozenTree, Inode, Kind
+from ..tree import FrozenTree, Inode, Kind, Node
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 from .imagefile import ImageFile, pwrite_all
 from .squashfs_data import DataStream, Placement
@@ -144,21 +144,41 @@ def _id_table(tree: FrozenTree) -> list[int]:
 
 
 def _check_limits(tree: FrozenTree) -> None:
-    """Refuse what squashfs cannot hold before any data is read."""
+    """Refuse what squashfs cannot hold before any data is read.  The common case
+    (nothing wrong) is decided over whole columns; only then are the entries walked
+    to name the first offender, in tree order."""
+    if max(map(len, (node.name for node in tree.nodes))) > MAX_NAME:
+        _raise_first(tree, _name_problem)
+    mtimes = [inode.mtime_ns for inode in tree.inodes]
+    unusual = min(mtimes) < 0 or max(mtimes) >= (0xFFFFFFFF + 1) * 1_000_000_000
+    unusual = unusual or any(inode.xattrs or inode.kind in _DEVICES for inode in tree.inodes)
+    if unusual:
+        _raise_first(tree, _inode_problem)
+
+
+def _raise_first(tree: FrozenTree, problem: Callable[[Node], str | None]) -> None:
     for node in tree.nodes:
-        if len(node.name) > MAX_NAME:
-            raise LimitError(f"name of {len(node.name)} bytes; squashfs allows {MAX_NAME}", node.image_path)
-    for node in tree.nodes:
-        inode = node.inode
-        if not 0 <= inode.mtime <= 0xFFFFFFFF:
-            raise LimitError(f"mtime {inode.mtime} outside squashfs's range 0..2^32-1", node.image_path)
-        if inode.kind in (Kind.CHAR, Kind.BLOCK) and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
-            raise LimitError(f"device number {inode.rdev} too large for squashfs", node.image_path)
-        for name in inode.xattrs:
-            if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
-                raise LimitError(
-                    f"xattr {name!r}: squashfs stores only user., trusted. and security.", node.image_path
-                )
+        reason = problem(node)
+        if reason is not None:
+            raise LimitError(reason, node.image_path)
+
+
+def _name_problem(node: Node) -> str | None:
+    if len(node.name) > MAX_NAME:
+        return f"name of {len(node.name)} bytes; squashfs allows {MAX_NAME}"
+    return None
+
+
+def _inode_problem(node: Node) -> str | None:
+    inode = node.inode
+    if not 0 <= inode.mtime <= 0xFFFFFFFF:
+        return f"mtime {inode.mtime} outside squashfs's range 0..2^32-1"
+    if inode.kind in _DEVICES and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
+        return f"device number {inode.rdev} too large for squashfs"
+    for name in inode.xattrs:
+        if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
+            return f"xattr {name!r}: squashfs stores only user., trusted. and security."
+    return None
 
 
 def _encode_rdev(major: int, minor: int) -> int:

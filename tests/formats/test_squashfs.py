@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 import pyimg
+from pyimg.api import options_for
 from pyimg.errors import LimitError
+from pyimg.formats.squashfs import SquashfsWriter
+from pyimg.tree import Inode, Kind, Tree, new_dir
 
 from ..oracles import (
     IS_ROOT,
@@ -255,6 +258,29 @@ def test_name_too_long_is_refused(tmp_path: Path) -> None:
         pyimg.build([str(archive)], str(out))
     assert "n" * 300 in str(err.value) and "255" in str(err.value)
     assert not out.exists() and os.listdir(tmp_path) == ["long.tar"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (Inode(Kind.FILE, 0o644, 0, 0, -1), "outside squashfs's range"),
+        (Inode(Kind.FILE, 0o644, 0, 0, (1 << 32) * 10**9), "outside squashfs's range"),
+        (Inode(Kind.CHAR, 0o600, 0, 0, 0, rdev=(1 << 12, 0)), "too large for squashfs"),
+        (Inode(Kind.BLOCK, 0o600, 0, 0, 0, rdev=(8, 1 << 20)), "too large for squashfs"),
+        (Inode(Kind.FILE, 0o644, 0, 0, 0, xattrs={b"system.x": b"1"}), "stores only user."),
+    ],
+    ids=["mtime-before-1970", "mtime-after-2106", "major", "minor", "xattr-namespace"],
+)
+def test_limits_refused_before_any_data(tmp_path: Path, bad: Inode, reason: str) -> None:
+    tree = Tree(new_dir())
+    tree.add(b"a/fine", Inode(Kind.FILE, 0o644, 0, 0, 10**9))
+    tree.add(b"a/bad", bad)
+    tree.add(b"z", Inode(Kind.CHAR, 0o600, 0, 0, 0, rdev=(1, 3)))  # a device within limits
+    writer = SquashfsWriter(options_for([str(tmp_path)], str(tmp_path / "x.sqfs")))
+    with open(tmp_path / "x.sqfs", "wb") as out, pytest.raises(LimitError, match=reason) as err:
+        writer.write(tree.freeze(), out.fileno(), lambda n: None)
+    assert err.value.path == "/a/bad"
+    assert os.path.getsize(tmp_path / "x.sqfs") == 0  # refused before anything was written
 
 
 def test_too_many_ids_is_refused(tmp_path: Path) -> None:
