@@ -68,9 +68,39 @@ int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
                      uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored);
+/* Content ids for a build's files, in plan order (keytab.c): files with the same
+ * digest share one id.  For files first .. first+n-1 (digests: every file's
+ * 32-byte digest by file number, the same array on every call, filled up to
+ * first+n-1): ids[i] = the id of the earlier file with the same digest, or the
+ * next new id (*next_id, then incremented) with is_new[i - first] = 1.  With
+ * dedup == 0 every file is new.  Returns 0 or a negative PYIMG_E* code. */
+typedef struct pyimg_dedup pyimg_dedup;
+pyimg_dedup *pyimg_dedup_new(void);
+void pyimg_dedup_free(pyimg_dedup *d);
+int pyimg_dedup_assign(pyimg_dedup *d, const uint8_t *digests, size_t first, size_t n, int dedup,
+                       uint32_t *next_id, uint32_t *ids, uint8_t *is_new);
 /* CDEF END */
 
 #define PYIMG_ERRMSG_MAX 512
+
+/* A table of 32-byte digests kept elsewhere, by number (keytab.c). */
+#define PYIMG_KEY_SIZE 32
+typedef struct {
+    uint32_t ref; /* key number + 1; 0: an empty slot */
+    uint32_t value;
+} pyimg_kslot;
+typedef struct {
+    pyimg_kslot *slots;
+    size_t cap; /* a power of two, or 0 */
+    size_t count;
+} pyimg_keytab;
+/* 1 when `key` is in the table (keys: the key array its numbers refer to), with
+ * its number and value (either pointer may be NULL); else 0. */
+int pyimg_keytab_find(const pyimg_keytab *t, const uint8_t *keys, const uint8_t *key, uint32_t *key_no,
+                      uint32_t *value);
+/* Adds key number key_no of `keys` (known to be absent) with its value. */
+int pyimg_keytab_put(pyimg_keytab *t, const uint8_t *keys, size_t key_no, uint32_t value);
+void pyimg_keytab_free(pyimg_keytab *t);
 
 /* One input of pyimg_blake3_jobs (borrowed pointers). */
 typedef struct {

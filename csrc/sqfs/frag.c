@@ -16,89 +16,28 @@
 
 #include "sqfs.h"
 
-#define KEY_SIZE 32
-
-/* A slot names its key by number (keys live in a key store, 32 bytes each) so
- * that a table of 100k small files costs 12 bytes a slot, not 44.  ref is the
- * key's number + 1; 0 marks an empty slot. */
-typedef struct {
-    uint32_t ref;
-    uint32_t frag_index;
-    uint32_t frag_offset;
-} slot;
-
-/* Open addressing, linear probing, keyed by a BLAKE3 digest (already uniform:
- * its first 8 bytes are the hash). */
-typedef struct {
-    slot *slots;
-    size_t cap; /* a power of two, or 0 */
-    size_t count;
-} table;
-
 struct pyimg_sqfs_packer {
     uint32_t block_size;
     uint8_t *block; /* the fragment block being filled */
     size_t fill;
-    uint32_t closed; /* fragment blocks closed so far: the index of the open one */
-    table small;     /* whole digests of small files; keys: the caller's digest array */
-    table tails;     /* digests of the tails of larger files; keys: tail_keys */
+    uint32_t closed;    /* fragment blocks closed so far: the index of the open one */
+    pyimg_keytab small; /* small files by whole digest; keys: the caller's digests by file number */
+    pyimg_keytab tails; /* tails of larger files; keys: tail_keys */
     pyimg_buf tail_keys;
+    pyimg_buf tail_places; /* tail_place of each tail key, by the same number */
     /* Closed blocks Python has not taken yet.  Each is its own allocation, handed
      * over as it is (no copy): Python compresses it and frees it. */
     pyimg_buf pending; /* pending_block items, native order (never on disk) */
 };
 
 typedef struct {
+    uint32_t frag_index, frag_offset;
+} tail_place;
+
+typedef struct {
     uint8_t *data;
     size_t size;
 } pending_block;
-
-static uint64_t key_hash(const uint8_t *key) {
-    uint64_t h;
-    memcpy(&h, key, sizeof h);
-    return h;
-}
-
-static const slot *table_find(const table *t, const uint8_t *keys, const uint8_t *key) {
-    if (!t->cap) return NULL;
-    for (size_t i = (size_t)key_hash(key) & (t->cap - 1);; i = (i + 1) & (t->cap - 1)) {
-        const slot *s = &t->slots[i];
-        if (!s->ref) return NULL;
-        if (!memcmp(keys + (size_t)(s->ref - 1) * KEY_SIZE, key, KEY_SIZE)) return s;
-    }
-}
-
-static int table_grow(table *t, const uint8_t *keys) {
-    size_t cap = t->cap ? t->cap * 2 : 1024;
-    if (cap > UINT32_MAX) return -PYIMG_ELIMIT;
-    slot *slots = calloc(cap, sizeof *slots);
-    if (!slots) return -PYIMG_ENOMEM;
-    for (size_t j = 0; j < t->cap; j++) {
-        if (!t->slots[j].ref) continue;
-        size_t i = (size_t)key_hash(keys + (size_t)(t->slots[j].ref - 1) * KEY_SIZE) & (cap - 1);
-        while (slots[i].ref) i = (i + 1) & (cap - 1);
-        slots[i] = t->slots[j];
-    }
-    free(t->slots);
-    t->slots = slots;
-    t->cap = cap;
-    return 0;
-}
-
-/* Inserts key number `key_no` (of `keys`), known to be absent. */
-static int table_put(table *t, const uint8_t *keys, size_t key_no, uint32_t frag_index, uint32_t frag_offset) {
-    if (key_no >= UINT32_MAX) return -PYIMG_ELIMIT;
-    if ((t->count + 1) * 4 > t->cap * 3) { /* keep the load under 3/4 */
-        int rc = table_grow(t, keys);
-        if (rc) return rc;
-    }
-    const uint8_t *key = keys + key_no * KEY_SIZE;
-    size_t i = (size_t)key_hash(key) & (t->cap - 1);
-    while (t->slots[i].ref) i = (i + 1) & (t->cap - 1);
-    t->slots[i] = (slot){(uint32_t)key_no + 1, frag_index, frag_offset};
-    t->count++;
-    return 0;
-}
 
 pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size) {
     pyimg_sqfs_packer *p = calloc(1, sizeof *p);
@@ -115,9 +54,10 @@ pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size) {
 void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p) {
     if (!p) return;
     free(p->block);
-    free(p->small.slots);
-    free(p->tails.slots);
+    pyimg_keytab_free(&p->small);
+    pyimg_keytab_free(&p->tails);
     pyimg_buf_free(&p->tail_keys);
+    pyimg_buf_free(&p->tail_places);
     pyimg_sqfs_packer_clear_pending(p);
     pyimg_buf_free(&p->pending);
     free(p);
@@ -154,21 +94,27 @@ static int append_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, ui
     return 0;
 }
 
+/* The place of an earlier identical tail of a larger file, if any. */
+static int find_tail(const pyimg_sqfs_packer *p, const uint8_t *key, uint32_t *frag_index, uint32_t *frag_offset) {
+    uint32_t no;
+    if (!pyimg_keytab_find(&p->tails, p->tail_keys.data, key, &no, NULL)) return 0;
+    tail_place place;
+    memcpy(&place, p->tail_places.data + (size_t)no * sizeof place, sizeof place);
+    *frag_index = place.frag_index;
+    *frag_offset = place.frag_offset;
+    return 1;
+}
+
 int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
                                uint32_t *frag_index, uint32_t *frag_offset) {
-    if (key) {
-        const slot *s = table_find(&p->tails, p->tail_keys.data, key);
-        if (s) {
-            *frag_index = s->frag_index;
-            *frag_offset = s->frag_offset;
-            return 0;
-        }
-    }
+    if (key && find_tail(p, key, frag_index, frag_offset)) return 0;
     int rc = append_tail(p, tail, len, frag_index, frag_offset);
     if (rc || !key) return rc;
-    size_t key_no = p->tail_keys.len / KEY_SIZE;
-    rc = pyimg_buf_append(&p->tail_keys, key, KEY_SIZE);
-    if (!rc) rc = table_put(&p->tails, p->tail_keys.data, key_no, *frag_index, *frag_offset);
+    size_t key_no = p->tail_keys.len / PYIMG_KEY_SIZE;
+    tail_place place = {*frag_index, *frag_offset};
+    rc = pyimg_buf_append(&p->tail_keys, key, PYIMG_KEY_SIZE);
+    if (!rc) rc = pyimg_buf_append(&p->tail_places, &place, sizeof place);
+    if (!rc) rc = pyimg_keytab_put(&p->tails, p->tail_keys.data, key_no, 0);
     return rc;
 }
 
@@ -183,20 +129,19 @@ int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t first, size_t n, co
             frag_offset[i] = 0;
             continue;
         }
-        const uint8_t *key = digests + i * KEY_SIZE;
-        const slot *s = dedup ? table_find(&p->small, digests, key) : NULL;
-        int duplicate = s != NULL;
-        if (!s && dedup) s = table_find(&p->tails, p->tail_keys.data, key); /* stored as another file's tail */
+        const uint8_t *key = digests + i * PYIMG_KEY_SIZE;
+        uint32_t earlier;
+        int duplicate = dedup && pyimg_keytab_find(&p->small, digests, key, &earlier, NULL);
         int rc = 0;
-        if (s) {
-            frag_index[i] = s->frag_index;
-            frag_offset[i] = s->frag_offset;
-        } else {
+        if (duplicate) { /* an earlier small file: its place, already in the caller's arrays */
+            frag_index[i] = frag_index[earlier];
+            frag_offset[i] = frag_offset[earlier];
+        } else if (!(dedup && find_tail(p, key, &frag_index[i], &frag_offset[i]))) {
             rc = append_tail(p, at, len, &frag_index[i], &frag_offset[i]);
         }
         if (!duplicate) {
             *unique_bytes += len;
-            if (!rc && dedup) rc = table_put(&p->small, digests, i, frag_index[i], frag_offset[i]);
+            if (!rc && dedup) rc = pyimg_keytab_put(&p->small, digests, i, 0);
         }
         if (rc) return rc;
         at += len;
