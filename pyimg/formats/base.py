@@ -22,21 +22,40 @@ Progress = Callable[[int], None]
 
 class PackedDigests(Mapping[int, bytes]):
     """ino -> 32-byte digest, over digests kept back to back in one buffer: a dict
-    of 100k bytes objects costs ~13 MB; this costs the 32 bytes each."""
+    of 100k bytes objects costs ~13 MB, this the 32 bytes each.  Its index is made
+    on first lookup (the manifest asks; a plain build never does).  `empty`: the
+    inos of files without content, whose digest is `empty_digest`."""
 
-    def __init__(self, inos: Sequence[int], packed: bytes | bytearray) -> None:
-        self._index = {ino: i for i, ino in enumerate(inos)}
+    def __init__(
+        self,
+        inos: Sequence[int],
+        packed: bytes | bytearray,
+        empty: Sequence[int] = (),
+        empty_digest: bytes = b"",
+    ) -> None:
+        self._inos = inos
         self._packed = packed
+        self._empty = empty
+        self._empty_digest = empty_digest
+        self._index: dict[int, int] | None = None
+
+    def _positions(self) -> dict[int, int]:
+        """ino -> position in the packed buffer (-1: an empty file)."""
+        if self._index is None:
+            index = dict.fromkeys(self._empty, -1)
+            index.update((ino, i) for i, ino in enumerate(self._inos))
+            self._index = index
+        return self._index
 
     def __getitem__(self, ino: int) -> bytes:
-        i = self._index[ino]
-        return bytes(self._packed[32 * i : 32 * i + 32])
+        i = self._positions()[ino]
+        return self._empty_digest if i < 0 else bytes(self._packed[32 * i : 32 * i + 32])
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._index)
+        return iter(self._positions())
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._positions())
 
 
 @dataclass(slots=True)

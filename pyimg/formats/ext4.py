@@ -36,7 +36,7 @@ from ..content import C_HASH_MAX, BatchSources, ContentReader, ordered_map, read
 from ..errors import LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
-from .base import Progress, WriteResult, image_epoch
+from .base import PackedDigests, Progress, WriteResult, image_epoch
 
 BLOCK = 4096
 BLOCKS_PER_GROUP = 32768
@@ -55,6 +55,8 @@ CACHE_BUDGET = 8 << 20  # bytes of small-file batches kept between hashing and s
 BATCH_BYTES = 4 << 20  # work items: small files grouped up to this size or BATCH_FILES files
 BATCH_FILES = 128
 NS = 1_000_000_000
+
+_EMPTY_DIGEST = blake3.blake3(b"").digest()
 
 # name -> (field, bit, can be removed)
 FEATURES: dict[str, tuple[str, int, bool]] = {
@@ -159,7 +161,7 @@ def _c(kind: str, buf: Any) -> Any:
 class _Scanned:
     """What the hash pass learned about a batch of contents, as flat arrays."""
 
-    digests: list[bytes]
+    digests: bytearray  # 32 bytes a file, back to back
     nruns: array[int]  # non-zero block runs of each file
     first: array[int]  # the files' runs back to back: first block ...
     count: array[int]  # ... and number of blocks
@@ -197,16 +199,15 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
         for ref, code, err in zip(refs, status, errnos, strict=True):
             if code:
                 raise read_error(ref, code, err)
-    result = [bytes(digests[i : i + 32]) for i in range(0, 32 * n, 32)]
     if max(src.sizes, default=0) > C_HASH_MAX:
         view = memoryview(buffer)
         at = 0
         for i, size in enumerate(src.sizes):
             if size > C_HASH_MAX:
-                result[i] = blake3.blake3(view[at : at + size]).digest()
+                digests[32 * i : 32 * i + 32] = blake3.blake3(view[at : at + size]).digest()
             at += size
     runs = sum(nruns)
-    return _Scanned(result, nruns, first[:runs], count[:runs], stored, buffer)
+    return _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
 
 
 def scan_big(ref: DataRef) -> _Scanned:
@@ -238,7 +239,7 @@ def scan_big(ref: DataRef) -> _Scanned:
         _feed_zeros(hasher, size - pos)
         reader.check_unchanged()
     stored = sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
-    return _Scanned([hasher.digest()], array("I", [len(first)]), first, count, array("Q", [stored]))
+    return _Scanned(bytearray(hasher.digest()), array("I", [len(first)]), first, count, array("Q", [stored]))
 
 
 def spans(sizes: list[int]) -> Iterator[tuple[int, int]]:
@@ -377,12 +378,17 @@ class _Build:
         inodes, file_kind = tree.inodes, Kind.FILE
         files = [ino for ino, inode in enumerate(inodes, 1) if inode.kind is file_kind]
         self.bytes_in = sum([inodes[ino - 1].size for ino in files])
-        self.digests: dict[int, bytes] = dict.fromkeys(files, blake3.blake3(b"").digest())
         self.inos = [ino for ino in files if inodes[ino - 1].data is not None and inodes[ino - 1].size > 0]
+        self.empty_inos = [ino for ino in files if inodes[ino - 1].data is None or inodes[ino - 1].size == 0]
         self.refs: list[DataRef] = [inodes[ino - 1].data for ino in self.inos]  # type: ignore[misc]
         self.file_inos = array("I", [self.ext_ino[ino] for ino in self.inos])
+        # Per file with data, in self.inos order: its digest (32 bytes) and content id,
+        # given by the C core's dedup table (one call per batch, no object per file).
+        self.packed = bytearray(32 * len(self.inos))
         self.file_contents = _u32(len(self.inos))
-        self.by_key: dict[bytes, int] = {}  # digest -> content id
+        self.dedup_table = ffi.gc(lib.pyimg_dedup_new(), lib.pyimg_dedup_free)
+        if self.dedup_table == ffi.NULL:
+            raise MemoryError("pyimg_dedup_new")
         self.shared = False
         self.bytes_unique = self.bytes_stored = self.data_blocks = 0
         self.budget = CACHE_BUDGET
@@ -410,33 +416,26 @@ class _Build:
     def take(self, start: int, scanned: _Scanned) -> None:
         """Dedup a scanned batch (in file order: the first file of a content owns
         it), register its new contents in one C call and plan their writes."""
-        refs, inos, digests, stored = self.refs, self.inos, self.digests, scanned.stored
-        keep = bytearray(len(scanned.digests))
-        kept: list[int] = []
-        next_id = self.next_content
-        by_key, dedup = self.by_key, self.dedup
-        for i, digest in enumerate(scanned.digests):
-            digests[inos[start + i]] = digest
-            # The digest alone is the key (as for squashfs): equal BLAKE3 digests mean
-            # equal contents, sizes included; the key object is the one `digests` keeps.
-            if dedup and digest in by_key:
-                self.file_contents[start + i] = by_key[digest]
-                if stored[i]:
-                    self.shared = True
-                continue
-            by_key[digest] = self.file_contents[start + i] = next_id
-            next_id += 1
-            keep[i] = 1
-            kept.append(i)
-        self.progress(sum(ref.size for ref in refs[start : start + len(keep)]))
+        refs, stored = self.refs, scanned.stored
+        n = len(stored)
+        self.packed[32 * start : 32 * (start + n)] = scanned.digests
+        is_new = bytearray(n)
+        next_id = ffi.new("uint32_t *", self.next_content)
+        ids, packed = _c("uint32_t[]", self.file_contents), _c("uint8_t[]", self.packed)
+        rc = lib.pyimg_dedup_assign(self.dedup_table, packed, start, n, int(self.dedup), next_id, ids,
+                                    _c("uint8_t[]", is_new))  # fmt: skip
+        check(rc)
+        # A duplicate with blocks of its own would need them: it shares its original's.
+        self.shared = self.shared or any(size and not new for size, new in zip(stored, is_new, strict=True))
+        self.progress(sum(ref.size for ref in refs[start : start + n]))
         failed = ffi.new("size_t *")
         runs = [_c("uint32_t[]", a) for a in (scanned.nruns, scanned.first, scanned.count)]
-        first_id = lib.pyimg_ext4_add_contents(self.h, len(keep), _c("uint8_t[]", keep), *runs, failed)
+        first_id = lib.pyimg_ext4_add_contents(self.h, n, _c("uint8_t[]", is_new), *runs, failed)
         if first_id < 0:
             check(first_id, self.err, refs[start + failed[0]].path)
         assert first_id == self.next_content, "content ids out of step with the C core"
-        self.next_content = next_id
-        self.plan_writes(start, scanned, kept)
+        self.next_content = next_id[0]
+        self.plan_writes(start, scanned, [i for i in range(n) if is_new[i]])
 
     def plan_writes(self, start: int, scanned: _Scanned, kept: list[int]) -> None:
         """The stream's work for the kept contents of a batch (those with stored
@@ -452,7 +451,7 @@ class _Build:
         buffer = scanned.buffer
         if buffer is not None and len(buffer) <= self.budget:
             self.budget -= len(buffer)
-            batch = self.refs[start : start + len(scanned.digests)]
+            batch = self.refs[start : start + len(scanned.stored)]
             offsets = list(itertools.accumulate([ref.size for ref in batch], initial=0))
             cache_at = array("q", [offsets[i] for i in written])
         else:
@@ -464,6 +463,9 @@ class _Build:
     def identity(self) -> tuple[bytes, bytes]:
         material = blake3.blake3()
         material.update(repr((self.opts, sorted(self.features), self.options.policy.epoch)).encode())
+        position = array("q", [-1]) * (len(self.tree.inodes) + 1)  # ino -> index in self.inos
+        for at, ino in enumerate(self.inos):
+            position[ino] = at
         for node in self.tree.nodes:
             inode = node.inode
             material.update(b"%d\0%s\0%d %o %d %d %d %d %d %d\0%s\0" % (
@@ -473,7 +475,9 @@ class _Build:
                 material.update(
                     b"%d %s %d %s" % (len(name), name, len(inode.xattrs[name]), inode.xattrs[name])
                 )
-            material.update(self.digests.get(node.ino, b""))
+            if inode.kind is Kind.FILE:
+                at = position[node.ino]
+                material.update(self.packed[32 * at : 32 * at + 32] if at >= 0 else _EMPTY_DIGEST)
         key = material.digest()
         if self.opts.uuid is not None:
             try:
@@ -736,7 +740,7 @@ class _Build:
             "shared_blocks": self.shared,
         }
         return WriteResult(
-            digests=dict(self.digests),
+            digests=PackedDigests(self.inos, self.packed, self.empty_inos, _EMPTY_DIGEST),
             bytes_in=self.bytes_in,
             bytes_unique=self.bytes_unique,
             bytes_stored=self.bytes_stored,
