@@ -229,15 +229,28 @@ def read_batch_packed(refs: list[DataRef], *, hash: bool = True) -> tuple[bytear
         ffi.from_buffer("uint8_t[]", digests, require_writable=True),
         C_HASH_MAX if hash else 0,
     )
+    check_batch(refs, failed, status, errnos)
+    if hash:
+        hash_the_rest(out, src.sizes, digests)
+    return out, digests
+
+
+def check_batch(refs: list[DataRef], failed: int, status: array[int], errnos: array[int]) -> None:
+    """Raise the error of the first file (in order) a C batch reader failed on."""
     if failed:
         for ref, code, err in zip(refs, status, errnos, strict=True):
             if code:
                 raise read_error(ref, code, err)
-    if hash and any(size > C_HASH_MAX for size in src.sizes):
-        view = memoryview(out)
-        at = 0
-        for i, size in enumerate(src.sizes):
-            if size > C_HASH_MAX:
-                digests[32 * i : 32 * i + 32] = blake3.blake3(view[at : at + size]).digest()
-            at += size
-    return out, digests
+
+
+def hash_the_rest(buffer: bytearray, sizes: array[int], digests: bytearray) -> None:
+    """The digests the C batch readers left to us: files over C_HASH_MAX (their bytes
+    back to back in buffer), hashed with the blake3 package's SIMD code."""
+    if max(sizes, default=0) <= C_HASH_MAX:
+        return
+    view = memoryview(buffer)
+    at = 0
+    for i, size in enumerate(sizes):
+        if size > C_HASH_MAX:
+            digests[32 * i : 32 * i + 32] = blake3.blake3(view[at : at + size]).digest()
+        at += size

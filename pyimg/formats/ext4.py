@@ -32,7 +32,15 @@ from typing import Any, ClassVar
 import blake3
 
 from .._ffi import check, ffi, lib
-from ..content import C_HASH_MAX, BatchSources, ContentReader, ordered_map, read_error
+from ..content import (
+    C_HASH_MAX,
+    BatchSources,
+    ContentReader,
+    check_batch,
+    hash_the_rest,
+    ordered_map,
+    read_error,
+)
 from ..errors import LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
@@ -195,17 +203,8 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
         _c("uint8_t[]", digests), C_HASH_MAX, BLOCK, _c("uint32_t[]", nruns), _c("uint32_t[]", first),
         _c("uint32_t[]", count), cap, _c("uint64_t[]", stored),
     )  # fmt: skip
-    if failed:
-        for ref, code, err in zip(refs, status, errnos, strict=True):
-            if code:
-                raise read_error(ref, code, err)
-    if max(src.sizes, default=0) > C_HASH_MAX:
-        view = memoryview(buffer)
-        at = 0
-        for i, size in enumerate(src.sizes):
-            if size > C_HASH_MAX:
-                digests[32 * i : 32 * i + 32] = blake3.blake3(view[at : at + size]).digest()
-            at += size
+    check_batch(refs, failed, status, errnos)
+    hash_the_rest(buffer, src.sizes, digests)
     runs = sum(nruns)
     return _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
 
