@@ -132,28 +132,13 @@ def test_golden_digests(tmp_path: Path) -> None:
 
 def test_cli_summary_reports_dedup(tmp_path: Path, varied: Path) -> None:
     out = tmp_path / "cli.ext4"
-    proc = run_cli(
-        "build",
-        str(varied),
-        "-o",
-        str(out),
-        "--format",
-        "ext4",
-        "--json",
-    )
+    build = ("build", str(varied), "-o", str(out), "--format", "ext4")
+    proc = run_cli(*build, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["format"] == "ext4" and summary["dedup_saved"] >= 300_000
     e2fsck_clean(out)
-    human = run_cli(
-        "build",
-        str(varied),
-        "-o",
-        str(out),
-        "--format",
-        "ext4",
-        "--journal",
-    )
+    human = run_cli(*build, "--journal")
     # With a journal the image is for read-write use: no dedup, no saving reported.
     assert human.returncode == 0 and "dedup saved" not in human.stdout
 
