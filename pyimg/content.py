@@ -10,6 +10,8 @@ timing and memory stays bounded.
 from __future__ import annotations
 
 import collections
+import errno
+import mmap
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -89,22 +91,68 @@ class ContentReader:
         size = self.ref.size
         if self.ref.offset != 0 or size == 0:
             return [(0, size)] if size else []
-        ranges: list[tuple[int, int]] = []
+        return data_ranges(self.fd, size)
+
+    def digest(self) -> bytes:
+        """BLAKE3 of the whole content, hashed in place (mapped, never copied); holes
+        are hashed as the zeros they are without being read."""
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         pos = 0
-        try:
-            while pos < size:
-                try:
-                    start = os.lseek(self.fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole remains
+        for start, end in self.data_ranges():
+            hash_zeros(start - pos, hasher.update)
+            hash_in_place(self.fd, self.ref.offset + start, self.ref.offset + end, hasher.update)
+            pos = end
+        hash_zeros(self.ref.size - pos, hasher.update)
+        return hasher.digest()
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the regions of the first `size` bytes of a file that may hold
+    data (SEEK_DATA/SEEK_HOLE); the whole range where the file system does not tell."""
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
                     break
-                if start >= size:
-                    break
-                end = min(os.lseek(self.fd, start, os.SEEK_HOLE), size)
-                ranges.append((start, end))
-                pos = end
-        except (AttributeError, OSError):
-            return [(0, size)]
-        return ranges
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            ranges.append((start, end))
+            pos = end
+    except (AttributeError, OSError):
+        return [(0, size)]
+    return ranges
+
+
+HASH_WINDOW = 4 << 20  # bytes of a file mapped at a time while hashing it (counted in RSS)
+_ZEROS = bytes(HASH_WINDOW)
+
+
+def hash_in_place(fd: int, start: int, end: int, feed: Callable[[memoryview], object]) -> None:
+    """Feed bytes start..end of a file to `feed`, a mapped window at a time: no copy
+    into Python buffers, and one window of memory at most.  Only for ranges that
+    hold data: mapping a hole of a tmpfs file allocates it."""
+    while start < end:
+        base = start - start % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
+        length = min(end - base, HASH_WINDOW)
+        window = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
+        with window, memoryview(window) as view:
+            feed(view[start - base :])
+        start = base + length
+
+
+def hash_zeros(count: int, feed: Callable[[memoryview], object]) -> None:
+    """Feed `count` zero bytes (a hole) to `feed`, from one shared buffer."""
+    zeros = memoryview(_ZEROS)
+    while count > 0:
+        n = min(count, len(_ZEROS))
+        feed(zeros[:n])
+        count -= n
 
 
 def ordered_map(

@@ -8,10 +8,8 @@ count, so a manifest is as reproducible as the image.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import mmap
 import os
 import threading
 from collections.abc import Mapping
@@ -21,14 +19,13 @@ from typing import Any
 import blake3
 import zstandard
 
+from .content import data_ranges, hash_in_place, hash_zeros
 from .errors import OutputError
 from .formats.base import WriteResult
 from .options import BuildOptions
 from .tree import FrozenTree, Kind
 
 MANIFEST_VERSION = 1
-_WINDOW = 4 << 20  # bytes of the image mapped at a time while hashing it (counted in RSS)
-_CHUNK = 8 << 20  # zeros hashed at a time for the holes
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,86 +36,41 @@ class ImageDigest:
 
 
 def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
-    """BLAKE3 (and SHA-256) of a file, both hashes fed from the same buffer, on
+    """BLAKE3 (and SHA-256) of a file, both hashes fed from the same pages, on
     separate threads.
 
-    Data is hashed in place from a mapped window at a time (no copy into Python
-    buffers: that copy was half the time on a 1.3 GB image; one window mapped at a
-    time, so memory stays bounded).  Holes (an ext4 image is sparse) are never
-    mapped or read: mapping a hole of a tmpfs file allocates it.  They are hashed as
-    the zeros they are, from one zero buffer.
-    SHA-256 runs at ~1.6 GB/s here against ~7 GB/s for BLAKE3: on an 800 MB image it
-    is half a second of a build, so it is computed only when asked for (manifest,
-    --json, `pyimg digest --sha256`)."""
+    Data is hashed in place from a mapped window at a time (content.hash_in_place:
+    no copy into Python buffers, which was half the time on a 1.3 GB image; bounded
+    memory).  Holes (an ext4 image is sparse) are never mapped or read: they are
+    hashed as the zeros they are.  SHA-256 runs at ~1.6 GB/s here against ~7 GB/s for
+    BLAKE3: on an 800 MB image it is half a second of a build, so it is computed only
+    when asked for (manifest, --json, `pyimg digest --sha256`)."""
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
     sha = hashlib.sha256() if sha256 else None
+
+    def feed(data: memoryview) -> None:
+        if sha is None:
+            b3.update(data)
+            return
+        # Both release the GIL on large buffers: hash in parallel.
+        t = threading.Thread(target=sha.update, args=(data,))
+        t.start()
+        b3.update(data)
+        t.join()
+
     try:
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
             size = os.fstat(fd).st_size
             pos = 0
-            for start, end in _data_ranges(fd, size):
-                _hash_zeros(start - pos, b3, sha)
-                _hash_mapped(fd, start, end, b3, sha)
+            for start, end in data_ranges(fd, size):
+                hash_zeros(start - pos, feed)
+                hash_in_place(fd, start, end, feed)
                 pos = end
-            _hash_zeros(size - pos, b3, sha)
+            hash_zeros(size - pos, feed)
     except OSError as exc:
         raise OutputError(f"cannot read the image: {exc.strerror}", path) from exc
     return ImageDigest(b3.hexdigest(), sha.hexdigest() if sha is not None else None, size)
-
-
-def _hash_mapped(fd: int, start: int, end: int, b3: Any, sha: Any) -> None:
-    """Hash bytes start..end of the file in place, a mapped window at a time."""
-    while start < end:
-        base = start - start % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
-        length = min(end - base, _WINDOW)
-        window = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
-        with window, memoryview(window) as view:
-            _hash(view[start - base :], b3, sha)
-        start = base + length
-
-
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) of the regions that may hold data (SEEK_DATA/SEEK_HOLE); the
-    whole file where the file system does not tell."""
-    ranges: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole remains
-                    break
-                raise
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            ranges.append((start, end))
-            pos = end
-    except (AttributeError, OSError):
-        return [(0, size)]
-    return ranges
-
-
-_ZEROS = bytes(_CHUNK)
-
-
-def _hash_zeros(count: int, b3: Any, sha: Any) -> None:
-    zeros = memoryview(_ZEROS)
-    while count > 0:
-        n = min(count, _CHUNK)
-        _hash(zeros[:n], b3, sha)
-        count -= n
-
-
-def _hash(data: memoryview, b3: Any, sha: Any) -> None:
-    if sha is None:
-        b3.update(data)
-        return
-    # Both release the GIL on large buffers: hash in parallel.
-    t = threading.Thread(target=sha.update, args=(data,))
-    t.start()
-    b3.update(data)
-    t.join()
 
 
 def versions() -> dict[str, str]:
