@@ -93,6 +93,24 @@ class ContentReader:
             return [(0, size)] if size else []
         return data_ranges(self.fd, size)
 
+
+def data_ranges(self) -> list[tuple[int, int]]:
+        """(start, end) byte ranges that may hold data, found with SEEK_DATA/SEEK_HOLE.
+
+        Holes of a sparse file are never read.  Falls back to the whole range where
+        the file system does not report holes (or the content is inside an archive).
+        Computed once per reader.
+        """
+        if self._ranges is None:
+            self._ranges = self._find_data_ranges()
+        return self._ranges
+
+    def _find_data_ranges(self) -> list[tuple[int, int]]:
+        size = self.ref.size
+        if self.ref.offset != 0 or size == 0:
+            return [(0, size)] if size else []
+        return data_ranges(self.fd, size)
+
     def digest(self) -> bytes:
         """BLAKE3 of the whole content, hashed in place (mapped, never copied); holes
         are hashed as the zeros they are without being read."""
