@@ -94,36 +94,6 @@ class ContentReader:
         return data_ranges(self.fd, size)
 
 
-def data_ranges(self) -> list[tuple[int, int]]:
-        """(start, end) byte ranges that may hold data, found with SEEK_DATA/SEEK_HOLE.
-
-        Holes of a sparse file are never read.  Falls back to the whole range where
-        the file system does not report holes (or the content is inside an archive).
-        Computed once per reader.
-        """
-        if self._ranges is None:
-            self._ranges = self._find_data_ranges()
-        return self._ranges
-
-    def _find_data_ranges(self) -> list[tuple[int, int]]:
-        size = self.ref.size
-        if self.ref.offset != 0 or size == 0:
-            return [(0, size)] if size else []
-        return data_ranges(self.fd, size)
-
-    def digest(self) -> bytes:
-        """BLAKE3 of the whole content, hashed in place (mapped, never copied); holes
-        are hashed as the zeros they are without being read."""
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        pos = 0
-        for start, end in self.data_ranges():
-            hash_zeros(start - pos, hasher.update)
-            hash_in_place(self.fd, self.ref.offset + start, self.ref.offset + end, hasher.update)
-            pos = end
-        hash_zeros(self.ref.size - pos, hasher.update)
-        return hasher.digest()
-
-
 def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     """(start, end) of the regions of the first `size` bytes of a file that may hold
     data (SEEK_DATA/SEEK_HOLE); the whole range where the file system does not tell."""
