@@ -122,9 +122,6 @@ class Placement:
         self.frag_offset_ptr = ffi.from_buffer("uint32_t[]", self.frag_offset, require_writable=True)
         self.digests_ptr = ffi.from_buffer("uint8_t[]", self.digests)  # the packer's dedup keys
 
-    def digest(self, index: int) -> bytes:
-        return bytes(self.digests[32 * index : 32 * index + 32])
-
     def place(self, index: int, data: FileData) -> None:
         self.digests[32 * index : 32 * index + 32] = data.digest
         self.blocks_start[index] = data.blocks_start
