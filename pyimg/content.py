@@ -36,11 +36,11 @@ class ContentReader:
         self.ref = ref
         self._ranges: list[tuple[int, int]] | None = None
         try:
-            self.fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+            self.fd = os.open(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
         except PermissionError:
             # O_NOATIME needs ownership; retry without it.
             try:
-                self.fd = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+                self.fd = os.open(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise SourceError(f"cannot open: {exc.strerror}", ref.path) from exc
         except OSError as exc:
@@ -60,10 +60,11 @@ class ContentReader:
 
     def check_unchanged(self) -> None:
         """Refuse a file whose size or mtime differ from what was collected."""
-        if self.ref.stamp is None:
+        ref = self.ref
+        if ref.stamp_size < 0:
             return
         st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns) != self.ref.stamp:
+        if st.st_size != ref.stamp_size or st.st_mtime_ns != ref.stamp_mtime_ns:
             raise SourceError("file changed while the image was built (size or mtime differ)", self.ref.path)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -216,11 +217,11 @@ class BatchSources:
     @classmethod
     def of(cls, refs: list[DataRef]) -> BatchSources:
         return cls(
-            b"".join([os.fsencode(ref.path) + b"\0" for ref in refs]),
+            b"".join([ref.base + ref.rel + b"\0" for ref in refs]),
             array("Q", [ref.offset for ref in refs]),
             array("Q", [ref.size for ref in refs]),
-            array("q", [ref.stamp[0] if ref.stamp else -1 for ref in refs]),
-            array("q", [ref.stamp[1] if ref.stamp else 0 for ref in refs]),
+            array("q", [ref.stamp_size for ref in refs]),
+            array("q", [ref.stamp_mtime_ns for ref in refs]),
         )
 
     def args(self) -> tuple[Any, ...]:

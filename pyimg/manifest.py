@@ -8,7 +8,6 @@ count, so a manifest is as reproducible as the image.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -46,7 +45,11 @@ def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
     BLAKE3: on an 800 MB image it is half a second of a build, so it is computed only
     when asked for (manifest, --json, `pyimg digest --sha256`)."""
     b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    sha = hashlib.sha256() if sha256 else None
+    sha = None
+    if sha256:
+        import hashlib  # on use: it maps OpenSSL's libcrypto, ~3.5 MB of every run's RSS
+
+        sha = hashlib.sha256()
 
     def feed(data: memoryview) -> None:
         if sha is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import gc
+import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,19 +72,50 @@ def kind_from_mode(st_mode: int) -> Kind | None:
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~0.5 us per file; never changed once made
 class DataRef:
-    """Where a regular file's bytes live: `size` bytes at `offset` in the real file `path`.
+    """Where a regular file's bytes live: `size` bytes at `offset` in the real file
+    whose raw path is `base + rel`.
 
-    Directory sources point at the file itself (offset 0); plain tar archives point
-    into the archive; compressed archives are spooled to a temporary file first.
-    `stamp` is (st_size, st_mtime_ns) as collected, or None when the file cannot
-    change under us (a spool file): readers check it to catch files that change
-    while the image is built.
+    The path is kept in two parts so that a tree of 100k files does not hold a
+    full path string per file (~100 bytes each): a directory source shares one
+    `base` (its directory, "/"-ended) among all its files, and `rel` is then the
+    very bytes object that names the file in the tree.  Tar archives and spool
+    files give the whole path as `base` (`DataRef.at`).  Plain tar archives point
+    into the archive; compressed ones are spooled to a temporary file first.
+
+    `stamp_size` and `stamp_mtime_ns` are the file's st_size and st_mtime_ns as
+    collected (for a tar member: the archive's), which readers check to catch files
+    that change while the image is built; stamp_size -1: not checked (a spool file
+    cannot change under us).  Two ints rather than a tuple: for a directory source
+    they are the inode's own size and mtime objects, so they cost nothing.
     """
 
-    path: str
+    base: bytes
+    rel: bytes
     offset: int
     size: int
-    stamp: tuple[int, int] | None = None
+    stamp_size: int = -1
+    stamp_mtime_ns: int = 0
+
+    @classmethod
+    def at(cls, path: str | bytes, offset: int, size: int, stamp: tuple[int, int] | None = None) -> DataRef:
+        """A DataRef for the file `path`, whole (no shared base)."""
+        stamp_size, stamp_mtime_ns = stamp if stamp is not None else (-1, 0)
+        return cls(os.fsencode(path), b"", offset, size, stamp_size, stamp_mtime_ns)
+
+    @property
+    def fs_path(self) -> bytes:
+        """The path as the OS takes it."""
+        return self.base + self.rel
+
+    @property
+    def path(self) -> str:
+        """The path as error messages and os functions show it (os.fsdecode)."""
+        return os.fsdecode(self.base + self.rel)
+
+    @property
+    def stamp(self) -> tuple[int, int] | None:
+        """(st_size, st_mtime_ns) as collected, or None when not checked."""
+        return None if self.stamp_size < 0 else (self.stamp_size, self.stamp_mtime_ns)
 
 
 @dataclass(slots=True, eq=False)
@@ -200,11 +232,17 @@ class Node:
     """One directory entry of a frozen tree."""
 
     path: bytes
-    name: bytes
     inode: Inode
     ino: int  # 1-based inode number; hard links share it
     parent: int  # index of the parent node in FrozenTree.nodes (root: its own index 0)
     children: Sequence[int] = ()  # indexes, sorted by name bytes (directories only)
+
+    @property
+    def name(self) -> bytes:
+        """The last component of the path (b"" for the root).  Computed, not kept: a
+        bytes object per entry is ~45 bytes on trees of 100k entries, and writers
+        read each name once or twice."""
+        return self.path[self.path.rfind(b"/") + 1 :]
 
     @property
     def image_path(self) -> bytes:
@@ -244,17 +282,16 @@ class FrozenTree:
                 slash = path.rfind(b"/")
                 parent = index_of[path[:slash] if slash >= 0 else b""]
                 children[parent].append(index)
-                name = path[slash + 1 :]
                 if inode.kind is directory:
                     nlink[nodes[parent].ino] += 1
             else:
-                parent, name = 0, b""
+                parent = 0
             if inode.kind is directory:
                 kids: list[int] = []
                 children[index] = kids
-                nodes.append(Node(path, name, inode, ino, parent, kids))
+                nodes.append(Node(path, inode, ino, parent, kids))
             else:
-                nodes.append(Node(path, name, inode, ino, parent))
+                nodes.append(Node(path, inode, ino, parent))
             index_of[path] = index
         self.nodes = nodes
         self.inodes = inodes  # inodes[ino - 1]

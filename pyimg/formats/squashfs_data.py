@@ -450,6 +450,7 @@ class DataStream:
             self.bytes_stored += len(block)
             current.block_sizes.append(len(block) | (UNCOMPRESSED if len(block) == raw_size else 0))
 
+
 _FragmentBatch = tuple[list[tuple[int, memoryview]], "Future[list[bytes]]"]  # blocks, their compression
 
 

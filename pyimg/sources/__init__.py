@@ -198,7 +198,7 @@ class Spool:
                 os.ftruncate(fd, self._end)
         except OSError as exc:
             raise OutputError(f"cannot extend the temporary spool file: {exc.strerror}", path) from exc
-        return DataRef(path, offset, size, None)
+        return DataRef.at(path, offset, size)
 
     def _open(self) -> tuple[int, str]:
         if self._fd < 0 or self.path is None:

@@ -41,6 +41,11 @@ _FS_ERRORS = sys.getfilesystemencodeerrors()
 _BULK_DECODE = codecs.lookup(_FS_ENCODING).name in ("utf-8", "ascii", "iso8859-1")
 
 
+# Every permission value as one shared int: 0o644 is above the small ints Python
+# caches, so `mode & 0o7777` would make a new 28-byte object for every entry.
+_PERMS = list(range(0o10000))
+
+
 def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
     """Add the directory `path` and everything below it at image path `dest`."""
     # str paths (undecodable bytes kept by surrogateescape, os.fsdecode) for the walk:
@@ -76,6 +81,11 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
     kinds = _KINDS
     no_xattrs = NO_XATTRS  # shared by every inode without xattrs, never edited
     FILE, DIR, SYMLINK = Kind.FILE, Kind.DIR, Kind.SYMLINK
+    perms = _PERMS
+    # A file's DataRef names it as base + its image path minus `dest`: with the
+    # source as the image root, that is the tree's own bytes object (see DataRef).
+    base = os.fsencode(top if top.endswith("/") else top + "/")
+    skip = len(dest) + 1 if dest else 0
     pending = [(top, dest)]
     while pending:
         fs_dir, image_dir = pending.pop()
@@ -106,16 +116,17 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
                 inode = _entry_inode(listing, i, fs_prefix + fs_name, links, rules)
                 kind = inode.kind
             elif kind is FILE:
+                perm = perms[mode & 0o7777]
                 if size:
-                    data = DataRef(fs_prefix + fs_name, 0, size, (size, mtime_ns))
-                    inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns, size, b"", (0, 0), no_xattrs, data)
+                    data = DataRef(base, image_path[skip:] if skip else image_path, 0, size, size, mtime_ns)
+                    inode = Inode(FILE, perm, uid, gid, mtime_ns, size, b"", (0, 0), no_xattrs, data)
                 else:
-                    inode = Inode(FILE, mode & 0o7777, uid, gid, mtime_ns)
+                    inode = Inode(FILE, perm, uid, gid, mtime_ns)
                 apply(inode, recorded_owner=False)
             elif kind is DIR:
-                inode = apply(Inode(DIR, mode & 0o7777, uid, gid, mtime_ns), recorded_owner=False)
+                inode = apply(Inode(DIR, perms[mode & 0o7777], uid, gid, mtime_ns), recorded_owner=False)
             else:
-                inode = Inode(SYMLINK, mode & 0o7777, uid, gid, mtime_ns, len(target), target)
+                inode = Inode(SYMLINK, perms[mode & 0o7777], uid, gid, mtime_ns, len(target), target)
                 apply(inode, recorded_owner=False)
             # What tree.add does, minus its general cases: the parent is the directory
             # added just before this listing, so only an existing entry (from an
@@ -234,7 +245,7 @@ def _entry_inode(
         size = listing.size[i]
         inode.size = size
         if size:
-            inode.data = DataRef(path, 0, size, (size, mtime_ns))
+            inode.data = DataRef.at(path, 0, size, (size, mtime_ns))
     elif kind is Kind.SYMLINK:
         inode.target = listing.targets[i]
         inode.size = len(inode.target)

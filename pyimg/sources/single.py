@@ -35,7 +35,7 @@ def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules) -> None:
         return
     inode = Inode(Kind.FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, size=st.st_size)
     if st.st_size:
-        inode.data = DataRef(spec.path, 0, st.st_size, (st.st_size, st.st_mtime_ns))
+        inode.data = DataRef.at(spec.path, 0, st.st_size, (st.st_size, st.st_mtime_ns))
     inode.xattrs = read_xattrs(raw, follow_symlinks=True)
     rules.apply(inode, recorded_owner=False)
     if spec.mode is not None:

@@ -269,7 +269,7 @@ class _ArchiveReader:
         if self.plain_stamp is not None and not member.sparse:
             if member.offset_data + member.size > self.plain_stamp[0]:
                 raise self.fail(member, "data cut short (truncated archive)")
-            return DataRef(self.archive, member.offset_data, member.size, self.plain_stamp)
+            return DataRef.at(self.archive, member.offset_data, member.size, self.plain_stamp)
         stream = self.tf.extractfile(member)
         if stream is None:  # pragma: no cover - isreg() members always have a stream
             raise self.fail(member, "no data")

@@ -62,8 +62,8 @@ def add_file(tree: Tree, tmp: Path, path: bytes, data: bytes | None = None, *, s
     if data is not None:
         src.write_bytes(data)
     size = src.stat().st_size if size is None else size
-    inode = Inode(Kind.FILE, mode, uid, gid, mtime_ns, size=size,
-                  data=DataRef(str(src), 0, size) if size else None, xattrs=dict(xattrs or {}))  # fmt: skip
+    data = DataRef.at(str(src), 0, size) if size else None
+    inode = Inode(Kind.FILE, mode, uid, gid, mtime_ns, size=size, data=data, xattrs=dict(xattrs or {}))
     tree.add(path, inode)
     return inode
 
@@ -340,7 +340,7 @@ def test_bad_input_raises_typed_errors(tmp_path: Path) -> None:
         resolve_features(("+inline_data",))
     assert "metadata_csum" not in resolve_features(("-metadata_csum,-64bit",))
     huge = Tree(new_dir(mtime_ns=T0))
-    huge.add(b"f", Inode(Kind.FILE, 0o644, 0, 0, T0, size=1 << 45, data=DataRef("/dev/null", 0, 1 << 45)))
+    huge.add(b"f", Inode(Kind.FILE, 0o644, 0, 0, T0, size=1 << 45, data=DataRef.at("/dev/null", 0, 1 << 45)))
     with pytest.raises(LimitError, match="too big"):
         build(tmp_path, huge)
 

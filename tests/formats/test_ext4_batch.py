@@ -64,7 +64,7 @@ def test_block_runs_match_the_reference(seed: int, blocks: int, tail: int) -> No
 
 def _ref(path: Path) -> DataRef:
     st = path.stat()
-    return DataRef(str(path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
+    return DataRef.at(str(path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
 
 
 def test_scan_small_matches_the_references(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def small_tree(src: Path) -> tuple[Tree, dict[str, bytes]]:
         path = src / name
         path.write_bytes(data)
         st = path.stat()
-        ref = DataRef(str(path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
+        ref = DataRef.at(str(path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
         tree.add(name.encode(), Inode(Kind.FILE, 0o644, 0, 0, T0, size=len(data), data=ref))
     return tree, datas
 

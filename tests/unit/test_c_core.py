@@ -69,7 +69,7 @@ def test_crc32c_check_value() -> None:
 
 def _ref(path: Path) -> DataRef:
     st = path.stat()
-    return DataRef(str(path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
+    return DataRef.at(str(path), 0, st.st_size, (st.st_size, st.st_mtime_ns))
 
 
 def test_read_batch_reads_and_hashes(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_read_batch_reads_and_hashes(tmp_path: Path) -> None:
 def test_read_batch_reads_a_range_of_an_archive(tmp_path: Path) -> None:
     p = tmp_path / "archive"
     p.write_bytes(b"header" + b"payload" + b"trailer")
-    buffer, digests = read_batch([DataRef(str(p), 6, 7, None)])
+    buffer, digests = read_batch([DataRef.at(str(p), 6, 7, None)])
     assert bytes(buffer) == b"payload" and digests == [blake3.blake3(b"payload").digest()]
 
 
@@ -95,7 +95,7 @@ def test_read_batch_names_the_failing_file(tmp_path: Path) -> None:
     good.write_bytes(b"x")
     changed = tmp_path / "changed"
     changed.write_bytes(b"y")
-    refs = [_ref(good), _ref(changed), DataRef(str(tmp_path / "gone"), 0, 1, (1, 0))]
+    refs = [_ref(good), _ref(changed), DataRef.at(str(tmp_path / "gone"), 0, 1, (1, 0))]
     os.utime(changed, ns=(0, 42))
     with pytest.raises(SourceError) as err:
         read_batch(refs)
