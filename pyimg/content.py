@@ -119,7 +119,10 @@ def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 HASH_WINDOW = 4 << 20  # bytes of a file mapped at a time while hashing it (counted in RSS)
-_ZEROS = bytes(HASH_WINDOW)
+# Zeros to hash holes with, as pages that are never written: they all map the
+# kernel's zero page and cost no memory (bytes(n) would be 4 MB of RSS once the CLI
+# has malloc serve large blocks from its heap, see csrc/common/malloc_tune.c).
+_ZEROS = mmap.mmap(-1, HASH_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
 
 
 def hash_in_place(fd: int, start: int, end: int, feed: Callable[[memoryview], object]) -> None:

@@ -38,6 +38,7 @@ from ..content import (
     ContentReader,
     check_batch,
     hash_the_rest,
+    hash_zeros,
     ordered_map,
     read_error,
 )
@@ -49,7 +50,6 @@ from .base import PackedDigests, Progress, WriteResult, image_epoch
 BLOCK = 4096
 BLOCKS_PER_GROUP = 32768
 CHUNK = 1 << 20  # read size while hashing (a multiple of BLOCK)
-_BIG_ZERO = bytes(16 << 20)
 MAX_FILE_SIZE = (1 << 32) * BLOCK - BLOCK  # 2^32 logical blocks with extents
 MAX_LINKS = 65000
 ROOT_INO = 2
@@ -148,14 +148,6 @@ def acl_to_disk(value: bytes, path: bytes) -> bytes:
     return bytes(out)
 
 
-def _feed_zeros(hasher: Any, count: int) -> None:
-    view = memoryview(_BIG_ZERO)
-    while count > 0:
-        n = min(count, len(_BIG_ZERO))
-        hasher.update(view[:n])
-        count -= n
-
-
 def _u32(n: int) -> array[int]:
     return array("I", bytes(4 * n))
 
@@ -222,7 +214,7 @@ def scan_big(ref: DataRef) -> _Scanned:
             end = min(size, -(-end // BLOCK) * BLOCK)
             if start >= end:
                 continue
-            _feed_zeros(hasher, start - pos)
+            hash_zeros(start - pos, hasher.update)
             while start < end:
                 n = min(CHUNK, end - start)
                 buf = reader.read(start, n)
@@ -235,7 +227,7 @@ def scan_big(ref: DataRef) -> _Scanned:
                 count.extend(more_count)
                 start += n
             pos = end
-        _feed_zeros(hasher, size - pos)
+        hash_zeros(size - pos, hasher.update)
         reader.check_unchanged()
     stored = sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
     return _Scanned(bytearray(hasher.digest()), array("I", [len(first)]), first, count, array("Q", [stored]))

@@ -164,7 +164,6 @@ class Readable(Protocol):
 # holes in the spool file; smaller ones are packed to keep the spool small.
 _ALIGN_FROM = 64 * 1024
 _CHUNK = 1 << 20
-_ZEROS = bytes(_CHUNK)
 
 
 class Spool:
@@ -185,11 +184,12 @@ class Spool:
         if size >= _ALIGN_FROM:
             offset = (offset + 4095) & ~4095
         pos = 0
+        zeros = bytes(_CHUNK) if size >= _CHUNK else b""  # here, not at import: 1 MB
         while pos < size:
             chunk = stream.read(min(_CHUNK, size - pos))
             if not chunk:
                 raise SourceError("unexpected end of data", where)
-            if not (len(chunk) == _CHUNK and chunk == _ZEROS):
+            if not (len(chunk) == _CHUNK and chunk == zeros):
                 self._write(fd, chunk, offset + pos)
             pos += len(chunk)
         self._end = offset + size
