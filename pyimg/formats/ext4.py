@@ -346,7 +346,8 @@ class _Build:
                 raise LimitError("ext4 needs /lost+found to be a directory", b"/lost+found")
             if sum(1 for n in tree.nodes if n.ino == self.lf_tree_ino) > 1:
                 raise LimitError("ext4 needs /lost+found to be a plain directory", b"/lost+found")
-        self.ext_ino: list[int] = [0] * (len(tree.inodes) + 1)
+        # Arrays, not lists: 100k int objects over 256 are 3.6 MB of a 150 MB budget.
+        self.ext_ino = _u32(len(tree.inodes) + 1)
         next_ino = FIRST_INO + 1
         for ino in range(1, len(tree.inodes) + 1):
             if ino == tree.root.ino:
@@ -367,10 +368,11 @@ class _Build:
         # Lists of ints and arrays, no tuple per file: every object the garbage
         # collector tracks costs on trees of 100k files (collections walk the tree).
         inodes, file_kind = tree.inodes, Kind.FILE
-        files = [ino for ino, inode in enumerate(inodes, 1) if inode.kind is file_kind]
+        files = array("I", [ino for ino, inode in enumerate(inodes, 1) if inode.kind is file_kind])
         self.bytes_in = sum([inodes[ino - 1].size for ino in files])
-        self.inos = [ino for ino in files if inodes[ino - 1].data is not None and inodes[ino - 1].size > 0]
-        self.empty_inos = [ino for ino in files if inodes[ino - 1].data is None or inodes[ino - 1].size == 0]
+        has_data = [inodes[ino - 1].data is not None and inodes[ino - 1].size > 0 for ino in files]
+        self.inos = array("I", itertools.compress(files, has_data))
+        self.empty_inos = array("I", [ino for ino, has in zip(files, has_data, strict=True) if not has])
         self.refs: list[DataRef] = [inodes[ino - 1].data for ino in self.inos]  # type: ignore[misc]
         self.file_inos = array("I", [self.ext_ino[ino] for ino in self.inos])
         # Per file with data, in self.inos order: its digest (32 bytes) and content id,
@@ -534,7 +536,7 @@ class _Build:
                     links[ino - 1] = 1  # dir_nlink: "many"
         mtimes = [inode.mtime_ns for inode in inodes]
         arrays = (
-            array("I", self.ext_ino[1:]),
+            self.ext_ino[1:],
             array("I", [IFMT_OF_KIND[inode.kind] | (inode.mode & 0o7777) for inode in inodes]),
             array("I", [inode.uid for inode in inodes]),
             array("I", [inode.gid for inode in inodes]),
