@@ -86,13 +86,14 @@ static int for_each_range(const pyimg_ext4 *h, uint32_t content, uint64_t size, 
         snprintf(err, err_len, "data: bad content %u", content);
         return -PYIMG_EINVAL;
     }
-    const e4_extents *ex = &h->contents[content].ext;
-    for (size_t i = 0; i < ex->n; i++) {
-        uint64_t off = (uint64_t)ex->v[i].lblk * E4_BS;
+    const e4_content *ct = &h->contents[content];
+    const e4_extent *ev = e4_ext_v(&ct->ext, ct->next);
+    for (uint32_t i = 0; i < ct->next; i++) {
+        uint64_t off = (uint64_t)ev[i].lblk * E4_BS;
         if (off >= size) break;
-        uint64_t len = (uint64_t)ex->v[i].len * E4_BS;
+        uint64_t len = (uint64_t)ev[i].len * E4_BS;
         if (off + len > size) len = size - off;
-        int rc = fn(ctx, off, len, ex->v[i].pblk * E4_BS, err, err_len);
+        int rc = fn(ctx, off, len, ev[i].pblk * E4_BS, err, err_len);
         if (rc) return rc;
     }
     return 0;
@@ -174,11 +175,11 @@ static int stage_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, cha
  * holes, one extent), else 0: such a file can be read straight into the stage. */
 static uint64_t one_piece(const pyimg_ext4 *h, uint32_t content, uint64_t size) {
     if (!h->laid_out || content >= h->ncontents) return 0;
-    const e4_extents *ex = &h->contents[content].ext;
-    if (ex->n != 1 || ex->v[0].lblk != 0 || (uint64_t)ex->v[0].len * E4_BS < size ||
-        (uint64_t)ex->v[0].len * E4_BS >= size + E4_BS)
+    const e4_content *ct = &h->contents[content];
+    const e4_extent *e = &ct->ext.one; /* a single extent is inline */
+    if (ct->next != 1 || e->lblk != 0 || (uint64_t)e->len * E4_BS < size || (uint64_t)e->len * E4_BS >= size + E4_BS)
         return 0;
-    return ex->v[0].pblk * E4_BS;
+    return e->pblk * E4_BS;
 }
 
 /* Reads a content in one piece straight into the stage (no copy through a

@@ -25,7 +25,7 @@ static uint32_t block_room(const pyimg_ext4 *h) { return h->csum ? E4_BS - 12 : 
 
 /* Linear directories larger than a block (dir_index off): entries packed in
  * name order, block 0 starting with "." and ".."; leaf_start[] marks blocks. */
-static int linear_plan(pyimg_ext4 *h, e4_inode *in) {
+static int linear_plan(pyimg_ext4 *h, e4_extra *in) {
     uint32_t room = block_room(h), fill = 24;
     size_t n = 1;
     for (size_t i = 0; i < in->ndents; i++) {
@@ -56,8 +56,9 @@ static int linear_plan(pyimg_ext4 *h, e4_inode *in) {
     return 0;
 }
 
+/* The caller created the directory's extra part (it holds the results). */
 int e4_dir_plan(pyimg_ext4 *h, uint32_t ino) {
-    e4_inode *in = &h->inodes[ino];
+    e4_extra *in = h->inodes[ino].x;
     uint32_t need = 12 + 12; /* "." and ".." */
     for (size_t i = 0; i < in->ndents; i++) need += rec_len(in->dents[i].len);
     if (need <= block_room(h)) {
@@ -100,7 +101,8 @@ void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint
     uint32_t last = pos;
     for (size_t i = 0; i < n; i++) {
         last = pos;
-        pos += put_dirent(blk + pos, d[i].ino, d[i].name, d[i].len, e4_dirent_type(h, d[i].ino), rec_len(d[i].len));
+        pos += put_dirent(blk + pos, d[i].ino, e4_dirent_name(h, &d[i]), d[i].len, e4_dirent_type(h, d[i].ino),
+                          rec_len(d[i].len));
     }
     if (n == 0 && pos == 0) {
         put_dirent(blk, 0, NULL, 0, 0, room); /* an empty block: one unused entry */
@@ -110,22 +112,22 @@ void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint
     e4_dirblock_tail(h, ino, blk);
 }
 
-static uint64_t lblk_to_pblk(const e4_inode *in, uint32_t lblk) {
-    for (size_t i = 0; i < in->own.n; i++)
-        if (lblk >= in->own.v[i].lblk && lblk < in->own.v[i].lblk + in->own.v[i].len)
-            return in->own.v[i].pblk + (lblk - in->own.v[i].lblk);
+static uint64_t lblk_to_pblk(const e4_extra *x, uint32_t lblk) {
+    const e4_extent *v = e4_ext_v(&x->own, x->nown);
+    for (uint32_t i = 0; i < x->nown; i++)
+        if (lblk >= v[i].lblk && lblk < v[i].lblk + v[i].len) return v[i].pblk + (lblk - v[i].lblk);
     return 0;
 }
 
 int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd) {
-    e4_inode *in = &h->inodes[ino];
+    const e4_extra *in = h->inodes[ino].x; /* every directory has one after the layout */
     uint8_t *blocks = calloc(in->dir_blocks, E4_BS);
     if (!blocks) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
     int rc = 0;
     uint8_t dt = (h->g.feature_incompat & E4_INCOMPAT_FILETYPE) ? 2 : 0;
     if (in->htree_levels < 0) {
         put_dirent(blocks, ino, (const uint8_t *)".", 1, dt, 12);
-        put_dirent(blocks + 12, in->parent, (const uint8_t *)"..", 2, dt, 12);
+        put_dirent(blocks + 12, h->inodes[ino].parent, (const uint8_t *)"..", 2, dt, 12);
         if (in->ndents == 0) {
             put_le16(blocks + 12 + 4, (uint16_t)(block_room(h) - 12));
             e4_dirblock_tail(h, ino, blocks);

@@ -31,6 +31,11 @@
 #define E4_INDEX_FL 0x1000u
 #define E4_EXTENTS_FL 0x80000u
 
+/* Memory: a tree of 100k small files registers 100k inodes, contents and
+ * directory entries, so the per-item structures below are kept small and free
+ * of per-item mallocs in the common case (one run, one extent, no extra part).
+ * Sizes are checked by the _Static_asserts in handle.c. */
+
 typedef struct {
     uint32_t lblk;
     uint32_t len;
@@ -38,26 +43,39 @@ typedef struct {
 } e4_extent;
 
 typedef struct {
-    e4_extent *v;
-    size_t n, cap;
-} e4_extents;
-
-typedef struct {
     uint32_t lblk, count;
 } e4_run;
 
-typedef struct {
-    e4_run *runs;
-    size_t nruns, cap;
-    e4_extents ext; /* computed by the layout */
-    uint64_t blocks;
-} e4_content;
+/* Small vectors whose first element lives inline: with n <= 1 the element is
+ * `one` (no allocation), with n >= 2 the elements are in the heap array `v`
+ * (capacity implied by n: see handle.c).  The count n is kept by the owner, so
+ * that two of them and their counts pack without padding in e4_content. */
+typedef union {
+    e4_extent one;
+    e4_extent *v;
+} e4_extbuf;
+
+typedef union {
+    e4_run one;
+    e4_run *v;
+} e4_runbuf;
+
+static inline const e4_extent *e4_ext_v(const e4_extbuf *b, uint32_t n) { return n <= 1 ? &b->one : b->v; }
+static inline const e4_run *e4_run_v(const e4_runbuf *b, uint32_t n) { return n <= 1 ? &b->one : b->v; }
 
 typedef struct {
-    uint8_t *name;
+    e4_extbuf ext; /* computed by the layout */
+    e4_runbuf runs;
+    uint32_t next, nruns;
+} e4_content;
+
+/* A directory entry; the name is in the handle's name arena (h->names) at
+ * name_lo | name_hi << 32: 40 bits of offset keep the entry at 12 bytes. */
+typedef struct {
     uint32_t ino;
-    uint16_t len;
-    uint32_t hash, minor;
+    uint32_t name_lo;
+    uint8_t name_hi;
+    uint8_t len;
 } e4_dirent;
 
 typedef struct {
@@ -68,32 +86,51 @@ typedef struct {
     uint32_t value_len;
 } e4_xattr;
 
+/* What only some inodes need: directories (entries, htree layout, their
+ * blocks), symlinks, devices, inodes with xattrs, the journal, and files whose
+ * extents need tree blocks.  Allocated on first need (e4_extra_get). */
 typedef struct {
-    int used;
-    uint16_t mode;
-    uint32_t uid, gid, links, rdev_major, rdev_minor, parent;
-    int64_t mtime;
-    uint32_t mtime_nsec;
-    uint64_t size;
-    int64_t content; /* -1: none */
     uint8_t *symlink;
-    uint32_t symlink_len;
     e4_dirent *dents;
-    size_t ndents, dcap;
     e4_xattr *xattrs;
+    size_t ndents, dcap;
     size_t nx, xcap;
+    uint32_t symlink_len;
+    uint32_t rdev_major, rdev_minor;
     /* layout results */
-    size_t nx_inode;    /* xattrs[0 .. nx_inode) live in the inode body */
-    int64_t xblock;     /* index into h->xblocks, -1 none */
     uint32_t dir_blocks;
     int htree_levels;   /* -1: linear directory */
-    size_t *leaf_start; /* htree: first dirent index of each leaf, nleaves + 1 */
     uint32_t nleaves;
-    e4_extents own;     /* dirs, slow symlinks, the journal */
-    uint64_t *tree;     /* extent tree blocks (leaves first, then upper levels) */
+    size_t *leaf_start; /* htree and multi-block linear: first dirent index of each leaf, nleaves + 1 */
+    uint32_t *leaf_hash; /* htree: the index hash of each leaf */
+    size_t nx_inode;    /* xattrs[0 .. nx_inode) live in the inode body */
+    int64_t xblock;     /* index into h->xblocks, -1 none */
+    e4_extbuf own;      /* dirs, slow symlinks, the journal */
+    uint32_t nown;
     uint32_t ntree;
-    uint64_t i_blocks;  /* in 4 KiB blocks */
+    uint64_t *tree;     /* extent tree blocks (leaves first, then upper levels) */
+} e4_extra;
+
+/* What every inode needs; fields ordered by size so that there is no padding
+ * before the tail. */
+typedef struct {
+    int64_t mtime;
+    uint64_t size;
+    uint64_t i_blocks; /* in 4 KiB blocks */
+    e4_extra *x;       /* NULL: none yet (read through e4_x) */
+    uint32_t uid, gid;
+    uint32_t parent;
+    uint32_t mtime_nsec;
+    int32_t content;   /* -1: none */
+    uint16_t mode;
+    uint16_t links;    /* at most 65000 (checked by set_inode) */
+    uint8_t used;
 } e4_inode;
+
+/* The extra part of an inode for reading: a shared all-defaults one (no
+ * entries, no xattrs, linear, no xattr block) when the inode has none. */
+extern const e4_extra e4_no_extra;
+static inline const e4_extra *e4_x(const e4_inode *in) { return in->x ? in->x : &e4_no_extra; }
 
 typedef struct {
     uint8_t *body; /* encoded block without checksum */
@@ -108,6 +145,8 @@ struct pyimg_ext4 {
     e4_inode *inodes; /* [0 .. max_ino], index = inode number */
     e4_content *contents;
     size_t ncontents, ccap;
+    uint8_t *names; /* the arena of directory entry names */
+    uint64_t nnames, names_cap;
     e4_xblock *xblocks;
     size_t nxblocks, xbcap;
     /* layout */
@@ -126,12 +165,17 @@ struct pyimg_ext4 {
 /* helpers shared between files */
 int e4_fail(pyimg_ext4 *h, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int e4_grow(void **v, size_t *cap, size_t need, size_t elem);
-int e4_ext_push(e4_extents *e, uint32_t lblk, uint64_t pblk, uint32_t len);
+e4_extra *e4_extra_get(e4_inode *in);
+int e4_ext_push(e4_extbuf *b, uint32_t *n, uint32_t lblk, uint64_t pblk, uint32_t len);
+void e4_ext_clear(e4_extbuf *b, uint32_t *n);
+static inline const uint8_t *e4_dirent_name(const pyimg_ext4 *h, const e4_dirent *d) {
+    return h->names + ((uint64_t)d->name_hi << 32 | d->name_lo);
+}
 int e4_is_backup_group(uint64_t g);
 /* allocation (super.c) */
 int e4_alloc(pyimg_ext4 *h, uint32_t want, uint64_t *start, uint32_t *got);
 int e4_alloc_contig(pyimg_ext4 *h, uint32_t n, uint64_t *start);
-int e4_alloc_extents(pyimg_ext4 *h, e4_extents *e, uint32_t lblk, uint32_t count);
+int e4_alloc_extents(pyimg_ext4 *h, e4_extbuf *b, uint32_t *n, uint32_t lblk, uint32_t count);
 int e4_pwrite(pyimg_ext4 *h, int fd, const void *buf, size_t len, uint64_t off);
 /* checksums */
 uint32_t e4_inode_seed(const pyimg_ext4 *h, uint32_t ino);
@@ -143,7 +187,7 @@ int e4_dir_plan(pyimg_ext4 *h, uint32_t ino);
 int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd);
 uint8_t e4_filetype(uint16_t mode);
 uint32_t e4_dx_hash(const uint8_t *name, size_t len, const uint8_t seed[16], uint32_t *minor);
-int e4_htree_plan(pyimg_ext4 *h, e4_inode *in);
+int e4_htree_plan(pyimg_ext4 *h, e4_extra *in);
 int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks);
 void e4_dirblock_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk);
 void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos);

@@ -46,14 +46,23 @@ static void block_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk) {
 }
 
 /* Encodes the extents of `ino` into i_block and, when it needs a tree, into
- * `blocks` (ntree * 4096 bytes, zeroed by the caller, written at in->tree[]). */
+ * `blocks` (ntree * 4096 bytes, zeroed by the caller, written at x->tree[]). */
 int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks) {
-    e4_inode *in = &h->inodes[ino];
-    const e4_extents *ex = (S_ISREG(in->mode) && in->content >= 0) ? &h->contents[in->content].ext : &in->own;
-    size_t n = ex->n;
+    const e4_inode *in = &h->inodes[ino];
+    const e4_extra *x = e4_x(in);
+    const e4_extent *ev;
+    size_t n;
+    if (S_ISREG(in->mode) && in->content >= 0) {
+        const e4_content *ct = &h->contents[in->content];
+        ev = e4_ext_v(&ct->ext, ct->next);
+        n = ct->next;
+    } else {
+        ev = e4_ext_v(&x->own, x->nown);
+        n = x->nown;
+    }
     if (n <= 4) {
         put_header(i_block, (uint16_t)n, 4, 0);
-        for (size_t i = 0; i < n; i++) put_extent(i_block + 12 + 12 * i, &ex->v[i]);
+        for (size_t i = 0; i < n; i++) put_extent(i_block + 12 + 12 * i, &ev[i]);
         return 0;
     }
     /* level 0: leaves */
@@ -70,10 +79,10 @@ int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t 
         uint8_t *blk = blocks + (used + b) * E4_BS;
         size_t lo = b * E4_EXT_PER_BLOCK, cnt = n - lo < E4_EXT_PER_BLOCK ? n - lo : E4_EXT_PER_BLOCK;
         put_header(blk, (uint16_t)cnt, E4_EXT_PER_BLOCK, 0);
-        for (size_t i = 0; i < cnt; i++) put_extent(blk + 12 + 12 * i, &ex->v[lo + i]);
+        for (size_t i = 0; i < cnt; i++) put_extent(blk + 12 + 12 * i, &ev[lo + i]);
         block_tail(h, ino, blk);
-        first[b] = ex->v[lo].lblk;
-        where[b] = in->tree[used + b];
+        first[b] = ev[lo].lblk;
+        where[b] = x->tree[used + b];
     }
     used += nodes;
     uint16_t depth = 1;
@@ -87,7 +96,7 @@ int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t 
             block_tail(h, ino, blk);
             /* compacting in place is safe: entry b is read from index >= b */
             first[b] = first[lo];
-            where[b] = in->tree[used + b];
+            where[b] = x->tree[used + b];
         }
         used += up;
         nodes = up;

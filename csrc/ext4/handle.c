@@ -6,6 +6,14 @@
 
 #include "ext4_int.h"
 
+/* One of each per inode, content and directory entry: 100k small files make
+ * 100k of each, so their sizes are the handle's memory (see ext4_int.h). */
+_Static_assert(sizeof(e4_inode) <= 64, "e4_inode grew past 64 bytes");
+_Static_assert(sizeof(e4_content) <= 32, "e4_content grew past 32 bytes");
+_Static_assert(sizeof(e4_dirent) <= 12, "e4_dirent grew past 12 bytes");
+
+const e4_extra e4_no_extra = {.htree_levels = -1, .xblock = -1};
+
 int e4_fail(pyimg_ext4 *h, int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -26,11 +34,57 @@ int e4_grow(void **v, size_t *cap, size_t need, size_t elem) {
     return 0;
 }
 
+/* Room for element n (0-based) of an inline-first small vector (e4_extbuf,
+ * e4_runbuf): element 0 is inline; the second one moves both to a heap array
+ * of 4, which then doubles each time it is full (so its capacity is implied by
+ * n and need not be stored).  Returns the capacity to reallocate to, 0 when
+ * there is room, SIZE_MAX when n cannot grow. */
+static size_t spill_cap(uint32_t n) {
+    if (n == UINT32_MAX) return SIZE_MAX;
+    if (n == 1) return 4;
+    if (n >= 4 && (n & (n - 1)) == 0) return (size_t)n * 2;
+    return 0;
+}
+
+static int ext_reserve(e4_extbuf *b, uint32_t n) {
+    size_t cap = spill_cap(n);
+    if (!cap) return 0;
+    if (cap == SIZE_MAX) return -PYIMG_ENOMEM;
+    e4_extent *p = realloc(n == 1 ? NULL : b->v, cap * sizeof *p);
+    if (!p) return -PYIMG_ENOMEM;
+    if (n == 1) p[0] = b->one;
+    b->v = p;
+    return 0;
+}
+
+static int run_reserve(e4_runbuf *b, uint32_t n) {
+    size_t cap = spill_cap(n);
+    if (!cap) return 0;
+    if (cap == SIZE_MAX) return -PYIMG_ENOMEM;
+    e4_run *p = realloc(n == 1 ? NULL : b->v, cap * sizeof *p);
+    if (!p) return -PYIMG_ENOMEM;
+    if (n == 1) p[0] = b->one;
+    b->v = p;
+    return 0;
+}
+
+void e4_ext_clear(e4_extbuf *b, uint32_t *n) {
+    if (*n >= 2) free(b->v);
+    memset(b, 0, sizeof *b);
+    *n = 0;
+}
+
+static void runs_clear(e4_runbuf *b, uint32_t *n) {
+    if (*n >= 2) free(b->v);
+    memset(b, 0, sizeof *b);
+    *n = 0;
+}
+
 /* Appends an extent, merging with the previous one when both are contiguous. */
-int e4_ext_push(e4_extents *e, uint32_t lblk, uint64_t pblk, uint32_t len) {
+int e4_ext_push(e4_extbuf *b, uint32_t *n, uint32_t lblk, uint64_t pblk, uint32_t len) {
     while (len) {
-        if (e->n) {
-            e4_extent *last = &e->v[e->n - 1];
+        if (*n) {
+            e4_extent *last = (*n == 1 ? &b->one : b->v) + (*n - 1);
             if (last->lblk + last->len == lblk && last->pblk + last->len == pblk &&
                 last->len < E4_MAX_EXT_LEN) {
                 uint32_t add = E4_MAX_EXT_LEN - last->len;
@@ -42,9 +96,10 @@ int e4_ext_push(e4_extents *e, uint32_t lblk, uint64_t pblk, uint32_t len) {
                 continue;
             }
         }
-        if (e4_grow((void **)&e->v, &e->cap, e->n + 1, sizeof *e->v)) return -PYIMG_ENOMEM;
+        if (ext_reserve(b, *n)) return -PYIMG_ENOMEM;
         uint32_t take = len > E4_MAX_EXT_LEN ? E4_MAX_EXT_LEN : len;
-        e->v[e->n++] = (e4_extent){lblk, take, pblk};
+        (*n == 0 ? &b->one : b->v)[*n] = (e4_extent){lblk, take, pblk};
+        ++*n;
         lblk += take;
         pblk += take;
         len -= take;
@@ -62,36 +117,40 @@ pyimg_ext4 *pyimg_ext4_new(uint32_t max_ino) {
         free(h);
         return NULL;
     }
-    for (uint32_t i = 0; i <= max_ino; i++) {
-        h->inodes[i].content = -1;
-        h->inodes[i].xblock = -1;
-        h->inodes[i].htree_levels = -1;
-    }
+    for (uint32_t i = 0; i <= max_ino; i++) h->inodes[i].content = -1;
     return h;
+}
+
+/* The extra part of `in`, created on first need; NULL when out of memory. */
+e4_extra *e4_extra_get(e4_inode *in) {
+    if (!in->x) {
+        in->x = malloc(sizeof *in->x);
+        if (in->x) *in->x = e4_no_extra;
+    }
+    return in->x;
 }
 
 static void reset_layout(pyimg_ext4 *h) {
     for (uint32_t i = 0; i <= h->max_ino; i++) {
         e4_inode *in = &h->inodes[i];
-        free(in->own.v);
-        in->own = (e4_extents){0};
-        free(in->tree);
-        in->tree = NULL;
-        in->ntree = 0;
-        free(in->leaf_start);
-        in->leaf_start = NULL;
-        in->nleaves = 0;
-        in->xblock = -1;
-        in->htree_levels = -1;
-        in->dir_blocks = 0;
         in->i_blocks = 0;
-        in->nx_inode = 0;
+        e4_extra *x = in->x;
+        if (!x) continue;
+        e4_ext_clear(&x->own, &x->nown);
+        free(x->tree);
+        x->tree = NULL;
+        x->ntree = 0;
+        free(x->leaf_start);
+        x->leaf_start = NULL;
+        free(x->leaf_hash);
+        x->leaf_hash = NULL;
+        x->nleaves = 0;
+        x->xblock = -1;
+        x->htree_levels = -1;
+        x->dir_blocks = 0;
+        x->nx_inode = 0;
     }
-    for (size_t c = 0; c < h->ncontents; c++) {
-        free(h->contents[c].ext.v);
-        h->contents[c].ext = (e4_extents){0};
-        h->contents[c].blocks = 0;
-    }
+    for (size_t c = 0; c < h->ncontents; c++) e4_ext_clear(&h->contents[c].ext, &h->contents[c].next);
     for (size_t x = 0; x < h->nxblocks; x++) free(h->xblocks[x].body);
     h->nxblocks = 0;
     free(h->bb_loc);
@@ -109,19 +168,21 @@ void pyimg_ext4_free(pyimg_ext4 *h) {
     if (!h) return;
     reset_layout(h);
     for (uint32_t i = 0; i <= h->max_ino; i++) {
-        e4_inode *in = &h->inodes[i];
-        free(in->symlink);
-        for (size_t d = 0; d < in->ndents; d++) free(in->dents[d].name);
-        free(in->dents);
-        for (size_t x = 0; x < in->nx; x++) {
-            free(in->xattrs[x].name);
-            free(in->xattrs[x].value);
+        e4_extra *x = h->inodes[i].x;
+        if (!x) continue;
+        free(x->symlink);
+        free(x->dents);
+        for (size_t k = 0; k < x->nx; k++) {
+            free(x->xattrs[k].name);
+            free(x->xattrs[k].value);
         }
-        free(in->xattrs);
+        free(x->xattrs);
+        free(x);
     }
     free(h->inodes);
-    for (size_t c = 0; c < h->ncontents; c++) free(h->contents[c].runs);
+    for (size_t c = 0; c < h->ncontents; c++) runs_clear(&h->contents[c].runs, &h->contents[c].nruns);
     free(h->contents);
+    free(h->names);
     free(h->xblocks);
     free(h);
 }
@@ -140,6 +201,13 @@ int pyimg_ext4_set_inode(pyimg_ext4 *h, uint32_t ino, uint32_t mode, uint32_t ui
     if (!in) return e4_fail(h, PYIMG_EINVAL, "inode %u out of range", ino);
     if (links > 65000) return e4_fail(h, PYIMG_ELIMIT, "inode %u: %u links (ext4 allows 65000)", ino, links);
     if (mtime_nsec >= 1000000000u) return e4_fail(h, PYIMG_EINVAL, "inode %u: bad nanoseconds", ino);
+    /* device numbers go to the extra part: only devices have non-zero ones */
+    if (rdev_major || rdev_minor || in->x) {
+        e4_extra *x = e4_extra_get(in);
+        if (!x) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+        x->rdev_major = rdev_major;
+        x->rdev_minor = rdev_minor;
+    }
     in->used = 1;
     in->mode = (uint16_t)mode;
     in->uid = uid;
@@ -147,9 +215,7 @@ int pyimg_ext4_set_inode(pyimg_ext4 *h, uint32_t ino, uint32_t mode, uint32_t ui
     in->mtime = mtime;
     in->mtime_nsec = mtime_nsec;
     in->size = size;
-    in->links = links;
-    in->rdev_major = rdev_major;
-    in->rdev_minor = rdev_minor;
+    in->links = (uint16_t)links;
     in->parent = parent;
     return 0;
 }
@@ -158,11 +224,14 @@ int pyimg_ext4_set_symlink(pyimg_ext4 *h, uint32_t ino, const uint8_t *target, s
     e4_inode *in = get_inode(h, ino);
     if (!in) return e4_fail(h, PYIMG_EINVAL, "inode %u out of range", ino);
     if (len == 0 || len >= E4_BS) return e4_fail(h, PYIMG_ELIMIT, "symlink target of %zu bytes (1..4095 allowed)", len);
-    free(in->symlink);
-    in->symlink = malloc(len);
-    if (!in->symlink) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    memcpy(in->symlink, target, len);
-    in->symlink_len = (uint32_t)len;
+    e4_extra *x = e4_extra_get(in);
+    if (!x) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    free(x->symlink);
+    x->symlink_len = 0;
+    x->symlink = malloc(len);
+    if (!x->symlink) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    memcpy(x->symlink, target, len);
+    x->symlink_len = (uint32_t)len;
     in->size = len;
     return 0;
 }
@@ -199,8 +268,10 @@ int pyimg_ext4_add_xattr(pyimg_ext4 *h, uint32_t ino, const uint8_t *name, size_
     }
     if (name_len - skip > 255) return e4_fail(h, PYIMG_ELIMIT, "xattr name longer than 255 bytes");
     if (value_len > E4_BS - 32 - 24 - 255) return e4_fail(h, PYIMG_ELIMIT, "xattr value of %zu bytes does not fit a block", value_len);
-    if (e4_grow((void **)&in->xattrs, &in->xcap, in->nx + 1, sizeof *in->xattrs)) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    e4_xattr *x = &in->xattrs[in->nx];
+    e4_extra *ex = e4_extra_get(in);
+    if (!ex || e4_grow((void **)&ex->xattrs, &ex->xcap, ex->nx + 1, sizeof *ex->xattrs))
+        return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    e4_xattr *x = &ex->xattrs[ex->nx];
     x->index = index;
     x->name_len = (uint8_t)(name_len - skip);
     x->name = malloc(x->name_len + 1);
@@ -213,7 +284,7 @@ int pyimg_ext4_add_xattr(pyimg_ext4 *h, uint32_t ino, const uint8_t *name, size_
     memcpy(x->name, name + skip, x->name_len);
     if (value_len) memcpy(x->value, value, value_len);
     x->value_len = (uint32_t)value_len;
-    in->nx++;
+    ex->nx++;
     return 0;
 }
 
@@ -221,15 +292,28 @@ int pyimg_ext4_add_dirent(pyimg_ext4 *h, uint32_t dir, const uint8_t *name, size
     e4_inode *in = get_inode(h, dir);
     if (!in || !get_inode(h, child)) return e4_fail(h, PYIMG_EINVAL, "inode out of range");
     if (name_len == 0 || name_len > 255) return e4_fail(h, PYIMG_ELIMIT, "file name of %zu bytes (1..255 allowed)", name_len);
-    if (e4_grow((void **)&in->dents, &in->dcap, in->ndents + 1, sizeof *in->dents)) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    e4_dirent *d = &in->dents[in->ndents];
-    d->name = malloc(name_len);
-    if (!d->name) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    memcpy(d->name, name, name_len);
-    d->len = (uint16_t)name_len;
+    /* e4_dirent keeps 40 bits of arena offset: 1 TiB of names */
+    if (h->nnames + name_len > (uint64_t)1 << 40) return e4_fail(h, PYIMG_ELIMIT, "more than 1 TiB of file names");
+    if (h->nnames + name_len > h->names_cap) {
+        /* doubling: the arena is one large block, its unused tail is never touched */
+        uint64_t cap = h->names_cap ? h->names_cap : 65536;
+        while (cap < h->nnames + name_len) cap *= 2;
+        if (cap > SIZE_MAX) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+        uint8_t *p = realloc(h->names, (size_t)cap);
+        if (!p) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+        h->names = p;
+        h->names_cap = cap;
+    }
+    e4_extra *x = e4_extra_get(in);
+    if (!x || e4_grow((void **)&x->dents, &x->dcap, x->ndents + 1, sizeof *x->dents))
+        return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    e4_dirent *d = &x->dents[x->ndents++];
     d->ino = child;
-    d->hash = d->minor = 0;
-    in->ndents++;
+    d->name_lo = (uint32_t)h->nnames;
+    d->name_hi = (uint8_t)(h->nnames >> 32);
+    d->len = (uint8_t)name_len;
+    memcpy(h->names + h->nnames, name, name_len);
+    h->nnames += name_len;
     return 0;
 }
 
@@ -244,17 +328,20 @@ int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint3
     if (content >= h->ncontents) return e4_fail(h, PYIMG_EINVAL, "content %u out of range", content);
     e4_content *c = &h->contents[content];
     if ((uint64_t)lblk + count > UINT32_MAX) return e4_fail(h, PYIMG_ELIMIT, "file too big for ext4");
-    if (c->nruns && c->runs[c->nruns - 1].lblk + c->runs[c->nruns - 1].count > lblk)
-        return e4_fail(h, PYIMG_EINVAL, "content runs out of order");
-    if (e4_grow((void **)&c->runs, &c->cap, c->nruns + 1, sizeof *c->runs)) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    c->runs[c->nruns++] = (e4_run){lblk, count};
+    if (c->nruns) {
+        const e4_run *last = &e4_run_v(&c->runs, c->nruns)[c->nruns - 1];
+        if (last->lblk + last->count > lblk) return e4_fail(h, PYIMG_EINVAL, "content runs out of order");
+    }
+    if (run_reserve(&c->runs, c->nruns)) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    (c->nruns == 0 ? &c->runs.one : c->runs.v)[c->nruns] = (e4_run){lblk, count};
+    c->nruns++;
     return 0;
 }
 
 int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content) {
     e4_inode *in = get_inode(h, ino);
     if (!in || content >= h->ncontents) return e4_fail(h, PYIMG_EINVAL, "inode or content out of range");
-    in->content = content;
+    in->content = (int32_t)content;
     return 0;
 }
 
@@ -293,6 +380,14 @@ int pyimg_ext4_add_contents(pyimg_ext4 *h, size_t n, const uint8_t *keep, const 
                             const uint32_t *run_first, const uint32_t *run_count, size_t *failed) {
     if (h->ncontents >= INT32_MAX) return e4_fail(h, PYIMG_ELIMIT, "too many contents");
     int first_id = (int)h->ncontents;
+    /* the batch's new contents at once: one growth of the array, not several */
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) kept += keep[i] != 0;
+    if (kept && h->ncontents + kept <= INT32_MAX &&
+        e4_grow((void **)&h->contents, &h->ccap, h->ncontents + kept, sizeof *h->contents)) {
+        *failed = 0;
+        return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    }
     for (size_t i = 0; i < n; i++) {
         if (keep[i]) {
             int id = pyimg_ext4_new_content(h);
@@ -378,13 +473,13 @@ int e4_alloc_contig(pyimg_ext4 *h, uint32_t n, uint64_t *start) {
     return mark(h, *start, n);
 }
 
-int e4_alloc_extents(pyimg_ext4 *h, e4_extents *e, uint32_t lblk, uint32_t count) {
+int e4_alloc_extents(pyimg_ext4 *h, e4_extbuf *b, uint32_t *n, uint32_t lblk, uint32_t count) {
     while (count) {
         uint64_t start;
         uint32_t got;
         int rc = e4_alloc(h, count, &start, &got);
         if (rc) return rc;
-        if (e4_ext_push(e, lblk, start, got)) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+        if (e4_ext_push(b, n, lblk, start, got)) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
         lblk += got;
         count -= got;
     }
@@ -394,16 +489,27 @@ int e4_alloc_extents(pyimg_ext4 *h, e4_extents *e, uint32_t lblk, uint32_t count
 static int alloc_tree(pyimg_ext4 *h, e4_inode *in, size_t nextents) {
     uint32_t n = e4_tree_blocks(nextents);
     if (!n) return 0;
-    in->tree = calloc(n, sizeof *in->tree);
-    if (!in->tree) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    e4_extra *x = e4_extra_get(in);
+    if (!x) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    x->tree = calloc(n, sizeof *x->tree);
+    if (!x->tree) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
     for (uint32_t i = 0; i < n; i++) {
         uint32_t got;
-        int rc = e4_alloc(h, 1, &in->tree[i], &got);
+        int rc = e4_alloc(h, 1, &x->tree[i], &got);
         if (rc) return rc;
     }
-    in->ntree = n;
+    x->ntree = n;
     in->i_blocks += n;
     return 0;
+}
+
+/* The data blocks of a content: the sum of its runs (not stored: it is cheap
+ * to recount and would cost 8 bytes per content). */
+static uint64_t content_blocks(const e4_content *ct) {
+    const e4_run *runs = e4_run_v(&ct->runs, ct->nruns);
+    uint64_t n = 0;
+    for (uint32_t r = 0; r < ct->nruns; r++) n += runs[r].count;
+    return n;
 }
 
 int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom) {
@@ -446,12 +552,14 @@ int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom) {
     if (h->g.journal_blocks) {
         if (h->max_ino < E4_JOURNAL_INO) return e4_fail(h, PYIMG_EINVAL, "no room for the journal inode");
         e4_inode *j = &h->inodes[E4_JOURNAL_INO];
+        e4_extra *jx = e4_extra_get(j);
+        if (!jx) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
         j->used = 1;
         j->mode = S_IFREG | 0600;
         j->links = 1;
         j->size = (uint64_t)h->g.journal_blocks * E4_BS;
         j->mtime = h->g.epoch;
-        if ((rc = e4_alloc_extents(h, &j->own, 0, h->g.journal_blocks))) return rc;
+        if ((rc = e4_alloc_extents(h, &jx->own, &jx->nown, 0, h->g.journal_blocks))) return rc;
         j->i_blocks = h->g.journal_blocks;
     }
     /* directories, slow symlinks, xattr blocks, in inode order */
@@ -459,12 +567,14 @@ int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom) {
         e4_inode *in = &h->inodes[i];
         if (!in->used) continue;
         if (S_ISDIR(in->mode)) {
+            e4_extra *x = e4_extra_get(in);
+            if (!x) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
             if ((rc = e4_dir_plan(h, i))) return rc;
-            if ((rc = e4_alloc_extents(h, &in->own, 0, in->dir_blocks))) return rc;
-            in->i_blocks += in->dir_blocks;
-            in->size = (uint64_t)in->dir_blocks * E4_BS;
-        } else if (S_ISLNK(in->mode) && in->symlink_len >= 60) {
-            if ((rc = e4_alloc_extents(h, &in->own, 0, 1))) return rc;
+            if ((rc = e4_alloc_extents(h, &x->own, &x->nown, 0, x->dir_blocks))) return rc;
+            in->i_blocks += x->dir_blocks;
+            in->size = (uint64_t)x->dir_blocks * E4_BS;
+        } else if (S_ISLNK(in->mode) && e4_x(in)->symlink_len >= 60) {
+            if ((rc = e4_alloc_extents(h, &in->x->own, &in->x->nown, 0, 1))) return rc;
             in->i_blocks += 1;
         }
         if ((rc = e4_xattr_plan(h, i))) return rc;
@@ -472,11 +582,10 @@ int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom) {
     /* file data, content by content: shared contents are stored once */
     for (size_t c = 0; c < h->ncontents; c++) {
         e4_content *ct = &h->contents[c];
-        for (size_t r = 0; r < ct->nruns; r++) {
-            if ((rc = e4_alloc_extents(h, &ct->ext, ct->runs[r].lblk, ct->runs[r].count))) return rc;
-            ct->blocks += ct->runs[r].count;
-        }
-        h->data_blocks += ct->blocks;
+        const e4_run *runs = e4_run_v(&ct->runs, ct->nruns);
+        for (uint32_t r = 0; r < ct->nruns; r++)
+            if ((rc = e4_alloc_extents(h, &ct->ext, &ct->next, runs[r].lblk, runs[r].count))) return rc;
+        h->data_blocks += content_blocks(ct);
     }
     /* extent tree blocks of inodes with more than 4 extents */
     for (uint32_t i = 1; i <= h->max_ino; i++) {
@@ -484,9 +593,9 @@ int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom) {
         if (!in->used) continue;
         if (S_ISREG(in->mode) && in->content >= 0) {
             e4_content *ct = &h->contents[in->content];
-            in->i_blocks += ct->blocks;
-            if ((rc = alloc_tree(h, in, ct->ext.n))) return rc;
-        } else if ((rc = alloc_tree(h, in, in->own.n))) {
+            in->i_blocks += content_blocks(ct);
+            if ((rc = alloc_tree(h, in, ct->next))) return rc;
+        } else if ((rc = alloc_tree(h, in, e4_x(in)->nown))) {
             return rc;
         }
     }

@@ -92,47 +92,83 @@ uint32_t pyimg_ext4_dirhash(const uint8_t *name, size_t len, const uint8_t seed[
     return e4_dx_hash(name, len, seed, NULL);
 }
 
-static int cmp_dirent(const void *a, const void *b) {
-    const e4_dirent *x = a, *y = b;
+/* An entry with its sort key, for the plan only: the hashes are not kept per
+ * entry (8 bytes each on every entry of the tree), only per leaf. */
+typedef struct {
+    uint32_t hash, minor;
+    const uint8_t *name; /* in the arena, which does not move during the layout */
+    e4_dirent d;
+} keyed;
+
+static int cmp_keyed(const void *a, const void *b) {
+    const keyed *x = a, *y = b;
     if (x->hash != y->hash) return x->hash < y->hash ? -1 : 1;
     if (x->minor != y->minor) return x->minor < y->minor ? -1 : 1;
-    size_t n = x->len < y->len ? x->len : y->len;
+    size_t n = x->d.len < y->d.len ? x->d.len : y->d.len;
     int c = memcmp(x->name, y->name, n);
     if (c) return c;
-    return (x->len > y->len) - (x->len < y->len);
+    return (x->d.len > y->d.len) - (x->d.len < y->d.len);
 }
 
 static uint32_t root_limit(const pyimg_ext4 *h) { return (E4_BS - 32 - (h->csum ? 8 : 0)) / 8; }
 static uint32_t node_limit(const pyimg_ext4 *h) { return (E4_BS - 8 - (h->csum ? 8 : 0)) / 8; }
 static uint32_t rec_len(uint32_t name_len) { return (8 + name_len + 3) & ~3u; }
 
-int e4_htree_plan(pyimg_ext4 *h, e4_inode *in) {
-    for (size_t i = 0; i < in->ndents; i++) in->dents[i].hash = e4_dx_hash(in->dents[i].name, in->dents[i].len, h->g.hash_seed, &in->dents[i].minor);
-    qsort(in->dents, in->ndents, sizeof *in->dents, cmp_dirent);
+/* The index hash of the leaf starting at entry i (of the sorted keys): its
+ * first name's hash, with the low bit set when that hash continues from the
+ * previous leaf (a collision split); 0 for the first leaf. */
+static uint32_t leaf_hash(const keyed *k, size_t i) {
+    if (i == 0) return 0;
+    return k[i].hash | (k[i - 1].hash == k[i].hash);
+}
+
+int e4_htree_plan(pyimg_ext4 *h, e4_extra *in) {
+    keyed *k = malloc((in->ndents ? in->ndents : 1) * sizeof *k);
+    if (!k) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    for (size_t i = 0; i < in->ndents; i++) {
+        k[i].d = in->dents[i];
+        k[i].name = e4_dirent_name(h, &in->dents[i]);
+        k[i].hash = e4_dx_hash(k[i].name, k[i].d.len, h->g.hash_seed, &k[i].minor);
+    }
+    qsort(k, in->ndents, sizeof *k, cmp_keyed);
+    for (size_t i = 0; i < in->ndents; i++) in->dents[i] = k[i].d;
     uint32_t room = h->csum ? E4_BS - 12 : E4_BS;
     size_t cap = 16, n = 0;
     size_t *starts = malloc(cap * sizeof *starts);
-    if (!starts) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    uint32_t *hashes = malloc(cap * sizeof *hashes);
+    if (!starts || !hashes) {
+        free(starts);
+        free(hashes);
+        free(k);
+        return e4_fail(h, PYIMG_ENOMEM, "out of memory");
+    }
     uint32_t fill = room; /* forces a new leaf at the first entry */
     for (size_t i = 0; i < in->ndents; i++) {
         uint32_t r = rec_len(in->dents[i].len);
         if (fill + r > room) {
             if (n + 2 > cap) {
                 size_t *p = realloc(starts, 2 * cap * sizeof *starts);
-                if (!p) {
+                if (p) starts = p;
+                uint32_t *q = p ? realloc(hashes, 2 * cap * sizeof *hashes) : NULL;
+                if (q) hashes = q;
+                if (!p || !q) {
                     free(starts);
+                    free(hashes);
+                    free(k);
                     return e4_fail(h, PYIMG_ENOMEM, "out of memory");
                 }
-                starts = p;
                 cap *= 2;
             }
+            hashes[n] = leaf_hash(k, i);
             starts[n++] = i;
             fill = 0;
         }
         fill += r;
     }
+    free(k);
     starts[n] = in->ndents;
     in->leaf_start = starts;
+    in->leaf_hash = hashes;
     in->nleaves = (uint32_t)n;
     if (n <= root_limit(h)) {
         in->htree_levels = 0;
@@ -144,15 +180,6 @@ int e4_htree_plan(pyimg_ext4 *h, e4_inode *in) {
         in->dir_blocks = 1 + (uint32_t)nodes + (uint32_t)n;
     }
     return 0;
-}
-
-/* The index hash of leaf l: its first name's hash, with the low bit set when
- * that hash continues from the previous leaf (a collision split). */
-static uint32_t leaf_hash(const e4_inode *in, uint32_t l) {
-    if (l == 0) return 0;
-    uint32_t hash = in->dents[in->leaf_start[l]].hash;
-    if (in->dents[in->leaf_start[l] - 1].hash == hash) hash |= 1;
-    return hash;
 }
 
 /* dx_tail checksum: over the header and the used entries, then dt_reserved
@@ -182,19 +209,14 @@ static void put_entries(uint8_t *p, uint32_t limit, const uint32_t *hashes, cons
 
 
 int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
-    e4_inode *in = &h->inodes[ino];
+    const e4_extra *in = h->inodes[ino].x;
     uint32_t nl = in->nleaves;
     uint32_t nodes = in->htree_levels == 1 ? in->dir_blocks - 1 - nl : 0;
     uint32_t first_leaf = 1 + nodes;
-    uint32_t *hashes = malloc((size_t)(nl + 1) * sizeof *hashes);
+    const uint32_t *hashes = in->leaf_hash;
     uint32_t *lblks = malloc((size_t)(nl + 1) * sizeof *lblks);
-    if (!hashes || !lblks) {
-        free(hashes);
-        free(lblks);
-        return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    }
+    if (!lblks) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
     for (uint32_t l = 0; l < nl; l++) {
-        hashes[l] = leaf_hash(in, l);
         lblks[l] = first_leaf + l;
         e4_dir_leaf(h, ino, in->dents + in->leaf_start[l], in->leaf_start[l + 1] - in->leaf_start[l],
                     blocks + (size_t)lblks[l] * E4_BS, 0);
@@ -207,7 +229,7 @@ int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
     root[6] = 1;
     root[7] = dt;
     root[8] = '.';
-    put_le32(root + 12, in->parent);
+    put_le32(root + 12, h->inodes[ino].parent);
     put_le16(root + 16, E4_BS - 12);
     root[18] = 2;
     root[19] = dt;
@@ -227,7 +249,6 @@ int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
         if (!nh || !nb) {
             free(nh);
             free(nb);
-            free(hashes);
             free(lblks);
             return e4_fail(h, PYIMG_ENOMEM, "out of memory");
         }
@@ -246,7 +267,6 @@ int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
         free(nh);
         free(nb);
     }
-    free(hashes);
     free(lblks);
     return 0;
 }

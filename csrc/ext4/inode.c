@@ -31,7 +31,8 @@ static void put_devices(uint8_t *i_block, uint32_t major, uint32_t minor) {
 }
 
 void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
-    e4_inode *in = &h->inodes[ino];
+    const e4_inode *in = &h->inodes[ino];
+    const e4_extra *x = e4_x(in);
     memset(raw, 0, E4_INODE_SIZE);
     if (!in->used) return; /* reserved inodes stay zero: all-zero inodes pass the checksum check */
     uint32_t t = (uint32_t)in->mtime;
@@ -44,23 +45,23 @@ void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
     put_le32(raw + 12, t); /* ctime */
     put_le32(raw + 16, t); /* mtime */
     put_le16(raw + 24, (uint16_t)in->gid);
-    put_le16(raw + 26, (uint16_t)in->links);
+    put_le16(raw + 26, in->links);
     uint64_t sectors = in->i_blocks * (E4_BS / 512);
     put_le32(raw + 28, (uint32_t)sectors);
     uint8_t *i_block = raw + 40;
-    if (S_ISLNK(in->mode) && in->symlink_len < 60) {
-        memcpy(i_block, in->symlink, in->symlink_len); /* fast symlink */
+    if (S_ISLNK(in->mode) && x->symlink_len < 60) {
+        if (x->symlink_len) memcpy(i_block, x->symlink, x->symlink_len); /* fast symlink */
     } else if (S_ISCHR(in->mode) || S_ISBLK(in->mode)) {
-        put_devices(i_block, in->rdev_major, in->rdev_minor);
+        put_devices(i_block, x->rdev_major, x->rdev_minor);
     } else if (S_ISREG(in->mode) || S_ISDIR(in->mode) || S_ISLNK(in->mode)) {
         flags |= E4_EXTENTS_FL;
         /* tree blocks are encoded and written by the caller (finalize) */
     }
-    if (S_ISDIR(in->mode) && in->htree_levels >= 0) flags |= E4_INDEX_FL;
+    if (S_ISDIR(in->mode) && x->htree_levels >= 0) flags |= E4_INDEX_FL;
     put_le32(raw + 32, flags);
     put_le32(raw + 100, 0); /* generation */
-    if (in->xblock >= 0) {
-        uint64_t b = h->xblocks[in->xblock].pblk;
+    if (x->xblock >= 0) {
+        uint64_t b = h->xblocks[x->xblock].pblk;
         put_le32(raw + 104, (uint32_t)b);
         put_le16(raw + 116 + 2, (uint16_t)(b >> 32));
     }

@@ -128,18 +128,19 @@ static int write_inode_table(pyimg_ext4 *h, int fd, uint32_t group, uint8_t *tab
     for (uint32_t k = 0; k < ipg; k++) {
         uint64_t ino = (uint64_t)group * ipg + k + 1;
         if (ino > h->max_ino) break;
-        e4_inode *in = &h->inodes[ino];
+        const e4_inode *in = &h->inodes[ino];
+        const e4_extra *x = e4_x(in);
         uint8_t *raw = table + (size_t)k * E4_INODE_SIZE;
         e4_encode_inode(h, (uint32_t)ino, raw);
         if (!in->used) continue;
         if (get_le32(raw + 32) & E4_EXTENTS_FL) {
-            if ((size_t)in->ntree > treecap) return e4_fail(h, PYIMG_EINVAL, "extent tree buffer too small");
-            memset(treebuf, 0, (size_t)in->ntree * E4_BS);
+            if ((size_t)x->ntree > treecap) return e4_fail(h, PYIMG_EINVAL, "extent tree buffer too small");
+            memset(treebuf, 0, (size_t)x->ntree * E4_BS);
             int rc = e4_encode_extents(h, (uint32_t)ino, raw + 40, treebuf);
             if (rc) return rc;
             if (ino == E4_JOURNAL_INO) memcpy(h->jnl_iblock, raw + 40, 60);
-            for (uint32_t t = 0; t < in->ntree; t++) {
-                rc = e4_pwrite(h, fd, treebuf + (size_t)t * E4_BS, E4_BS, in->tree[t] * E4_BS);
+            for (uint32_t t = 0; t < x->ntree; t++) {
+                rc = e4_pwrite(h, fd, treebuf + (size_t)t * E4_BS, E4_BS, x->tree[t] * E4_BS);
                 if (rc) return rc;
             }
         }
@@ -161,8 +162,8 @@ static int write_journal(pyimg_ext4 *h, int fd) {
     }
     memcpy(jsb + 0x30, h->g.uuid, 16);
     jsb[0x43] = 1; /* s_nr_users = 1 (big-endian) */
-    const e4_inode *j = &h->inodes[E4_JOURNAL_INO];
-    return e4_pwrite(h, fd, jsb, sizeof jsb, j->own.v[0].pblk * E4_BS);
+    const e4_extra *j = h->inodes[E4_JOURNAL_INO].x; /* created by the layout */
+    return e4_pwrite(h, fd, jsb, sizeof jsb, e4_ext_v(&j->own, j->nown)[0].pblk * E4_BS);
 }
 
 int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
@@ -179,7 +180,7 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
     uint8_t *table = malloc((size_t)h->itb * E4_BS);
     size_t treecap = 0;
     for (uint32_t i = 1; i <= h->max_ino; i++)
-        if (h->inodes[i].ntree > treecap) treecap = h->inodes[i].ntree;
+        if (e4_x(&h->inodes[i])->ntree > treecap) treecap = e4_x(&h->inodes[i])->ntree;
     uint8_t *treebuf = malloc((treecap ? treecap : 1) * E4_BS);
     uint8_t sb[SB_SIZE];
     if (!gdt || !bmp || !table || !treebuf) {
@@ -221,10 +222,11 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
         if (!in->used) continue;
         if (S_ISDIR(in->mode)) {
             if ((rc = e4_dir_write(h, i, fd))) goto out;
-        } else if (S_ISLNK(in->mode) && in->symlink_len >= 60) {
+        } else if (S_ISLNK(in->mode) && e4_x(in)->symlink_len >= 60) {
+            const e4_extra *x = in->x;
             memset(table, 0, E4_BS);
-            memcpy(table, in->symlink, in->symlink_len);
-            if ((rc = e4_pwrite(h, fd, table, E4_BS, in->own.v[0].pblk * E4_BS))) goto out;
+            memcpy(table, x->symlink, x->symlink_len);
+            if ((rc = e4_pwrite(h, fd, table, E4_BS, e4_ext_v(&x->own, x->nown)[0].pblk * E4_BS))) goto out;
         }
     }
     if ((rc = e4_xattr_write_blocks(h, fd))) goto out;

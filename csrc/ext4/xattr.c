@@ -59,8 +59,9 @@ static uint32_t encode(const e4_xattr *xs, size_t lo, size_t hi, uint8_t *region
 }
 
 int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino) {
-    e4_inode *in = &h->inodes[ino];
-    if (!in->nx) return 0;
+    e4_inode *core = &h->inodes[ino];
+    e4_extra *in = core->x;
+    if (!in || !in->nx) return 0;
     qsort(in->xattrs, in->nx, sizeof *in->xattrs, cmp_xattr);
     uint32_t used = 4; /* end marker */
     size_t k = 0;
@@ -88,7 +89,7 @@ int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino) {
         if (xb->crc == crc && xb->refcount < XBLOCK_REFCOUNT_MAX && !memcmp(xb->body, body, E4_BS)) {
             xb->refcount++;
             in->xblock = (int64_t)x;
-            in->i_blocks += 1;
+            core->i_blocks += 1;
             free(body);
             return 0;
         }
@@ -108,12 +109,13 @@ int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino) {
         return rc;
     }
     in->xblock = (int64_t)h->nxblocks++;
-    in->i_blocks += 1;
+    core->i_blocks += 1;
     return 0;
 }
 
-void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *in, uint8_t *raw) {
+void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *core, uint8_t *raw) {
     (void)h;
+    const e4_extra *in = e4_x(core);
     if (!in->nx_inode) return;
     put_le32(raw + IBODY_START, XATTR_MAGIC);
     /* region = raw + IBODY_START + 4, offsets relative to it */
