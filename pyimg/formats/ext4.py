@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
+import sys
 import uuid as uuid_mod
 from array import array
 from collections.abc import Iterator
@@ -146,6 +147,15 @@ def acl_to_disk(value: bytes, path: bytes) -> bytes:
         if tag in (0x02, 0x08):  # ACL_USER, ACL_GROUP carry an id
             out += value[pos + 4 : pos + 8]
     return bytes(out)
+
+
+def _le(a: array[int]) -> bytes:
+    """An array's bytes in little-endian order, whatever the machine's."""
+    if sys.byteorder == "little":
+        return a.tobytes()
+    swapped = array(a.typecode, a)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 def _u32(n: int) -> array[int]:
@@ -454,23 +464,15 @@ class _Build:
 
     # ---- identity -----------------------------------------------------------------
     def identity(self) -> tuple[bytes, bytes]:
-        material = blake3.blake3()
+        """The UUID and htree hash seed, derived from everything the image holds: the
+        columns register() gave the C core (it fed them to self.material as it went:
+        inodes, names, symlinks, xattrs), every file's digest and the options.
+        Bulk updates over arrays, not a formatted record per entry (0.1 s on 100k)."""
+        material = self.material
         material.update(repr((self.opts, sorted(self.features), self.options.policy.epoch)).encode())
-        position = array("q", [-1]) * (len(self.tree.inodes) + 1)  # ino -> index in self.inos
-        for at, ino in enumerate(self.inos):
-            position[ino] = at
-        for node in self.tree.nodes:
-            inode = node.inode
-            material.update(b"%d\0%s\0%d %o %d %d %d %d %d %d\0%s\0" % (
-                len(node.path), node.path, inode.kind, inode.mode, inode.uid, inode.gid, inode.mtime_ns,
-                inode.size, inode.rdev[0], inode.rdev[1], inode.target))  # fmt: skip
-            for name in sorted(inode.xattrs):
-                material.update(
-                    b"%d %s %d %s" % (len(name), name, len(inode.xattrs[name]), inode.xattrs[name])
-                )
-            if inode.kind is Kind.FILE:
-                at = position[node.ino]
-                material.update(self.packed[32 * at : 32 * at + 32] if at >= 0 else _EMPTY_DIGEST)
+        material.update(self.packed)
+        material.update(_le(self.inos))
+        material.update(_le(self.empty_inos))
         key = material.digest()
         if self.opts.uuid is not None:
             try:
@@ -494,17 +496,20 @@ class _Build:
         """Inodes, symlinks, xattrs, directory entries and which content each file
         holds (the contents themselves were registered by the hash pass); bulk
         calls with arrays, not one call per item."""
-        h = self.h
+        h, material = self.h, blake3.blake3()
+        self.material = material  # what identity() derives the UUID from
         self.set_inodes()
         for ino, inode in enumerate(self.tree.inodes, 1):
             if inode.kind is Kind.SYMLINK:
                 e, path = self.ext_ino[ino], self.path_of(ino)
+                material.update(b"%d %d %s" % (e, len(inode.target), inode.target))
                 check(lib.pyimg_ext4_set_symlink(h, e, inode.target, len(inode.target)), self.err, path)
             for name in sorted(inode.xattrs):
                 e, path = self.ext_ino[ino], self.path_of(ino)
                 value = inode.xattrs[name]
                 if name in _ACL_NAMES:
                     value = acl_to_disk(value, path)
+                material.update(b"%d %d %s %d %s" % (e, len(name), name, len(value), value))
                 check(lib.pyimg_ext4_add_xattr(h, e, name, len(name), value, len(value)), self.err, path)
         if self.lf_tree_ino is None:
             mode, epoch = stat.S_IFDIR | 0o700, self.epoch
@@ -550,6 +555,8 @@ class _Build:
         )
         kinds = ("uint32_t[]",) * 4 + ("int64_t[]", "uint32_t[]", "uint64_t[]") + ("uint32_t[]",) * 4
         failed = ffi.new("size_t *")
+        for a in arrays:
+            self.material.update(_le(a))
         pointers = [_c(kind, a) for kind, a in zip(kinds, arrays, strict=True)]
         rc = lib.pyimg_ext4_set_inodes(self.h, len(inodes), *pointers, failed)
         if rc < 0:
@@ -566,6 +573,9 @@ class _Build:
         children = array("I", [ext_of[index] for index in entries])
         lens = array("I", map(len, names))
         blob = b"".join(names)
+        for a in (dirs, lens, children):
+            self.material.update(_le(a))
+        self.material.update(blob)
         pointers = [_c("uint32_t[]", a) for a in (dirs, lens, children)]
         rc = lib.pyimg_ext4_add_dirents(self.h, len(entries), pointers[0], blob, *pointers[1:], failed)
         if rc < 0:
@@ -712,8 +722,8 @@ class _Build:
         self.number_inodes()
         self.check_tree()
         self.hash_contents()
-        self.uuid, self.seed = self.identity()
         self.register()
+        self.uuid, self.seed = self.identity()
         geom, stats = self.lay_out()
         self.stream()
         h = self.h
