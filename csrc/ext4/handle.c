@@ -46,27 +46,24 @@ static size_t spill_cap(uint32_t n) {
     return 0;
 }
 
-static int ext_reserve(e4_extbuf *b, uint32_t n) {
+/* spill_cap's growth for either vector: `buf` is the union (its inline element
+ * and its heap pointer share the storage), `elem` the element size.  The inline
+ * element is copied out before the pointer overwrites it. */
+static int spill_reserve(void *buf, size_t elem, uint32_t n) {
     size_t cap = spill_cap(n);
     if (!cap) return 0;
-    if (cap == SIZE_MAX) return -PYIMG_ENOMEM;
-    e4_extent *p = realloc(n == 1 ? NULL : b->v, cap * sizeof *p);
+    if (cap == SIZE_MAX || cap > SIZE_MAX / elem) return -PYIMG_ENOMEM;
+    void *heap = NULL;
+    if (n > 1) memcpy(&heap, buf, sizeof heap);
+    void *p = realloc(heap, cap * elem);
     if (!p) return -PYIMG_ENOMEM;
-    if (n == 1) p[0] = b->one;
-    b->v = p;
+    if (n == 1) memcpy(p, buf, elem);
+    memcpy(buf, &p, sizeof p);
     return 0;
 }
 
-static int run_reserve(e4_runbuf *b, uint32_t n) {
-    size_t cap = spill_cap(n);
-    if (!cap) return 0;
-    if (cap == SIZE_MAX) return -PYIMG_ENOMEM;
-    e4_run *p = realloc(n == 1 ? NULL : b->v, cap * sizeof *p);
-    if (!p) return -PYIMG_ENOMEM;
-    if (n == 1) p[0] = b->one;
-    b->v = p;
-    return 0;
-}
+static int ext_reserve(e4_extbuf *b, uint32_t n) { return spill_reserve(b, sizeof b->one, n); }
+static int run_reserve(e4_runbuf *b, uint32_t n) { return spill_reserve(b, sizeof b->one, n); }
 
 void e4_ext_clear(e4_extbuf *b, uint32_t *n) {
     if (*n >= 2) free(b->v);
