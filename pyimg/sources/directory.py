@@ -23,8 +23,7 @@ import codecs
 import os
 import stat
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
 
 from .._ffi import ffi, lib
 from ..errors import SourceError
@@ -41,13 +40,24 @@ _FS_ERRORS = sys.getfilesystemencodeerrors()
 _BULK_DECODE = codecs.lookup(_FS_ENCODING).name in ("utf-8", "ascii", "iso8859-1")
 
 
+FileCallback = Callable[[DataRef], None]
+"""Told of each regular file with data as it is collected (see add_directory)."""
+
+# One listing's entries being read: (index, (name, fs_name, mode, uid, gid, mtime_ns,
+# size, flags, symlink target)).
+_Columns = Iterator[tuple[int, tuple[bytes, str, int, int, int, int, int, int, bytes]]]
+
 # Every permission value as one shared int: 0o644 is above the small ints Python
 # caches, so `mode & 0o7777` would make a new 28-byte object for every entry.
 _PERMS = list(range(0o10000))
 
 
-def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
-    """Add the directory `path` and everything below it at image path `dest`."""
+def add_directory(
+    tree: Tree, path: str, dest: bytes, rules: Rules, on_file: FileCallback | None = None
+) -> None:
+    """Add the directory `path` and everything below it at image path `dest`;
+    `on_file`, when given, is called with the DataRef of every regular file with
+    data as it is collected, in the tree's order (see _walk)."""
     # str paths (undecodable bytes kept by surrogateescape, os.fsdecode) for the walk:
     # DataRef wants str anyway; the C walker gets them back as bytes (os.fsencode).
     top = os.fsdecode(path)
@@ -64,12 +74,14 @@ def add_directory(tree: Tree, path: str, dest: bytes, rules: Rules) -> None:
     root = Inode(Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
     root.xattrs = read_xattrs(top, follow_symlinks=True)
     tree.add(dest, rules.apply(root, recorded_owner=False), parent_template=rules.parent_template)
-    _walk(tree, top, dest, rules)
+    _walk(tree, top, dest, rules, on_file)
 
 
-def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
-    """Everything below `top`, depth first (a stack: the last directory listed is
-    entered first), each directory's entries by name."""
+def _walk(tree: Tree, top: str, dest: bytes, rules: Rules, on_file: FileCallback | None) -> None:
+    """Everything below `top` in the tree's own order: depth first, each directory's
+    entries by name, a directory's subtree right after its own entry (a stack of
+    listings being read).  Regular files therefore come in the order the writers
+    store them, and `on_file` sees each new one (with data) in that order."""
     lister = _list_in_c()
     links: dict[tuple[int, int], Inode] = {}
     # Locals for the loop below: it runs once per entry.
@@ -86,12 +98,12 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
     # source as the image root, that is the tree's own bytes object (see DataRef).
     base = os.fsencode(top if top.endswith("/") else top + "/")
     skip = len(dest) + 1 if dest else 0
-    pending = [(top, dest)]
-    while pending:
-        fs_dir, image_dir = pending.pop()
+    reading: list[tuple[_Columns, _Listing, str, bytes]] = []  # the listings being read
+
+    def enter(fs_dir: str, image_dir: bytes) -> None:
         listing = lister(fs_dir)
         if listing is None:
-            continue  # empty
+            return  # empty
         # Same spelling as os.scandir's entry.path: "dir/name", "dir/" kept as it is.
         fs_prefix = fs_dir if fs_dir.endswith("/") else fs_dir + "/"
         prefix = image_dir + b"/" if image_dir else b""
@@ -107,19 +119,26 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
             listing.targets,
             strict=True,
         )
-        for i, (name, fs_name, mode, uid, gid, mtime_ns, size, flags, target) in enumerate(columns):
+        reading.append((enumerate(columns), listing, fs_prefix, prefix))
+
+    enter(top, dest)
+    while reading:
+        columns, listing, fs_prefix, prefix = reading[-1]
+        for i, (name, fs_name, mode, uid, gid, mtime_ns, size, flags, target) in columns:
             image_path = prefix + name
             if excluded is not None and excluded(image_path):
                 continue  # an excluded directory is never entered: its subtree goes too
             kind = kinds[mode >> 12]
             if flags or (kind is not FILE and kind is not DIR and kind is not SYMLINK):
-                inode = _entry_inode(listing, i, fs_prefix + fs_name, links, rules)
+                inode = _entry_inode(listing, i, fs_prefix + fs_name, links, rules, on_file)
                 kind = inode.kind
             elif kind is FILE:
                 perm = perms[mode & 0o7777]
                 if size:
                     data = DataRef(base, image_path[skip:] if skip else image_path, 0, size, size, mtime_ns)
                     inode = Inode(FILE, perm, uid, gid, mtime_ns, size, b"", (0, 0), no_xattrs, data)
+                    if on_file is not None:
+                        on_file(data)
                 else:
                     inode = Inode(FILE, perm, uid, gid, mtime_ns)
                 apply(inode, recorded_owner=False)
@@ -136,15 +155,18 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules) -> None:
             else:
                 entries[image_path] = inode
             if kind is DIR:
-                pending.append((fs_prefix + fs_name, image_path))
+                enter(fs_prefix + fs_name, image_path)
+                break  # its subtree first; this listing goes on after it
+        else:
+            reading.pop()
 
 
 class _Listing:
     """One directory's entries as columns, sorted by raw name bytes so that nothing
     (not even which name of a hard-link group is read) depends on readdir order.
     Column i of each describes entry i, as pyimg_walk_listing (csrc/common/walk.h)
-    says; the columns the loop reads for every entry are lists, the others are the
-    walker's C arrays, read only for the rare entry that needs them."""
+    says; the rare columns are copied only for listings with an entry that needs
+    them."""
 
     __slots__ = ("dev", "err", "flags", "fs_names", "gid", "ino", "mode", "mtime_ns", "mtime_nsec",
                  "mtime_sec", "names", "rdev", "size", "targets", "uid")  # fmt: skip
@@ -158,12 +180,14 @@ class _Listing:
     mtime_ns: list[int]
     size: list[int]
     flags: list[int]  # PYIMG_WALK_*
-    err: Any  # the rest: indexable by entry, ints
-    dev: Any
-    ino: Any
-    rdev: Any
-    mtime_sec: Any
-    mtime_nsec: Any
+    # The rest, read only by _entry_inode: lists of ints, or None when no entry of
+    # the listing needs them (no flags, only files, directories and symlinks).
+    err: list[int] | None
+    dev: list[int] | None
+    ino: list[int] | None
+    rdev: list[int] | None
+    mtime_sec: list[int] | None
+    mtime_nsec: list[int] | None
 
 
 def _decode_names(blob: bytes, names: list[bytes]) -> list[str]:
@@ -172,9 +196,13 @@ def _decode_names(blob: bytes, names: list[bytes]) -> list[str]:
     return [os.fsdecode(name) for name in names]
 
 
+# Types whose entries the walk's fast path makes without the rare columns.
+_COMMON_TYPES = {stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12}
+
+
 def _list_in_c() -> Callable[[str], _Listing | None]:
-    """A lister of directories through one C walker, whose buffers it reuses: each
-    listing is valid until the next one."""
+    """A lister of directories through one C walker, whose buffers it reuses; each
+    listing owns the columns it needs (lists), so several can be read at once."""
     walker = ffi.gc(lib.pyimg_walk_new(), lib.pyimg_walk_free)
     if walker == ffi.NULL:
         raise MemoryError("cannot allocate the directory walker")
@@ -200,20 +228,36 @@ def _list_in_c() -> Callable[[str], _Listing | None]:
         listing.mtime_ns = unpack(out.mtime_ns, n)
         listing.size = unpack(out.size, n)
         listing.flags = unpack(out.flags, n)
-        listing.err, listing.dev, listing.ino, listing.rdev = out.err, out.dev, out.ino, out.rdev
-        listing.mtime_sec, listing.mtime_nsec = out.mtime_sec, out.mtime_nsec
+        if any(listing.flags) or not {mode >> 12 for mode in listing.mode} <= _COMMON_TYPES:
+            # Some entry needs the rare columns (_entry_inode): copied, because the
+            # walker's buffers are reused by the next listing, which may come (a
+            # subdirectory) before this one is read to its end.
+            listing.err, listing.dev, listing.ino = unpack(out.err, n), unpack(out.dev, n), unpack(out.ino, n)
+            listing.rdev = unpack(out.rdev, n)
+            listing.mtime_sec, listing.mtime_nsec = unpack(out.mtime_sec, n), unpack(out.mtime_nsec, n)
+        else:
+            listing.err = listing.dev = listing.ino = listing.rdev = None
+            listing.mtime_sec = listing.mtime_nsec = None
         return listing
 
     return list_one
 
 
 def _entry_inode(
-    listing: _Listing, i: int, path: str, links: dict[tuple[int, int], Inode], rules: Rules
+    listing: _Listing,
+    i: int,
+    path: str,
+    links: dict[tuple[int, int], Inode],
+    rules: Rules,
+    on_file: FileCallback | None,
 ) -> Inode:
     """Entry `i` of the listing, in full: failures, hard links, xattrs, devices and
     times beyond an int64 of ns.  The order of checks decides which error is
     reported: stat, the file type, a known hard link (whose other name was already
     checked), then what failed after the stat."""
+    # Copied by the lister for every listing with such an entry:
+    assert listing.err is not None and listing.dev is not None and listing.ino is not None
+    assert listing.rdev is not None and listing.mtime_sec is not None and listing.mtime_nsec is not None
     flags = listing.flags[i]
     failed = flags & lib.PYIMG_WALK_FAILED
     if failed == lib.PYIMG_WALK_STAT:
@@ -246,6 +290,8 @@ def _entry_inode(
         inode.size = size
         if size:
             inode.data = DataRef.at(path, 0, size, (size, mtime_ns))
+            if on_file is not None:
+                on_file(inode.data)
     elif kind is Kind.SYMLINK:
         inode.target = listing.targets[i]
         inode.size = len(inode.target)
