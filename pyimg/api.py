@@ -20,7 +20,7 @@ from typing import Any
 
 from .collect import check_output_not_input, collect
 from .errors import OutputError, SpecError
-from .formats.base import FormatWriter, WriteResult
+from .formats.base import FileScan, FormatWriter, WriteResult
 from .manifest import ImageDigest, build_manifest, digest_image, dump
 from .options import BuildOptions, SourceSpec
 from .output import AtomicOutput, write_file_atomically
@@ -87,7 +87,24 @@ def _build(options: BuildOptions, progress: ProgressCallback | None) -> BuildRes
     started = time.monotonic()
     writer = writer_for(options)  # validates format options before any work
     check_output_not_input(options)
-    with collect(options) as collected:
+    prescan = writer.prescan()  # the writer's work on files that can start now
+    try:
+        return _collect_and_write(options, writer, prescan, progress, started)
+    finally:
+        if prescan is not None:
+            prescan.close()
+
+
+def _collect_and_write(
+    options: BuildOptions,
+    writer: FormatWriter,
+    prescan: FileScan | None,
+    progress: ProgressCallback | None,
+    started: float,
+) -> BuildResult:
+    with collect(options, prescan.add if prescan is not None else None) as collected:
+        if prescan is not None:
+            prescan.finish()
         tree = collected.freeze()
         total = sum(inode.size for inode in tree.inodes if inode.data is not None)
         done = 0

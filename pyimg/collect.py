@@ -19,7 +19,7 @@ from typing import Literal
 from .errors import OutputError, SourceError, SpecError
 from .options import BuildOptions, SourceSpec
 from .sources import Rules, Spool
-from .sources.directory import add_directory
+from .sources.directory import FileCallback, add_directory
 from .sources.single import add_file
 from .tree import FrozenTree, Tree, gc_paused, new_dir, normalize_path
 
@@ -57,29 +57,37 @@ class Collected:
         self._spool.close()
 
 
-def collect(options: BuildOptions) -> Collected:
+def collect(options: BuildOptions, on_file: FileCallback | None = None) -> Collected:
     """Read every source of `options` into one Tree.  Raises SourceError/SpecError;
-    on error no temporary file is left behind."""
+    on error no temporary file is left behind.
+
+    `on_file` is told of every regular file with data, in the frozen tree's order,
+    when the tree comes from one directory source (the only case where the walk's
+    order is the tree's: with several sources, later ones replace entries)."""
     rules = Rules(options.policy)
     tree = Tree(new_dir(0o755, 0, 0, rules.epoch_ns or 0))
     spool = Spool()
+    if len(options.sources) != 1:
+        on_file = None
     try:
         with gc_paused():
             for spec in options.sources:
-                add_source(tree, spec, rules, spool)
+                add_source(tree, spec, rules, spool, on_file)
     except BaseException:
         spool.close()
         raise
     return Collected(tree, spool)
 
 
-def add_source(tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool) -> None:
+def add_source(
+    tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool, on_file: FileCallback | None = None
+) -> None:
     dest = normalize_path(spec.dest, where=spec.path)
     kind = resolve_kind(spec)
     if kind != "file" and (spec.mode, spec.uid, spec.gid) != (None, None, None):
         raise SpecError(f"mode, uid and gid apply to single-file sources only (this is a {kind})", spec.path)
     if kind == "dir":
-        add_directory(tree, spec.path, dest, rules)
+        add_directory(tree, spec.path, dest, rules, on_file)
     elif kind == "tar":
         from .sources.tar import add_tar  # imported on use: tarfile and friends cost every start ~12 ms
 

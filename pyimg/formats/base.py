@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from ..options import BuildOptions
-from ..tree import FrozenTree
+from ..tree import DataRef, FrozenTree
 
 Progress = Callable[[int], None]
 """Called with the number of content bytes just processed (read, hashed, stored)."""
@@ -72,10 +72,26 @@ class WriteResult:
         return max(0, self.bytes_in - self.bytes_unique)
 
 
+class FileScan(Protocol):
+    """Work a writer starts on files while the tree is still being collected: told
+    of every regular file with data, in the tree's order (collect decides when it
+    can promise that), then `finish`ed, and always `close`d."""
+
+    def add(self, ref: DataRef) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class FormatWriter(Protocol):
     name: ClassVar[str]
 
     def __init__(self, options: BuildOptions) -> None: ...
+
+    def prescan(self) -> FileScan | None:
+        """A FileScan to feed during collection, or None."""
+        ...
 
     def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult: ...
 

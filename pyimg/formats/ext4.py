@@ -6,7 +6,8 @@ Pipeline (each stage a method of `_Build`):
    and scanned for all-zero 4 KiB blocks, on `jobs` threads through `ordered_map`
    (results in fixed order): small files in batches by one C call each, which
    returns flat arrays (digests, block runs) that Python takes in bulk; big files
-   through ContentReader (holes skipped with SEEK_DATA/SEEK_HOLE).  Zero blocks
+   through ContentReader (holes skipped with SEEK_DATA/SEEK_HOLE); started during
+   collection when the tree comes from one directory source (Prescan).  Zero blocks
    become holes; identical contents are stored once and shared through the
    `shared_blocks` ro_compat feature (read-only images, as Android's e2fsdroid).
 2. lay out -- inode numbers, the geometry (size, groups, inode tables) and every
@@ -20,13 +21,16 @@ Pipeline (each stage a method of `_Build`):
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import stat
 import sys
+import threading
 import uuid as uuid_mod
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -243,24 +247,128 @@ def scan_big(ref: DataRef) -> _Scanned:
     return _Scanned(bytearray(hasher.digest()), array("I", [len(first)]), first, count, array("Q", [stored]))
 
 
-def spans(sizes: list[int]) -> Iterator[tuple[int, int]]:
-    """Consecutive groups [start, end) of small files (up to BATCH_BYTES or
-    BATCH_FILES: one thread-pool task and one C call per group keep the per-file
-    overhead down); a big file is a group of its own."""
-    start = total = 0
-    for i, size in enumerate(sizes):
+class _SpanCutter:
+    """Cuts a sequence of file sizes, one at a time, into scan groups [start, end):
+    small files up to BATCH_BYTES or BATCH_FILES (one thread-pool task and one C
+    call per group keep the per-file overhead down), a big file alone.  The same
+    cuts whether the sizes come all at once (spans) or while files are still being
+    collected (Prescan): that is what lets the hash pass use a prescan's groups."""
+
+    def __init__(self) -> None:
+        self.start = self.count = self.total = 0
+
+    def push(self, size: int) -> list[tuple[int, int]]:
+        """The groups that file number `self.count` (of `size` bytes) closes."""
+        i, self.count = self.count, self.count + 1
         if size > SMALL_FILE:
-            if start < i:
-                yield start, i
-            yield i, i + 1
-            start, total = i + 1, 0
-            continue
-        total += size
-        if total >= BATCH_BYTES or i + 1 - start >= BATCH_FILES:
-            yield start, i + 1
-            start, total = i + 1, 0
-    if start < len(sizes):
-        yield start, len(sizes)
+            done = [(self.start, i)] if self.start < i else []
+            self.start, self.total = i + 1, 0
+            return [*done, (i, i + 1)]
+        self.total += size
+        if self.total >= BATCH_BYTES or i + 1 - self.start >= BATCH_FILES:
+            done = [(self.start, i + 1)]
+            self.start, self.total = i + 1, 0
+            return done
+        return []
+
+    def end(self) -> list[tuple[int, int]]:
+        return [(self.start, self.count)] if self.start < self.count else []
+
+
+def spans(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    """The scan groups of files of these sizes (see _SpanCutter)."""
+    cutter = _SpanCutter()
+    for size in sizes:
+        yield from cutter.push(size)
+    yield from cutter.end()
+
+
+def _scan(refs: list[DataRef]) -> _Scanned:
+    """Scan one group: a big file alone, or small files in one C call."""
+    if len(refs) == 1 and refs[0].size > SMALL_FILE:
+        return scan_big(refs[0])
+    return scan_small(refs)
+
+
+class Prescan:
+    """The hash pass started while the tree is still being collected.
+
+    A directory source's walk reports each regular file as it collects it, in the
+    tree's order (sources/directory.py); this cuts them into the hash pass's own
+    groups and scans them, in order, on one thread: the walk (then freeze) is
+    Python and holds one core, scanning (C, GIL released) takes another.  More
+    threads measured slower: they took the walk's core and the GIL from it.  When
+    the hash pass starts it stops the prescan (`stop`: groups not started are left
+    to it, on all `jobs` threads), takes the prescanned groups in order while they
+    are exactly its own, and scans the rest itself: the image does not depend on
+    whether a prescan ran.  Results keep no file bytes beyond CACHE_BUDGET (the
+    stream reads them again).
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pyimg-prescan")
+        self.cutter = _SpanCutter()
+        self.refs: list[DataRef] = []  # files reported and not yet in a group
+        self.first = 0  # the number (in report order) of self.refs[0]
+        self.groups: collections.deque[tuple[list[DataRef], Future[_Scanned]]] = collections.deque()
+        self.budget = CACHE_BUDGET
+        self.lock = threading.Lock()
+
+    def add(self, ref: DataRef) -> None:
+        self.refs.append(ref)
+        for start, end in self.cutter.push(ref.size):
+            self._submit(start, end)
+
+    def finish(self) -> None:
+        """Every file was reported: the last group is complete."""
+        for start, end in self.cutter.end():
+            self._submit(start, end)
+
+    def _submit(self, start: int, end: int) -> None:
+        refs = self.refs[start - self.first : end - self.first]
+        del self.refs[: end - self.first]
+        self.first = end
+        self.groups.append((refs, self.pool.submit(self._run, refs)))
+
+    def _run(self, refs: list[DataRef]) -> _Scanned:
+        scanned = _scan(refs)
+        if scanned.buffer is not None:
+            # Worker threads race for the budget: which buffers are kept may vary,
+            # which only decides what the stream reads again, never a byte written.
+            with self.lock:
+                keep = len(scanned.buffer) <= self.budget
+                self.budget -= len(scanned.buffer) if keep else 0
+            if not keep:
+                scanned.buffer = None
+        return scanned
+
+    def stop(self) -> None:
+        """Scan no more: the groups not started yet are cancelled (the one thread
+        takes them in order, so the groups left are a prefix of the tree's)."""
+        for _, future in self.groups:
+            future.cancel()
+
+    def take(self, refs: list[DataRef]) -> _Scanned | None:
+        """The scan of exactly these files if the prescan's next group is them and
+        was not cancelled (waiting for it), else None; after a miss the prescan is
+        closed."""
+        if self.groups:
+            group, future = self.groups[0]
+            same = len(group) == len(refs) and all(a is b for a, b in zip(group, refs, strict=True))
+            if same and not future.cancelled():
+                self.groups.popleft()
+                return future.result()
+        self.close()
+        return None
+
+    def close(self) -> None:
+        """Stop: pending groups are cancelled, running ones waited for."""
+        for _, future in self.groups:
+            future.cancel()
+        self.groups.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(slots=True)
@@ -281,14 +389,22 @@ class Ext4Writer:
         self.options = options
         self.features = resolve_features(options.ext4.features)  # SpecError early
 
+        self._prescan: Prescan | None = None
+
+    def prescan(self) -> Prescan:
+        """Start the hash pass while the tree is collected (see Prescan)."""
+        self._prescan = Prescan()
+        return self._prescan
+
     def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
-        return _Build(self.options, self.features, tree, fd, progress).run()
+        return _Build(self.options, self.features, tree, fd, progress, self._prescan).run()
 
 
 class _Build:
     def __init__(self, options: BuildOptions, features: set[str], tree: FrozenTree, fd: int,
-                 progress: Progress) -> None:  # fmt: skip
+                 progress: Progress, prescan: Prescan | None = None) -> None:  # fmt: skip
         self.options = options
+        self.prescan = prescan
         self.opts = options.ext4
         self.features = set(features)
         self.tree = tree
@@ -398,17 +514,29 @@ class _Build:
         self.next_content = 0  # the id the C core gives the next new content
         self.writes: list[_Writes] = []
 
-        def scan(span: tuple[int, int]) -> _Scanned:
-            start, end = span
-            if end - start == 1 and self.refs[start].size > SMALL_FILE:
-                return scan_big(self.refs[start])
-            return scan_small(self.refs[start:end])
-
-        groups = list(spans([ref.size for ref in self.refs]))
-        for span, scanned in zip(groups, ordered_map(scan, groups, max(1, self.options.jobs)), strict=True):
-            self.take(span[0], scanned)
+        for start, scanned in self.scanned_groups():
+            self.take(start, scanned)
         if self.shared:
             self.features.add("shared_blocks")
+
+    def scanned_groups(self) -> Iterator[tuple[int, _Scanned]]:
+        """(first file, scan) of every group, in order: from the prescan while it
+        scanned the same groups, then scanned here on `jobs` threads."""
+        groups = list(spans([ref.size for ref in self.refs]))
+        taken = 0
+        if self.prescan is not None:
+            self.prescan.stop()
+            for start, end in groups:
+                scanned = self.prescan.take(self.refs[start:end])
+                if scanned is None:
+                    break
+                taken += 1
+                yield start, scanned
+            self.prescan.close()
+        rest = groups[taken:]
+        work = ordered_map(lambda span: _scan(self.refs[span[0] : span[1]]), rest, max(1, self.options.jobs))
+        for (start, _), scanned in zip(rest, work, strict=True):
+            yield start, scanned
 
     def new_handle(self) -> None:
         h = ffi.gc(lib.pyimg_ext4_new(self.max_ino), lib.pyimg_ext4_free)

@@ -78,6 +78,11 @@ class SquashfsWriter:
             raise SpecError(f"block size {size} must be a power of two from 4 KiB to 1 MiB")
         self.spec = CompressionSpec.create(sq.compression, sq.level, size)
 
+    def prescan(self) -> None:
+        """None: squashfs reads each file once, to hash and compress it together,
+        and packs small files in the tree's order, known only once it is frozen."""
+        return None
+
     def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
         ids = _id_table(tree)
         _check_limits(tree)
