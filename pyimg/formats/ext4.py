@@ -220,7 +220,10 @@ def scan_big(ref: DataRef) -> _Scanned:
     holes of sparse files are not read."""
     size = ref.size
     first, count = array("I"), array("I")
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= (64 << 20) else 1)
+    # One thread per file: the parallelism is across files (the hash pass scans
+    # `jobs` groups at once).  blake3's own threads on top, fed 1 MiB at a time,
+    # made 1.2 GB of big files 0.24 -> 0.38-0.59 s on 2 cores.
+    hasher = blake3.blake3()
     with ContentReader(ref) as reader:
         pos = 0
         for start, end in reader.data_ranges():
