@@ -67,14 +67,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def _after_collect(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
-    """Run `action` once the tree is collected, before any content is read (so
-    without a prescan, which reads files while they are collected)."""
+    """Run `action` once the tree is collected: before any content is read, or
+    (ext4's prescan) after it was read once, when it must be caught again."""
     import pyimg.api as api
 
     real_collect = api.collect
 
     def collect_then_act(options: pyimg.BuildOptions, on_file: Any = None) -> Any:
-        collected = real_collect(options)
+        collected = real_collect(options, on_file)
         action()
         return collected
 

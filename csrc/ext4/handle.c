@@ -46,24 +46,33 @@ static size_t spill_cap(uint32_t n) {
     return 0;
 }
 
-/* spill_cap's growth for either vector: `buf` is the union (its inline element
- * and its heap pointer share the storage), `elem` the element size.  The inline
- * element is copied out before the pointer overwrites it. */
-static int spill_reserve(void *buf, size_t elem, uint32_t n) {
+/* spill_cap's growth for either vector: returns the array to keep for element n
+ * (NULL when out of memory) given `heap`, the current array (n > 1), and `one`,
+ * the inline element (copied over when n == 1).  The caller stores the result in
+ * its union itself, as a typed pointer, after the inline element was read. */
+static void *spill_grow(void *heap, const void *one, size_t elem, uint32_t n) {
     size_t cap = spill_cap(n);
-    if (!cap) return 0;
-    if (cap == SIZE_MAX || cap > SIZE_MAX / elem) return -PYIMG_ENOMEM;
-    void *heap = NULL;
-    if (n > 1) memcpy(&heap, buf, sizeof heap);
+    if (cap == SIZE_MAX || cap > SIZE_MAX / elem) return NULL;
     void *p = realloc(heap, cap * elem);
-    if (!p) return -PYIMG_ENOMEM;
-    if (n == 1) memcpy(p, buf, elem);
-    memcpy(buf, &p, sizeof p);
+    if (p && n == 1) memcpy(p, one, elem);
+    return p;
+}
+
+static int ext_reserve(e4_extbuf *b, uint32_t n) {
+    if (!spill_cap(n)) return 0;
+    e4_extent *p = spill_grow(n > 1 ? b->v : NULL, &b->one, sizeof b->one, n);
+    if (!p) return -PYIMG_ENOMEM; /* b unchanged: its old array is still freed */
+    b->v = p;
     return 0;
 }
 
-static int ext_reserve(e4_extbuf *b, uint32_t n) { return spill_reserve(b, sizeof b->one, n); }
-static int run_reserve(e4_runbuf *b, uint32_t n) { return spill_reserve(b, sizeof b->one, n); }
+static int run_reserve(e4_runbuf *b, uint32_t n) {
+    if (!spill_cap(n)) return 0;
+    e4_run *p = spill_grow(n > 1 ? b->v : NULL, &b->one, sizeof b->one, n);
+    if (!p) return -PYIMG_ENOMEM;
+    b->v = p;
+    return 0;
+}
 
 void e4_ext_clear(e4_extbuf *b, uint32_t *n) {
     if (*n >= 2) free(b->v);

@@ -215,15 +215,19 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
     return _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
 
 
-def scan_big(ref: DataRef) -> _Scanned:
+class ScanStopped(Exception):
+    """A prescan was stopped in the middle of a big file (its result is not used)."""
+
+
+def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
     """Read a big content once: its BLAKE3 digest and its non-zero 4 KiB blocks;
-    holes of sparse files are not read."""
+    holes of sparse files are not read.  `threads`: blake3's own, for a file
+    scanned alone (by default the parallelism is across files: blake3's threads on
+    top of `jobs` scans, fed 1 MiB at a time, made 1.2 GB of big files 0.24 ->
+    0.38-0.59 s on 2 cores).  `stop`, when set, ends the scan at the next chunk."""
     size = ref.size
     first, count = array("I"), array("I")
-    # One thread per file: the parallelism is across files (the hash pass scans
-    # `jobs` groups at once).  blake3's own threads on top, fed 1 MiB at a time,
-    # made 1.2 GB of big files 0.24 -> 0.38-0.59 s on 2 cores.
-    hasher = blake3.blake3()
+    hasher = blake3.blake3(max_threads=threads)
     with ContentReader(ref) as reader:
         pos = 0
         for start, end in reader.data_ranges():
@@ -233,6 +237,8 @@ def scan_big(ref: DataRef) -> _Scanned:
                 continue
             hash_zeros(start - pos, hasher.update)
             while start < end:
+                if stop is not None and stop.is_set():
+                    raise ScanStopped(ref.path)
                 n = min(CHUNK, end - start)
                 buf = reader.read(start, n)
                 hasher.update(buf)
@@ -286,10 +292,10 @@ def spans(sizes: list[int]) -> Iterator[tuple[int, int]]:
     yield from cutter.end()
 
 
-def _scan(refs: list[DataRef]) -> _Scanned:
-    """Scan one group: a big file alone, or small files in one C call."""
+def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
+    """Scan one group: a big file alone (see scan_big), or small files in one C call."""
     if len(refs) == 1 and refs[0].size > SMALL_FILE:
-        return scan_big(refs[0])
+        return scan_big(refs[0], threads, stop)
     return scan_small(refs)
 
 
@@ -304,8 +310,11 @@ class Prescan:
     the hash pass starts it stops the prescan (`stop`: groups not started are left
     to it, on all `jobs` threads), takes the prescanned groups in order while they
     are exactly its own, and scans the rest itself: the image does not depend on
-    whether a prescan ran.  Results keep no file bytes beyond CACHE_BUDGET (the
-    stream reads them again).
+    whether a prescan ran.
+
+    Results keep no file bytes: the stream reads every file again, and checks
+    again that it did not change since it was collected (bytes kept from this
+    early would skip that check for the whole time the tree is frozen and laid out).
     """
 
     def __init__(self) -> None:
@@ -316,8 +325,7 @@ class Prescan:
         self.refs: list[DataRef] = []  # files reported and not yet in a group
         self.first = 0  # the number (in report order) of self.refs[0]
         self.groups: collections.deque[tuple[list[DataRef], Future[_Scanned]]] = collections.deque()
-        self.budget = CACHE_BUDGET
-        self.lock = threading.Lock()
+        self.stopping = threading.Event()  # ends a big file's scan early (close)
 
     def add(self, ref: DataRef) -> None:
         self.refs.append(ref)
@@ -336,20 +344,16 @@ class Prescan:
         self.groups.append((refs, self.pool.submit(self._run, refs)))
 
     def _run(self, refs: list[DataRef]) -> _Scanned:
-        scanned = _scan(refs)
-        if scanned.buffer is not None:
-            # Worker threads race for the budget: which buffers are kept may vary,
-            # which only decides what the stream reads again, never a byte written.
-            with self.lock:
-                keep = len(scanned.buffer) <= self.budget
-                self.budget -= len(scanned.buffer) if keep else 0
-            if not keep:
-                scanned.buffer = None
+        # One thread even for a big file: the hash pass's threads soon run beside
+        # this one (blake3's threads here made the large workload 1.26 -> 1.41 s).
+        scanned = _scan(refs, 1, self.stopping)
+        scanned.buffer = None  # see the class docstring
         return scanned
 
     def stop(self) -> None:
-        """Scan no more: the groups not started yet are cancelled (the one thread
-        takes them in order, so the groups left are a prefix of the tree's)."""
+        """Scan no more: the groups not started yet are cancelled.  (The one
+        running may finish after a later one was cancelled: take() uses neither a
+        cancelled group nor any after it.)"""
         for _, future in self.groups:
             future.cancel()
 
@@ -367,7 +371,9 @@ class Prescan:
         return None
 
     def close(self) -> None:
-        """Stop: pending groups are cancelled, running ones waited for."""
+        """Stop: pending groups are cancelled, a running one ended at its next
+        chunk (a big file) or batch and waited for; no thread is left behind."""
+        self.stopping.set()
         for _, future in self.groups:
             future.cancel()
         self.groups.clear()
@@ -394,9 +400,10 @@ class Ext4Writer:
 
         self._prescan: Prescan | None = None
 
-    def prescan(self) -> Prescan:
-        """Start the hash pass while the tree is collected (see Prescan)."""
-        self._prescan = Prescan()
+    def prescan(self) -> Prescan | None:
+        """Start the hash pass while the tree is collected (see Prescan); not with
+        --jobs 1, which means one thread."""
+        self._prescan = Prescan() if self.options.jobs > 1 else None
         return self._prescan
 
     def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
@@ -537,7 +544,11 @@ class _Build:
                 yield start, scanned
             self.prescan.close()
         rest = groups[taken:]
-        work = ordered_map(lambda span: _scan(self.refs[span[0] : span[1]]), rest, max(1, self.options.jobs))
+        # A big file scanned alone may use blake3's threads; several share the jobs.
+        threads = blake3.blake3.AUTO if len(rest) == 1 and self.options.jobs > 1 else 1
+        work = ordered_map(
+            lambda span: _scan(self.refs[span[0] : span[1]], threads), rest, max(1, self.options.jobs)
+        )
         for (start, _), scanned in zip(rest, work, strict=True):
             yield start, scanned
 

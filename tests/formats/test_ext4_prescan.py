@@ -139,3 +139,55 @@ def test_the_hash_pass_takes_over_the_groups_not_started(
     finally:
         release.set()
         prescan.close()
+
+
+def test_closing_a_prescan_ends_a_big_scan_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error or Ctrl-C during collection does not wait for a whole big file."""
+    path = tmp_path / "big"
+    path.write_bytes(b"\x01" * (64 * ext4.CHUNK))
+    ref = DataRef.at(str(path), 0, 64 * ext4.CHUNK)
+    chunks = 0
+    real_read = ext4.ContentReader.read
+
+    def slow_read(self: ext4.ContentReader, offset: int, length: int) -> bytes:
+        nonlocal chunks
+        chunks += 1
+        time.sleep(0.01)
+        return real_read(self, offset, length)
+
+    monkeypatch.setattr(ext4.ContentReader, "read", slow_read)
+    prescan = ext4.Prescan()
+    prescan.add(ref)
+    prescan.finish()
+    while chunks < 2:
+        time.sleep(0.001)
+    prescan.close()
+    assert chunks < 32  # stopped at the next chunk, not after all 64
+    assert not prescan.groups
+
+
+def test_a_file_changed_after_the_prescan_read_it_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyimg.api as api
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(300):
+        (source / f"f{i:03d}").write_bytes(b"content %d\n" % i)
+    victim = source / "f000"
+    real_collect = api.collect
+
+    def collect_then_change(options: pyimg.BuildOptions, on_file: Any = None) -> Any:
+        collected = real_collect(options, on_file)
+        prescan = on_file.__self__  # type: ignore[union-attr]
+        prescan.groups[0][1].result()  # the victim's group was read and hashed
+        victim.write_bytes(b"CONTENT 0\n")  # same size, new mtime
+        os.utime(victim, ns=(0, 123))
+        return collected
+
+    monkeypatch.setattr(api, "collect", collect_then_change)
+    with pytest.raises(pyimg.SourceError) as err:
+        pyimg.build([str(source)], str(tmp_path / "out.ext4"), format="ext4")
+    assert str(victim) in str(err.value) and "changed while" in str(err.value)
+    assert not (tmp_path / "out.ext4").exists()
