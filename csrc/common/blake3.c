@@ -210,7 +210,9 @@ typedef uint32_t u32xL __attribute__((vector_size(4 * LANES)));
 /* Chaining values of LANES full chunks: chunk j starts at p[j] and is chunk
  * number counter[j] of its input. */
 #if defined(__x86_64__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-__attribute__((target_clones("avx2", "default")))
+/* x86-64-v4 (AVX-512VL): its vector rotates make the rounds ~20 % faster than AVX2
+ * at the same 8 lanes (16 lanes measured no faster). */
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
 static void chunks_cv(const uint8_t *const p[LANES], const uint64_t counter[LANES], uint32_t out[LANES][8]) {
     u32xL cv[8], lo, hi;
