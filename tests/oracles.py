@@ -215,11 +215,18 @@ def snapshot(
 
 
 def _name_group(item: tuple[object, ...], groups: dict[tuple[int, int], list[str]]) -> tuple[object, ...]:
-    """A hard-link group is named by its smallest path: independent of walk order."""
-    return tuple(
-        ("group", min(groups[x[1]])) if isinstance(x, tuple) and x[:1] == ("group",) else x  # type: ignore[index]
-        for x in item
-    )
+    """A hard-link group is named by its smallest path: independent of walk order.
+    A file whose other links are outside the tree (a package cache, perf's build-id
+    cache in ~/.debug) is in no group: the image cannot keep links it was not given."""
+    out: list[object] = []
+    for x in item:
+        if isinstance(x, tuple) and x[:1] == ("group",):
+            members = groups[x[1]]
+            if len(members) > 1:
+                out.append(("group", min(members)))
+        else:
+            out.append(x)
+    return tuple(out)
 
 
 def assert_same_tree(

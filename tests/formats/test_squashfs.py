@@ -137,6 +137,22 @@ def test_real_tree_round_trip(tmp_path: Path) -> None:
     assert_same_tree(stdlib, extracted, skip_parts={"site-packages", "__pycache__"})
 
 
+def test_a_file_linked_from_outside_the_tree_is_a_plain_file(tmp_path: Path) -> None:
+    """st_nlink counts links the source does not hold (another tree, a cache): the
+    image keeps the links it was given, here none."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"shared with something else")
+    src = tmp_path / "src"
+    src.mkdir()
+    os.link(outside, src / "inside")
+    image, _ = build(tmp_path, src)
+    extracted = tmp_path / "x"
+    unsquashfs_extract(image, extracted)
+    assert (extracted / "inside").read_bytes() == b"shared with something else"
+    assert (extracted / "inside").stat().st_nlink == 1
+    assert_same_tree(src, extracted)
+
+
 # -- determinism ---------------------------------------------------------------------
 
 
