@@ -435,12 +435,35 @@ class _Build:
     def check_tree(self) -> None:
         tree = self.tree
         for node in tree.nodes:
-            if len(node.name) > 255:
+            if len(node.path) > 255 and len(node.name) > 255:  # only a long path holds a long name
                 raise LimitError(f"file name of {len(node.name)} bytes (ext4 allows 255)", node.image_path)
+        if not self.may_have_inode_problems():
+            return
         for ino, inode in enumerate(tree.inodes, 1):
             problem = self.inode_problem(ino, inode)
             if problem is not None:
                 raise LimitError(problem, self.path_of(ino))
+
+    def may_have_inode_problems(self) -> bool:
+        """False when no inode can fail inode_problem: a few passes over columns
+        instead of one call per inode (0.07 s on 100k entries); True sends every
+        inode through inode_problem, which finds the culprit and says why."""
+        tree, inodes = self.tree, self.tree.inodes
+        if not inodes:
+            return False
+        ids = [inode.uid for inode in inodes] + [inode.gid for inode in inodes]
+        seconds = [inode.mtime_ns // NS for inode in inodes]
+        symlink = Kind.SYMLINK
+        return (
+            max([inode.size for inode in inodes]) >= 1 << 31
+            or any([inode.kind is symlink and not 0 < len(inode.target) < BLOCK for inode in inodes])
+            or max(tree.nlink) > MAX_LINKS
+            or min(ids) < 0
+            or max(ids) >= 1 << 32
+            or min(seconds) < -(1 << 31)
+            or max(seconds) >= (1 << 34) - (1 << 31)
+            or ("ext_attr" not in self.features and any([inode.xattrs for inode in inodes]))
+        )
 
     def inode_problem(self, ino: int, inode: Inode) -> str | None:
         """Why ext4 (with the chosen features) cannot hold this inode, if it cannot."""
@@ -706,13 +729,14 @@ class _Build:
 
     def add_dirents(self) -> None:
         """Every entry but the root, in tree order (a directory's entries in name order)."""
-        nodes = self.tree.nodes
-        ext_of = [self.ext_ino[node.ino] for node in nodes]
-        entries = [index for index in range(len(nodes)) if nodes[index].path]
-        names = [nodes[index].name for index in entries]
+        nodes, ext_ino = self.tree.nodes, self.ext_ino
+        ext_of = array("I", [ext_ino[node.ino] for node in nodes])  # node index -> ext4 inode
+        entries = nodes[1:]  # nodes[0] is the root, the only node without a name
+        paths = [node.path for node in entries]
+        names = [path[path.rfind(b"/") + 1 :] for path in paths]  # Node.name, inlined
         failed = ffi.new("size_t *")
-        dirs = array("I", [ext_of[nodes[index].parent] for index in entries])
-        children = array("I", [ext_of[index] for index in entries])
+        dirs = array("I", [ext_of[node.parent] for node in entries])
+        children = ext_of[1:]
         lens = array("I", map(len, names))
         blob = b"".join(names)
         for a in (dirs, lens, children):
@@ -721,7 +745,7 @@ class _Build:
         pointers = [_c("uint32_t[]", a) for a in (dirs, lens, children)]
         rc = lib.pyimg_ext4_add_dirents(self.h, len(entries), pointers[0], blob, *pointers[1:], failed)
         if rc < 0:
-            check(rc, self.err, nodes[entries[failed[0]]].path)
+            check(rc, self.err, entries[failed[0]].path)
 
     def feature_masks(self) -> tuple[int, int, int]:
         masks = {"compat": 0, "incompat": 0, "ro_compat": 0}

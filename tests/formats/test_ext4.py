@@ -345,6 +345,50 @@ def test_bad_input_raises_typed_errors(tmp_path: Path) -> None:
         build(tmp_path, huge)
 
 
+def _one_bad_inode(case: str) -> tuple[Tree, tuple[str, ...]]:
+    """A tree of ordinary entries and one inode ext4 (with these features) cannot hold."""
+    tree = Tree(new_dir(mtime_ns=T0))
+    for i in range(50):
+        tree.add(b"ok/f%d" % i, Inode(Kind.FILE, 0o644, 1000, 1000, T0))
+    features: tuple[str, ...] = ()
+    big = DataRef.at("/dev/null", 0, 1 << 31)
+    if case == "large_file":
+        tree.add(b"bad", Inode(Kind.FILE, 0o644, 0, 0, T0, size=1 << 31, data=big))
+        features = ("-large_file",)
+    elif case == "symlink":
+        tree.add(b"bad", Inode(Kind.SYMLINK, 0o777, 0, 0, T0, size=4096, target=b"t" * 4096))
+    elif case == "links":
+        linked = Inode(Kind.FILE, 0o644, 0, 0, T0)
+        for i in range(65001):
+            tree.add(b"bad%d" % i, linked)
+    elif case == "dir_nlink":
+        for i in range(64999):
+            tree.add(b"bad/d%d" % i, new_dir(mtime_ns=T0))
+        features = ("-dir_nlink",)
+    elif case == "uid":
+        tree.add(b"bad", Inode(Kind.FILE, 0o644, 1 << 32, 0, T0))
+    elif case == "mtime":
+        tree.add(b"bad", Inode(Kind.FILE, 0o644, 0, 0, (1 << 34) * 10**9))
+    elif case == "xattrs":
+        tree.add(b"bad", Inode(Kind.FILE, 0o644, 0, 0, T0, xattrs={b"user.a": b"1"}))
+        features = ("-ext_attr",)
+    return tree, features
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("large_file", "large_file feature"), ("symlink", "symlink target of 4096"),
+     ("links", "65001 hard links"), ("dir_nlink", "dir_nlink feature"), ("uid", "beyond 32 bits"),
+     ("mtime", "mtime out of"), ("xattrs", "ext_attr feature")],
+)  # fmt: skip
+def test_every_inode_limit_is_refused_with_its_path(tmp_path: Path, case: str, reason: str) -> None:
+    tree, features = _one_bad_inode(case)
+    with pytest.raises(LimitError, match=reason) as info:
+        build(tmp_path, tree, features=features)
+    assert info.value.path is not None and "bad" in info.value.path
+    assert not list(tmp_path.iterdir()) or os.path.getsize(tmp_path / "img.ext4") == 0  # nothing written
+
+
 def _golden_tree(tmp: Path, which: int) -> Tree:
     tmp.mkdir(parents=True, exist_ok=True)
     tree = Tree(new_dir(0o755, 0, 0, T0))
