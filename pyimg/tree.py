@@ -312,6 +312,11 @@ class FrozenTree:
                 return None
         return index
 
+    def names(self) -> list[bytes]:
+        """Every node's name (Node.name), in node order, in one pass: for writers
+        that store them all (b"" for the root)."""
+        return [path[path.rfind(b"/") + 1 :] for path in [node.path for node in self.nodes]]
+
     @property
     def root(self) -> Node:
         return self.nodes[0]

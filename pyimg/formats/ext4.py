@@ -732,8 +732,7 @@ class _Build:
         nodes, ext_ino = self.tree.nodes, self.ext_ino
         ext_of = array("I", [ext_ino[node.ino] for node in nodes])  # node index -> ext4 inode
         entries = nodes[1:]  # nodes[0] is the root, the only node without a name
-        paths = [node.path for node in entries]
-        names = [path[path.rfind(b"/") + 1 :] for path in paths]  # Node.name, inlined
+        names = self.tree.names()[1:]
         failed = ffi.new("size_t *")
         dirs = array("I", [ext_of[node.parent] for node in entries])
         children = ext_of[1:]

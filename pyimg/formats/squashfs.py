@@ -152,7 +152,7 @@ def _check_limits(tree: FrozenTree) -> None:
     """Refuse what squashfs cannot hold before any data is read.  The common case
     (nothing wrong) is decided over whole columns; only then are the entries walked
     to name the first offender, in tree order."""
-    if max(map(len, (node.name for node in tree.nodes))) > MAX_NAME:
+    if max(map(len, (node.path for node in tree.nodes))) > MAX_NAME:  # a long name needs a long path
         _raise_first(tree, _name_problem)
     mtimes = [inode.mtime_ns for inode in tree.inodes]
     unusual = min(mtimes) < 0 or max(mtimes) >= (0xFFFFFFFF + 1) * 1_000_000_000
@@ -260,7 +260,7 @@ class _Tables:
         t.node_count = len(nodes)
         t.node_ino = column("I", "uint32_t", [node.ino for node in nodes])
         t.node_parent = column("I", "uint32_t", [node.parent for node in nodes])
-        t.names, t.name_ends = blob([node.name for node in nodes])
+        t.names, t.name_ends = blob(tree.names())
         id_index = self.id_index
         t.inode_count = len(inodes)
         t.type = column("H", "uint16_t", [_TYPE_OF_KIND[inode.kind] for inode in inodes])

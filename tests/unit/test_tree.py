@@ -35,3 +35,9 @@ def test_find() -> None:
     assert frozen.find(b"/b//a/") == 3
     for missing in (b"nope", b"b/nope", b"a/under-a-file", b"b/a/deep/x"):
         assert frozen.find(missing) is None
+
+
+def test_names_are_each_nodes_last_component() -> None:
+    frozen = _tree().freeze()
+    assert frozen.names() == [node.name for node in frozen.nodes]
+    assert frozen.names() == [b"", b"a", b"b", b"a", b"deep", b"a.x", b"z", b"c", b"link-to-z"]
