@@ -53,6 +53,9 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
  * errno for OPEN and IO. */
 int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
                     uint8_t *out, int32_t *err);
+/* Whether the file at `path` still has the recorded stamp, for bytes read earlier
+ * and kept: PYIMG_READ_OK, _CHANGED, or _OPEN when it cannot be stat'ed (*err). */
+int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err);
 /* The runs of non-zero blocks of data (`block` bytes each, the last one may be
  * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
  * numbered from first_block.  cap: room in the two arrays (ceil(size / block)

@@ -20,12 +20,25 @@ static int open_source(const char *path) {
     return fd;
 }
 
+static int stamp_matches(const struct stat *st, int64_t want_size, int64_t want_mtime_ns) {
+    if (want_size < 0) return 1; /* not checked: a spool file cannot change */
+    int64_t mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+    return (int64_t)st->st_size == want_size && mtime_ns == want_mtime_ns;
+}
+
 static int unchanged(int fd, int64_t want_size, int64_t want_mtime_ns) {
     struct stat st;
-    if (fstat(fd, &st) != 0) return 0;
-    if (want_size < 0) return 1;
-    int64_t mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
-    return (int64_t)st.st_size == want_size && mtime_ns == want_mtime_ns;
+    return fstat(fd, &st) == 0 && stamp_matches(&st, want_size, want_mtime_ns);
+}
+
+int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err) {
+    if (stamp_size < 0) return PYIMG_READ_OK;
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        *err = errno;
+        return PYIMG_READ_OPEN;
+    }
+    return stamp_matches(&st, stamp_size, stamp_mtime) ? PYIMG_READ_OK : PYIMG_READ_CHANGED;
 }
 
 int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,

@@ -238,15 +238,18 @@ int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *conten
             continue;
         }
         if (cache_at[i] >= 0) {
+            /* Bytes the hash pass kept: the file must still be as collected, as if
+             * it were read again (one stat instead of a read). */
+            *status = pyimg_check_stamp(path, stamp_sizes[i], stamp_mtimes[i], err_no);
             s.data = cache + cache_at[i];
         } else {
             *status = pyimg_read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], scratch, err_no);
-            if (*status != PYIMG_READ_OK) {
-                snprintf(err, err_len, "reading the source failed");
-                rc = -PYIMG_EIO;
-                break;
-            }
             s.data = scratch;
+        }
+        if (*status != PYIMG_READ_OK) {
+            snprintf(err, err_len, "reading the source failed");
+            rc = -PYIMG_EIO;
+            break;
         }
         rc = for_each_range(h, contents[i], sizes[i], stage_range, &s, err, err_len);
     }

@@ -11,6 +11,7 @@ from typing import Any
 import blake3
 import pytest
 
+import pyimg
 from pyimg.errors import OutputError, SourceError
 from pyimg.formats import ext4
 from pyimg.tree import DataRef, Inode, Kind, Tree, new_dir
@@ -171,3 +172,29 @@ def test_image_write_failure_is_an_output_error(tmp_path: Path, monkeypatch: pyt
             build(tmp_path, tree)
     finally:
         os.close(readonly)
+
+
+def test_a_file_changed_after_the_hash_pass_kept_its_bytes_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a prescan (--jobs 1) the hash pass keeps the first batches' bytes for
+    the stream, which checks each such file's stamp again instead of reading it."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(10):
+        (source / f"f{i}").write_bytes(b"content %d\n" % i)
+    victim = source / "f3"
+    real_stream = ext4._Build.stream
+    kept: list[bool] = []
+
+    def change_then_stream(self: Any) -> None:
+        kept.append(any(batch.buffer is not None for batch in self.writes))
+        os.utime(victim, ns=(0, 123))
+        real_stream(self)
+
+    monkeypatch.setattr(ext4._Build, "stream", change_then_stream)
+    with pytest.raises(SourceError) as err:
+        pyimg.build([str(source)], str(tmp_path / "out.ext4"), format="ext4", jobs=1)
+    assert kept == [True]  # the bytes were kept: no read would have caught it
+    assert str(victim) in str(err.value) and "changed while" in str(err.value)
+    assert not (tmp_path / "out.ext4").exists()
