@@ -323,7 +323,6 @@ class Prescan:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pyimg-prescan")
         self.cutter = _SpanCutter()
         self.refs: list[DataRef] = []  # files reported and not yet in a group
-        self.first = 0  # the number (in report order) of self.refs[0]
         self.groups: collections.deque[tuple[list[DataRef], Future[_Scanned]]] = collections.deque()
         self.stopping = threading.Event()  # ends a big file's scan early (close)
 
@@ -338,9 +337,9 @@ class Prescan:
             self._submit(start, end)
 
     def _submit(self, start: int, end: int) -> None:
-        refs = self.refs[start - self.first : end - self.first]
-        del self.refs[: end - self.first]
-        self.first = end
+        # Groups are consecutive: this one is the first end - start files waiting.
+        refs = self.refs[: end - start]
+        del self.refs[: end - start]
         self.groups.append((refs, self.pool.submit(self._run, refs)))
 
     def _run(self, refs: list[DataRef]) -> _Scanned:
@@ -374,8 +373,7 @@ class Prescan:
         """Stop: pending groups are cancelled, a running one ended at its next
         chunk (a big file) or batch and waited for; no thread is left behind."""
         self.stopping.set()
-        for _, future in self.groups:
-            future.cancel()
+        self.stop()
         self.groups.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -397,7 +395,6 @@ class Ext4Writer:
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
         self.features = resolve_features(options.ext4.features)  # SpecError early
-
         self._prescan: Prescan | None = None
 
     def prescan(self) -> Prescan | None:
