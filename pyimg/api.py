@@ -117,11 +117,12 @@ def _collect_and_write(
 
         with AtomicOutput(options.output) as out:
             try:
-                result: WriteResult = writer.write(tree, out.fd, advance)
+                result: WriteResult = writer.write(tree, out.region(), advance)
             except OutputError as exc:
                 if exc.path is None:
                     raise OutputError(exc.reason, options.output) from exc
                 raise
+            out.size_to(result.image_size)
             out.commit()
     image = digest_image(options.output, sha256=bool(options.manifest))
 

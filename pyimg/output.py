@@ -10,6 +10,7 @@ import tempfile
 from types import TracebackType
 
 from .errors import OutputError
+from .region import Region
 
 
 def _umask() -> int:
@@ -39,6 +40,17 @@ class AtomicOutput:
         except OSError as exc:
             raise OutputError(f"cannot create a file beside the target: {exc.strerror}", self.target) from exc
         return self
+
+    def region(self) -> Region:
+        """The whole temp file, for one writer."""
+        return Region(self.fd)
+
+    def size_to(self, length: int) -> None:
+        """Cut or extend the file to the length its writer used (holes past the data)."""
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as exc:
+            raise OutputError(f"cannot size the image: {exc.strerror}", self.target) from exc
 
     def commit(self) -> None:
         """fsync the data, give it the usual file mode, rename it over the target."""

@@ -174,7 +174,7 @@ def test_output_inside_a_source(tmp_path: Path) -> None:
 
 def test_full_disk_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _src(tmp_path)
-    import pyimg.formats.imagefile as imagefile
+    import pyimg.region as imagefile
 
     def enospc(*args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -193,7 +193,7 @@ def test_interrupt_leaves_nothing_and_keeps_old_image(
     src = _src(tmp_path)
     out = tmp_path / "out.sqfs"
     out.write_bytes(b"the previous image")
-    import pyimg.formats.imagefile as imagefile
+    import pyimg.region as imagefile
 
     def interrupted(*args: object) -> int:
         raise KeyboardInterrupt

@@ -1,8 +1,9 @@
 """The one shape every format writer has.
 
-A writer gets the frozen tree and an empty, writable file descriptor (a temp file
-beside the target; the caller fsyncs and renames it).  It lays the tree out, streams
-the file data into the image and finalizes the metadata.  It must produce the same
+A writer gets the frozen tree and a Region of an output file (pyimg/region.py: fd,
+offset, limit), writes only inside it and reports the bytes it used; the region's
+owner sizes the file, fsyncs and renames it.  It lays the tree out, streams the file
+data into the image and finalizes the metadata.  It must produce the same
 bytes for the same (tree, options), whatever `jobs` is.  It never prints: it reports
 progress through the callback and returns a WriteResult.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from ..options import BuildOptions
+from ..region import Region
 from ..tree import DataRef, FrozenTree
 
 Progress = Callable[[int], None]
@@ -64,7 +66,7 @@ class WriteResult:
     bytes_in: int  # content bytes of all regular files (a hard-link group counted once)
     bytes_unique: int  # content bytes left once identical contents are stored once
     bytes_stored: int  # of those, the bytes that are not holes (zero blocks are not stored)
-    image_size: int  # bytes of the finished image file
+    image_size: int  # bytes of the region the image uses (the image file's size)
     details: dict[str, object] = field(default_factory=dict)  # format facts for the manifest
 
     @property
@@ -93,7 +95,7 @@ class FormatWriter(Protocol):
         """A FileScan to feed during collection, or None."""
         ...
 
-    def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult: ...
+    def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult: ...
 
 
 def image_epoch(options: BuildOptions, tree: FrozenTree) -> int:

@@ -47,8 +47,9 @@ from ..content import (
     ordered_map,
     read_error,
 )
-from ..errors import LimitError, OutputError, SourceError, SpecError
+from ..errors import FormatError, LimitError, OutputError, SourceError, SpecError
 from ..options import BuildOptions
+from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 
@@ -403,8 +404,10 @@ class Ext4Writer:
         self._prescan = Prescan() if self.options.jobs > 1 else None
         return self._prescan
 
-    def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
-        return _Build(self.options, self.features, tree, fd, progress, self._prescan).run()
+    def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
+        if region.offset != 0:
+            raise FormatError("ext4 images cannot be placed at an offset yet")
+        return _Build(self.options, self.features, tree, region.fd, progress, self._prescan).run()
 
 
 class _Build:

@@ -1,25 +1,21 @@
-"""Sequential, buffered writing of an image file, with rewind.
+"""Sequential, buffered writing into a Region, with rewind.
 
 Writers append; pending pieces are written with one pwritev per few MiB (no copy
 into a staging buffer, few system calls).  `rewind` moves the end back (squashfs
 takes back the blocks of a duplicate found late); `finish` writes what is left and
-cuts the file at the end.
+returns the length used.  The region's owner sizes the file.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-
-from ..errors import OutputError
+from ..region import MAX_IOV, Region
 
 FLUSH_AT = 4 << 20
-MAX_IOV = 512  # well under IOV_MAX (1024 on Linux)
 
 
 class ImageFile:
-    def __init__(self, fd: int, start: int = 0) -> None:
-        self.fd = fd
+    def __init__(self, region: Region, start: int = 0) -> None:
+        self.region = region
         self.pos = start  # logical end of the image
         self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_bytes = 0
@@ -53,40 +49,12 @@ class ImageFile:
 
     def flush(self) -> None:
         if self._pending:
-            pwritev_all(self.fd, self._pending, self._flushed)
+            self.region.pwritev(self._pending, self._flushed)
             self._flushed += self._pending_bytes
             self._pending = []
             self._pending_bytes = 0
 
-    def finish(self) -> None:
+    def finish(self) -> int:
+        """Write what is pending; the length of the image (the region's used bytes)."""
         self.flush()
-        try:
-            os.ftruncate(self.fd, self.pos)
-        except OSError as exc:
-            raise OutputError(f"cannot size the image: {exc.strerror}") from exc
-
-
-def _output_error(exc: OSError) -> OutputError:
-    reason = "no space left on device" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
-    return OutputError(reason)
-
-
-def pwritev_all(fd: int, pieces: list[bytes | bytearray | memoryview], offset: int) -> None:
-    """Write the pieces back to back at `offset`, or raise OutputError."""
-    views = [memoryview(p) for p in pieces if len(p)]
-    while views:
-        try:
-            n = os.pwritev(fd, views, offset)
-        except OSError as exc:
-            raise _output_error(exc) from exc
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """pwrite every byte, or raise OutputError (a full disk names itself)."""
-    pwritev_all(fd, [data], offset)
+        return self.pos

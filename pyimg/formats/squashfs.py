@@ -20,9 +20,10 @@ from .._ffi import check, ffi, lib
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError, SpecError
 from ..options import BuildOptions
+from ..region import Region
 from ..tree import FrozenTree, Inode, Kind, Node
 from .base import PackedDigests, Progress, WriteResult, image_epoch
-from .imagefile import ImageFile, pwrite_all
+from .imagefile import ImageFile
 from .squashfs_data import DataStream, Placement
 
 SUPERBLOCK_SIZE = 96
@@ -83,13 +84,13 @@ class SquashfsWriter:
         and packs small files in the tree's order, known only once it is frozen."""
         return None
 
-    def write(self, tree: FrozenTree, fd: int, progress: Progress) -> WriteResult:
+    def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
         ids = _id_table(tree)
         _check_limits(tree)
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.options.squashfs
-        image = ImageFile(fd, start=SUPERBLOCK_SIZE)
+        image = ImageFile(region, start=SUPERBLOCK_SIZE)
         stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
         placement = stream.write(files, image, progress)
 
@@ -97,7 +98,7 @@ class SquashfsWriter:
         super_fields = tables.write(image, stream.fragment_table)
         bytes_used = image.pos
         image.write(bytes(-bytes_used % PAD_TO))
-        image.finish()
+        image_size = image.finish()
 
         flags = (FLAG_DUPLICATES if sq.dedup else 0) | FLAG_EXPORTABLE
         flags |= 0 if sq.fragments else FLAG_NO_FRAGMENTS
@@ -118,14 +119,14 @@ class SquashfsWriter:
         )
         raw = ffi.new("uint8_t[]", SUPERBLOCK_SIZE)
         lib.pyimg_sqfs_encode_super(sb, raw)
-        pwrite_all(fd, ffi.buffer(raw), 0)
+        region.pwrite(ffi.buffer(raw), 0)
 
         return WriteResult(
             digests=PackedDigests(file_inos, placement.digests),
             bytes_in=sum(inode.size for inode in files),
             bytes_unique=placement.bytes_unique,
             bytes_stored=placement.bytes_data,
-            image_size=image.pos,
+            image_size=image_size,
             details={
                 "compression": self.spec.name,
                 "level": self.spec.level,

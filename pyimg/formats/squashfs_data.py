@@ -45,7 +45,8 @@ NO_FRAGMENT = 0xFFFFFFFF
 CHUNK_TARGET = 1 << 20  # bytes of content per task, rounded to whole blocks
 BATCH_FILES = 256  # small files per task, at most
 FRAGMENT_BATCH = 8  # full fragment blocks compressed together
-FRAGMENT_IN_FLIGHT = 2  # batches in flight per job before the oldest is written
+FRAGMENT_IN_FLIGHT = 4  # batches in flight before the oldest is written: a constant, never
+# scaled by `jobs` (where fragment blocks land among data blocks must not follow the thread count)
 TINY = 64  # a block that compresses below this may be all zeros: only then compare
 
 
@@ -460,7 +461,7 @@ class _FragmentPacker:
 
     Full fragment blocks are compressed in batches on `jobs` helper threads while the
     committer goes on.  Batches are written oldest first at fixed points (when more
-    than FRAGMENT_IN_FLIGHT x jobs batches are in flight, and at the end), never
+    than FRAGMENT_IN_FLIGHT batches are in flight, and at the end), never
     "when one happens to be done": the image does not depend on timing.
     """
 
@@ -473,7 +474,7 @@ class _FragmentPacker:
         self.packer = ffi.gc(packer, lib.pyimg_sqfs_packer_free)
         self.batch: list[tuple[int, memoryview]] = []  # (fragment index, raw block)
         self.in_flight: collections.deque[_FragmentBatch] = collections.deque()
-        self.max_in_flight = FRAGMENT_IN_FLIGHT * stream.jobs
+        self.max_in_flight = FRAGMENT_IN_FLIGHT
         self.pool = ThreadPoolExecutor(max_workers=stream.jobs, thread_name_prefix="pyimg-frag")
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
         self._where = ffi.new("uint32_t[2]")

@@ -17,6 +17,7 @@ from pyimg.errors import LimitError, SpecError
 from pyimg.formats.base import WriteResult
 from pyimg.formats.ext4 import Ext4Writer, resolve_features
 from pyimg.options import BuildOptions, Ext4Options, Policy
+from pyimg.region import Region
 from pyimg.tree import DataRef, FrozenTree, Inode, Kind, Tree, new_dir
 
 from ..ext4_oracle import e2fsck_clean
@@ -46,7 +47,8 @@ def build(tmp_path: Path, tree: Tree | FrozenTree, name: str = "img.ext4", jobs:
     fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     seen: list[int] = []
     try:
-        result = Ext4Writer(options).write(frozen, fd, seen.append)
+        result = Ext4Writer(options).write(frozen, Region(fd), seen.append)
+        os.ftruncate(fd, result.image_size)
     finally:
         os.close(fd)
     assert sum(seen) <= result.bytes_in

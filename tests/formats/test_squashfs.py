@@ -16,6 +16,7 @@ import pyimg
 from pyimg.api import options_for
 from pyimg.errors import LimitError
 from pyimg.formats.squashfs import SquashfsWriter
+from pyimg.region import Region
 from pyimg.tree import Inode, Kind, Tree, new_dir
 
 from ..oracles import (
@@ -294,7 +295,7 @@ def test_limits_refused_before_any_data(tmp_path: Path, bad: Inode, reason: str)
     tree.add(b"z", Inode(Kind.CHAR, 0o600, 0, 0, 0, rdev=(1, 3)))  # a device within limits
     writer = SquashfsWriter(options_for([str(tmp_path)], str(tmp_path / "x.sqfs")))
     with open(tmp_path / "x.sqfs", "wb") as out, pytest.raises(LimitError, match=reason) as err:
-        writer.write(tree.freeze(), out.fileno(), lambda n: None)
+        writer.write(tree.freeze(), Region(out.fileno()), lambda n: None)
     assert err.value.path == "/a/bad"
     assert os.path.getsize(tmp_path / "x.sqfs") == 0  # refused before anything was written
 
