@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .artifact import Artifact
 from .collect import check_output_not_input, collect
 from .errors import OutputError, SpecError
+from .formats import format_spec
 from .formats.base import FileScan, FormatWriter, WriteResult
 from .manifest import ImageDigest, build_manifest, digest_image, dump
 from .options import BuildOptions, SourceSpec
@@ -29,16 +31,9 @@ from .tree import gc_paused
 
 
 def writer_for(options: BuildOptions) -> FormatWriter:
-    """The format plugin for options.format."""
-    if options.format == "squashfs":
-        from .formats.squashfs import SquashfsWriter
-
-        return SquashfsWriter(options)
-    if options.format == "ext4":
-        from .formats.ext4 import Ext4Writer
-
-        return Ext4Writer(options)
-    raise SpecError(f"unknown format {options.format!r} (choose squashfs or ext4)")
+    """The registered format's writer for options.format (validates its options)."""
+    writer: FormatWriter = format_spec(options.format).load_writer()(options)
+    return writer
 
 
 @dataclass(frozen=True)
@@ -53,6 +48,7 @@ class BuildResult:
     dedup_saved: int
     seconds: float
     manifest_path: str | None
+    artifact: Artifact  # the image as later stages take it (boot, store, a disk)
     _make_manifest: Callable[[], dict[str, Any]] = dataclasses.field(repr=False, compare=False)
 
     @functools.cached_property
@@ -67,8 +63,14 @@ class BuildResult:
 
     def summary(self) -> dict[str, Any]:
         """Everything but the manifest: what `--json` prints."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        skip = ("artifact",)
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not f.name.startswith("_") and f.name not in skip
+        }
         out["sha256"] = self.sha256
+        out["artifact"] = dataclasses.replace(self.artifact, sha256=self.sha256).record()
         out["seconds"] = round(self.seconds, 3)
         return out
 
@@ -143,6 +145,16 @@ def _collect_and_write(
         dedup_saved=result.dedup_saved,
         seconds=time.monotonic() - started,
         manifest_path=options.manifest,
+        artifact=Artifact(
+            format=options.format,
+            media_type=format_spec(options.format).media_type,
+            path=options.output,
+            offset=0,
+            size=image.size,
+            blake3=image.blake3,
+            sha256=image.sha256,
+            facts=result.facts,
+        ),
         _make_manifest=make_manifest,
     )
 
@@ -174,7 +186,6 @@ def options_for(
     *,
     spec: str | None = None,
     exclude: Sequence[str] = (),
-    features: Sequence[str] = (),
     **given: Any,
 ) -> BuildOptions:
     """BuildOptions from CLI-style arguments (the names of `pyimg build`'s options).
@@ -189,7 +200,6 @@ def options_for(
         sources=[s if isinstance(s, SourceSpec) else parse_source(s) for s in sources] or None,
         output=output,
         excludes=list(exclude) or None,
-        features=list(features) or None,
         **given,
     )
     if options.policy.epoch is None:

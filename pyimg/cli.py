@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -14,6 +17,8 @@ import typer
 from . import __version__
 from .api import build, digest
 from .errors import PyImgError
+from .formats import FORMATS, all_settings
+from .settings import cli_flag
 
 app = typer.Typer(
     add_completion=False,
@@ -70,7 +75,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-@app.command("build")
 def build_command(
     sources: Annotated[
         list[str] | None,
@@ -82,16 +86,9 @@ def build_command(
         ),
     ] = None,
     output: Annotated[str | None, typer.Option("-o", "--output", help="The image file to write.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="squashfs (default) or ext4.")] = None,
-    compression: Annotated[
+    format: Annotated[
         str | None,
-        typer.Option(
-            "--compression", help="squashfs: zstd[:LEVEL] (default zstd:3), gzip[:LEVEL], xz[:LEVEL]."
-        ),
-    ] = None,
-    block_size: Annotated[
-        str | None,
-        typer.Option("--block-size", help="squashfs block size, 4K..1M, bytes or K/M suffix (default 128K)."),
+        typer.Option("--format", help=f"{' | '.join(FORMATS)} (default squashfs)."),
     ] = None,
     jobs: Annotated[
         int | None,
@@ -120,51 +117,14 @@ def build_command(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON instead of a summary.")
     ] = False,
-    fragments: Annotated[
-        bool | None,
-        typer.Option(
-            "--fragments/--no-fragments",
-            help="squashfs: pack file tails into fragment blocks.",
-            show_default=False,
-        ),
-    ] = None,
-    dedup: Annotated[
-        bool | None,
-        typer.Option(
-            "--dedup/--no-dedup",
-            help="Store identical content once (ext4: read-only images).",
-            show_default=False,
-        ),
-    ] = None,
-    size: Annotated[
-        str | None, typer.Option("--size", help="ext4: 'auto' (default) or an exact size like 2G.")
-    ] = None,
-    headroom: Annotated[
-        int | None,
-        typer.Option("--headroom", min=0, help="ext4 with --size auto: free space, percent (default 10)."),
-    ] = None,
-    journal: Annotated[
-        str | None,
-        typer.Option(
-            "--journal",
-            metavar="[=SIZE]",
-            help="ext4: add a journal, for images mounted read-write; --journal alone picks the size, "
-            "--journal=64M sets it.",
-        ),
-    ] = None,
-    features: Annotated[
-        str | None,
-        typer.Option(
-            "--features", help="ext4: comma-separated edits of the feature set, e.g. -metadata_csum,-64bit."
-        ),
-    ] = None,
-    uuid: Annotated[
-        str | None, typer.Option("--uuid", help="ext4: file system UUID (default: derived from the content).")
-    ] = None,
-    label: Annotated[str | None, typer.Option("--label", help="ext4: volume label.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+    **format_values: Any,
 ) -> None:
-    """Build an image from SOURCEs (directories, tar archives, files)."""
+    """Build an image from SOURCEs (directories, tar archives, files).
+
+    The format options below come from the format registry (pyimg/formats/): each
+    applies to the format that declares it; given for another format, it is an error.
+    """
     signal.signal(signal.SIGTERM, _on_sigterm)
     bar = ProgressBar() if not json_out else None
     try:
@@ -172,23 +132,14 @@ def build_command(
             sources or [],
             output,
             format=format,
-            compression=compression,
-            block_size=block_size,
             jobs=jobs,
             epoch=epoch,
             owner=owner,
             exclude=exclude or (),
             spec=spec,
             manifest=manifest,
-            fragments=fragments,
-            dedup=dedup,
-            size=size,
-            headroom=headroom,
-            journal=(True if journal in ("yes", "true", "") else journal) if journal is not None else None,
-            features=[f for f in (features or "").split(",") if f],
-            uuid=uuid,
-            label=label,
             progress=bar,
+            **format_values,
         )
     except PyImgError as exc:
         if bar:
@@ -209,6 +160,54 @@ def build_command(
             f"{result.output}: {result.format}, {result.entries} entries, {_human(result.bytes_in)} in → "
             f"{_human(result.image_size)} out{saved}, {result.seconds:.2f} s, blake3:{result.digest}"
         )
+
+
+def _format_parameters() -> list[inspect.Parameter]:
+    """One CLI option per format setting (pyimg/formats/), with the help of every
+    format that declares it."""
+    params = []
+    for name, declared in all_settings().items():
+        meta = declared[0][1]
+        text = " ".join(f"{fmt}: {m.help}" for fmt, m in declared)
+        flag = cli_flag(name)
+        panel = " and ".join(fmt for fmt, _ in declared) + " options"
+        annotation: Any
+        if meta.flag:
+            option = typer.Option(
+                f"{flag}/--no-{flag[2:]}", help=text, show_default=False, rich_help_panel=panel
+            )
+            annotation = Annotated[bool | None, option]
+        else:
+            option = typer.Option(
+                flag, help=text, metavar=meta.metavar, show_default=False, rich_help_panel=panel
+            )
+            annotation = Annotated[str | None, option]
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        )
+    return params
+
+
+def _with_format_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with its **format_values spelled out as one parameter per format
+    setting, so typer sees them (typer reads __signature__ and __annotations__)."""
+    fixed = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD]  # fmt: skip
+    extra = _format_parameters()
+    clash = {p.name for p in fixed} & {p.name for p in extra}
+    if clash:
+        raise RuntimeError(f"format options {sorted(clash)} clash with pyimg build's own")
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        command(**kwargs)
+
+    wrapper.__signature__ = inspect.Signature(fixed + extra)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in fixed + extra} | {"return": None}
+    return wrapper
+
+
+app.command("build")(_with_format_options(build_command))
 
 
 @app.command("digest")
@@ -243,13 +242,18 @@ def version_command() -> None:
 
 
 def _optional_values(argv: list[str]) -> list[str]:
-    """`--journal` takes an optional value (`--journal` or `--journal=64M`), which
-    the option parser cannot express: a bare `--journal` becomes `--journal=yes`."""
+    """Options that take an optional value (`--journal` or `--journal=64M`), which the
+    option parser cannot express: a bare `--journal` becomes `--journal=yes`."""
+    bare = {
+        cli_flag(name): declared[0][1].optional_value
+        for name, declared in all_settings().items()
+        if declared[0][1].optional_value is not None
+    }
     out: list[str] = []
     for index, arg in enumerate(argv):
         if arg == "--":
             return out + argv[index:]
-        out.append("--journal=yes" if arg == "--journal" else arg)
+        out.append(f"{arg}={bare[arg]}" if arg in bare else arg)
     return out
 
 

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import zstandard
 
 from .errors import SpecError
+from .formats.squashfs_options import DEFAULT_LEVELS, LEVEL_RANGES
 
 # squashfs compressor ids (superblock field "compressor").
 SQUASHFS_IDS = {"gzip": 1, "xz": 4, "zstd": 6}
-DEFAULT_LEVELS = {"zstd": 3, "gzip": 9, "xz": 6}
-LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9), "xz": (0, 9)}
 
 
 @dataclass(frozen=True, slots=True)

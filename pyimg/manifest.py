@@ -18,8 +18,10 @@ from typing import Any
 import blake3
 import zstandard
 
+from . import settings
 from .content import data_ranges, hash_in_place, hash_zeros
 from .errors import OutputError
+from .formats import format_spec
 from .formats.base import WriteResult
 from .options import BuildOptions
 from .tree import FrozenTree, Kind
@@ -136,26 +138,7 @@ def options_record(options: BuildOptions) -> dict[str, Any]:
         "gid_map": [list(p) for p in options.policy.gid_map],
         "exclude": list(options.policy.excludes),
     }
-    if options.format == "squashfs":
-        sq = options.squashfs
-        record["squashfs"] = {
-            "compression": sq.compression,
-            "level": sq.level,
-            "block_size": sq.block_size,
-            "fragments": sq.fragments,
-            "dedup": sq.dedup,
-        }
-    else:
-        e = options.ext4
-        record["ext4"] = {
-            "size": e.size,
-            "headroom": e.headroom,
-            "journal": e.journal,
-            "features": list(e.features),
-            "uuid": e.uuid,
-            "dedup": e.dedup,
-            "label": e.label,
-        }
+    record[options.format] = settings.record(options.settings(format_spec(options.format).options))
     return record
 
 
@@ -172,7 +155,7 @@ def build_manifest(
             "sha256": image.sha256,
         },
         "options": options_record(options),
-        "format_details": result.details,
+        "format_details": settings.jsonable(result.facts),
         "versions": versions(),
         "entries": entries(tree, result.digests),
     }

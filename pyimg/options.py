@@ -1,15 +1,19 @@
 """Build options: frozen dataclasses, the one description of what a build does.
 
 The TOML spec (spec.py) and the CLI (cli.py) both produce a BuildOptions; CLI
-options override the spec.  Nothing here reads the environment or the clock except
-`default_jobs`.
+options override the spec.  Each format's own options are declared with the format
+(pyimg/formats/: the registry and one options module per format).  Nothing here
+reads the environment or the clock except `default_jobs`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 SourceKind = Literal["auto", "dir", "tar", "file"]
 OwnerPolicy = str  # "auto" | "preserve" | "root" | "UID:GID"
@@ -58,32 +62,23 @@ class Policy:
 
 
 @dataclass(frozen=True, slots=True)
-class SquashfsOptions:
-    compression: Literal["zstd", "gzip", "xz"] = "zstd"
-    level: int | None = None  # None: zstd 3, gzip 9, xz 6 (docs/squashfs.md says why)
-    block_size: int = 128 * 1024
-    fragments: bool = True
-    dedup: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Ext4Options:
-    size: int | None = None  # None: "auto", the smallest image that holds the tree + headroom
-    headroom: int = 10  # percent, for --size auto
-    journal: int | None = None  # journal size in bytes, or None for no journal; 0 = default size
-    features: tuple[str, ...] = ()  # "+feature" / "-feature" edits of the default set
-    uuid: str | None = None  # None: derived from the content
-    dedup: bool | None = None  # None: on unless the image gets a journal (read-write)
-    label: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class BuildOptions:
+    """What a build does.  `format_options` holds, by format name, the options
+    dataclass of each format that was configured (the spec's [squashfs] table, CLI
+    flags); a format not in it uses its defaults.  `settings(SquashfsOptions)` is how
+    a writer reads its own."""
+
     sources: tuple[SourceSpec, ...]
     output: str
-    format: Literal["squashfs", "ext4"] = "squashfs"
+    format: str = "squashfs"
     jobs: int = field(default_factory=default_jobs)
     policy: Policy = Policy()
-    squashfs: SquashfsOptions = SquashfsOptions()
-    ext4: Ext4Options = Ext4Options()
+    format_options: Mapping[str, Any] = field(default_factory=dict)
     manifest: str | None = None
+
+    def settings(self, kind: type[T]) -> T:
+        """This build's options of type `kind` (a format's options dataclass)."""
+        for value in self.format_options.values():
+            if isinstance(value, kind):
+                return value
+        return kind()

@@ -13,60 +13,44 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import Any
 
+from . import settings
 from .errors import SourceError, SpecError
-from .options import BuildOptions, Ext4Options, Policy, SourceSpec, SquashfsOptions
+from .formats import FORMATS, all_settings, format_spec
+from .formats.ext4_options import parse_ext4_size, parse_features, parse_journal, parse_uuid
+from .formats.squashfs_options import parse_block_size, parse_compression
+from .options import BuildOptions, Policy, SourceSpec
 from .tree import normalize_path
+from .values import list_of as _list_of
+from .values import parse_size
+from .values import table as _table
+from .values import type_name as _type_name
+from .values import typed as _typed
 
-T = TypeVar("T")
+__all__ = [  # the value parsers live with what they parse; these names stay importable here
+    "load_options",
+    "load_spec",
+    "merge_options",
+    "options_from_spec",
+    "parse_block_size",
+    "parse_compression",
+    "parse_ext4_size",
+    "parse_features",
+    "parse_journal",
+    "parse_owner",
+    "parse_size",
+    "parse_uuid",
+]
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-
-COMPRESSION_LEVELS: dict[str, tuple[int, int]] = {"zstd": (1, 22), "gzip": (1, 9), "xz": (0, 9)}
-MIN_BLOCK_SIZE = 4 * 1024
-MAX_BLOCK_SIZE = 1024 * 1024
-EXT4_LABEL_MAX = 16  # bytes, s_volume_name
-
-_TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy", "squashfs", "ext4"}
+_FIXED_TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy"}
 _SOURCE_KEYS = {"path", "kind", "dest", "mode", "uid", "gid"}
 _POLICY_KEYS = {"owner", "uid_map", "gid_map", "epoch", "exclude"}
-_SQUASHFS_KEYS = {"compression", "block_size", "fragments", "dedup"}
-_EXT4_KEYS = {"size", "headroom", "journal", "features", "uuid", "dedup", "label"}
 
 
 # ----------------------------------------------------------------------------- values
-
-
-def parse_size(value: str | int, key: str = "size") -> int:
-    """Bytes from "4096", "128K", "1M", "2G", "1T" (binary; "KiB"/"KB"/"B" accepted) or an int."""
-    if isinstance(value, bool):
-        raise SpecError(f"{key}: expected a size like 4096, 128K or 2G, got a boolean")
-    if isinstance(value, int):
-        if value < 0:
-            raise SpecError(f"{key}: a size cannot be negative ({value})")
-        return value
-    if not isinstance(value, str):
-        raise SpecError(f"{key}: expected a size like 4096, 128K or 2G, got {_type_name(value)}")
-    match = _SIZE_RE.match(value)
-    if match is None:
-        raise SpecError(
-            f"{key}: invalid size {value!r}: expected a number with an optional K, M, G or T suffix"
-        )
-    number, unit, _ = match.groups()
-    return int(number) << _SIZE_SHIFT[unit.lower()]
-
-
-def parse_block_size(value: str | int, key: str = "squashfs.block_size") -> int:
-    size = parse_size(value, key)
-    if size < MIN_BLOCK_SIZE or size > MAX_BLOCK_SIZE or size & (size - 1):
-        raise SpecError(f"{key}: block size must be a power of two from 4K to 1M, got {value!r}")
-    return size
 
 
 def parse_owner(value: str, key: str = "policy.owner") -> str:
@@ -82,71 +66,6 @@ def parse_owner(value: str, key: str = "policy.owner") -> str:
     raise SpecError(
         f"{key}: invalid owner {value!r}: expected auto, preserve, root or UID:GID (e.g. 1000:1000)"
     )
-
-
-CompressionName = Literal["zstd", "gzip", "xz"]
-
-
-def parse_compression(value: str, key: str = "squashfs.compression") -> tuple[CompressionName, int | None]:
-    """("zstd", 19) from "zstd:19"; ("gzip", None) from "gzip"."""
-    if not isinstance(value, str):
-        raise SpecError(f'{key}: expected a string like "zstd:15", got {_type_name(value)}')
-    name, sep, level_text = value.strip().partition(":")
-    name = name.strip().lower()
-    if name not in COMPRESSION_LEVELS:
-        known = ", ".join(COMPRESSION_LEVELS)
-        raise SpecError(f"{key}: unknown compression {name!r}: expected one of {known}")
-    checked = cast(CompressionName, name)
-    if not sep:
-        return checked, None
-    low, high = COMPRESSION_LEVELS[name]
-    try:
-        level = int(level_text)
-    except ValueError:
-        raise SpecError(
-            f"{key}: invalid {name} level {level_text!r}: expected a number {low}..{high}"
-        ) from None
-    if not low <= level <= high:
-        raise SpecError(f"{key}: {name} level {level} out of range {low}..{high}")
-    return checked, level
-
-
-def parse_journal(value: bool | str | int, key: str = "ext4.journal") -> int | None:
-    """false -> None (no journal), true -> 0 (default size), a size -> bytes."""
-    if isinstance(value, bool):
-        return 0 if value else None
-    size = parse_size(value, key)
-    if size == 0:
-        raise SpecError(f"{key}: a journal size must be positive (use false for no journal)")
-    return size
-
-
-def parse_ext4_size(value: str | int, key: str = "ext4.size") -> int | None:
-    """ "auto" -> None, else bytes."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return None
-    size = parse_size(value, key)
-    if size == 0:
-        raise SpecError(f'{key}: the image size must be positive (or "auto")')
-    return size
-
-
-def parse_features(values: Sequence[str], key: str = "ext4.features") -> tuple[str, ...]:
-    """Feature edits "+name"/"-name" (a bare name means "+name")."""
-    edits = []
-    for i, item in enumerate(_list_of(values, str, key)):
-        text = item.strip()
-        if not re.fullmatch(r"[+-]?[a-z0-9_]+", text):
-            raise SpecError(f"{key}[{i}]: invalid feature edit {item!r}: expected +name or -name")
-        edits.append(text if text[0] in "+-" else "+" + text)
-    return tuple(edits)
-
-
-def parse_uuid(value: str, key: str = "ext4.uuid") -> str:
-    try:
-        return str(uuid.UUID(_typed(value, str, key)))
-    except ValueError:
-        raise SpecError(f"{key}: invalid UUID {value!r}") from None
 
 
 def parse_id_map(
@@ -207,7 +126,7 @@ def options_from_spec(spec: Mapping[str, Any], base_dir: str, *, origin: str | N
 
 
 def _options_from_spec(spec: Mapping[str, Any], base_dir: str) -> BuildOptions:
-    _check_keys(spec, _TOP_KEYS, "")
+    _check_keys(spec, _FIXED_TOP_KEYS | set(FORMATS), "")
     fields: dict[str, Any] = {}
     if "output" in spec:
         fields["output"] = _path(spec["output"], base_dir, "output")
@@ -220,8 +139,11 @@ def _options_from_spec(spec: Mapping[str, Any], base_dir: str) -> BuildOptions:
     sources = _list_of(spec.get("source", []), dict, "source")
     fields["sources"] = tuple(_source(s, base_dir, f"source[{i}]") for i, s in enumerate(sources))
     fields["policy"] = _policy(_table(spec.get("policy", {}), "policy"))
-    fields["squashfs"] = _squashfs(_table(spec.get("squashfs", {}), "squashfs"))
-    fields["ext4"] = _ext4(_table(spec.get("ext4", {}), "ext4"))
+    fields["format_options"] = {
+        name: settings.apply(spec_.options(), dict(_table(spec[name], name)), name)
+        for name, spec_ in FORMATS.items()
+        if name in spec
+    }
     fields.setdefault("output", "")
     return BuildOptions(**fields)
 
@@ -266,39 +188,6 @@ def _policy(table: Mapping[str, Any]) -> Policy:
     )
 
 
-def _squashfs(table: Mapping[str, Any]) -> SquashfsOptions:
-    _check_keys(table, _SQUASHFS_KEYS, "squashfs")
-    fields: dict[str, Any] = {}
-    if "compression" in table:
-        fields["compression"], fields["level"] = parse_compression(table["compression"])
-    if "block_size" in table:
-        fields["block_size"] = parse_block_size(table["block_size"])
-    for name in ("fragments", "dedup"):
-        if name in table:
-            fields[name] = _typed(table[name], bool, f"squashfs.{name}")
-    return SquashfsOptions(**fields)
-
-
-def _ext4(table: Mapping[str, Any]) -> Ext4Options:
-    _check_keys(table, _EXT4_KEYS, "ext4")
-    fields: dict[str, Any] = {}
-    if "size" in table:
-        fields["size"] = parse_ext4_size(table["size"])
-    if "headroom" in table:
-        fields["headroom"] = _headroom(table["headroom"], "ext4.headroom")
-    if "journal" in table:
-        fields["journal"] = parse_journal(table["journal"])
-    if "features" in table:
-        fields["features"] = parse_features(table["features"])
-    if "uuid" in table:
-        fields["uuid"] = parse_uuid(table["uuid"])
-    if "dedup" in table:
-        fields["dedup"] = _typed(table["dedup"], bool, "ext4.dedup")
-    if "label" in table:
-        fields["label"] = _label(table["label"], "ext4.label")
-    return Ext4Options(**fields)
-
-
 # ----------------------------------------------------------------------------- CLI over spec
 
 
@@ -315,30 +204,22 @@ def merge_options(
     gid_map: Mapping[str, int] | Iterable[tuple[int, int]] | None = None,
     epoch: int | None = None,
     excludes: Sequence[str] | None = None,
-    compression: str | None = None,
-    block_size: str | int | None = None,
-    fragments: bool | None = None,
-    dedup: bool | None = None,
-    size: str | int | None = None,
-    headroom: int | None = None,
-    journal: bool | str | int | None = None,
-    features: Sequence[str] | None = None,
-    uuid: str | None = None,
-    label: str | None = None,
+    **format_values: Any,
 ) -> BuildOptions:
     """`base` (from a spec, or None) with every given (non-None) CLI value applied.
 
     Scalars replace the spec's value.  Lists add to it: `sources` are applied after
-    the spec's (so they overlay them), `excludes` and `features` are appended, and
-    uid_map/gid_map entries override the spec's entry for the same id.  `dedup`
-    sets both squashfs.dedup and ext4.dedup.  Raw CLI strings are validated with
-    the same parsers as the spec.  Refuses a result without output or sources.
+    the spec's (so they overlay them), `excludes` and list-valued format options
+    (ext4 `features`) are appended, and uid_map/gid_map entries override the spec's
+    entry for the same id.  `format_values` are the chosen format's options by name
+    (pyimg/formats/: `compression`, `label`…); one that the chosen format does not
+    have is refused, naming it.  Raw CLI
+    strings are validated with the same parsers as the spec.  Refuses a result
+    without output or sources.
     """
     if base is None:
         base = BuildOptions(sources=(), output="")
     policy = base.policy
-    sqfs = base.squashfs
-    ext4 = base.ext4
     top: dict[str, Any] = {}
     if sources is not None:
         top["sources"] = base.sources + tuple(sources)
@@ -364,29 +245,9 @@ def merge_options(
         policy = dataclasses.replace(policy, epoch=epoch)
     if excludes is not None:
         policy = dataclasses.replace(policy, excludes=policy.excludes + _excludes(excludes, "exclude"))
-    if compression is not None:
-        name, level = parse_compression(compression, "compression")
-        sqfs = dataclasses.replace(sqfs, compression=name, level=level)
-    if block_size is not None:
-        sqfs = dataclasses.replace(sqfs, block_size=parse_block_size(block_size, "block_size"))
-    if fragments is not None:
-        sqfs = dataclasses.replace(sqfs, fragments=_typed(fragments, bool, "fragments"))
-    if dedup is not None:
-        sqfs = dataclasses.replace(sqfs, dedup=_typed(dedup, bool, "dedup"))
-        ext4 = dataclasses.replace(ext4, dedup=dedup)
-    if size is not None:
-        ext4 = dataclasses.replace(ext4, size=parse_ext4_size(size, "size"))
-    if headroom is not None:
-        ext4 = dataclasses.replace(ext4, headroom=_headroom(headroom, "headroom"))
-    if journal is not None:
-        ext4 = dataclasses.replace(ext4, journal=_cli_journal(journal))
-    if features is not None:
-        ext4 = dataclasses.replace(ext4, features=ext4.features + parse_features(features, "features"))
-    if uuid is not None:
-        ext4 = dataclasses.replace(ext4, uuid=parse_uuid(uuid, "uuid"))
-    if label is not None:
-        ext4 = dataclasses.replace(ext4, label=_label(label, "label"))
-    result = dataclasses.replace(base, policy=policy, squashfs=sqfs, ext4=ext4, **top)
+    chosen = top.get("format", base.format)
+    top["format_options"] = _format_options(base.format_options, chosen, format_values)
+    result = dataclasses.replace(base, policy=policy, **top)
     if not result.output:
         raise SpecError("no output image given (spec key 'output' or the CLI's output option)")
     if not result.sources:
@@ -394,42 +255,30 @@ def merge_options(
     return result
 
 
-_YES = ("true", "yes", "on")
-_NO = ("false", "no", "off", "none")
+def _format_options(configured: Mapping[str, Any], chosen: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's format tables, with the given values applied to the chosen format's.
 
-
-def _cli_journal(value: bool | str | int) -> int | None:
-    # On a command line the words come as strings: "yes"/"no" besides sizes.
-    if isinstance(value, str) and value.strip().lower() in _YES + _NO:
-        return parse_journal(value.strip().lower() in _YES, "journal")
-    return parse_journal(value, "journal")
+    A spec may hold tables for several formats (one spec, built as either); a value
+    given on the CLI or to the API is for the format being built, and one that format
+    does not have is refused, naming the formats it belongs to."""
+    values = {key: value for key, value in given.items() if value is not None}
+    spec = format_spec(chosen)
+    own = {name for name, _ in settings.settings_of(spec.options)}
+    offered = all_settings()
+    for key in values:
+        if key in own:
+            continue
+        if key in offered:
+            owners = ", ".join(fmt for fmt, _ in offered[key])
+            raise SpecError(f"{key}: does nothing for format {chosen} (it is an option of {owners})")
+        raise SpecError(f"unknown option {key!r}")
+    result = dict(configured)
+    if values:
+        result[chosen] = settings.apply(configured.get(chosen, spec.options()), values, "")
+    return result
 
 
 # ----------------------------------------------------------------------------- small checks
-
-
-def _type_name(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", str: "a string", float: "a number", list: "a list"}
-    return names.get(type(value), "a table" if isinstance(value, dict) else type(value).__name__)
-
-
-def _typed(value: object, kind: type[T], key: str) -> T:
-    # bool is an int in Python; TOML keeps them apart and so do we.
-    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
-        return value
-    raise SpecError(f"{key}: expected {_type_name(kind())}, got {_type_name(value)}")
-
-
-def _list_of(value: object, kind: type[T], key: str) -> list[T]:
-    if not isinstance(value, list):
-        raise SpecError(f"{key}: expected a list, got {_type_name(value)}")
-    return [_typed(item, kind, f"{key}[{i}]") for i, item in enumerate(value)]
-
-
-def _table(value: object, key: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{key}: expected a table, got {_type_name(value)}")
-    return cast(Mapping[str, Any], value)
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -446,9 +295,9 @@ def _path(value: object, base_dir: str, key: str) -> str:
     return os.path.join(base_dir, text)  # an absolute path stays as it is
 
 
-def _format(value: object, key: str) -> Literal["squashfs", "ext4"]:
-    if value not in ("squashfs", "ext4"):
-        raise SpecError(f'{key}: expected "squashfs" or "ext4", got {value!r}')
+def _format(value: object, key: str) -> str:
+    if not isinstance(value, str) or value not in FORMATS:
+        raise SpecError(f"{key}: expected one of {', '.join(FORMATS)}, got {value!r}")
     return value
 
 
@@ -467,20 +316,6 @@ def _id(value: int, key: str) -> int:
 
 def _optional_id(value: object, key: str) -> int | None:
     return None if value is None else _id(_typed(value, int, key), key)
-
-
-def _headroom(value: object, key: str) -> int:
-    percent = _typed(value, int, key)
-    if not 0 <= percent <= 1000:
-        raise SpecError(f"{key}: expected a percentage 0..1000, got {percent}")
-    return percent
-
-
-def _label(value: object, key: str) -> str:
-    label = _typed(value, str, key)
-    if len(label.encode()) > EXT4_LABEL_MAX:
-        raise SpecError(f"{key}: {label!r} is longer than {EXT4_LABEL_MAX} bytes")
-    return label
 
 
 def _excludes(value: object, key: str) -> tuple[str, ...]:

@@ -21,7 +21,9 @@ def _peak_rss_of_build(source: Path, out: Path, fmt: str) -> int:
     # across fork and exec; the high-water mark of the new address space is not.
     script = (
         "import sys, pyimg\n"
-        "pyimg.build([sys.argv[1]], sys.argv[2], format=sys.argv[3], compression='zstd:1')\n"
+        "fmt = sys.argv[3]\n"
+        "extra = {'compression': 'zstd:1'} if fmt == 'squashfs' else {}\n"
+        "pyimg.build([sys.argv[1]], sys.argv[2], format=fmt, **extra)\n"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
     )
     proc = subprocess.run(

@@ -11,8 +11,8 @@ progress through the callback and returns a WriteResult.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from ..options import BuildOptions
 from ..region import Region
@@ -67,7 +67,7 @@ class WriteResult:
     bytes_unique: int  # content bytes left once identical contents are stored once
     bytes_stored: int  # of those, the bytes that are not holes (zero blocks are not stored)
     image_size: int  # bytes of the region the image uses (the image file's size)
-    details: dict[str, object] = field(default_factory=dict)  # format facts for the manifest
+    facts: Any = None  # the format's facts: a frozen dataclass it declares (SquashfsFacts, Ext4Facts)
 
     @property
     def dedup_saved(self) -> int:

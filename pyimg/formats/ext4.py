@@ -52,6 +52,7 @@ from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
 from .base import PackedDigests, Progress, WriteResult, image_epoch
+from .ext4_options import Ext4Options, parse_label
 
 BLOCK = 4096
 BLOCKS_PER_GROUP = 32768
@@ -395,7 +396,7 @@ class Ext4Writer:
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
-        self.features = resolve_features(options.ext4.features)  # SpecError early
+        self.features = resolve_features(options.settings(Ext4Options).features)  # SpecError early
         self._prescan: Prescan | None = None
 
     def prescan(self) -> Prescan | None:
@@ -410,12 +411,30 @@ class Ext4Writer:
         return _Build(self.options, self.features, tree, region.fd, progress, self._prescan).run()
 
 
+@dataclass(frozen=True, slots=True)
+class Ext4Facts:
+    """What an ext4 image is, beyond its bytes (the artifact's facts, the manifest's
+    format_details): what a disk or a boot entry needs to name it."""
+
+    features: tuple[str, ...]
+    block_size: int
+    blocks: int
+    free_blocks: int
+    inodes: int
+    free_inodes: int
+    groups: int
+    journal_blocks: int
+    uuid: str
+    size: int
+    shared_blocks: bool
+
+
 class _Build:
     def __init__(self, options: BuildOptions, features: set[str], tree: FrozenTree, fd: int,
                  progress: Progress, prescan: Prescan | None = None) -> None:  # fmt: skip
         self.options = options
         self.prescan = prescan
-        self.opts = options.ext4
+        self.opts = options.settings(Ext4Options)
         self.features = set(features)
         self.tree = tree
         self.fd = fd
@@ -775,10 +794,7 @@ class _Build:
         geom.epoch = self.epoch
         geom.uuid = self.uuid
         geom.hash_seed = self.seed
-        label = self.opts.label.encode()
-        if len(label) > 16:
-            raise SpecError(f"ext4 label {self.opts.label!r} is longer than 16 bytes")
-        geom.label = label.ljust(16, b"\0")
+        geom.label = parse_label(self.opts.label, "label").encode().ljust(16, b"\0")
         return geom
 
     def layout_once(self, geom: Any) -> Any:
@@ -894,24 +910,24 @@ class _Build:
         h = self.h
         check(lib.pyimg_ext4_finalize(h, self.fd), lambda: lib.pyimg_ext4_error(h))
         size = os.fstat(self.fd).st_size
-        details: dict[str, object] = {
-            "features": sorted(self.features | ({"has_journal"} if self.journal else set())),
-            "block_size": BLOCK,
-            "blocks": int(geom.blocks_count),
-            "free_blocks": int(stats.free_blocks),
-            "inodes": int(stats.inodes_count),
-            "free_inodes": int(stats.free_inodes),
-            "groups": int(stats.groups),
-            "journal_blocks": int(geom.journal_blocks),
-            "uuid": str(uuid_mod.UUID(bytes=self.uuid)),
-            "size": size,
-            "shared_blocks": self.shared,
-        }
+        facts = Ext4Facts(
+            features=tuple(sorted(self.features | ({"has_journal"} if self.journal else set()))),
+            block_size=BLOCK,
+            blocks=int(geom.blocks_count),
+            free_blocks=int(stats.free_blocks),
+            inodes=int(stats.inodes_count),
+            free_inodes=int(stats.free_inodes),
+            groups=int(stats.groups),
+            journal_blocks=int(geom.journal_blocks),
+            uuid=str(uuid_mod.UUID(bytes=self.uuid)),
+            size=size,
+            shared_blocks=self.shared,
+        )
         return WriteResult(
             digests=PackedDigests(self.inos, self.packed, self.empty_inos, _EMPTY_DIGEST),
             bytes_in=self.bytes_in,
             bytes_unique=self.bytes_unique,
             bytes_stored=self.bytes_stored,
             image_size=size,
-            details=details,
+            facts=facts,
         )

@@ -18,13 +18,14 @@ from typing import Any, ClassVar
 
 from .._ffi import check, ffi, lib
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
-from ..errors import LimitError, SpecError
+from ..errors import LimitError
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import FrozenTree, Inode, Kind, Node
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 from .imagefile import ImageFile
 from .squashfs_data import DataStream, Placement
+from .squashfs_options import SquashfsOptions, parse_block_size
 
 SUPERBLOCK_SIZE = 96
 META_SIZE = 8192
@@ -68,16 +69,31 @@ def pyimg_py_compress(ctx: Any, src: Any, length: int, dst: Any, cap: int) -> in
     return len(packed)
 
 
+@dataclass(frozen=True, slots=True)
+class SquashfsFacts:
+    """What a squashfs image is, beyond its bytes (the artifact's facts, the manifest's
+    format_details)."""
+
+    compression: str
+    level: int  # the level used (the default made explicit)
+    block_size: int
+    fragments: bool
+    dedup: bool
+    inodes: int
+    fragment_blocks: int
+    ids: int
+    bytes_used: int  # the superblock's bytes_used: the image before its 4 KiB padding
+    compressed_data: int  # bytes of data and fragment blocks
+
+
 class SquashfsWriter:
     name: ClassVar[str] = "squashfs"
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
-        sq = options.squashfs
-        size = sq.block_size
-        if size < 4096 or size > 1 << 20 or size & (size - 1):
-            raise SpecError(f"block size {size} must be a power of two from 4 KiB to 1 MiB")
-        self.spec = CompressionSpec.create(sq.compression, sq.level, size)
+        self.sq = sq = options.settings(SquashfsOptions)
+        parse_block_size(sq.block_size, "block_size")  # options built in code skip the parsers
+        self.spec = CompressionSpec.create(sq.compression.name, sq.compression.level, sq.block_size)
 
     def prescan(self) -> None:
         """None: squashfs reads each file once, to hash and compress it together,
@@ -89,7 +105,7 @@ class SquashfsWriter:
         _check_limits(tree)
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         files = [tree.inodes[ino - 1] for ino in file_inos]
-        sq = self.options.squashfs
+        sq = self.sq
         image = ImageFile(region, start=SUPERBLOCK_SIZE)
         stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
         placement = stream.write(files, image, progress)
@@ -127,18 +143,18 @@ class SquashfsWriter:
             bytes_unique=placement.bytes_unique,
             bytes_stored=placement.bytes_data,
             image_size=image_size,
-            details={
-                "compression": self.spec.name,
-                "level": self.spec.level,
-                "block_size": self.spec.block_size,
-                "fragments": sq.fragments,
-                "dedup": sq.dedup,
-                "inodes": len(tree.inodes),
-                "fragment_blocks": len(stream.fragment_table),
-                "ids": len(ids),
-                "bytes_used": bytes_used,
-                "compressed_data": stream.bytes_stored,
-            },
+            facts=SquashfsFacts(
+                compression=self.spec.name,
+                level=self.spec.level,
+                block_size=self.spec.block_size,
+                fragments=sq.fragments,
+                dedup=sq.dedup,
+                inodes=len(tree.inodes),
+                fragment_blocks=len(stream.fragment_table),
+                ids=len(ids),
+                bytes_used=bytes_used,
+                compressed_data=stream.bytes_stored,
+            ),
         )
 
 

@@ -16,7 +16,8 @@ import pytest
 from pyimg.errors import LimitError, SpecError
 from pyimg.formats.base import WriteResult
 from pyimg.formats.ext4 import Ext4Writer, resolve_features
-from pyimg.options import BuildOptions, Ext4Options, Policy
+from pyimg.formats.ext4_options import Ext4Options
+from pyimg.options import BuildOptions, Policy
 from pyimg.region import Region
 from pyimg.tree import DataRef, FrozenTree, Inode, Kind, Tree, new_dir
 
@@ -42,7 +43,7 @@ def build(tmp_path: Path, tree: Tree | FrozenTree, name: str = "img.ext4", jobs:
           epoch: int | None = None, **ext4: object) -> tuple[Path, WriteResult]:  # fmt: skip
     frozen = tree.freeze() if isinstance(tree, Tree) else tree
     options = BuildOptions(sources=(), output="x", format="ext4", jobs=jobs, policy=Policy(epoch=epoch),
-                           ext4=Ext4Options(**ext4))  # type: ignore[arg-type]  # fmt: skip
+                           format_options={"ext4": Ext4Options(**ext4)})  # type: ignore[arg-type]  # fmt: skip
     image = tmp_path / name
     fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     seen: list[int] = []
@@ -168,7 +169,7 @@ def test_round_trip_varied(tmp_path: Path, ext4: dict[str, object]) -> None:
     tree = varied_tree(tmp_path / "src")
     image, result = build(tmp_path, tree, **ext4)
     check_round_trip(tmp_path, image, tree)
-    assert image.stat().st_size == result.image_size == result.details["size"]
+    assert image.stat().st_size == result.image_size == result.facts.size
     assert result.image_size % 4096 == 0
     frozen = tree.freeze()
     for ino, inode in enumerate(frozen.inodes, 1):
@@ -247,7 +248,7 @@ def test_htree_100k_entries(tmp_path: Path) -> None:
     assert stat_of(image, "/d")["Blockcount"] != "8"
     listing = debugfs(image, "ls -p /d")
     assert listing.count("/entry-") == 100_000
-    assert result.details["inodes"] >= 100_012
+    assert result.facts.inodes >= 100_012
 
 
 def test_htree_two_levels_long_names(tmp_path: Path) -> None:
@@ -273,8 +274,8 @@ def test_70k_subdirectories_use_dir_nlink(tmp_path: Path) -> None:
 def test_journal(tmp_path: Path) -> None:
     tree = varied_tree(tmp_path / "src")
     image, result = build(tmp_path, tree, journal=8 << 20)
-    assert "has_journal" in result.details["features"] and result.details["journal_blocks"] == 2048
-    assert "shared_blocks" not in result.details["features"]  # no dedup by default with a journal
+    assert "has_journal" in result.facts.features and result.facts.journal_blocks == 2048
+    assert "shared_blocks" not in result.facts.features  # no dedup by default with a journal
     head = subprocess.run([tool("dumpe2fs"), "-h", str(image)], capture_output=True, text=True).stdout
     assert "has_journal" in head and re.search(r"Total journal size:\s+8M", head), head
 
@@ -285,13 +286,13 @@ def test_dedup_shares_blocks(tmp_path: Path) -> None:
     add_file(tree, tmp_path, b"a", data)
     add_file(tree, tmp_path, b"b", data)
     image, result = build(tmp_path, tree)
-    assert "shared_blocks" in result.details["features"]
+    assert "shared_blocks" in result.facts.features
     ex_a = debugfs(image, "ex /a").splitlines()[1:]
     assert ex_a and ex_a == debugfs(image, "ex /b").splitlines()[1:]
     _plain, plain_result = build(tmp_path, tree, name="plain.ext4", dedup=False)
-    assert "shared_blocks" not in plain_result.details["features"]
-    used = int(result.details["blocks"]) - int(result.details["free_blocks"])  # type: ignore[call-overload]
-    used_plain = int(plain_result.details["blocks"]) - int(plain_result.details["free_blocks"])  # type: ignore[call-overload]
+    assert "shared_blocks" not in plain_result.facts.features
+    used = int(result.facts.blocks) - int(result.facts.free_blocks)
+    used_plain = int(plain_result.facts.blocks) - int(plain_result.facts.free_blocks)
     assert used_plain - used == 256
     assert result.image_size < plain_result.image_size
     assert result.bytes_stored == 1 << 20 and plain_result.bytes_stored == 2 << 20
@@ -316,7 +317,7 @@ def test_determinism_jobs_and_runs(tmp_path: Path) -> None:
 def test_explicit_size(tmp_path: Path) -> None:
     tree = varied_tree(tmp_path / "src")
     image, result = build(tmp_path, tree, size=300 << 20)
-    assert image.stat().st_size == 300 << 20 and result.details["groups"] == 3
+    assert image.stat().st_size == 300 << 20 and result.facts.groups == 3
     with pytest.raises(LimitError, match="needs at least"):
         build(tmp_path, tree, name="small.ext4", size=1 << 20)
 
@@ -325,7 +326,7 @@ def test_uuid_given_and_derived(tmp_path: Path) -> None:
     tree = varied_tree(tmp_path / "src")
     _, derived = build(tmp_path, tree)
     _, given = build(tmp_path, tree, name="u.ext4", uuid="12345678-1234-5678-1234-567812345678")
-    assert given.details["uuid"] == "12345678-1234-5678-1234-567812345678" != derived.details["uuid"]
+    assert given.facts.uuid == "12345678-1234-5678-1234-567812345678" != derived.facts.uuid
 
 
 def test_bad_input_raises_typed_errors(tmp_path: Path) -> None:
@@ -439,7 +440,7 @@ def test_lost_found_from_the_tree_and_journal_in_explicit_size(tmp_path: Path) -
     add_file(tree, tmp_path, b"f", b"data")
     image, result = build(tmp_path, tree, size=64 << 20, journal=0)
     assert "Inode: 11 " in debugfs(image, "stat /lost+found")
-    assert image.stat().st_size == 64 << 20 and result.details["journal_blocks"] == 1024
+    assert image.stat().st_size == 64 << 20 and result.facts.journal_blocks == 1024
     bad = Tree(new_dir(mtime_ns=T0))
     bad.add(b"lost+found", Inode(Kind.FILE, 0o644, 0, 0, T0))
     with pytest.raises(LimitError, match="lost\\+found"):

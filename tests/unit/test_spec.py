@@ -9,6 +9,8 @@ import pytest
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from pyimg.errors import SpecError
+from pyimg.formats.ext4_options import Ext4Options
+from pyimg.formats.squashfs_options import Compression, SquashfsOptions
 from pyimg.options import BuildOptions, SourceSpec
 from pyimg.spec import (
     load_options,
@@ -89,15 +91,15 @@ def test_full_spec(fs: FakeFilesystem) -> None:
     assert policy.uid_map == ((1000, 0),) and policy.gid_map == ((1000, 100),)
     assert policy.epoch == 1_700_000_000
     assert policy.excludes == ("*.pyc", "/var/cache/*")
-    sq = options.squashfs
-    assert (sq.compression, sq.level, sq.block_size, sq.fragments, sq.dedup) == (
+    sq = options.settings(SquashfsOptions)
+    assert (sq.compression.name, sq.compression.level, sq.block_size, sq.fragments, sq.dedup) == (
         "zstd",
         15,
         131072,
         True,
         False,
     )
-    e = options.ext4
+    e = options.settings(Ext4Options)
     assert (e.size, e.headroom, e.journal) == (2 << 30, 10, 64 << 20)
     assert e.features == ("-metadata_csum", "+huge_file", "+dir_index")
     assert (e.uuid, e.dedup, e.label) == ("12345678-1234-5678-1234-567812345678", True, "root")
@@ -108,7 +110,8 @@ def test_minimal_spec_defaults() -> None:
     assert options.output == ""  # the CLI must give it
     assert options.sources == (SourceSpec("/base/r"),)
     assert options.policy.owner == "auto" and options.policy.epoch is None
-    assert options.squashfs.level is None and options.ext4.size is None
+    assert options.settings(SquashfsOptions).compression.level is None
+    assert options.settings(Ext4Options).size is None
     assert options.jobs >= 1
 
 
@@ -222,11 +225,11 @@ def test_parse_block_size() -> None:
 
 
 def test_parse_compression() -> None:
-    assert parse_compression("zstd:19") == ("zstd", 19)
-    assert parse_compression("gzip") == ("gzip", None)
-    assert parse_compression("gzip:9") == ("gzip", 9)
-    assert parse_compression("xz") == ("xz", None)
-    assert parse_compression("xz:0") == ("xz", 0)
+    assert parse_compression("zstd:19") == Compression("zstd", 19)
+    assert parse_compression("gzip") == Compression("gzip", None)
+    assert parse_compression("gzip:9") == Compression("gzip", 9)
+    assert parse_compression("xz") == Compression("xz", None)
+    assert str(parse_compression("xz:0")) == "xz:0"
     for bad, word in [
         ("zstd:23", "out of range"),
         ("zstd:x", "invalid zstd level"),
@@ -275,7 +278,6 @@ def test_merge_cli_over_spec() -> None:
         base,
         output="cli.img",
         sources=[SourceSpec("/cli/extra")],
-        compression="gzip",
         uid_map={"1000": 5},
         excludes=["/tmp/*"],
         epoch=42,
@@ -289,14 +291,26 @@ def test_merge_cli_over_spec() -> None:
     )
     assert merged.output == "cli.img"
     assert [s.path for s in merged.sources] == ["/b/rootfs", "/cli/extra"]  # CLI sources overlay
-    assert (merged.squashfs.compression, merged.squashfs.level) == ("gzip", None)
-    assert merged.squashfs.block_size == 64 << 10  # not given on the CLI: the spec's
+    sq = merged.settings(SquashfsOptions)  # the spec's table stays; the CLI's values are for ext4
+    assert (str(sq.compression), sq.block_size) == ("zstd:15", 64 << 10)
     assert merged.policy.uid_map == ((7, 7), (1000, 5))
     assert merged.policy.excludes == ("*.pyc", "/tmp/*")
     assert (merged.policy.epoch, merged.policy.owner) == (42, "1:2")
-    assert merged.squashfs.dedup is False and merged.ext4.dedup is False
-    assert merged.ext4.journal == 0 and merged.ext4.features == ("-metadata_csum", "+huge_file")
-    assert (merged.jobs, merged.format, merged.ext4.size) == (1, "ext4", None)
+    e = merged.settings(Ext4Options)
+    assert e.dedup is False and sq.dedup is True
+    assert e.journal == 0 and e.features == ("-metadata_csum", "+huge_file")
+    assert (merged.jobs, merged.format, e.size) == (1, "ext4", None)
+
+
+def test_merge_refuses_an_option_of_another_format() -> None:
+    with pytest.raises(SpecError, match="compression: does nothing for format ext4"):
+        merge_options(None, sources=[SourceSpec("/r")], output="/o", format="ext4", compression="gzip")
+    with pytest.raises(SpecError, match="journal: does nothing for format squashfs"):
+        merge_options(None, sources=[SourceSpec("/r")], output="/o", journal="yes")
+    with pytest.raises(SpecError, match="unknown option 'compresion'"):
+        merge_options(None, sources=[SourceSpec("/r")], output="/o", compresion="gzip")
+    gz = merge_options(None, sources=[SourceSpec("/r")], output="/o", compression="gzip")
+    assert gz.settings(SquashfsOptions).compression == Compression("gzip", None)
 
 
 def test_merge_without_spec_and_nothing_given() -> None:
