@@ -10,6 +10,7 @@ exits; every failure is a PyImgError subclass, and the target is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -20,12 +21,12 @@ from typing import Any
 
 from .artifact import Artifact
 from .collect import check_output_not_input, collect
-from .errors import OutputError, SpecError
+from .errors import Interrupted, OutputError, SpecError
 from .formats import format_spec
 from .formats.base import FileScan, FormatWriter, WriteResult
 from .manifest import ImageDigest, build_manifest, digest_image, dump
 from .options import BuildOptions, SourceSpec
-from .output import AtomicOutput, write_file_atomically
+from .output import AtomicOutput, commit
 from .spec import load_options, merge_options
 from .tree import gc_paused
 
@@ -89,18 +90,40 @@ def _build(options: BuildOptions, progress: ProgressCallback | None) -> BuildRes
     started = time.monotonic()
     writer = writer_for(options)  # validates format options before any work
     check_output_not_input(options)
+    targets = _Targets(options)  # every output path checked before any work
     prescan = writer.prescan()  # the writer's work on files that can start now
     try:
-        return _collect_and_write(options, writer, prescan, progress, started)
+        return _collect_and_write(options, writer, prescan, targets, progress, started)
+    except KeyboardInterrupt as exc:
+        if targets.committed():
+            raise Interrupted(options.output, committed=True) from exc
+        raise Interrupted(options.output, committed=False) from exc
     finally:
         if prescan is not None:
             prescan.close()
+
+
+class _Targets:
+    """The build's outputs (image, manifest), checked up front and committed together."""
+
+    def __init__(self, options: BuildOptions) -> None:
+        self.image = AtomicOutput(options.output)
+        self.manifest = AtomicOutput(options.manifest, "manifest") if options.manifest else None
+        if self.manifest is not None and self.manifest.target == self.image.target:
+            raise OutputError("the manifest would replace the image (--manifest is -o)", options.manifest)
+
+    def all(self) -> list[AtomicOutput]:
+        return [self.image] + ([self.manifest] if self.manifest is not None else [])
+
+    def committed(self) -> bool:
+        return self.image.committed
 
 
 def _collect_and_write(
     options: BuildOptions,
     writer: FormatWriter,
     prescan: FileScan | None,
+    targets: _Targets,
     progress: ProgressCallback | None,
     started: float,
 ) -> BuildResult:
@@ -117,7 +140,8 @@ def _collect_and_write(
             if progress is not None:
                 progress(done, total)
 
-        with AtomicOutput(options.output) as out:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(targets.image)
             try:
                 result: WriteResult = writer.write(tree, out.region(), advance)
             except OutputError as exc:
@@ -125,15 +149,19 @@ def _collect_and_write(
                     raise OutputError(exc.reason, options.output) from exc
                 raise
             out.size_to(result.image_size)
-            out.commit()
-    image = digest_image(options.output, sha256=bool(options.manifest))
+            # The digest is the temp file's, taken before the commit: what lands is
+            # what was hashed, and an interrupted digest leaves no image.
+            image = digest_image(out.fd, sha256=targets.manifest is not None)
+            if targets.manifest is not None:
+                stack.enter_context(targets.manifest).write(
+                    dump(build_manifest(options, tree, result, image))
+                )
+            commit(targets.all())
 
     def make_manifest() -> dict[str, Any]:
         full = image if image.sha256 is not None else digest_image(options.output)
         return build_manifest(options, tree, result, full)
 
-    if options.manifest:
-        write_file_atomically(options.manifest, dump(make_manifest()))
     return BuildResult(
         output=options.output,
         format=options.format,

@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .api import build, digest
-from .errors import PyImgError
+from .errors import Interrupted, PyImgError
 from .formats import FORMATS, all_settings
 from .settings import cli_flag
 
@@ -145,10 +145,13 @@ def build_command(
         if bar:
             bar.close()
         _fail(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if bar:
             bar.close()
-        typer.echo("pyimg: interrupted; no image written", err=True)
+        if isinstance(exc, Interrupted) and exc.committed:
+            typer.echo(f"pyimg: interrupted after the commit: {exc.output} is complete", err=True)
+        else:
+            typer.echo("pyimg: interrupted; no image written", err=True)
         raise typer.Exit(130) from None
     if bar:
         bar.close()

@@ -51,6 +51,16 @@ class OutputError(PyImgError):
     exit_code = 6
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a build.  `committed` says whether the outputs had
+    already landed (the commit completes once begun): the message can be truthful."""
+
+    def __init__(self, output: str, *, committed: bool) -> None:
+        self.output = output
+        self.committed = committed
+        super().__init__(output)
+
+
 def _show_path(path: str | bytes | os.PathLike[str]) -> str:
     if isinstance(path, bytes):
         return path.decode("utf-8", "backslashreplace")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ class ImageDigest:
     size: int
 
 
-def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
+def digest_image(path: str | int, *, sha256: bool = True) -> ImageDigest:
     """BLAKE3 (and SHA-256) of a file, both hashes fed from the same pages, on
     separate threads.
 
@@ -64,18 +64,26 @@ def digest_image(path: str, *, sha256: bool = True) -> ImageDigest:
         t.join()
 
     try:
-        with open(path, "rb", buffering=0) as f:
-            fd = f.fileno()
-            size = os.fstat(fd).st_size
-            pos = 0
-            for start, end in data_ranges(fd, size):
-                hash_zeros(start - pos, feed)
-                hash_in_place(fd, start, end, feed)
-                pos = end
-            hash_zeros(size - pos, feed)
+        if isinstance(path, int):  # an open file (a build's temp file, before it is committed)
+            size = _feed_file(path, feed)
+        else:
+            with open(path, "rb", buffering=0) as f:
+                size = _feed_file(f.fileno(), feed)
     except OSError as exc:
-        raise OutputError(f"cannot read the image: {exc.strerror}", path) from exc
+        raise OutputError(f"cannot read the image: {exc.strerror}", str(path)) from exc
     return ImageDigest(b3.hexdigest(), sha.hexdigest() if sha is not None else None, size)
+
+
+def _feed_file(fd: int, feed: Callable[[memoryview], None]) -> int:
+    """Feed the whole file to `feed`, its holes as zeros (never read); its size."""
+    size = os.fstat(fd).st_size
+    pos = 0
+    for start, end in data_ranges(fd, size):
+        hash_zeros(start - pos, feed)
+        hash_in_place(fd, start, end, feed)
+        pos = end
+    hash_zeros(size - pos, feed)
+    return size
 
 
 def versions() -> dict[str, str]:

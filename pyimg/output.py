@@ -1,16 +1,34 @@
-"""Atomic output: the image is written to a temp file beside the target, fsynced and
-renamed over it.  On any failure (or Ctrl-C) the temp file is removed and the target
-is left exactly as it was."""
+"""Atomic output: nothing partial is ever visible, and nothing piles up.
+
+Each file pyimg writes (the image, its manifest) is first a temp file in the target's
+directory.  Where the file system has O_TMPFILE the temp file has no name at all, so a
+build killed with `kill -9` leaves nothing behind; elsewhere it is named
+`.NAME.pyimg-HOST-PID-RANDOM.tmp`, and the next build in that directory removes the
+ones whose process is gone.  `commit` makes all of a build's outputs land together:
+every temp file is fsynced first, then they are renamed over their targets (image
+first) with SIGINT and SIGTERM held back, so Ctrl-C during a commit finishes it
+rather than tearing it; the directory is fsynced last.  On any failure before that
+the temp files are removed and the targets are left exactly as they were.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import re
+import secrets
+import signal
+import socket
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 from .errors import OutputError
-from .region import Region
+from .region import Region, write_error
+
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+_TEMP_RE = re.compile(r"^\..+\.pyimg-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
 
 
 def _umask() -> int:
@@ -20,26 +38,70 @@ def _umask() -> int:
     return mask
 
 
+def check_target(target: str, what: str = "output") -> str:
+    """The absolute target path, or OutputError before any work: an existing
+    directory, a path ending in "/", or a directory that does not exist."""
+    if target.endswith(os.sep):
+        raise OutputError(f"the {what} path ends in '/': it must name a file", target)
+    path = os.path.abspath(target)
+    if os.path.isdir(path):
+        raise OutputError(f"the {what} path is a directory", target)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise OutputError(f"the {what}'s directory does not exist", directory)
+    return path
+
+
+def remove_stale_temps(directory: str) -> None:
+    """Remove the named temp files of builds on this host whose process is gone."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            match = _TEMP_RE.match(name)
+            if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
 class AtomicOutput:
-    def __init__(self, target: str) -> None:
-        self.target = os.path.abspath(target)
+    def __init__(self, target: str, what: str = "output") -> None:
+        self.target = check_target(target, what)
+        self.what = what
+        self.directory = os.path.dirname(self.target)
         self.fd = -1
-        self.tmp = ""
+        self.tmp = ""  # the temp file's name, once it has one
         self.committed = False
 
     def __enter__(self) -> AtomicOutput:
-        directory = os.path.dirname(self.target)
-        if not os.path.isdir(directory):
-            raise OutputError("the output directory does not exist", directory)
-        if os.path.isdir(self.target):
-            raise OutputError("the output path is a directory", self.target)
+        check_target(self.target, self.what)  # again: the tree was collected since
+        remove_stale_temps(self.directory)
         try:
-            self.fd, self.tmp = tempfile.mkstemp(
-                dir=directory, prefix="." + os.path.basename(self.target) + "."
-            )
-        except OSError as exc:
-            raise OutputError(f"cannot create a file beside the target: {exc.strerror}", self.target) from exc
+            self.fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except (AttributeError, OSError):
+            self.fd = -1  # no O_TMPFILE here: a named temp file
+        if self.fd < 0:
+            self.tmp = self._temp_name()
+            try:
+                self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create a file beside the target: {exc.strerror}", self.target
+                ) from exc
         return self
+
+    def _temp_name(self) -> str:
+        name = f".{os.path.basename(self.target)}.pyimg-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        return os.path.join(self.directory, name)
 
     def region(self) -> Region:
         """The whole temp file, for one writer."""
@@ -50,43 +112,109 @@ class AtomicOutput:
         try:
             os.ftruncate(self.fd, length)
         except OSError as exc:
-            raise OutputError(f"cannot size the image: {exc.strerror}", self.target) from exc
+            raise OutputError(f"cannot size the {self.what}: {exc.strerror}", self.target) from exc
 
-    def commit(self) -> None:
-        """fsync the data, give it the usual file mode, rename it over the target."""
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                raise OutputError(write_error(exc).reason, self.target) from exc
+            view = view[written:]
+
+    def prepare(self) -> None:
+        """Everything but the rename: the usual file mode, the data on disk, and a
+        name in the directory (an O_TMPFILE file is linked to a temp name)."""
         try:
             os.fchmod(self.fd, 0o666 & ~_umask())
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.rename(self.tmp, self.target)
-            self.committed = True
-            dir_fd = os.open(os.path.dirname(self.target), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if not self.tmp:
+                self.tmp = _link_anonymous(self.fd, self._temp_name())
         except OSError as exc:
-            raise OutputError(f"cannot finish the image: {exc.strerror}", self.target) from exc
+            raise OutputError(f"cannot finish the {self.what}: {exc.strerror}", self.target) from exc
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def rename(self) -> None:
+        try:
+            os.rename(self.tmp, self.target)
+        except OSError as exc:
+            raise OutputError(f"cannot put the {self.what} in place: {exc.strerror}", self.target) from exc
+        self.committed = True
+        self.tmp = ""
+
+    def commit(self) -> None:
+        commit([self])
+
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if not self.committed and self.tmp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp)
+            self.tmp = ""
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _link_anonymous(fd: int, path: str) -> str:
+    """Give an O_TMPFILE file a name: linkat of /proc/self/fd/N, following that
+    symlink (a dir fd makes Python call linkat with AT_SYMLINK_FOLLOW; a plain link
+    would link the procfs symlink itself, across devices)."""
+    root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"proc/self/fd/{fd}", path, src_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)
+    return path
+
+
+def commit(outputs: Sequence[AtomicOutput]) -> None:
+    """Land every output: all prepared (fsynced, named) first, then renamed in order
+    with SIGINT/SIGTERM held, then their directories fsynced.  A signal that came
+    during the renames is delivered after them: the build is then complete."""
+    for out in outputs:
+        out.prepare()
+    with _signals_held():
+        for out in outputs:
+            out.rename()
+    for directory in dict.fromkeys(out.directory for out in outputs):
+        _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    except (AttributeError, ValueError, OSError):  # not the main thread, or no sigmask
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return  # the renames are done; durability of the entry is the file system's
+        raise OutputError(f"cannot sync the directory: {exc.strerror}", directory) from exc
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):
+            raise OutputError(f"cannot sync the directory: {exc.strerror}", directory) from exc
+    finally:
+        os.close(dir_fd)
 
 
 def write_file_atomically(target: str, data: bytes) -> None:
     with AtomicOutput(target) as out:
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(out.fd, view)
-            except OSError as exc:
-                raise OutputError(f"write failed: {exc.strerror}", target) from exc
-            view = view[written:]
+        out.write(data)
         out.commit()

@@ -1,0 +1,5 @@
+"""`python -m pyimg …` is the `pyimg` command."""
+
+from .cli import main
+
+main()

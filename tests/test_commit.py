@@ -1,0 +1,136 @@
+"""The commit: image and manifest land together or not at all, a signal during the
+commit finishes it (and says so), and no temp file survives even `kill -9`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pyimg
+from pyimg import output
+from pyimg.errors import Interrupted, OutputError
+from tests.oracles import run_cli
+
+
+def _tree(root: Path, files: int = 3) -> Path:
+    src = root / "src"
+    src.mkdir()
+    for i in range(files):
+        (src / f"f{i}").write_bytes(os.urandom(1000 + i))
+    return src
+
+
+def test_image_and_manifest_land_together(tmp_path: Path) -> None:
+    src = _tree(tmp_path)
+    out, manifest = tmp_path / "o" / "img.sqfs", tmp_path / "o" / "img.json"
+    out.parent.mkdir()
+    result = pyimg.build([str(src)], str(out), manifest=str(manifest), epoch=0)
+    assert out.exists() and manifest.exists()
+    assert sorted(os.listdir(out.parent)) == ["img.json", "img.sqfs"]  # no temp file left
+    assert result.digest == pyimg.digest(str(out)).blake3
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["-o", "{d}/img.sqfs", "--manifest", "{d}/img.sqfs"], "manifest would replace the image"),
+        (["-o", "{d}/img.sqfs/"], "ends in '/'"),
+        (["-o", "{d}/img.sqfs", "--manifest", "{d}/nodir/m.json"], "manifest's directory does not exist"),
+        (["-o", "{d}/img.sqfs", "--manifest", "{d}"], "manifest path is a directory"),
+    ],
+)
+def test_output_paths_checked_before_any_work(tmp_path: Path, args: list[str], reason: str) -> None:
+    src = _tree(tmp_path)
+    d = tmp_path / "o"
+    d.mkdir()
+    proc = run_cli("build", str(src), *[a.format(d=d) for a in args])
+    assert proc.returncode == 6 and reason in proc.stderr, proc.stderr
+    assert os.listdir(d) == []
+
+
+def test_a_signal_during_the_commit_completes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _tree(tmp_path)
+    out, manifest = tmp_path / "img.sqfs", tmp_path / "img.json"
+    real_rename = os.rename
+
+    def rename_then_signal(a: str, b: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # held until both renames are done
+        real_rename(a, b)
+
+    monkeypatch.setattr(output.os, "rename", rename_then_signal)
+    with pytest.raises(Interrupted) as caught:
+        pyimg.build([str(src)], str(out), manifest=str(manifest), epoch=0)
+    assert caught.value.committed
+    assert out.exists() and manifest.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_an_interrupted_digest_leaves_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyimg.api
+
+    src = _tree(tmp_path)
+    out = tmp_path / "img.sqfs"
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyimg.api, "digest_image", interrupted)
+    with pytest.raises(Interrupted) as caught:
+        pyimg.build([str(src)], str(out), epoch=0)
+    assert not caught.value.committed
+    assert os.listdir(tmp_path) == ["src"]
+
+
+def test_stale_named_temps_of_dead_builds_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    stale = tmp_path / f".img.sqfs.pyimg-{output._HOST}-{pid}-00ff.tmp"
+    alive = tmp_path / f".img.sqfs.pyimg-{output._HOST}-{os.getpid()}-00ff.tmp"
+    other_host = tmp_path / f".img.sqfs.pyimg-elsewhere-{pid}-00ff.tmp"
+    for p in (stale, alive, other_host):
+        p.write_bytes(b"x")
+    output.remove_stale_temps(str(tmp_path))
+    assert not stale.exists() and alive.exists() and other_host.exists()
+
+
+def test_without_o_tmpfile_the_named_temp_is_cleaned_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(output.os, "O_TMPFILE")
+    src = _tree(tmp_path)
+    with pytest.raises(OutputError), output.AtomicOutput(str(tmp_path / "img")) as out:
+        assert out.tmp and os.path.exists(out.tmp)
+        raise OutputError("boom")
+    assert sorted(os.listdir(tmp_path)) == [src.name]
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2])
+def test_kill_9_leaves_the_old_image_and_no_temp_file(tmp_path: Path, delay: float) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(200):
+        (src / f"f{i}").write_bytes(os.urandom(20_000))
+    out = tmp_path / "o" / "img.sqfs"
+    out.parent.mkdir()
+    out.write_bytes(b"old image")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pyimg.cli", "build", str(src), "-o", str(out), "-q", "--jobs", "1"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(delay)
+    child.kill()
+    child.wait()
+    names = os.listdir(out.parent)
+    assert names == ["img.sqfs"], names  # the old image or the complete new one, nothing else
+    data = out.read_bytes()
+    assert data == b"old image" or data[:4] == b"hsqs"
