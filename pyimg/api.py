@@ -213,7 +213,6 @@ def options_for(
     output: str | None,
     *,
     spec: str | None = None,
-    exclude: Sequence[str] = (),
     **given: Any,
 ) -> BuildOptions:
     """BuildOptions from CLI-style arguments (the names of `pyimg build`'s options).
@@ -227,7 +226,6 @@ def options_for(
         base,
         sources=[s if isinstance(s, SourceSpec) else parse_source(s) for s in sources] or None,
         output=output,
-        excludes=list(exclude) or None,
         **given,
     )
     if options.policy.epoch is None:

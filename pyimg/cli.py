@@ -18,7 +18,8 @@ from . import __version__
 from .api import build, digest
 from .errors import Interrupted, PyImgError
 from .formats import FORMATS, all_settings
-from .settings import cli_flag
+from .options import Policy
+from .settings import Setting, cli_flag, settings_of
 
 app = typer.Typer(
     add_completion=False,
@@ -94,22 +95,6 @@ def build_command(
         int | None,
         typer.Option("--jobs", "-j", min=1, help="Threads (default: all cores). Never changes the bytes."),
     ] = None,
-    epoch: Annotated[
-        int | None,
-        typer.Option(
-            "--epoch", help="Clamp mtimes to this; the image's own time. Default: SOURCE_DATE_EPOCH."
-        ),
-    ] = None,
-    owner: Annotated[
-        str | None,
-        typer.Option(
-            "--owner", help="auto (default: dirs root-owned, tars as recorded), preserve, root, or UID:GID."
-        ),
-    ] = None,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option("--exclude", help="Glob to leave out (repeatable); with '/' it matches the whole path."),
-    ] = None,
     spec: Annotated[
         str | None, typer.Option("--spec", help="A TOML spec file; options given here override it.")
     ] = None,
@@ -118,12 +103,13 @@ def build_command(
         bool, typer.Option("--json", help="Print the result as JSON instead of a summary.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
-    **format_values: Any,
+    **values: Any,
 ) -> None:
     """Build an image from SOURCEs (directories, tar archives, files).
 
-    The format options below come from the format registry (pyimg/formats/): each
-    applies to the format that declares it; given for another format, it is an error.
+    The policy and format options below are declared once each (options.Policy and
+    the format registry, pyimg/formats/); a format option applies to the format that
+    declares it, and given for another format it is an error.
     """
     signal.signal(signal.SIGTERM, _on_sigterm)
     bar = ProgressBar() if not json_out else None
@@ -133,13 +119,10 @@ def build_command(
             output,
             format=format,
             jobs=jobs,
-            epoch=epoch,
-            owner=owner,
-            exclude=exclude or (),
             spec=spec,
             manifest=manifest,
             progress=bar,
-            **format_values,
+            **values,
         )
     except PyImgError as exc:
         if bar:
@@ -165,41 +148,45 @@ def build_command(
         )
 
 
-def _format_parameters() -> list[inspect.Parameter]:
-    """One CLI option per format setting (pyimg/formats/), with the help of every
-    format that declares it."""
-    params = []
+def _setting_parameters() -> list[inspect.Parameter]:
+    """One CLI option per policy and format setting: the policy's (options.Policy),
+    then every format's (pyimg/formats/), with the help of each format declaring it."""
+    groups: dict[str, list[tuple[str, Setting]]] = {
+        name: [("policy", meta)] for name, meta in settings_of(Policy) if meta.cli
+    }
     for name, declared in all_settings().items():
+        groups.setdefault(name, []).extend(declared)
+    params = []
+    for name, declared in groups.items():
         meta = declared[0][1]
-        text = " ".join(f"{fmt}: {m.help}" for fmt, m in declared)
+        if not meta.cli:
+            continue
+        formats = [fmt for fmt, _ in declared if fmt != "policy"]
+        text = " ".join(f"{fmt}: {m.help}" if fmt != "policy" else m.help for fmt, m in declared)
+        panel = " and ".join(formats) + " options" if formats else "Policy"
         flag = cli_flag(name)
-        panel = " and ".join(fmt for fmt, _ in declared) + " options"
+        shown: dict[str, Any] = {"help": text, "show_default": False, "rich_help_panel": panel}
         annotation: Any
         if meta.flag:
-            option = typer.Option(
-                f"{flag}/--no-{flag[2:]}", help=text, show_default=False, rich_help_panel=panel
-            )
-            annotation = Annotated[bool | None, option]
+            annotation = Annotated[bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", **shown)]
+        elif meta.repeat:
+            annotation = Annotated[list[str] | None, typer.Option(flag, metavar=meta.metavar, **shown)]
         else:
-            option = typer.Option(
-                flag, help=text, metavar=meta.metavar, show_default=False, rich_help_panel=panel
-            )
-            annotation = Annotated[str | None, option]
-        params.append(
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-        )
+            annotation = Annotated[str | None, typer.Option(flag, metavar=meta.metavar, **shown)]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(name, keyword, default=None, annotation=annotation))
     return params
 
 
-def _with_format_options(command: Callable[..., None]) -> Callable[..., None]:
-    """`command` with its **format_values spelled out as one parameter per format
+def _with_settings(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with its **values spelled out as one parameter per policy and format
     setting, so typer sees them (typer reads __signature__ and __annotations__)."""
     fixed = [p for p in inspect.signature(command, eval_str=True).parameters.values()
              if p.kind is not inspect.Parameter.VAR_KEYWORD]  # fmt: skip
-    extra = _format_parameters()
+    extra = _setting_parameters()
     clash = {p.name for p in fixed} & {p.name for p in extra}
     if clash:
-        raise RuntimeError(f"format options {sorted(clash)} clash with pyimg build's own")
+        raise RuntimeError(f"options {sorted(clash)} clash with pyimg build's own")
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
@@ -210,7 +197,7 @@ def _with_format_options(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-app.command("build")(_with_format_options(build_command))
+app.command("build")(_with_settings(build_command))
 
 
 @app.command("digest")

@@ -138,14 +138,7 @@ def entries(tree: FrozenTree, digests: Mapping[int, bytes]) -> list[dict[str, An
 
 def options_record(options: BuildOptions) -> dict[str, Any]:
     """The options that decide the image's bytes (not jobs, not paths)."""
-    record: dict[str, Any] = {
-        "format": options.format,
-        "epoch": options.policy.epoch,
-        "owner": options.policy.owner,
-        "uid_map": [list(p) for p in options.policy.uid_map],
-        "gid_map": [list(p) for p in options.policy.gid_map],
-        "exclude": list(options.policy.excludes),
-    }
+    record: dict[str, Any] = {"format": options.format, **settings.record(options.policy)}
     record[options.format] = settings.record(options.settings(format_spec(options.format).options))
     return record
 

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from .settings import setting
+from .values import merge_id_maps, parse_epoch, parse_excludes, parse_id_map, parse_owner
+
 T = TypeVar("T")
 
 SourceKind = Literal["auto", "dir", "tar", "file"]
@@ -42,7 +45,9 @@ class SourceSpec:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Applied once, while the tree is collected.
+    """Applied once, while the tree is collected.  Each field is an option declared
+    once (pyimg/settings.py): a key of the spec's [policy] table, a `pyimg build` flag
+    and a keyword of pyimg.build().
 
     owner: "auto" keeps the owners a tar archive records and makes a directory's
     files root:root (the builder's uid never leaks into an image); "preserve" keeps
@@ -54,11 +59,24 @@ class Policy:
     directory takes its subtree with it.
     """
 
-    owner: OwnerPolicy = "auto"
-    uid_map: tuple[tuple[int, int], ...] = ()
-    gid_map: tuple[tuple[int, int], ...] = ()
-    epoch: int | None = None
-    excludes: tuple[str, ...] = ()
+    owner: OwnerPolicy = setting(
+        "auto", "auto (default: dirs root-owned, tars as recorded), preserve, root, or UID:GID.",
+        parse_owner, metavar="OWNER",
+    )  # fmt: skip
+    uid_map: tuple[tuple[int, int], ...] = setting(
+        (), "Rename uids (spec: a table of FROM = TO).", parse_id_map, combine=merge_id_maps, cli=False
+    )
+    gid_map: tuple[tuple[int, int], ...] = setting(
+        (), "Rename gids (spec: a table of FROM = TO).", parse_id_map, combine=merge_id_maps, cli=False
+    )
+    epoch: int | None = setting(
+        None, "Clamp mtimes to this; the image's own time. Default: SOURCE_DATE_EPOCH.", parse_epoch,
+        metavar="SECONDS",
+    )  # fmt: skip
+    excludes: tuple[str, ...] = setting(
+        (), "Glob to leave out (repeatable); with '/' it matches the whole path.", parse_excludes,
+        append=True, key="exclude", repeat=True, metavar="GLOB",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

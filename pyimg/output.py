@@ -6,7 +6,8 @@ build killed with `kill -9` leaves nothing behind; elsewhere it is named
 `.NAME.pyimg-HOST-PID-RANDOM.tmp`, and the next build in that directory removes the
 ones whose process is gone.  `commit` makes all of a build's outputs land together:
 every temp file is fsynced first, then they are renamed over their targets (image
-first) with SIGINT and SIGTERM held back, so Ctrl-C during a commit finishes it
+first) with SIGINT and SIGTERM held back (delivered right after), so Ctrl-C during a
+commit finishes it
 rather than tearing it; the directory is fsynced last.  On any failure before that
 the temp files are removed and the targets are left exactly as they were.
 """
@@ -187,15 +188,28 @@ def commit(outputs: Sequence[AtomicOutput]) -> None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in here are delivered on the way out.
+
+    Python-level handlers, not a signal mask: a process-directed signal goes to any
+    thread that does not block it (a worker pool's), and CPython then runs the
+    handler in the main thread at once.  Outside the main thread: nothing to hold."""
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    except (AttributeError, ValueError, OSError):  # not the main thread, or no sigmask
+        previous = {signum: signal.signal(signum, hold) for signum in _HELD_SIGNALS}
+    except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def _fsync_dir(directory: str) -> None:

@@ -25,14 +25,21 @@ Parse = Callable[[Any, str], Any]
 """(value from TOML, the CLI or the API, key for messages) -> the field's value; raises SpecError."""
 
 
+Combine = Callable[[Any, Any], Any]
+"""(the value so far, a later value) -> the value: how a CLI value adds to the spec's."""
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     help: str
     parse: Parse
     flag: bool = False  # a boolean: the CLI has --name/--no-name
-    append: bool = False  # a list: CLI values (comma-separated) add to the spec's
+    combine: Combine | None = None  # a later value adds to the earlier one (None: replaces it)
     metavar: str | None = None
     optional_value: str | None = None  # the CLI flag alone means this value (`--journal`)
+    key: str | None = None  # the spec key / CLI name, when it is not the field's name
+    cli: bool = True  # offered on the command line (False: spec and API only)
+    repeat: bool = False  # the CLI flag may be given several times (a list)
 
 
 def setting(
@@ -42,21 +49,39 @@ def setting(
     *,
     flag: bool = False,
     append: bool = False,
+    combine: Combine | None = None,
     metavar: str | None = None,
     optional_value: str | None = None,
+    key: str | None = None,
+    cli: bool = True,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field that is also an option (see the module docstring).  A flag
-    without `parse` takes booleans only."""
-    meta = Setting(help, parse or _boolean, flag, append, metavar, optional_value)
+    without `parse` takes booleans only; `append` (for tuples) means a later value
+    is added after the earlier one."""
+    if append:
+        combine = _concatenate
+    meta = Setting(help, parse or _boolean, flag, combine, metavar, optional_value, key, cli, repeat)
     return dataclasses.field(default=default, metadata={"setting": meta})
 
 
 def settings_of(options_type: type) -> Iterator[tuple[str, Setting]]:
-    """(field name, Setting) of every option field of an options dataclass."""
+    """(option name, Setting) of every option field of an options dataclass; the
+    name is the spec key and the CLI's (the field's name unless the Setting says)."""
     for f in dataclasses.fields(options_type):
         meta = f.metadata.get("setting")
         if isinstance(meta, Setting):
-            yield f.name, meta
+            yield meta.key or f.name, meta
+
+
+def _field_names(options_type: type) -> dict[str, str]:
+    """option name -> field name."""
+    out = {}
+    for f in dataclasses.fields(options_type):
+        meta = f.metadata.get("setting")
+        if isinstance(meta, Setting):
+            out[meta.key or f.name] = f.name
+    return out
 
 
 def cli_flag(name: str) -> str:
@@ -71,6 +96,7 @@ def apply(options: Any, values: dict[str, Any], where: str) -> Any:
     the known ones.  An `append` setting adds to the list already there.
     """
     known = dict(settings_of(type(options)))
+    fields = _field_names(type(options))
     changes: dict[str, Any] = {}
     for key, value in values.items():
         meta = known.get(key)
@@ -78,13 +104,18 @@ def apply(options: Any, values: dict[str, Any], where: str) -> Any:
         if meta is None:
             raise SpecError(f"unknown key {label!r} (known: {', '.join(sorted(known))})")
         parsed = meta.parse(value, label)
-        changes[key] = getattr(options, key) + parsed if meta.append else parsed
+        name = fields[key]
+        changes[name] = meta.combine(getattr(options, name), parsed) if meta.combine else parsed
     return dataclasses.replace(options, **changes) if changes else options
 
 
 def record(options: Any) -> dict[str, Any]:
-    """The options as the manifest records them: every field, JSON-able."""
-    return {name: jsonable(getattr(options, name)) for name, _ in settings_of(type(options))}
+    """The options as the manifest records them: every option, by its name, JSON-able."""
+    return {key: jsonable(getattr(options, name)) for key, name in _field_names(type(options)).items()}
+
+
+def _concatenate(old: tuple[Any, ...], new: tuple[Any, ...]) -> tuple[Any, ...]:
+    return old + new
 
 
 def jsonable(value: Any) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import settings
@@ -25,9 +25,8 @@ from .formats.squashfs_options import parse_block_size, parse_compression
 from .options import BuildOptions, Policy, SourceSpec
 from .tree import normalize_path
 from .values import list_of as _list_of
-from .values import parse_size
+from .values import parse_id, parse_owner, parse_size
 from .values import table as _table
-from .values import type_name as _type_name
 from .values import typed as _typed
 
 __all__ = [  # the value parsers live with what they parse; these names stay importable here
@@ -47,39 +46,9 @@ __all__ = [  # the value parsers live with what they parse; these names stay imp
 
 _FIXED_TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy"}
 _SOURCE_KEYS = {"path", "kind", "dest", "mode", "uid", "gid"}
-_POLICY_KEYS = {"owner", "uid_map", "gid_map", "epoch", "exclude"}
 
 
 # ----------------------------------------------------------------------------- values
-
-
-def parse_owner(value: str, key: str = "policy.owner") -> str:
-    """ "auto", "preserve", "root" or "UID:GID" (canonical form returned)."""
-    if not isinstance(value, str):
-        raise SpecError(f'{key}: expected auto, preserve, root or "UID:GID", got {_type_name(value)}')
-    text = value.strip()
-    if text in ("auto", "preserve", "root"):
-        return text
-    uid, sep, gid = text.partition(":")
-    if sep and uid.strip().isdigit() and gid.strip().isdigit():
-        return f"{_id(int(uid), key)}:{_id(int(gid), key)}"
-    raise SpecError(
-        f"{key}: invalid owner {value!r}: expected auto, preserve, root or UID:GID (e.g. 1000:1000)"
-    )
-
-
-def parse_id_map(
-    value: Mapping[str, int] | Iterable[tuple[int, int]], key: str
-) -> tuple[tuple[int, int], ...]:
-    """{ "1000" = 0 } (TOML keys are strings) or pairs -> sorted ((from, to), ...)."""
-    pairs = value.items() if isinstance(value, Mapping) else value
-    result: dict[int, int] = {}
-    for source, target in pairs:
-        text = str(source).strip()
-        if not text.isdigit():
-            raise SpecError(f"{key}: invalid id {source!r}: map keys are numeric ids")
-        result[_id(int(text), key)] = _id(_typed(target, int, f"{key}.{text}"), f"{key}.{text}")
-    return tuple(sorted(result.items()))
 
 
 def parse_dest(value: str | bytes, key: str) -> bytes:
@@ -173,19 +142,8 @@ def _source(table: Mapping[str, Any], base_dir: str, key: str) -> SourceSpec:
 
 
 def _policy(table: Mapping[str, Any]) -> Policy:
-    _check_keys(table, _POLICY_KEYS, "policy")
-    epoch = table.get("epoch")
-    if epoch is not None:
-        epoch = _typed(epoch, int, "policy.epoch")
-        if epoch < 0:
-            raise SpecError(f"policy.epoch: must not be negative ({epoch})")
-    return Policy(
-        owner=parse_owner(table.get("owner", "auto")),
-        uid_map=parse_id_map(_table(table.get("uid_map", {}), "policy.uid_map"), "policy.uid_map"),
-        gid_map=parse_id_map(_table(table.get("gid_map", {}), "policy.gid_map"), "policy.gid_map"),
-        epoch=epoch,
-        excludes=_excludes(table.get("exclude", []), "policy.exclude"),
-    )
+    policy: Policy = settings.apply(Policy(), dict(table), "policy")
+    return policy
 
 
 # ----------------------------------------------------------------------------- CLI over spec
@@ -199,21 +157,17 @@ def merge_options(
     format: str | None = None,
     jobs: int | None = None,
     manifest: str | None = None,
-    owner: str | None = None,
-    uid_map: Mapping[str, int] | Iterable[tuple[int, int]] | None = None,
-    gid_map: Mapping[str, int] | Iterable[tuple[int, int]] | None = None,
-    epoch: int | None = None,
-    excludes: Sequence[str] | None = None,
-    **format_values: Any,
+    **values: Any,
 ) -> BuildOptions:
     """`base` (from a spec, or None) with every given (non-None) CLI value applied.
 
     Scalars replace the spec's value.  Lists add to it: `sources` are applied after
-    the spec's (so they overlay them), `excludes` and list-valued format options
+    the spec's (so they overlay them), `exclude` and list-valued format options
     (ext4 `features`) are appended, and uid_map/gid_map entries override the spec's
-    entry for the same id.  `format_values` are the chosen format's options by name
-    (pyimg/formats/: `compression`, `label`…); one that the chosen format does not
-    have is refused, naming it.  Raw CLI
+    entry for the same id.  `values` are options by name: the policy's (options.py
+    Policy: `owner`, `epoch`, `exclude`…) and the chosen format's (pyimg/formats/:
+    `compression`, `label`…); one that the chosen format does not have is refused,
+    naming it.  Raw CLI
     strings are validated with the same parsers as the spec.  Refuses a result
     without output or sources.
     """
@@ -231,20 +185,10 @@ def merge_options(
         top["jobs"] = _jobs(jobs, "jobs")
     if manifest is not None:
         top["manifest"] = _typed(manifest, str, "manifest")
-    if owner is not None:
-        policy = dataclasses.replace(policy, owner=parse_owner(owner, "owner"))
-    if uid_map is not None:
-        merged = dict(policy.uid_map) | dict(parse_id_map(uid_map, "uid_map"))
-        policy = dataclasses.replace(policy, uid_map=tuple(sorted(merged.items())))
-    if gid_map is not None:
-        merged = dict(policy.gid_map) | dict(parse_id_map(gid_map, "gid_map"))
-        policy = dataclasses.replace(policy, gid_map=tuple(sorted(merged.items())))
-    if epoch is not None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise SpecError(f"epoch: expected a non-negative integer (seconds since 1970), got {epoch!r}")
-        policy = dataclasses.replace(policy, epoch=epoch)
-    if excludes is not None:
-        policy = dataclasses.replace(policy, excludes=policy.excludes + _excludes(excludes, "exclude"))
+    policy_keys = {name for name, _ in settings.settings_of(Policy)}
+    given = {key: value for key, value in values.items() if value is not None}
+    policy = settings.apply(policy, {k: v for k, v in given.items() if k in policy_keys}, "")
+    format_values = {k: v for k, v in given.items() if k not in policy_keys}
     chosen = top.get("format", base.format)
     top["format_options"] = _format_options(base.format_options, chosen, format_values)
     result = dataclasses.replace(base, policy=policy, **top)
@@ -308,21 +252,5 @@ def _jobs(value: object, key: str) -> int:
     return jobs
 
 
-def _id(value: int, key: str) -> int:
-    if not 0 <= value < 2**32:
-        raise SpecError(f"{key}: id {value} out of range 0..4294967295")
-    return value
-
-
 def _optional_id(value: object, key: str) -> int | None:
-    return None if value is None else _id(_typed(value, int, key), key)
-
-
-def _excludes(value: object, key: str) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)):
-        raise SpecError(f"{key}: expected a list of patterns, got a string")
-    patterns = _list_of(list(value) if isinstance(value, (tuple, list)) else value, str, key)
-    for i, pattern in enumerate(patterns):
-        if not pattern.strip("/"):
-            raise SpecError(f"{key}[{i}]: empty pattern {pattern!r} (it would exclude everything)")
-    return tuple(patterns)
+    return None if value is None else parse_id(_typed(value, int, key), key)

@@ -7,7 +7,7 @@ message, and returns the checked value or raises SpecError naming the key.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from .errors import SpecError
@@ -69,3 +69,76 @@ def table(value: object, key: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise SpecError(f"{key}: expected a table, got {type_name(value)}")
     return cast(Mapping[str, Any], value)
+
+
+MAX_ID = 2**32 - 2  # 2**32 - 1 is (uid_t)-1, "no id" to chown(2) and the kernel: never an owner
+
+
+def parse_id(value: int, key: str) -> int:
+    if not 0 <= value <= MAX_ID:
+        raise SpecError(f"{key}: id {value} out of range 0..{MAX_ID} (4294967295 is the reserved -1)")
+    return value
+
+
+def parse_owner(value: object, key: str = "policy.owner") -> str:
+    """ "auto", "preserve", "root" or "UID:GID" (canonical form returned)."""
+    if not isinstance(value, str):
+        raise SpecError(f'{key}: expected auto, preserve, root or "UID:GID", got {type_name(value)}')
+    text = value.strip()
+    if text in ("auto", "preserve", "root"):
+        return text
+    uid, sep, gid = text.partition(":")
+    if sep and uid.strip().isdigit() and gid.strip().isdigit():
+        return f"{parse_id(int(uid), key)}:{parse_id(int(gid), key)}"
+    raise SpecError(
+        f"{key}: invalid owner {value!r}: expected auto, preserve, root or UID:GID (e.g. 1000:1000)"
+    )
+
+
+def parse_id_map(value: object, key: str) -> tuple[tuple[int, int], ...]:
+    """{ "1000" = 0 } (TOML keys are strings) or pairs -> sorted ((from, to), ...)."""
+    if isinstance(value, Mapping):
+        pairs: Iterable[Any] = value.items()
+    elif isinstance(value, (list, tuple)) and _all_pairs(value):
+        pairs = value  # (from, to) pairs, as the API may give them
+    else:
+        raise SpecError(f"{key}: expected a table of ids (FROM = TO), got {type_name(value)}")
+    result: dict[int, int] = {}
+    for source, target in pairs:
+        text = str(source).strip()
+        if not text.isdigit():
+            raise SpecError(f"{key}: invalid id {source!r}: map keys are numeric ids")
+        result[parse_id(int(text), key)] = parse_id(typed(target, int, f"{key}.{text}"), f"{key}.{text}")
+    return tuple(sorted(result.items()))
+
+
+IdMap = tuple[tuple[int, int], ...]
+
+
+def _all_pairs(items: list[Any] | tuple[Any, ...]) -> bool:
+    return all(isinstance(p, (list, tuple)) and len(p) == 2 for p in items)
+
+
+def merge_id_maps(old: IdMap, new: IdMap) -> IdMap:
+    """A later map's entries replace an earlier map's entry for the same id."""
+    return tuple(sorted((dict(old) | dict(new)).items()))
+
+
+def parse_epoch(value: object, key: str = "policy.epoch") -> int:
+    """Seconds since 1970, not negative; from the CLI it may come as digits."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    epoch = typed(value, int, key)
+    if epoch < 0:
+        raise SpecError(f"{key}: must not be negative ({epoch})")
+    return epoch
+
+
+def parse_excludes(value: object, key: str = "policy.exclude") -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)):
+        raise SpecError(f"{key}: expected a list of patterns, got a string")
+    patterns = list_of(list(value) if isinstance(value, (tuple, list)) else value, str, key)
+    for i, pattern in enumerate(patterns):
+        if not pattern.strip("/"):
+            raise SpecError(f"{key}[{i}]: empty pattern {pattern!r} (it would exclude everything)")
+    return tuple(patterns)

@@ -82,8 +82,8 @@ def _declared(name: str) -> Iterator[tuple[str, Setting]]:
                 yield spec.name, meta
 
 
-def _cli_shape(meta: Setting) -> tuple[bool, bool, str | None]:
-    return meta.flag, meta.append, meta.optional_value
+def _cli_shape(meta: Setting) -> tuple[bool, bool, str | None, bool]:
+    return meta.flag, meta.combine is not None, meta.optional_value, meta.repeat
 
 
 register(

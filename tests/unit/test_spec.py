@@ -279,7 +279,7 @@ def test_merge_cli_over_spec() -> None:
         output="cli.img",
         sources=[SourceSpec("/cli/extra")],
         uid_map={"1000": 5},
-        excludes=["/tmp/*"],
+        exclude=["/tmp/*"],
         epoch=42,
         owner="1:2",
         dedup=False,
