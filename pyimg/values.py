@@ -37,9 +37,16 @@ def parse_size(value: str | int, key: str = "size") -> int:
     return int(number) << _SIZE_SHIFT[unit.lower()]
 
 
+def is_decimal(text: str, *, signed: bool = False) -> bool:
+    """ASCII digits only (str.isdigit also takes "⒋" and "²", which int() refuses)."""
+    if signed and text.startswith("-"):
+        text = text[1:]
+    return text.isascii() and text.isdigit()
+
+
 def parse_int(value: object, key: str, low: int, high: int) -> int:
     """A whole number in low..high; from the CLI it may come as digits in a string."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and is_decimal(value.strip(), signed=True):
         value = int(value)
     number = typed(value, int, key)
     if not low <= number <= high:
@@ -88,7 +95,7 @@ def parse_owner(value: object, key: str = "policy.owner") -> str:
     if text in ("auto", "preserve", "root"):
         return text
     uid, sep, gid = text.partition(":")
-    if sep and uid.strip().isdigit() and gid.strip().isdigit():
+    if sep and is_decimal(uid.strip()) and is_decimal(gid.strip()):
         return f"{parse_id(int(uid), key)}:{parse_id(int(gid), key)}"
     raise SpecError(
         f"{key}: invalid owner {value!r}: expected auto, preserve, root or UID:GID (e.g. 1000:1000)"
@@ -106,7 +113,7 @@ def parse_id_map(value: object, key: str) -> tuple[tuple[int, int], ...]:
     result: dict[int, int] = {}
     for source, target in pairs:
         text = str(source).strip()
-        if not text.isdigit():
+        if not is_decimal(text):
             raise SpecError(f"{key}: invalid id {source!r}: map keys are numeric ids")
         result[parse_id(int(text), key)] = parse_id(typed(target, int, f"{key}.{text}"), f"{key}.{text}")
     return tuple(sorted(result.items()))
@@ -126,7 +133,7 @@ def merge_id_maps(old: IdMap, new: IdMap) -> IdMap:
 
 def parse_epoch(value: object, key: str = "policy.epoch") -> int:
     """Seconds since 1970, not negative; from the CLI it may come as digits."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and is_decimal(value.strip(), signed=True):
         value = int(value)
     epoch = typed(value, int, key)
     if epoch < 0:

@@ -25,6 +25,7 @@ from typing import Protocol
 from ..errors import OutputError, SourceError, SpecError
 from ..options import Policy
 from ..tree import NO_XATTRS, DataRef, Inode, new_dir
+from ..values import is_decimal
 
 KEPT_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 
@@ -71,7 +72,7 @@ def owner_pair(owner: str) -> tuple[int, int] | None:
     if owner == "root":
         return (0, 0)
     uid, sep, gid = owner.partition(":")
-    if sep and uid.isdigit() and gid.isdigit():
+    if sep and is_decimal(uid) and is_decimal(gid):
         return (int(uid), int(gid))
     raise SpecError(f"invalid owner policy {owner!r}: expected auto, preserve, root or UID:GID")
 
