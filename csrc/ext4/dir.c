@@ -119,7 +119,7 @@ static uint64_t lblk_to_pblk(const e4_extra *x, uint32_t lblk) {
     return 0;
 }
 
-int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd) {
+int e4_dir_write(pyimg_ext4 *h, uint32_t ino, const pyimg_out *out) {
     const e4_extra *in = h->inodes[ino].x; /* every directory has one after the layout */
     uint8_t *blocks = calloc(in->dir_blocks, E4_BS);
     if (!blocks) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
@@ -142,7 +142,7 @@ int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd) {
         rc = e4_htree_write(h, ino, blocks);
     }
     for (uint32_t b = 0; rc == 0 && b < in->dir_blocks; b++)
-        rc = e4_pwrite(h, fd, blocks + (size_t)b * E4_BS, E4_BS, lblk_to_pblk(in, b) * E4_BS);
+        rc = e4_pwrite(h, out, blocks + (size_t)b * E4_BS, E4_BS, lblk_to_pblk(in, b) * E4_BS);
     free(blocks);
     return rc;
 }

@@ -140,7 +140,7 @@ typedef struct {
 } e4_xblock;
 
 struct pyimg_ext4 {
-    char err[PYIMG_ERRMSG_MAX];
+    pyimg_err err;
     uint32_t max_ino;
     e4_inode *inodes; /* [0 .. max_ino], index = inode number */
     e4_content *contents;
@@ -162,7 +162,8 @@ struct pyimg_ext4 {
     uint8_t jnl_iblock[60]; /* the journal inode's i_block, for s_jnl_blocks */
 };
 
-/* helpers shared between files */
+/* helpers shared between files; e4_fail: code is a positive PYIMG_E*, the
+ * return value its negation (as every fail helper) */
 int e4_fail(pyimg_ext4 *h, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int e4_grow(void **v, size_t *cap, size_t need, size_t elem);
 e4_extra *e4_extra_get(e4_inode *in);
@@ -176,7 +177,7 @@ int e4_is_backup_group(uint64_t g);
 int e4_alloc(pyimg_ext4 *h, uint32_t want, uint64_t *start, uint32_t *got);
 int e4_alloc_contig(pyimg_ext4 *h, uint32_t n, uint64_t *start);
 int e4_alloc_extents(pyimg_ext4 *h, e4_extbuf *b, uint32_t *n, uint32_t lblk, uint32_t count);
-int e4_pwrite(pyimg_ext4 *h, int fd, const void *buf, size_t len, uint64_t off);
+int e4_pwrite(pyimg_ext4 *h, const pyimg_out *out, const void *buf, size_t len, uint64_t off);
 /* checksums */
 uint32_t e4_inode_seed(const pyimg_ext4 *h, uint32_t ino);
 /* extent.c */
@@ -184,7 +185,7 @@ uint32_t e4_tree_blocks(size_t nextents);
 int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks);
 /* dir.c / htree.c */
 int e4_dir_plan(pyimg_ext4 *h, uint32_t ino);
-int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd);
+int e4_dir_write(pyimg_ext4 *h, uint32_t ino, const pyimg_out *out);
 uint8_t e4_filetype(uint16_t mode);
 uint32_t e4_dx_hash(const uint8_t *name, size_t len, const uint8_t seed[16], uint32_t *minor);
 int e4_htree_plan(pyimg_ext4 *h, e4_extra *in);
@@ -195,7 +196,7 @@ uint8_t e4_dirent_type(const pyimg_ext4 *h, uint32_t ino);
 /* xattr.c */
 int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino);
 void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *in, uint8_t *raw);
-int e4_xattr_write_blocks(pyimg_ext4 *h, int fd);
+int e4_xattr_write_blocks(pyimg_ext4 *h, const pyimg_out *out);
 /* inode.c */
 void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw);
 void e4_inode_finish(const pyimg_ext4 *h, uint32_t ino, uint8_t *raw);

@@ -1,10 +1,8 @@
 /* Superblock (and its sparse_super backups), group descriptors, block and
  * inode bitmaps, the jbd2 journal superblock, and finalize, which writes all
  * the metadata the layout planned. */
-#include <errno.h>
 #include <stdlib.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "ext4_int.h"
 
@@ -13,17 +11,8 @@
 _Static_assert(SB_SIZE == 1024, "superblock size");
 _Static_assert(GD_SIZE_64 == 64, "group descriptor size");
 
-int e4_pwrite(pyimg_ext4 *h, int fd, const void *buf, size_t len, uint64_t off) {
-    const uint8_t *p = buf;
-    while (len) {
-        ssize_t n = pwrite(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return e4_fail(h, n < 0 && errno == ENOSPC ? PYIMG_ENOSPC : PYIMG_EIO, "writing the image: %s", n < 0 ? strerror(errno) : "short write");
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
+int e4_pwrite(pyimg_ext4 *h, const pyimg_out *out, const void *buf, size_t len, uint64_t off) {
+    return pyimg_out_write(out, buf, len, off, &h->err);
 }
 
 static void encode_super(const pyimg_ext4 *h, uint8_t *sb, uint32_t group, const pyimg_ext4_stats *st) {
@@ -122,7 +111,7 @@ static int test_bit(const pyimg_ext4 *h, uint64_t b) {
     return b < h->bmap_bits && (h->bmap[b / 8] >> (b % 8)) & 1;
 }
 
-static int write_inode_table(pyimg_ext4 *h, int fd, uint32_t group, uint8_t *table, uint8_t *treebuf, size_t treecap) {
+static int write_inode_table(pyimg_ext4 *h, const pyimg_out *out, uint32_t group, uint8_t *table, uint8_t *treebuf, size_t treecap) {
     uint32_t ipg = h->g.inodes_per_group;
     memset(table, 0, (size_t)h->itb * E4_BS);
     for (uint32_t k = 0; k < ipg; k++) {
@@ -140,16 +129,16 @@ static int write_inode_table(pyimg_ext4 *h, int fd, uint32_t group, uint8_t *tab
             if (rc) return rc;
             if (ino == E4_JOURNAL_INO) memcpy(h->jnl_iblock, raw + 40, 60);
             for (uint32_t t = 0; t < x->ntree; t++) {
-                rc = e4_pwrite(h, fd, treebuf + (size_t)t * E4_BS, E4_BS, x->tree[t] * E4_BS);
+                rc = e4_pwrite(h, out, treebuf + (size_t)t * E4_BS, E4_BS, x->tree[t] * E4_BS);
                 if (rc) return rc;
             }
         }
         e4_inode_finish(h, (uint32_t)ino, raw);
     }
-    return e4_pwrite(h, fd, table, (size_t)h->itb * E4_BS, h->it_loc[group] * E4_BS);
+    return e4_pwrite(h, out, table, (size_t)h->itb * E4_BS, h->it_loc[group] * E4_BS);
 }
 
-static int write_journal(pyimg_ext4 *h, int fd) {
+static int write_journal(pyimg_ext4 *h, const pyimg_out *out) {
     uint8_t jsb[1024];
     memset(jsb, 0, sizeof jsb);
     /* jbd2 is big-endian */
@@ -163,17 +152,19 @@ static int write_journal(pyimg_ext4 *h, int fd) {
     memcpy(jsb + 0x30, h->g.uuid, 16);
     jsb[0x43] = 1; /* s_nr_users = 1 (big-endian) */
     const e4_extra *j = h->inodes[E4_JOURNAL_INO].x; /* created by the layout */
-    return e4_pwrite(h, fd, jsb, sizeof jsb, e4_ext_v(&j->own, j->nown)[0].pblk * E4_BS);
+    return e4_pwrite(h, out, jsb, sizeof jsb, e4_ext_v(&j->own, j->nown)[0].pblk * E4_BS);
 }
 
-int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
+int pyimg_ext4_finalize(pyimg_ext4 *h, const pyimg_out *out) {
     if (!h->laid_out) return e4_fail(h, PYIMG_EINVAL, "finalize before layout");
     if (h->end > h->g.blocks_count)
         return e4_fail(h, PYIMG_ENOSPC, "the tree needs %llu blocks, the image has %llu",
                        (unsigned long long)h->end, (unsigned long long)h->g.blocks_count);
+    /* the whole image must fit its region, its holes at the end included */
+    int rc = pyimg_out_check(out, 0, h->g.blocks_count * E4_BS, &h->err);
+    if (rc) return rc;
     pyimg_ext4_stats st;
     pyimg_ext4_get_stats(h, &st);
-    int rc = 0;
     uint32_t bpg = h->g.blocks_per_group, ipg = h->g.inodes_per_group;
     uint8_t *gdt = calloc(h->gdt_blocks, E4_BS);
     uint8_t *bmp = malloc(E4_BS);
@@ -185,7 +176,7 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
     uint8_t sb[SB_SIZE];
     if (!gdt || !bmp || !table || !treebuf) {
         rc = e4_fail(h, PYIMG_ENOMEM, "out of memory");
-        goto out;
+        goto done;
     }
     for (uint32_t g = 0; g < h->groups; g++) {
         uint64_t first = (uint64_t)g * bpg;
@@ -200,7 +191,7 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
             else free_blocks++;
         }
         uint32_t bb_csum = pyimg_crc32c(h->csum_seed, bmp, bpg / 8);
-        if ((rc = e4_pwrite(h, fd, bmp, E4_BS, h->bb_loc[g] * E4_BS))) goto out;
+        if ((rc = e4_pwrite(h, out, bmp, E4_BS, h->bb_loc[g] * E4_BS))) goto done;
         /* inode bitmap: inodes 1..max_ino are in use; bits past ipg are padding (set) */
         memset(bmp, 0, E4_BS);
         uint32_t used_inodes = 0, dirs = 0;
@@ -213,34 +204,33 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, int fd) {
         }
         for (uint32_t k = ipg; k < E4_BS * 8; k++) bmp[k / 8] |= (uint8_t)(1u << (k % 8));
         uint32_t ib_csum = pyimg_crc32c(h->csum_seed, bmp, ipg / 8);
-        if ((rc = e4_pwrite(h, fd, bmp, E4_BS, h->ib_loc[g] * E4_BS))) goto out;
+        if ((rc = e4_pwrite(h, out, bmp, E4_BS, h->ib_loc[g] * E4_BS))) goto done;
         encode_desc(h, gdt + (size_t)g * h->desc_size, g, free_blocks, ipg - used_inodes, dirs, bb_csum, ib_csum);
-        if ((rc = write_inode_table(h, fd, g, table, treebuf, treecap))) goto out;
+        if ((rc = write_inode_table(h, out, g, table, treebuf, treecap))) goto done;
     }
     for (uint32_t i = 1; i <= h->max_ino; i++) {
         e4_inode *in = &h->inodes[i];
         if (!in->used) continue;
         if (S_ISDIR(in->mode)) {
-            if ((rc = e4_dir_write(h, i, fd))) goto out;
+            if ((rc = e4_dir_write(h, i, out))) goto done;
         } else if (S_ISLNK(in->mode) && e4_x(in)->symlink_len >= 60) {
             const e4_extra *x = in->x;
             memset(table, 0, E4_BS);
             memcpy(table, x->symlink, x->symlink_len);
-            if ((rc = e4_pwrite(h, fd, table, E4_BS, e4_ext_v(&x->own, x->nown)[0].pblk * E4_BS))) goto out;
+            if ((rc = e4_pwrite(h, out, table, E4_BS, e4_ext_v(&x->own, x->nown)[0].pblk * E4_BS))) goto done;
         }
     }
-    if ((rc = e4_xattr_write_blocks(h, fd))) goto out;
-    if (h->g.journal_blocks && (rc = write_journal(h, fd))) goto out;
+    if ((rc = e4_xattr_write_blocks(h, out))) goto done;
+    if (h->g.journal_blocks && (rc = write_journal(h, out))) goto done;
     /* superblock + descriptors in group 0 and every backup group */
     for (uint32_t g = 0; g < h->groups; g++) {
         if (!e4_is_backup_group(g)) continue;
         uint64_t base = (uint64_t)g * bpg * E4_BS;
         encode_super(h, sb, g, &st);
-        if ((rc = e4_pwrite(h, fd, sb, SB_SIZE, g == 0 ? 1024 : base))) goto out;
-        if ((rc = e4_pwrite(h, fd, gdt, (size_t)h->gdt_blocks * E4_BS, base + E4_BS))) goto out;
+        if ((rc = e4_pwrite(h, out, sb, SB_SIZE, g == 0 ? 1024 : base))) goto done;
+        if ((rc = e4_pwrite(h, out, gdt, (size_t)h->gdt_blocks * E4_BS, base + E4_BS))) goto done;
     }
-    if (ftruncate(fd, (off_t)(h->g.blocks_count * E4_BS)) != 0) rc = e4_fail(h, PYIMG_EIO, "sizing the image: %s", strerror(errno));
-out:
+done:
     free(gdt);
     free(bmp);
     free(table);

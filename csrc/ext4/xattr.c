@@ -122,7 +122,7 @@ void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *core, uint8_t *raw
     encode(in->xattrs, 0, in->nx_inode, raw + IBODY_START + 4, E4_INODE_SIZE - IBODY_START - 4, 0, 0, 1);
 }
 
-int e4_xattr_write_blocks(pyimg_ext4 *h, int fd) {
+int e4_xattr_write_blocks(pyimg_ext4 *h, const pyimg_out *out) {
     for (size_t x = 0; x < h->nxblocks; x++) {
         e4_xblock *xb = &h->xblocks[x];
         put_le32(xb->body + 4, xb->refcount);
@@ -133,7 +133,7 @@ int e4_xattr_write_blocks(pyimg_ext4 *h, int fd) {
             uint32_t c = pyimg_crc32c(h->csum_seed, b, 8);
             put_le32(xb->body + 16, pyimg_crc32c(c, xb->body, E4_BS));
         }
-        int rc = e4_pwrite(h, fd, xb->body, E4_BS, xb->pblk * E4_BS);
+        int rc = e4_pwrite(h, out, xb->body, E4_BS, xb->pblk * E4_BS);
         if (rc) return rc;
     }
     return 0;

@@ -105,7 +105,7 @@ static int write_listing(pyimg_sqfs *w, const listing_t *l, pyimg_buf *idx, uint
             rc = append_entry(dirs, l, i, l->inos[base]);
             listing += DIR_ENTRY_SIZE + name_len(l, i);
         }
-        if (rc) return pyimg_sqfs_fail(w, -rc, "%s", pyimg_sqfs_meta_error(dirs));
+        if (rc) return pyimg_sqfs_meta_failed(w, dirs, rc);
     }
     *size = listing;
     return 0;
@@ -116,7 +116,7 @@ static int64_t append_inode(pyimg_sqfs *w, const uint8_t *p, size_t len, const p
     uint64_t ref = pyimg_sqfs_meta_ref(inodes);
     int rc = pyimg_sqfs_meta_append(inodes, p, len);
     if (!rc && idx && idx->len) rc = pyimg_sqfs_meta_append(inodes, idx->data, idx->len);
-    if (rc) return pyimg_sqfs_fail(w, -rc, "%s", pyimg_sqfs_meta_error(inodes));
+    if (rc) return pyimg_sqfs_meta_failed(w, inodes, rc);
     return (int64_t)ref;
 }
 

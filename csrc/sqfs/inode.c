@@ -17,7 +17,7 @@ struct pyimg_sqfs {
     pyimg_sqfs_meta *inodes;
     pyimg_sqfs_meta *dirs;
     pyimg_buf scratch; /* one encoded inode or one directory index */
-    char err[PYIMG_ERRMSG_MAX];
+    pyimg_err err;
 };
 
 pyimg_sqfs *pyimg_sqfs_new(pyimg_sqfs_compress_fn fn, void *ctx) {
@@ -40,20 +40,19 @@ void pyimg_sqfs_free(pyimg_sqfs *w) {
     free(w);
 }
 
-const char *pyimg_sqfs_error(const pyimg_sqfs *w) { return w->err; }
+const char *pyimg_sqfs_error(const pyimg_sqfs *w) { return w->err.msg; }
 pyimg_sqfs_meta *pyimg_sqfs_inodes(pyimg_sqfs *w) { return w->inodes; }
 pyimg_sqfs_meta *pyimg_sqfs_directories(pyimg_sqfs *w) { return w->dirs; }
 
 int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(w->err, sizeof w->err, fmt, ap);
+    int rc = pyimg_err_vset(&w->err, code, fmt, ap);
     va_end(ap);
-    return -code;
+    return rc;
 }
 
-/* Copies a metadata stream's error onto the writer. */
-static int meta_error(pyimg_sqfs *w, pyimg_sqfs_meta *m, int rc) {
+int pyimg_sqfs_meta_failed(pyimg_sqfs *w, const pyimg_sqfs_meta *m, int rc) {
     return pyimg_sqfs_fail(w, -rc, "%s", pyimg_sqfs_meta_error(m));
 }
 
@@ -70,7 +69,7 @@ static void encode_header(uint8_t *p, uint16_t type, const pyimg_sqfs_common *c)
 static int64_t emit_inode(pyimg_sqfs *w) {
     uint64_t ref = pyimg_sqfs_meta_ref(w->inodes);
     int rc = pyimg_sqfs_meta_append(w->inodes, w->scratch.data, w->scratch.len);
-    if (rc) return meta_error(w, w->inodes, rc);
+    if (rc) return pyimg_sqfs_meta_failed(w, w->inodes, rc);
     return (int64_t)ref;
 }
 
@@ -178,7 +177,7 @@ _Static_assert(88 + 8 == SQFS_SUPERBLOCK_SIZE, "the superblock is 96 bytes");
 
 int pyimg_sqfs_xattr_pair(pyimg_sqfs_meta *kv, uint16_t prefix, const uint8_t *name, size_t name_len,
                           const uint8_t *value, size_t value_len) {
-    if (name_len > UINT16_MAX || value_len > UINT32_MAX) return -PYIMG_ELIMIT;
+    if (name_len > UINT16_MAX || value_len > UINT32_MAX) return pyimg_sqfs_meta_fail(kv, PYIMG_ELIMIT, "xattr name or value too long");
     uint8_t key[4], size[4];
     put_le16(key, prefix);
     put_le16(key + 2, (uint16_t)name_len);

@@ -21,7 +21,8 @@
 /* CDEF BEGIN */
 /* Compress len bytes at src into dst (capacity cap).  Returns the compressed size
  * when it is smaller than len, 0 when it is not (the block is then stored raw),
- * and -1 on failure.  ctx is passed back untouched (borrowed). */
+ * and -1 on failure (the Python side keeps the exception; the call then fails
+ * with -PYIMG_ECALLBACK).  ctx is passed back untouched (borrowed). */
 typedef int (*pyimg_sqfs_compress_fn)(void *ctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);
 
 /* A stream of metadata blocks, kept in memory: 2-byte header + (compressed) data
@@ -137,6 +138,8 @@ typedef struct pyimg_sqfs_packer pyimg_sqfs_packer;
 
 pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size);
 void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p);
+/* The message of the last failure; borrowed, valid until the next call. */
+const char *pyimg_sqfs_packer_error(const pyimg_sqfs_packer *p);
 /* The tail of a larger file.  key: the tail's 32-byte digest, or NULL for no
  * dedup.  Sets its place: fragment index and offset in that fragment. */
 int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
@@ -191,7 +194,12 @@ enum {
 #define SQFS_NO_XATTR 0xFFFFFFFFu
 #define SQFS_NO_FRAGMENT 0xFFFFFFFFu
 
-/* Shared between the .c files of the writer. */
-int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...);
+/* Shared between the .c files of the writer.  pyimg_sqfs_fail: code is a
+ * positive PYIMG_E*, the return value its negation (as every fail helper).
+ * pyimg_sqfs_meta_failed: passes on the failure rc (< 0) of a call on m, with
+ * m's message, as the writer's.  pyimg_sqfs_meta_fail: the same for a stream. */
+int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int pyimg_sqfs_meta_failed(pyimg_sqfs *w, const pyimg_sqfs_meta *m, int rc);
+int pyimg_sqfs_meta_fail(pyimg_sqfs_meta *m, int code, const char *what);
 
 #endif
