@@ -87,5 +87,5 @@ def _text(message: Any) -> str:
     if isinstance(text, str):
         return text
     if ffi.typeof(text) is ffi.typeof("pyimg_err *"):
-        return ffi.string(text.msg).decode("utf-8", "replace")
-    return ffi.string(text).decode("utf-8", "replace") if text != ffi.NULL else ""
+        return str(ffi.string(text.msg).decode("utf-8", "replace"))
+    return str(ffi.string(text).decode("utf-8", "replace")) if text != ffi.NULL else ""
