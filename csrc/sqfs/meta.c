@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "sqfs.h"
+#include "sqfs_format.h"
 
 struct pyimg_sqfs_meta {
     pyimg_sqfs_compress_fn compress;
@@ -51,7 +52,7 @@ static int meta_flush_block(pyimg_sqfs_meta *m) {
     const uint8_t *payload = csize > 0 ? m->scratch : m->block;
     size_t size = csize > 0 ? (size_t)csize : m->fill;
     uint8_t header[2];
-    put_le16(header, (uint16_t)(size | (csize > 0 ? 0 : 0x8000u)));
+    put_le16(header, (uint16_t)(size | (csize > 0 ? 0 : SQFS_META_UNCOMPRESSED)));
     if (pyimg_buf_append(&m->out, header, 2) || pyimg_buf_append(&m->out, payload, size))
         return pyimg_sqfs_meta_fail(m, PYIMG_ENOMEM, "out of memory");
     m->fill = 0;

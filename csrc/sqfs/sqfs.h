@@ -201,5 +201,7 @@ enum {
 int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int pyimg_sqfs_meta_failed(pyimg_sqfs *w, const pyimg_sqfs_meta *m, int rc);
 int pyimg_sqfs_meta_fail(pyimg_sqfs_meta *m, int code, const char *what);
+/* The 16-byte header every inode starts with (inode.c; used by dir.c too). */
+void pyimg_sqfs_encode_header(uint8_t *p, uint16_t type, const pyimg_sqfs_common *c);
 
 #endif
