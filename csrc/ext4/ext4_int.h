@@ -5,6 +5,7 @@
 #include <stdarg.h>
 
 #include "ext4.h"
+#include "ext4_format.h"
 
 #define E4_BS 4096u
 #define E4_INODE_SIZE 256u
@@ -13,7 +14,7 @@
 #define E4_JOURNAL_INO 8u
 #define E4_FIRST_INO 11u
 #define E4_MAX_EXT_LEN 32768u /* longest initialized extent */
-#define E4_EXT_PER_BLOCK 340u /* (4096 - 12) / 12 */
+#define E4_EXT_PER_BLOCK 340u /* (4096 - 12) / 12: header, entries, then the 4-byte tail */
 
 /* feature bits */
 #define E4_COMPAT_HAS_JOURNAL 0x0004u
@@ -191,6 +192,15 @@ uint32_t e4_dx_hash(const uint8_t *name, size_t len, const uint8_t seed[16], uin
 int e4_htree_plan(pyimg_ext4 *h, e4_extra *in);
 int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks);
 void e4_dirblock_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk);
+/* The room of a leaf block for entries (before the checksum tail). */
+uint32_t e4_leaf_room(const pyimg_ext4 *h);
+/* The bytes an entry with a name of name_len takes: header + name, padded to 4. */
+uint32_t e4_rec_len(uint32_t name_len);
+/* Writes one entry at p; returns rlen. */
+uint32_t e4_put_dirent(uint8_t *p, uint32_t ino, const uint8_t *name, uint32_t len, uint8_t type, uint32_t rlen);
+/* "." (rec_len 12) and ".." (dotdot_rec_len) at the start of blk, as linear
+ * directories and the htree root have them; returns 24, where entries go on. */
+uint32_t e4_put_dots(pyimg_ext4 *h, uint32_t ino, uint8_t *blk, uint32_t dotdot_rec_len);
 void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos);
 uint8_t e4_dirent_type(const pyimg_ext4 *h, uint32_t ino);
 /* xattr.c */
