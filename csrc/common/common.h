@@ -78,14 +78,6 @@ enum {
 int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
-/* One file as pyimg_read_batch reads each: `size` bytes at `offset` into out,
- * checked against the stamp after the read.  Returns PYIMG_READ_*; *err gets
- * errno for OPEN and IO. */
-int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
-                    uint8_t *out, int32_t *err);
-/* Whether the file at `path` still has the recorded stamp, for bytes read earlier
- * and kept: PYIMG_READ_OK, _CHANGED, or _OPEN when it cannot be stat'ed (*err). */
-int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err);
 /* The runs of non-zero blocks of data (`block` bytes each, the last one may be
  * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
  * numbered from first_block.  cap: room in the two arrays (ceil(size / block)
@@ -115,6 +107,16 @@ const char *pyimg_dedup_error(const pyimg_dedup *d);
 int pyimg_dedup_assign(pyimg_dedup *d, const uint8_t *digests, size_t first, size_t n, int dedup,
                        uint32_t *next_id, uint32_t *ids, uint8_t *is_new);
 /* CDEF END */
+
+/* Used inside the C core only (readfiles.c, ext4/data.c): not in the cdef. */
+/* One file as pyimg_read_batch reads each: `size` bytes at `offset` into out,
+ * checked against the stamp after the read.  Returns PYIMG_READ_*; *err gets
+ * errno for OPEN and IO. */
+int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
+                    uint8_t *out, int32_t *err);
+/* Whether the file at `path` still has the recorded stamp, for bytes read earlier
+ * and kept: PYIMG_READ_OK, _CHANGED, or _OPEN when it cannot be stat'ed (*err). */
+int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err);
 
 /* Sets e (code > 0, a printf message) and returns -code: every fail helper of
  * the core ends in this one, so all of them take a positive code. */

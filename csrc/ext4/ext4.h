@@ -62,11 +62,6 @@ int pyimg_ext4_add_xattr(pyimg_ext4 *h, uint32_t ino, const uint8_t *name, size_
 /* One entry of directory `dir` (without "." and ".."), names unique. */
 int pyimg_ext4_add_dirent(pyimg_ext4 *h, uint32_t dir, const uint8_t *name, size_t name_len,
                           uint32_t child);
-/* A content: the non-zero block runs of a file's data; returns its id (>= 0). */
-int pyimg_ext4_new_content(pyimg_ext4 *h);
-int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint32_t count);
-/* Regular file `ino` holds `content` (several inodes may share one: shared_blocks). */
-int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content);
 
 /* Bulk forms of the calls above, one call for many items (each cffi call costs
  * about a microsecond: too much per file on trees of 100k small files).  On a
@@ -125,5 +120,13 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, const pyimg_out *out);
 /* The ext4 directory hash (half_md4, unsigned chars) of a name; for tests. */
 uint32_t pyimg_ext4_dirhash(const uint8_t *name, size_t len, const uint8_t seed[16]);
 /* CDEF END */
+
+/* The single-item forms the bulk calls are made of; used inside the C core
+ * only (not in the cdef). */
+/* A content: the non-zero block runs of a file's data; returns its id (>= 0). */
+int pyimg_ext4_new_content(pyimg_ext4 *h);
+int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint32_t count);
+/* Regular file `ino` holds `content` (several inodes may share one: shared_blocks). */
+int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content);
 
 #endif

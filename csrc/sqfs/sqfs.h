@@ -55,32 +55,6 @@ const char *pyimg_sqfs_error(const pyimg_sqfs *w);
 pyimg_sqfs_meta *pyimg_sqfs_inodes(pyimg_sqfs *w);      /* borrowed, owned by w */
 pyimg_sqfs_meta *pyimg_sqfs_directories(pyimg_sqfs *w); /* borrowed, owned by w */
 
-/* Common inode fields.  xattr is an index into the xattr id table, or 0xFFFFFFFF. */
-typedef struct {
-    uint16_t mode;  /* permission bits (07777) */
-    uint16_t uid_idx;
-    uint16_t gid_idx;
-    uint32_t mtime;
-    uint32_t ino;
-    uint32_t nlink;
-    uint32_t xattr;
-} pyimg_sqfs_common;
-
-/* Each returns the new inode's reference (>= 0) or a negative PYIMG_E* code.
- * The extended inode form is chosen when the basic one cannot hold the values. */
-int64_t pyimg_sqfs_add_file(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint64_t size, uint64_t blocks_start,
-                            uint64_t sparse, uint32_t frag_index, uint32_t frag_offset,
-                            const uint32_t *block_sizes, size_t nblocks);
-/* type: 3 symlink (target used), 4 block dev, 5 char dev (rdev used), 6 fifo, 7 socket. */
-int64_t pyimg_sqfs_add_special(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint16_t type, uint32_t rdev,
-                               const uint8_t *target, size_t target_len);
-/* A directory: its listing (n entries, sorted by name) goes to the directory
- * table and its inode to the inode table.  names holds the names back to back,
- * name_ends[i] the end offset of name i; refs/inos/types describe each child
- * (types: the basic squashfs type 1..7). */
-int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t parent_ino, size_t n,
-                           const uint8_t *names, const uint32_t *name_ends, const uint64_t *refs,
-                           const uint32_t *inos, const uint16_t *types);
 
 /* A whole tree as columns (tree.c).  Nodes (directory entries) come in tree
  * order: depth first, children by name, node 0 the root; node_ino[i] is the
@@ -184,6 +158,35 @@ typedef struct {
 /* Encodes the 96-byte superblock into out. */
 void pyimg_sqfs_encode_super(const pyimg_sqfs_super *s, uint8_t *out);
 /* CDEF END */
+
+/* Used inside the C core only (tree.c encodes a whole tree with them): not in
+ * the cdef, so they are no API to keep for Python. */
+/* Common inode fields.  xattr is an index into the xattr id table, or 0xFFFFFFFF. */
+typedef struct {
+    uint16_t mode;  /* permission bits (07777) */
+    uint16_t uid_idx;
+    uint16_t gid_idx;
+    uint32_t mtime;
+    uint32_t ino;
+    uint32_t nlink;
+    uint32_t xattr;
+} pyimg_sqfs_common;
+
+/* Each returns the new inode's reference (>= 0) or a negative PYIMG_E* code.
+ * The extended inode form is chosen when the basic one cannot hold the values. */
+int64_t pyimg_sqfs_add_file(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint64_t size, uint64_t blocks_start,
+                            uint64_t sparse, uint32_t frag_index, uint32_t frag_offset,
+                            const uint32_t *block_sizes, size_t nblocks);
+/* type: 3 symlink (target used), 4 block dev, 5 char dev (rdev used), 6 fifo, 7 socket. */
+int64_t pyimg_sqfs_add_special(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint16_t type, uint32_t rdev,
+                               const uint8_t *target, size_t target_len);
+/* A directory: its listing (n entries, sorted by name) goes to the directory
+ * table and its inode to the inode table.  names holds the names back to back,
+ * name_ends[i] the end offset of name i; refs/inos/types describe each child
+ * (types: the basic squashfs type 1..7). */
+int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t parent_ino, size_t n,
+                           const uint8_t *names, const uint32_t *name_ends, const uint64_t *refs,
+                           const uint32_t *inos, const uint16_t *types);
 
 /* Inode types. */
 enum {
