@@ -5,7 +5,9 @@
  * the C API that Python sees.  Conventions:
  *   - handles have a _new and a _free function; Python owns them through ffi.gc;
  *   - functions return 0 (or a non-negative count) on success and a negative
- *     PYIMG_E* code on failure, keeping a message on the handle (..._error());
+ *     PYIMG_E* code on failure, keeping a message on the handle (..._error()),
+ *     or in the caller's pyimg_err for calls made on several threads at once
+ *     (see common.h);
  *   - pointer arguments are borrowed for the duration of the call unless the
  *     comment says the handle keeps them.
  */

@@ -51,6 +51,14 @@ class OutputError(PyImgError):
     exit_code = 6
 
 
+class ResourceError(PyImgError):
+    """The build ran out of a resource of this machine: memory (the C core could not
+    allocate a handle or a table).  Not the tree's fault: a smaller --jobs, or more
+    memory, may let the same build pass."""
+
+    exit_code = 7
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a build.  `committed` says whether the outputs had
     already landed (the commit completes once begun): the message can be truthful."""

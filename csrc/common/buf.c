@@ -38,9 +38,10 @@ const char *pyimg_strerror(int code) {
     case PYIMG_ENOMEM: return "out of memory";
     case PYIMG_ELIMIT: return "format limit exceeded";
     case PYIMG_EINVAL: return "invalid argument";
-    case PYIMG_EIO: return "input/output error";
-    case PYIMG_ECOMPRESS: return "compression failed";
-    case PYIMG_ENOSPC: return "image full";
+    case PYIMG_EOUTPUT: return "writing the image failed";
+    case PYIMG_ECALLBACK: return "a callback failed";
+    case PYIMG_ENOSPC: return "the tree does not fit the image size";
+    case PYIMG_ESOURCE: return "reading a source failed";
     default: return "unknown error";
     }
 }

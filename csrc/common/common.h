@@ -3,22 +3,51 @@
 #ifndef PYIMG_COMMON_H
 #define PYIMG_COMMON_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 /* CDEF BEGIN */
-/* Error codes returned (negated) by every fallible C function. */
+/* Errors.  Every fallible function returns 0 (or a non-negative count or
+ * reference) on success and a negative PYIMG_E* code on failure, never -1 or an
+ * errno.  The code alone picks the Python exception class (pyimg/_ffi.py
+ * _ERROR_CLASS); the message is for people and is never parsed.
+ *
+ * Where the message lives: on the handle (pyimg_*_error(h)), for every call
+ * that runs on one thread at a time per handle.  The calls that run on several
+ * threads at once on one handle (pyimg_ext4_copy, pyimg_ext4_write_batch) take
+ * a pyimg_err of the caller's instead, one per call, so that two failures
+ * cannot mix their messages.  Status arrays (PYIMG_READ_*, PYIMG_WALK_*) are
+ * per-entry results, data for Python's policy, not errors of the call. */
+#define PYIMG_ERRMSG_MAX 512
 enum {
     PYIMG_OK = 0,
     PYIMG_ENOMEM = 1,    /* allocation failed */
     PYIMG_ELIMIT = 2,    /* the input exceeds a limit of the format */
     PYIMG_EINVAL = 3,    /* a caller passed an invalid argument (a bug in pyimg) */
-    PYIMG_EIO = 4,       /* reading a source or writing the image failed (errno kept) */
-    PYIMG_ECOMPRESS = 5, /* the compression callback failed */
-    PYIMG_ENOSPC = 6     /* the image is full (ext4 with an explicit size) */
+    PYIMG_EOUTPUT = 4,   /* writing the image failed, or would leave its region */
+    PYIMG_ECALLBACK = 5, /* a Python callback failed (Python keeps its exception) */
+    PYIMG_ENOSPC = 6,    /* the tree does not fit the image size asked for */
+    PYIMG_ESOURCE = 7    /* reading a source failed (a file, a directory) */
 };
+/* A call's error, for the calls that run on several threads on one handle: the
+ * code (positive, 0: none) and its message. */
+typedef struct {
+    int code;
+    char msg[PYIMG_ERRMSG_MAX];
+} pyimg_err;
 const char *pyimg_strerror(int code);
+
+/* Where a writer in C puts an image: the region of file fd that starts at byte
+ * `base` and holds at most `limit` bytes (UINT64_MAX: no limit), the C side of
+ * pyimg.region.Region.  The writer's offsets are relative to base; it writes
+ * only inside the region and never sizes, truncates or seeks the file. */
+typedef struct {
+    int fd;
+    uint64_t base;
+    uint64_t limit;
+} pyimg_out;
 uint32_t pyimg_crc32c(uint32_t crc, const uint8_t *data, size_t len);
 /* Keeps large buffers in the malloc heap instead of fresh mmaps (glibc; 0 or a
  * negative code).  For programs, not libraries: it changes the whole process. */
@@ -44,22 +73,15 @@ enum {
  * not check).  Fills status[i] (PYIMG_READ_*), errnos[i] and, for each file of
  * at most hash_max bytes, its BLAKE3 in digests[32*i..] (others: left as they
  * are; the caller hashes big files with a SIMD implementation).  All arguments
- * are borrowed.  Returns the number of files that failed. */
+ * are borrowed.  Returns the number of files that failed (>= 0: the failures
+ * are data in status, for Python to report in plan order; it cannot fail). */
 int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
-/* One file as pyimg_read_batch reads each: `size` bytes at `offset` into out,
- * checked against the stamp after the read.  Returns PYIMG_READ_*; *err gets
- * errno for OPEN and IO. */
-int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
-                    uint8_t *out, int32_t *err);
-/* Whether the file at `path` still has the recorded stamp, for bytes read earlier
- * and kept: PYIMG_READ_OK, _CHANGED, or _OPEN when it cannot be stat'ed (*err). */
-int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err);
 /* The runs of non-zero blocks of data (`block` bytes each, the last one may be
  * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
  * numbered from first_block.  cap: room in the two arrays (ceil(size / block)
- * always suffices).  Returns the number of runs, -1 if cap is too small. */
+ * always suffices).  Returns the number of runs, -PYIMG_EINVAL if cap is too small. */
 int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t first_block,
                          uint32_t *run_first, uint32_t *run_count, size_t cap);
 /* pyimg_read_batch, and for each file read its non-zero block runs (as
@@ -76,15 +98,37 @@ int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const
  * 32-byte digest by file number, the same array on every call, filled up to
  * first+n-1): ids[i] = the id of the earlier file with the same digest, or the
  * next new id (*next_id, then incremented) with is_new[i - first] = 1.  With
- * dedup == 0 every file is new.  Returns 0 or a negative PYIMG_E* code. */
+ * dedup == 0 every file is new.  Returns 0 or a negative PYIMG_E* code (message:
+ * pyimg_dedup_error). */
 typedef struct pyimg_dedup pyimg_dedup;
 pyimg_dedup *pyimg_dedup_new(void);
 void pyimg_dedup_free(pyimg_dedup *d);
+const char *pyimg_dedup_error(const pyimg_dedup *d);
 int pyimg_dedup_assign(pyimg_dedup *d, const uint8_t *digests, size_t first, size_t n, int dedup,
                        uint32_t *next_id, uint32_t *ids, uint8_t *is_new);
 /* CDEF END */
 
-#define PYIMG_ERRMSG_MAX 512
+/* Used inside the C core only (readfiles.c, ext4/data.c): not in the cdef. */
+/* One file as pyimg_read_batch reads each: `size` bytes at `offset` into out,
+ * checked against the stamp after the read.  Returns PYIMG_READ_*; *err gets
+ * errno for OPEN and IO. */
+int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
+                    uint8_t *out, int32_t *err);
+/* Whether the file at `path` still has the recorded stamp, for bytes read earlier
+ * and kept: PYIMG_READ_OK, _CHANGED, or _OPEN when it cannot be stat'ed (*err). */
+int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err);
+
+/* Sets e (code > 0, a printf message) and returns -code: every fail helper of
+ * the core ends in this one, so all of them take a positive code. */
+int pyimg_err_set(pyimg_err *e, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int pyimg_err_vset(pyimg_err *e, int code, const char *fmt, va_list ap);
+
+/* Writes all of buf at relative offset off of the region, or fails with
+ * PYIMG_EOUTPUT (message in err): a write that would leave the region, or the
+ * write itself (a full disk says so). */
+int pyimg_out_write(const pyimg_out *o, const void *buf, size_t len, uint64_t off, pyimg_err *err);
+/* 0 when [off, off + len) lies inside the region, else -PYIMG_EOUTPUT. */
+int pyimg_out_check(const pyimg_out *o, uint64_t off, uint64_t len, pyimg_err *err);
 
 /* A table of 32-byte digests kept elsewhere, by number (keytab.c). */
 #define PYIMG_KEY_SIZE 32

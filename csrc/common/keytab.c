@@ -73,9 +73,12 @@ void pyimg_keytab_free(pyimg_keytab *t) {
 
 struct pyimg_dedup {
     pyimg_keytab seen; /* digest (by file number) -> content id */
+    pyimg_err err;
 };
 
 pyimg_dedup *pyimg_dedup_new(void) { return calloc(1, sizeof(pyimg_dedup)); }
+
+const char *pyimg_dedup_error(const pyimg_dedup *d) { return d->err.msg; }
 
 void pyimg_dedup_free(pyimg_dedup *d) {
     if (!d) return;
@@ -95,7 +98,7 @@ int pyimg_dedup_assign(pyimg_dedup *d, const uint8_t *digests, size_t first, siz
         is_new[i - first] = 1;
         if (dedup) {
             int rc = pyimg_keytab_put(&d->seen, digests, i, ids[i]);
-            if (rc) return rc;
+            if (rc) return pyimg_err_set(&d->err, -rc, "dedup table: %s", pyimg_strerror(rc));
         }
     }
     return 0;

@@ -116,7 +116,7 @@ int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uin
             run_count[nruns - 1]++;
             continue;
         }
-        if (nruns == cap) return -1;
+        if (nruns == cap) return -PYIMG_EINVAL;
         run_first[nruns] = lblk;
         run_count[nruns] = 1;
         nruns++;
@@ -139,7 +139,7 @@ static uint64_t stored_bytes(uint64_t size, uint32_t block, const uint32_t *firs
 static int scan_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t *nruns, uint32_t *first,
                      uint32_t *count, size_t cap, uint64_t *stored) {
     int64_t got = pyimg_block_runs(data, size, block, 0, first, count, cap);
-    if (got < 0) return -1;
+    if (got < 0) return (int)got;
     *nruns = (uint32_t)got;
     *stored = stored_bytes(size, block, first, count, (size_t)got);
     return 0;

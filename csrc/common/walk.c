@@ -42,7 +42,7 @@ struct pyimg_walk {
     pyimg_buf names;     /* names in sorted order, NUL-terminated */
     pyimg_buf targets;   /* one NUL-terminated target per entry */
     pyimg_buf path;      /* "dir/" + the current name, for llistxattr */
-    char msg[PYIMG_ERRMSG_MAX];
+    pyimg_err error;
 };
 
 pyimg_walk *pyimg_walk_new(void) { return calloc(1, sizeof(pyimg_walk)); }
@@ -70,12 +70,10 @@ void pyimg_walk_free(pyimg_walk *w) {
     free(w);
 }
 
-const char *pyimg_walk_error(const pyimg_walk *w) { return w->msg; }
+const char *pyimg_walk_error(const pyimg_walk *w) { return w->error.msg; }
 
-static int fail(pyimg_walk *w, int code, const char *what) {
-    snprintf(w->msg, sizeof w->msg, "%s", what);
-    return code;
-}
+/* code: a positive PYIMG_E*; returns its negation, as every fail helper. */
+static int fail(pyimg_walk *w, int code, const char *what) { return pyimg_err_set(&w->error, code, "%s", what); }
 
 /* realloc one column to cap entries of size elem; 0 or -1. */
 static int grow_column(void *column_ptr, size_t cap, size_t elem) {
@@ -122,7 +120,7 @@ static int64_t read_names(pyimg_walk *w, DIR *dir, int *dir_errno) {
         if (!d) {
             if (errno) {
                 *dir_errno = errno;
-                return -PYIMG_EIO;
+                return -PYIMG_ESOURCE;
             }
             return (int64_t)n;
         }
@@ -249,10 +247,11 @@ static int64_t list_open(pyimg_walk *w, DIR *dir, pyimg_walk_listing *out) {
 
 int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out) {
     memset(out, 0, sizeof *out);
-    w->msg[0] = '\0';
+    w->error.code = 0;
+    w->error.msg[0] = '\0';
     w->raw.len = w->names.len = w->targets.len = w->path.len = 0;
     size_t path_len = strlen(path);
-    if (pyimg_buf_reserve(&w->path, path_len + 2)) return fail(w, -PYIMG_ENOMEM, "out of memory");
+    if (pyimg_buf_reserve(&w->path, path_len + 2)) return fail(w, PYIMG_ENOMEM, "out of memory");
     pyimg_buf_append(&w->path, path, path_len);
     if (path_len && path[path_len - 1] != '/') pyimg_buf_append(&w->path, "/", 1);
 
@@ -261,12 +260,12 @@ int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out
     if (!dir) {
         out->dir_errno = errno;
         if (fd >= 0) close(fd);
-        return fail(w, -PYIMG_EIO, "cannot open the directory");
+        return fail(w, PYIMG_ESOURCE, "cannot open the directory");
     }
     int64_t n = list_open(w, dir, out);
     closedir(dir);
-    if (n == -PYIMG_EIO) return fail(w, -PYIMG_EIO, "cannot read the directory");
-    if (n < 0) return fail(w, (int)n, "out of memory");
+    if (n == -PYIMG_ESOURCE) return fail(w, PYIMG_ESOURCE, "cannot read the directory");
+    if (n < 0) return fail(w, (int)-n, "out of memory");
     out->count = (size_t)n;
     out->mode = w->mode;
     out->uid = w->uid;

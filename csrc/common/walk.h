@@ -59,7 +59,7 @@ const char *pyimg_walk_error(const pyimg_walk *w);
  * symlinks, faccessat(R_OK) for regular files, and llistxattr to learn whether
  * there are xattrs at all (ENOTSUP, EOPNOTSUPP, ENOSYS mean none).  A failing
  * entry does not stop the listing: its step and errno are kept in its columns.
- * Returns the number of entries, or -PYIMG_EIO when the directory cannot be
+ * Returns the number of entries, or -PYIMG_ESOURCE when the directory cannot be
  * opened or read (out->dir_errno), or -PYIMG_ENOMEM. */
 int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out);
 /* CDEF END */

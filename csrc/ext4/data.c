@@ -3,7 +3,6 @@
  * systems allow), falling back to pread/pwrite.  Holes are never touched: the
  * image file is sparse there and the blocks are not allocated. */
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -11,39 +10,19 @@
 
 #define COPY_BUF (1u << 20)
 
-/* Writes all of p at off, or says why not. */
-static int write_all(int fd, const uint8_t *p, size_t len, uint64_t off, char *err, size_t err_len) {
-    while (len) {
-        ssize_t w = pwrite(fd, p, len, (off_t)off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-            snprintf(err, err_len, "writing the image: %s", w < 0 ? strerror(errno) : "short write");
-            return w < 0 && errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
-        }
-        p += w;
-        off += (uint64_t)w;
-        len -= (size_t)w;
-    }
-    return 0;
-}
-
-static int fallback(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, char *err, size_t err_len) {
+static int fallback(int src, uint64_t soff, const pyimg_out *dst, uint64_t doff, uint64_t len, pyimg_err *err) {
     uint8_t *buf = malloc(COPY_BUF);
-    if (!buf) {
-        snprintf(err, err_len, "out of memory");
-        return -PYIMG_ENOMEM;
-    }
+    if (!buf) return pyimg_err_set(err, PYIMG_ENOMEM, "out of memory");
     int rc = 0;
     while (len && !rc) {
         size_t want = len < COPY_BUF ? (size_t)len : COPY_BUF;
         ssize_t n = pread(src, buf, want, (off_t)soff);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) {
-            snprintf(err, err_len, "reading the source: %s", n < 0 ? strerror(errno) : "file shrank");
-            rc = -PYIMG_EIO;
+            rc = pyimg_err_set(err, PYIMG_ESOURCE, "reading the source: %s", n < 0 ? strerror(errno) : "file shrank");
             break;
         }
-        rc = write_all(dst, buf, (size_t)n, doff, err, err_len);
+        rc = pyimg_out_write(dst, buf, (size_t)n, doff, err);
         soff += (uint64_t)n;
         doff += (uint64_t)n;
         len -= (uint64_t)n;
@@ -52,23 +31,23 @@ static int fallback(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len
     return rc;
 }
 
-static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t len, char *err, size_t err_len) {
+/* Which side failed is not known from copy_file_range's errno: EIO or ENOSPC
+ * name the image's file system, the others a bug or the source. */
+static int copy_range(int src, uint64_t soff, const pyimg_out *dst, uint64_t doff, uint64_t len, pyimg_err *err) {
+    int rc = pyimg_out_check(dst, doff, len, err);
+    if (rc) return rc;
     while (len) {
-        loff_t in = (loff_t)soff, out = (loff_t)doff;
+        loff_t in = (loff_t)soff, out = (loff_t)(dst->base + doff);
         size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
-        ssize_t n = copy_file_range(src, &in, dst, &out, want, 0);
+        ssize_t n = copy_file_range(src, &in, dst->fd, &out, want, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP || errno == EBADF ||
                       errno == EPERM || errno == ETXTBSY))
-            return fallback(src, soff, dst, doff, len, err, err_len);
-        if (n < 0) {
-            snprintf(err, err_len, "copying data: %s", strerror(errno));
-            return errno == ENOSPC ? -PYIMG_ENOSPC : -PYIMG_EIO;
-        }
-        if (n == 0) {
-            snprintf(err, err_len, "reading the source: file shrank");
-            return -PYIMG_EIO;
-        }
+            return fallback(src, soff, dst, doff, len, err);
+        if (n < 0)
+            return pyimg_err_set(err, PYIMG_EOUTPUT, "copying data: %s",
+                                 errno == ENOSPC ? "no space left on device" : strerror(errno));
+        if (n == 0) return pyimg_err_set(err, PYIMG_ESOURCE, "reading the source: file shrank");
         soff += (uint64_t)n;
         doff += (uint64_t)n;
         len -= (uint64_t)n;
@@ -78,14 +57,11 @@ static int copy_range(int src, uint64_t soff, int dst, uint64_t doff, uint64_t l
 
 /* Calls fn for each stored range of a content (holes are skipped): offset within
  * the content, length, and where in the image it goes. */
-typedef int (*range_fn)(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len);
+typedef int (*range_fn)(void *ctx, uint64_t off, uint64_t len, uint64_t dest, pyimg_err *err);
 
-static int for_each_range(const pyimg_ext4 *h, uint32_t content, uint64_t size, range_fn fn, void *ctx, char *err,
-                          size_t err_len) {
-    if (!h->laid_out || content >= h->ncontents) {
-        snprintf(err, err_len, "data: bad content %u", content);
-        return -PYIMG_EINVAL;
-    }
+static int for_each_range(const pyimg_ext4 *h, uint32_t content, uint64_t size, range_fn fn, void *ctx,
+                          pyimg_err *err) {
+    if (!h->laid_out || content >= h->ncontents) return pyimg_err_set(err, PYIMG_EINVAL, "data: bad content %u", content);
     const e4_content *ct = &h->contents[content];
     const e4_extent *ev = e4_ext_v(&ct->ext, ct->next);
     for (uint32_t i = 0; i < ct->next; i++) {
@@ -93,7 +69,7 @@ static int for_each_range(const pyimg_ext4 *h, uint32_t content, uint64_t size, 
         if (off >= size) break;
         uint64_t len = (uint64_t)ev[i].len * E4_BS;
         if (off + len > size) len = size - off;
-        int rc = fn(ctx, off, len, ev[i].pblk * E4_BS, err, err_len);
+        int rc = fn(ctx, off, len, ev[i].pblk * E4_BS, err);
         if (rc) return rc;
     }
     return 0;
@@ -102,34 +78,18 @@ static int for_each_range(const pyimg_ext4 *h, uint32_t content, uint64_t size, 
 typedef struct {
     int src_fd;
     uint64_t src_offset;
-    int out_fd;
+    const pyimg_out *out;
 } copy_ctx;
 
-static int copy_one_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len) {
+static int copy_one_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, pyimg_err *err) {
     const copy_ctx *c = ctx;
-    return copy_range(c->src_fd, c->src_offset + off, c->out_fd, dest, len, err, err_len);
+    return copy_range(c->src_fd, c->src_offset + off, c->out, dest, len, err);
 }
 
-int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset, uint64_t size, int out_fd,
-                    char *err, size_t err_len) {
-    copy_ctx c = {src_fd, src_offset, out_fd};
-    return for_each_range(h, content, size, copy_one_range, &c, err, err_len);
-}
-
-typedef struct {
-    const uint8_t *data;
-    int out_fd;
-} write_ctx;
-
-static int write_one_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len) {
-    const write_ctx *c = ctx;
-    return write_all(c->out_fd, c->data + off, (size_t)len, dest, err, err_len);
-}
-
-int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
-                             char *err, size_t err_len) {
-    write_ctx c = {data, out_fd};
-    return for_each_range(h, content, size, write_one_range, &c, err, err_len);
+int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset, uint64_t size,
+                    const pyimg_out *out, pyimg_err *err) {
+    copy_ctx c = {src_fd, src_offset, out};
+    return for_each_range(h, content, size, copy_one_range, &c, err);
 }
 
 /* ---- many small contents in one call ---- */
@@ -140,15 +100,15 @@ int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_
  * contents of a batch of small files mostly back to back, so one pwrite covers
  * many files instead of one (or more) per file. */
 typedef struct {
-    int fd;
+    const pyimg_out *out;
     uint8_t *buf;
     size_t len;
     uint64_t dest; /* image offset of buf[0] */
     const uint8_t *data; /* the content being staged */
 } stage;
 
-static int stage_flush(stage *s, char *err, size_t err_len) {
-    int rc = s->len ? write_all(s->fd, s->buf, s->len, s->dest, err, err_len) : 0;
+static int stage_flush(stage *s, pyimg_err *err) {
+    int rc = s->len ? pyimg_out_write(s->out, s->buf, s->len, s->dest, err) : 0;
     s->len = 0;
     return rc;
 }
@@ -156,14 +116,14 @@ static int stage_flush(stage *s, char *err, size_t err_len) {
 /* One stored range of the current content, padded with zeros to whole blocks:
  * the image holds zeros there anyway (its blocks are the content's own), and the
  * padding keeps the next content's blocks adjacent in the buffer. */
-static int stage_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, char *err, size_t err_len) {
+static int stage_range(void *ctx, uint64_t off, uint64_t len, uint64_t dest, pyimg_err *err) {
     stage *s = ctx;
     uint64_t padded = (len + E4_BS - 1) / E4_BS * E4_BS;
     if (s->len && (dest != s->dest + s->len || s->len + padded > STAGE_MAX)) {
-        int rc = stage_flush(s, err, err_len);
+        int rc = stage_flush(s, err);
         if (rc) return rc;
     }
-    if (padded > STAGE_MAX) return write_all(s->fd, s->data + off, (size_t)len, dest, err, err_len);
+    if (padded > STAGE_MAX) return pyimg_out_write(s->out, s->data + off, (size_t)len, dest, err);
     if (!s->len) s->dest = dest;
     memcpy(s->buf + s->len, s->data + off, (size_t)len);
     memset(s->buf + s->len + len, 0, (size_t)(padded - len));
@@ -185,19 +145,15 @@ static uint64_t one_piece(const pyimg_ext4 *h, uint32_t content, uint64_t size) 
 /* Reads a content in one piece straight into the stage (no copy through a
  * scratch buffer), zero padded to whole blocks. */
 static int stage_read(stage *s, const char *path, uint64_t offset, uint64_t size, int64_t stamp_size,
-                      int64_t stamp_mtime, uint64_t dest, int32_t *status, int32_t *err_no, char *err,
-                      size_t err_len) {
+                      int64_t stamp_mtime, uint64_t dest, int32_t *status, int32_t *err_no, pyimg_err *err) {
     uint64_t padded = (size + E4_BS - 1) / E4_BS * E4_BS;
     if (s->len && (dest != s->dest + s->len || s->len + padded > STAGE_MAX)) {
-        int rc = stage_flush(s, err, err_len);
+        int rc = stage_flush(s, err);
         if (rc) return rc;
     }
     if (!s->len) s->dest = dest;
     *status = pyimg_read_file(path, offset, size, stamp_size, stamp_mtime, s->buf + s->len, err_no);
-    if (*status != PYIMG_READ_OK) {
-        snprintf(err, err_len, "reading the source failed");
-        return -PYIMG_EIO;
-    }
+    if (*status != PYIMG_READ_OK) return pyimg_err_set(err, PYIMG_ESOURCE, "reading the source failed");
     memset(s->buf + s->len + size, 0, (size_t)(padded - size));
     s->len += (size_t)padded;
     return 0;
@@ -214,19 +170,18 @@ static uint64_t largest_read(size_t n, const uint64_t *sizes, const int64_t *cac
 int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *contents, const char *paths,
                            const uint64_t *offsets, const uint64_t *sizes, const int64_t *stamp_sizes,
                            const int64_t *stamp_mtimes, const uint8_t *cache, const int64_t *cache_at,
-                           int out_fd, size_t *failed, int32_t *status, int32_t *err_no, char *err,
-                           size_t err_len) {
+                           const pyimg_out *out, size_t *failed, int32_t *status, int32_t *err_no,
+                           pyimg_err *err) {
     *failed = 0;
     *status = PYIMG_READ_OK;
     *err_no = 0;
     uint64_t most = largest_read(n, sizes, cache_at);
     uint8_t *scratch = most ? malloc((size_t)most) : NULL;
-    stage s = {out_fd, malloc(STAGE_MAX), 0, 0, NULL};
+    stage s = {out, malloc(STAGE_MAX), 0, 0, NULL};
     int rc = 0;
     if ((most && !scratch) || !s.buf) {
-        snprintf(err, err_len, "out of memory");
-        rc = -PYIMG_ENOMEM;
-        goto out;
+        rc = pyimg_err_set(err, PYIMG_ENOMEM, "out of memory");
+        goto done;
     }
     const char *path = paths;
     for (size_t i = 0; i < n && !rc; i++, path += strlen(path) + 1) {
@@ -234,7 +189,7 @@ int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *conten
         uint64_t dest = cache_at[i] < 0 && sizes[i] <= STAGE_MAX ? one_piece(h, contents[i], sizes[i]) : 0;
         if (dest) {
             rc = stage_read(&s, path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], dest, status, err_no,
-                            err, err_len);
+                            err);
             continue;
         }
         if (cache_at[i] >= 0) {
@@ -247,14 +202,13 @@ int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *conten
             s.data = scratch;
         }
         if (*status != PYIMG_READ_OK) {
-            snprintf(err, err_len, "reading the source failed");
-            rc = -PYIMG_EIO;
+            rc = pyimg_err_set(err, PYIMG_ESOURCE, "reading the source failed");
             break;
         }
-        rc = for_each_range(h, contents[i], sizes[i], stage_range, &s, err, err_len);
+        rc = for_each_range(h, contents[i], sizes[i], stage_range, &s, err);
     }
-    if (!rc) rc = stage_flush(&s, err, err_len);
-out:
+    if (!rc) rc = stage_flush(&s, err);
+done:
     free(s.buf);
     free(scratch);
     return rc;

@@ -62,11 +62,6 @@ int pyimg_ext4_add_xattr(pyimg_ext4 *h, uint32_t ino, const uint8_t *name, size_
 /* One entry of directory `dir` (without "." and ".."), names unique. */
 int pyimg_ext4_add_dirent(pyimg_ext4 *h, uint32_t dir, const uint8_t *name, size_t name_len,
                           uint32_t child);
-/* A content: the non-zero block runs of a file's data; returns its id (>= 0). */
-int pyimg_ext4_new_content(pyimg_ext4 *h);
-int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint32_t count);
-/* Regular file `ino` holds `content` (several inodes may share one: shared_blocks). */
-int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content);
 
 /* Bulk forms of the calls above, one call for many items (each cffi call costs
  * about a microsecond: too much per file on trees of 100k small files).  On a
@@ -97,35 +92,41 @@ int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom);
 void pyimg_ext4_get_stats(const pyimg_ext4 *h, pyimg_ext4_stats *out);
 
 /* Copies the data of `content` (file bytes at src_offset .. +size in src_fd)
- * to its blocks in out_fd.  Thread safe after the layout: it only reads the
- * handle; a failure message goes to err (borrowed, err_len bytes). */
-int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset,
-                    uint64_t size, int out_fd, char *err, size_t err_len);
-
-/* Like pyimg_ext4_copy, from the content's bytes already in memory (data:
- * borrowed, `size` bytes: the whole file). */
-int pyimg_ext4_write_content(const pyimg_ext4 *h, uint32_t content, const uint8_t *data, size_t size, int out_fd,
-                             char *err, size_t err_len);
+ * to its blocks in the image region `out`.  Thread safe after the layout: it
+ * only reads the handle, and a failure goes to the caller's err (one per call):
+ * PYIMG_ESOURCE when reading the source failed, PYIMG_EOUTPUT the image. */
+int pyimg_ext4_copy(const pyimg_ext4 *h, uint32_t content, int src_fd, uint64_t src_offset, uint64_t size,
+                    const pyimg_out *out, pyimg_err *err);
 
 /* Writes many small contents: contents[i] (sizes[i] bytes) comes from memory,
  * cache + cache_at[i], when cache_at[i] >= 0, else it is read from paths[i] at
  * offsets[i] exactly as pyimg_read_batch reads (the stamp checked before and
  * after).  Writes of adjacent blocks are merged into one.  Thread safe after the
- * layout, like pyimg_ext4_copy.  On failure: a negative code, *failed the index
- * of the content, and either *status (PYIMG_READ_*) and *err_no for a source
- * that could not be read, or *status 0 and the message in err for the image. */
+ * layout, like pyimg_ext4_copy.  On failure: a negative code and the message in
+ * err, *failed the index of the content; for a source that could not be read
+ * (-PYIMG_ESOURCE) also *status (PYIMG_READ_*) and *err_no, else *status 0. */
 int pyimg_ext4_write_batch(const pyimg_ext4 *h, size_t n, const uint32_t *contents, const char *paths,
                            const uint64_t *offsets, const uint64_t *sizes, const int64_t *stamp_sizes,
                            const int64_t *stamp_mtimes, const uint8_t *cache, const int64_t *cache_at,
-                           int out_fd, size_t *failed, int32_t *status, int32_t *err_no, char *err,
-                           size_t err_len);
+                           const pyimg_out *out, size_t *failed, int32_t *status, int32_t *err_no,
+                           pyimg_err *err);
 
 /* Writes all metadata (superblocks, descriptors, bitmaps, inode tables,
- * directories, extent trees, xattr blocks, journal) and sets the file size. */
-int pyimg_ext4_finalize(pyimg_ext4 *h, int out_fd);
+ * directories, extent trees, xattr blocks, journal) into the region `out`.  The
+ * image is blocks_count * 4096 bytes; the region's owner sizes the file (the
+ * image's last blocks may be holes). */
+int pyimg_ext4_finalize(pyimg_ext4 *h, const pyimg_out *out);
 
 /* The ext4 directory hash (half_md4, unsigned chars) of a name; for tests. */
 uint32_t pyimg_ext4_dirhash(const uint8_t *name, size_t len, const uint8_t seed[16]);
 /* CDEF END */
+
+/* The single-item forms the bulk calls are made of; used inside the C core
+ * only (not in the cdef). */
+/* A content: the non-zero block runs of a file's data; returns its id (>= 0). */
+int pyimg_ext4_new_content(pyimg_ext4 *h);
+int pyimg_ext4_content_run(pyimg_ext4 *h, uint32_t content, uint32_t lblk, uint32_t count);
+/* Regular file `ino` holds `content` (several inodes may share one: shared_blocks). */
+int pyimg_ext4_set_content(pyimg_ext4 *h, uint32_t ino, uint32_t content);
 
 #endif

@@ -5,6 +5,7 @@
 #include <stdarg.h>
 
 #include "ext4.h"
+#include "ext4_format.h"
 
 #define E4_BS 4096u
 #define E4_INODE_SIZE 256u
@@ -13,7 +14,7 @@
 #define E4_JOURNAL_INO 8u
 #define E4_FIRST_INO 11u
 #define E4_MAX_EXT_LEN 32768u /* longest initialized extent */
-#define E4_EXT_PER_BLOCK 340u /* (4096 - 12) / 12 */
+#define E4_EXT_PER_BLOCK 340u /* (4096 - 12) / 12: header, entries, then the 4-byte tail */
 
 /* feature bits */
 #define E4_COMPAT_HAS_JOURNAL 0x0004u
@@ -140,7 +141,7 @@ typedef struct {
 } e4_xblock;
 
 struct pyimg_ext4 {
-    char err[PYIMG_ERRMSG_MAX];
+    pyimg_err err;
     uint32_t max_ino;
     e4_inode *inodes; /* [0 .. max_ino], index = inode number */
     e4_content *contents;
@@ -162,7 +163,8 @@ struct pyimg_ext4 {
     uint8_t jnl_iblock[60]; /* the journal inode's i_block, for s_jnl_blocks */
 };
 
-/* helpers shared between files */
+/* helpers shared between files; e4_fail: code is a positive PYIMG_E*, the
+ * return value its negation (as every fail helper) */
 int e4_fail(pyimg_ext4 *h, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int e4_grow(void **v, size_t *cap, size_t need, size_t elem);
 e4_extra *e4_extra_get(e4_inode *in);
@@ -176,7 +178,7 @@ int e4_is_backup_group(uint64_t g);
 int e4_alloc(pyimg_ext4 *h, uint32_t want, uint64_t *start, uint32_t *got);
 int e4_alloc_contig(pyimg_ext4 *h, uint32_t n, uint64_t *start);
 int e4_alloc_extents(pyimg_ext4 *h, e4_extbuf *b, uint32_t *n, uint32_t lblk, uint32_t count);
-int e4_pwrite(pyimg_ext4 *h, int fd, const void *buf, size_t len, uint64_t off);
+int e4_pwrite(pyimg_ext4 *h, const pyimg_out *out, const void *buf, size_t len, uint64_t off);
 /* checksums */
 uint32_t e4_inode_seed(const pyimg_ext4 *h, uint32_t ino);
 /* extent.c */
@@ -184,18 +186,27 @@ uint32_t e4_tree_blocks(size_t nextents);
 int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t *blocks);
 /* dir.c / htree.c */
 int e4_dir_plan(pyimg_ext4 *h, uint32_t ino);
-int e4_dir_write(pyimg_ext4 *h, uint32_t ino, int fd);
+int e4_dir_write(pyimg_ext4 *h, uint32_t ino, const pyimg_out *out);
 uint8_t e4_filetype(uint16_t mode);
 uint32_t e4_dx_hash(const uint8_t *name, size_t len, const uint8_t seed[16], uint32_t *minor);
 int e4_htree_plan(pyimg_ext4 *h, e4_extra *in);
 int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks);
 void e4_dirblock_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk);
+/* The room of a leaf block for entries (before the checksum tail). */
+uint32_t e4_leaf_room(const pyimg_ext4 *h);
+/* The bytes an entry with a name of name_len takes: header + name, padded to 4. */
+uint32_t e4_rec_len(uint32_t name_len);
+/* Writes one entry at p; returns rlen. */
+uint32_t e4_put_dirent(uint8_t *p, uint32_t ino, const uint8_t *name, uint32_t len, uint8_t type, uint32_t rlen);
+/* "." (rec_len 12) and ".." (dotdot_rec_len) at the start of blk, as linear
+ * directories and the htree root have them; returns 24, where entries go on. */
+uint32_t e4_put_dots(pyimg_ext4 *h, uint32_t ino, uint8_t *blk, uint32_t dotdot_rec_len);
 void e4_dir_leaf(pyimg_ext4 *h, uint32_t ino, const e4_dirent *d, size_t n, uint8_t *blk, uint32_t pos);
 uint8_t e4_dirent_type(const pyimg_ext4 *h, uint32_t ino);
 /* xattr.c */
 int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino);
 void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *in, uint8_t *raw);
-int e4_xattr_write_blocks(pyimg_ext4 *h, int fd);
+int e4_xattr_write_blocks(pyimg_ext4 *h, const pyimg_out *out);
 /* inode.c */
 void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw);
 void e4_inode_finish(const pyimg_ext4 *h, uint32_t ino, uint8_t *raw);

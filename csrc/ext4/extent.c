@@ -6,7 +6,6 @@
 
 #include "ext4_int.h"
 
-#define EXT_MAGIC 0xF30Au
 
 /* Tree blocks needed for n extents (0 when i_block holds them all). */
 uint32_t e4_tree_blocks(size_t n) {
@@ -19,30 +18,31 @@ uint32_t e4_tree_blocks(size_t n) {
 }
 
 static void put_header(uint8_t *p, uint16_t entries, uint16_t max, uint16_t depth) {
-    put_le16(p, EXT_MAGIC);
-    put_le16(p + 2, entries);
-    put_le16(p + 4, max);
-    put_le16(p + 6, depth);
-    put_le32(p + 8, 0); /* eh_generation */
+    put_le16(p + E4_EH_MAGIC, E4_EXT_MAGIC);
+    put_le16(p + E4_EH_ENTRIES, entries);
+    put_le16(p + E4_EH_MAX, max);
+    put_le16(p + E4_EH_DEPTH, depth);
+    put_le32(p + E4_EH_GENERATION, 0);
 }
 
 static void put_extent(uint8_t *p, const e4_extent *e) {
-    put_le32(p, e->lblk);
-    put_le16(p + 4, (uint16_t)e->len);
-    put_le16(p + 6, (uint16_t)(e->pblk >> 32));
-    put_le32(p + 8, (uint32_t)e->pblk);
+    put_le32(p + E4_EE_BLOCK, e->lblk);
+    put_le16(p + E4_EE_LEN, (uint16_t)e->len);
+    put_le16(p + E4_EE_START_HI, (uint16_t)(e->pblk >> 32));
+    put_le32(p + E4_EE_START_LO, (uint32_t)e->pblk);
 }
 
 static void put_index(uint8_t *p, uint32_t lblk, uint64_t pblk) {
-    put_le32(p, lblk);
-    put_le32(p + 4, (uint32_t)pblk);
-    put_le16(p + 8, (uint16_t)(pblk >> 32));
-    put_le16(p + 10, 0);
+    put_le32(p + E4_EI_BLOCK, lblk);
+    put_le32(p + E4_EI_LEAF_LO, (uint32_t)pblk);
+    put_le16(p + E4_EI_LEAF_HI, (uint16_t)(pblk >> 32));
+    put_le16(p + E4_EI_UNUSED, 0);
 }
 
 static void block_tail(pyimg_ext4 *h, uint32_t ino, uint8_t *blk) {
     /* ext4_extent_tail right after the 340 slots: crc32c over the block before it */
-    if (h->csum) put_le32(blk + 12 + E4_EXT_PER_BLOCK * 12, pyimg_crc32c(e4_inode_seed(h, ino), blk, 12 + E4_EXT_PER_BLOCK * 12));
+    uint32_t end = E4_EH_SIZE + E4_EXT_PER_BLOCK * E4_EE_SIZE;
+    if (h->csum) put_le32(blk + end, pyimg_crc32c(e4_inode_seed(h, ino), blk, end));
 }
 
 /* Encodes the extents of `ino` into i_block and, when it needs a tree, into
@@ -62,7 +62,7 @@ int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t 
     }
     if (n <= 4) {
         put_header(i_block, (uint16_t)n, 4, 0);
-        for (size_t i = 0; i < n; i++) put_extent(i_block + 12 + 12 * i, &ev[i]);
+        for (size_t i = 0; i < n; i++) put_extent(i_block + E4_EH_SIZE + E4_EE_SIZE * i, &ev[i]);
         return 0;
     }
     /* level 0: leaves */
@@ -79,7 +79,7 @@ int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t 
         uint8_t *blk = blocks + (used + b) * E4_BS;
         size_t lo = b * E4_EXT_PER_BLOCK, cnt = n - lo < E4_EXT_PER_BLOCK ? n - lo : E4_EXT_PER_BLOCK;
         put_header(blk, (uint16_t)cnt, E4_EXT_PER_BLOCK, 0);
-        for (size_t i = 0; i < cnt; i++) put_extent(blk + 12 + 12 * i, &ev[lo + i]);
+        for (size_t i = 0; i < cnt; i++) put_extent(blk + E4_EH_SIZE + E4_EE_SIZE * i, &ev[lo + i]);
         block_tail(h, ino, blk);
         first[b] = ev[lo].lblk;
         where[b] = x->tree[used + b];
@@ -92,7 +92,7 @@ int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t 
             uint8_t *blk = blocks + (used + b) * E4_BS;
             size_t lo = b * E4_EXT_PER_BLOCK, cnt = nodes - lo < E4_EXT_PER_BLOCK ? nodes - lo : E4_EXT_PER_BLOCK;
             put_header(blk, (uint16_t)cnt, E4_EXT_PER_BLOCK, depth);
-            for (size_t i = 0; i < cnt; i++) put_index(blk + 12 + 12 * i, first[lo + i], where[lo + i]);
+            for (size_t i = 0; i < cnt; i++) put_index(blk + E4_EH_SIZE + E4_EI_SIZE * i, first[lo + i], where[lo + i]);
             block_tail(h, ino, blk);
             /* compacting in place is safe: entry b is read from index >= b */
             first[b] = first[lo];
@@ -103,7 +103,7 @@ int e4_encode_extents(pyimg_ext4 *h, uint32_t ino, uint8_t i_block[60], uint8_t 
         depth++;
     }
     put_header(i_block, (uint16_t)nodes, 4, depth);
-    for (size_t i = 0; i < nodes; i++) put_index(i_block + 12 + 12 * i, first[i], where[i]);
+    for (size_t i = 0; i < nodes; i++) put_index(i_block + E4_EH_SIZE + E4_EI_SIZE * i, first[i], where[i]);
     free(first);
     free(where);
     return 0;

@@ -17,9 +17,9 @@ const e4_extra e4_no_extra = {.htree_levels = -1, .xblock = -1};
 int e4_fail(pyimg_ext4 *h, int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(h->err, sizeof h->err, fmt, ap);
+    int rc = pyimg_err_vset(&h->err, code, fmt, ap);
     va_end(ap);
-    return -code;
+    return rc;
 }
 
 int e4_grow(void **v, size_t *cap, size_t need, size_t elem) {
@@ -193,7 +193,7 @@ void pyimg_ext4_free(pyimg_ext4 *h) {
     free(h);
 }
 
-const char *pyimg_ext4_error(const pyimg_ext4 *h) { return h->err; }
+const char *pyimg_ext4_error(const pyimg_ext4 *h) { return h->err.msg; }
 
 static e4_inode *get_inode(pyimg_ext4 *h, uint32_t ino) {
     if (ino == 0 || ino > h->max_ino) return NULL;

@@ -110,9 +110,12 @@ static int cmp_keyed(const void *a, const void *b) {
     return (x->d.len > y->d.len) - (x->d.len < y->d.len);
 }
 
-static uint32_t root_limit(const pyimg_ext4 *h) { return (E4_BS - 32 - (h->csum ? 8 : 0)) / 8; }
-static uint32_t node_limit(const pyimg_ext4 *h) { return (E4_BS - 8 - (h->csum ? 8 : 0)) / 8; }
-static uint32_t rec_len(uint32_t name_len) { return (8 + name_len + 3) & ~3u; }
+static uint32_t root_limit(const pyimg_ext4 *h) {
+    return (E4_BS - E4_DX_ROOT_ENTRIES - (h->csum ? E4_DX_TAIL_SIZE : 0)) / E4_DX_ENTRY_SIZE;
+}
+static uint32_t node_limit(const pyimg_ext4 *h) {
+    return (E4_BS - E4_DX_NODE_ENTRIES - (h->csum ? E4_DX_TAIL_SIZE : 0)) / E4_DX_ENTRY_SIZE;
+}
 
 /* The index hash of the leaf starting at entry i (of the sorted keys): its
  * first name's hash, with the low bit set when that hash continues from the
@@ -132,7 +135,7 @@ int e4_htree_plan(pyimg_ext4 *h, e4_extra *in) {
     }
     qsort(k, in->ndents, sizeof *k, cmp_keyed);
     for (size_t i = 0; i < in->ndents; i++) in->dents[i] = k[i].d;
-    uint32_t room = h->csum ? E4_BS - 12 : E4_BS;
+    uint32_t room = e4_leaf_room(h);
     size_t cap = 16, n = 0;
     size_t *starts = malloc(cap * sizeof *starts);
     uint32_t *hashes = malloc(cap * sizeof *hashes);
@@ -144,7 +147,7 @@ int e4_htree_plan(pyimg_ext4 *h, e4_extra *in) {
     }
     uint32_t fill = room; /* forces a new leaf at the first entry */
     for (size_t i = 0; i < in->ndents; i++) {
-        uint32_t r = rec_len(in->dents[i].len);
+        uint32_t r = e4_rec_len(in->dents[i].len);
         if (fill + r > room) {
             if (n + 2 > cap) {
                 size_t *p = realloc(starts, 2 * cap * sizeof *starts);
@@ -186,24 +189,24 @@ int e4_htree_plan(pyimg_ext4 *h, e4_extra *in) {
  * and a zero checksum. */
 static void dx_csum(pyimg_ext4 *h, uint32_t ino, uint8_t *blk, uint32_t count_offset, uint32_t count, uint32_t limit) {
     if (!h->csum) return;
-    uint8_t *tail = blk + count_offset + limit * 8;
-    put_le32(tail, 0);
-    uint32_t c = pyimg_crc32c(e4_inode_seed(h, ino), blk, count_offset + count * 8);
-    c = pyimg_crc32c(c, tail, 4);
+    uint8_t *tail = blk + count_offset + limit * E4_DX_ENTRY_SIZE;
+    put_le32(tail + E4_DX_TAIL_RESERVED, 0);
+    uint32_t c = pyimg_crc32c(e4_inode_seed(h, ino), blk, count_offset + count * E4_DX_ENTRY_SIZE);
+    c = pyimg_crc32c(c, tail + E4_DX_TAIL_RESERVED, 4);
     uint8_t zero[4] = {0, 0, 0, 0};
-    c = pyimg_crc32c(c, zero, 4);
-    put_le32(tail + 4, c);
+    c = pyimg_crc32c(c, zero, 4); /* dt_checksum, as zero */
+    put_le32(tail + E4_DX_TAIL_CHECKSUM, c);
 }
 
 /* Index entries at `p` (p points at limit/count): children [lo, hi) whose
  * blocks and hashes come from the arrays. */
 static void put_entries(uint8_t *p, uint32_t limit, const uint32_t *hashes, const uint32_t *blocks, uint32_t n) {
-    put_le16(p, (uint16_t)limit);
-    put_le16(p + 2, (uint16_t)n);
-    put_le32(p + 4, blocks[0]);
+    put_le16(p + E4_DX_LIMIT, (uint16_t)limit); /* entry 0 has no hash: count/limit take its place */
+    put_le16(p + E4_DX_COUNT, (uint16_t)n);
+    put_le32(p + E4_DX_BLOCK, blocks[0]);
     for (uint32_t i = 1; i < n; i++) {
-        put_le32(p + 8 * i, hashes[i]);
-        put_le32(p + 8 * i + 4, blocks[i]);
+        put_le32(p + E4_DX_ENTRY_SIZE * i + E4_DX_HASH, hashes[i]);
+        put_le32(p + E4_DX_ENTRY_SIZE * i + E4_DX_BLOCK, blocks[i]);
     }
 }
 
@@ -223,26 +226,15 @@ int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
     }
     /* root block */
     uint8_t *root = blocks;
-    uint8_t dt = (h->g.feature_incompat & E4_INCOMPAT_FILETYPE) ? 2 : 0;
-    put_le32(root, ino);
-    put_le16(root + 4, 12);
-    root[6] = 1;
-    root[7] = dt;
-    root[8] = '.';
-    put_le32(root + 12, h->inodes[ino].parent);
-    put_le16(root + 16, E4_BS - 12);
-    root[18] = 2;
-    root[19] = dt;
-    root[20] = '.';
-    root[21] = '.';
-    put_le32(root + 24, 0); /* dx_root_info.reserved_zero */
-    root[28] = 1;           /* hash version: half_md4 (unsigned by s_flags) */
-    root[29] = 8;           /* info_length */
-    root[30] = (uint8_t)in->htree_levels;
-    root[31] = 0;
+    e4_put_dots(h, ino, root, E4_BS - 12); /* ".." spans the block: old readers see no entries */
+    put_le32(root + E4_DX_ROOT_RESERVED_ZERO, 0);
+    root[E4_DX_ROOT_HASH_VERSION] = 1; /* half_md4 (unsigned by s_flags) */
+    root[E4_DX_ROOT_INFO_LENGTH] = E4_DX_ROOT_ENTRIES - E4_DX_ROOT_INFO;
+    root[E4_DX_ROOT_INDIRECT_LEVELS] = (uint8_t)in->htree_levels;
+    root[E4_DX_ROOT_UNUSED_FLAGS] = 0;
     if (in->htree_levels == 0) {
-        put_entries(root + 32, root_limit(h), hashes, lblks, nl);
-        dx_csum(h, ino, root, 32, nl, root_limit(h));
+        put_entries(root + E4_DX_ROOT_ENTRIES, root_limit(h), hashes, lblks, nl);
+        dx_csum(h, ino, root, E4_DX_ROOT_ENTRIES, nl, root_limit(h));
     } else {
         uint32_t per = node_limit(h);
         uint32_t *nh = malloc((size_t)nodes * sizeof *nh), *nb = malloc((size_t)nodes * sizeof *nb);
@@ -255,15 +247,14 @@ int e4_htree_write(pyimg_ext4 *h, uint32_t ino, uint8_t *blocks) {
         for (uint32_t k = 0; k < nodes; k++) {
             uint32_t lo = k * per, cnt = nl - lo < per ? nl - lo : per;
             uint8_t *node = blocks + (size_t)(1 + k) * E4_BS;
-            put_le32(node, 0);
-            put_le16(node + 4, E4_BS); /* fake dirent covering the block */
-            put_entries(node + 8, per, hashes + lo, lblks + lo, cnt);
-            dx_csum(h, ino, node, 8, cnt, per);
+            e4_put_dirent(node + E4_DX_NODE_FAKE, 0, NULL, 0, 0, E4_BS); /* fake dirent covering the block */
+            put_entries(node + E4_DX_NODE_ENTRIES, per, hashes + lo, lblks + lo, cnt);
+            dx_csum(h, ino, node, E4_DX_NODE_ENTRIES, cnt, per);
             nh[k] = hashes[lo];
             nb[k] = 1 + k;
         }
-        put_entries(root + 32, root_limit(h), nh, nb, nodes);
-        dx_csum(h, ino, root, 32, nodes, root_limit(h));
+        put_entries(root + E4_DX_ROOT_ENTRIES, root_limit(h), nh, nb, nodes);
+        dx_csum(h, ino, root, E4_DX_ROOT_ENTRIES, nodes, root_limit(h));
         free(nh);
         free(nb);
     }

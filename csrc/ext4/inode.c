@@ -4,8 +4,10 @@
 
 #include "ext4_int.h"
 
-_Static_assert(E4_INODE_SIZE == 256, "inode size");
-_Static_assert(128 + E4_EXTRA_ISIZE == 160, "extra_isize");
+/* The extra fields pyimg writes are exactly what i_extra_isize claims, and the
+ * in-inode xattrs that follow them fit the inode. */
+_Static_assert(E4_I_GOOD_OLD_SIZE + E4_EXTRA_ISIZE == E4_I_EXTRA_END, "i_extra_isize covers the extra fields");
+_Static_assert(E4_I_EXTRA_END < E4_INODE_SIZE, "room for in-inode xattrs");
 
 /* Per-inode checksum seed: crc32c(fs seed, inode number, generation 0). */
 uint32_t e4_inode_seed(const pyimg_ext4 *h, uint32_t ino) {
@@ -38,17 +40,17 @@ void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
     uint32_t t = (uint32_t)in->mtime;
     uint32_t tx = time_extra(in->mtime, in->mtime_nsec);
     uint32_t flags = 0;
-    put_le16(raw + 0, in->mode);
-    put_le16(raw + 2, (uint16_t)in->uid);
-    put_le32(raw + 4, (uint32_t)in->size);
-    put_le32(raw + 8, t);  /* atime */
-    put_le32(raw + 12, t); /* ctime */
-    put_le32(raw + 16, t); /* mtime */
-    put_le16(raw + 24, (uint16_t)in->gid);
-    put_le16(raw + 26, in->links);
+    put_le16(raw + E4_I_MODE, in->mode);
+    put_le16(raw + E4_I_UID, (uint16_t)in->uid);
+    put_le32(raw + E4_I_SIZE_LO, (uint32_t)in->size);
+    put_le32(raw + E4_I_ATIME, t);
+    put_le32(raw + E4_I_CTIME, t);
+    put_le32(raw + E4_I_MTIME, t);
+    put_le16(raw + E4_I_GID, (uint16_t)in->gid);
+    put_le16(raw + E4_I_LINKS_COUNT, in->links);
     uint64_t sectors = in->i_blocks * (E4_BS / 512);
-    put_le32(raw + 28, (uint32_t)sectors);
-    uint8_t *i_block = raw + 40;
+    put_le32(raw + E4_I_BLOCKS_LO, (uint32_t)sectors);
+    uint8_t *i_block = raw + E4_I_BLOCK;
     if (S_ISLNK(in->mode) && x->symlink_len < 60) {
         if (x->symlink_len) memcpy(i_block, x->symlink, x->symlink_len); /* fast symlink */
     } else if (S_ISCHR(in->mode) || S_ISBLK(in->mode)) {
@@ -58,31 +60,31 @@ void e4_encode_inode(pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
         /* tree blocks are encoded and written by the caller (finalize) */
     }
     if (S_ISDIR(in->mode) && x->htree_levels >= 0) flags |= E4_INDEX_FL;
-    put_le32(raw + 32, flags);
-    put_le32(raw + 100, 0); /* generation */
+    put_le32(raw + E4_I_FLAGS, flags);
+    put_le32(raw + E4_I_GENERATION, 0);
     if (x->xblock >= 0) {
         uint64_t b = h->xblocks[x->xblock].pblk;
-        put_le32(raw + 104, (uint32_t)b);
-        put_le16(raw + 116 + 2, (uint16_t)(b >> 32));
+        put_le32(raw + E4_I_FILE_ACL_LO, (uint32_t)b);
+        put_le16(raw + E4_I_FILE_ACL_HIGH, (uint16_t)(b >> 32));
     }
-    put_le32(raw + 108, (uint32_t)(in->size >> 32));
-    put_le16(raw + 116, (uint16_t)(sectors >> 32));
-    put_le16(raw + 116 + 4, (uint16_t)(in->uid >> 16));
-    put_le16(raw + 116 + 6, (uint16_t)(in->gid >> 16));
-    put_le16(raw + 128, E4_EXTRA_ISIZE);
-    put_le32(raw + 132, tx); /* ctime_extra */
-    put_le32(raw + 136, tx); /* mtime_extra */
-    put_le32(raw + 140, tx); /* atime_extra */
-    put_le32(raw + 144, t);  /* crtime */
-    put_le32(raw + 148, tx); /* crtime_extra */
+    put_le32(raw + E4_I_SIZE_HIGH, (uint32_t)(in->size >> 32));
+    put_le16(raw + E4_I_BLOCKS_HIGH, (uint16_t)(sectors >> 32));
+    put_le16(raw + E4_I_UID_HIGH, (uint16_t)(in->uid >> 16));
+    put_le16(raw + E4_I_GID_HIGH, (uint16_t)(in->gid >> 16));
+    put_le16(raw + E4_I_EXTRA_ISIZE, E4_EXTRA_ISIZE);
+    put_le32(raw + E4_I_CTIME_EXTRA, tx);
+    put_le32(raw + E4_I_MTIME_EXTRA, tx);
+    put_le32(raw + E4_I_ATIME_EXTRA, tx);
+    put_le32(raw + E4_I_CRTIME, t);
+    put_le32(raw + E4_I_CRTIME_EXTRA, tx);
     e4_xattr_inode_body(h, in, raw);
 }
 
 /* Checksum over the whole inode with both checksum fields zero (they are). */
 static void inode_csum(const pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {
     uint32_t c = pyimg_crc32c(e4_inode_seed(h, ino), raw, E4_INODE_SIZE);
-    put_le16(raw + 124, (uint16_t)c);
-    put_le16(raw + 130, (uint16_t)(c >> 16));
+    put_le16(raw + E4_I_CHECKSUM_LO, (uint16_t)c);
+    put_le16(raw + E4_I_CHECKSUM_HI, (uint16_t)(c >> 16));
 }
 
 void e4_inode_finish(const pyimg_ext4 *h, uint32_t ino, uint8_t *raw) {

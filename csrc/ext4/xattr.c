@@ -7,13 +7,12 @@
 
 #include "ext4_int.h"
 
-#define XATTR_MAGIC 0xEA020000u
 #define XBLOCK_REFCOUNT_MAX 1024u
-#define IBODY_START (128 + E4_EXTRA_ISIZE)          /* magic here */
-#define IBODY_ROOM (E4_INODE_SIZE - IBODY_START - 4) /* after the magic */
+#define IBODY_START E4_I_EXTRA_END                                         /* magic here */
+#define IBODY_ROOM (E4_INODE_SIZE - IBODY_START - E4_XATTR_IBODY_HEADER_SIZE) /* after the magic */
 
 static uint32_t pad4(uint32_t n) { return (n + 3) & ~3u; }
-static uint32_t entry_size(const e4_xattr *x) { return pad4(16 + x->name_len); }
+static uint32_t entry_size(const e4_xattr *x) { return pad4(E4_XE_HEADER_SIZE + x->name_len); }
 
 static int cmp_xattr(const void *a, const void *b) {
     const e4_xattr *x = a, *y = b;
@@ -44,13 +43,13 @@ static uint32_t encode(const e4_xattr *xs, size_t lo, size_t hi, uint8_t *region
         vend -= pad4(x->value_len);
         uint8_t *e = region + pos;
         uint32_t hash = with_hash ? entry_hash(x) : 0;
-        e[0] = x->name_len;
-        e[1] = x->index;
-        put_le16(e + 2, (uint16_t)(x->value_len ? vend - base : 0));
-        put_le32(e + 4, 0); /* e_value_inum */
-        put_le32(e + 8, x->value_len);
-        put_le32(e + 12, hash);
-        memcpy(e + 16, x->name, x->name_len);
+        e[E4_XE_NAME_LEN] = x->name_len;
+        e[E4_XE_NAME_INDEX] = x->index;
+        put_le16(e + E4_XE_VALUE_OFFS, (uint16_t)(x->value_len ? vend - base : 0));
+        put_le32(e + E4_XE_VALUE_INUM, 0);
+        put_le32(e + E4_XE_VALUE_SIZE, x->value_len);
+        put_le32(e + E4_XE_HASH, hash);
+        memcpy(e + E4_XE_NAME, x->name, x->name_len);
         if (x->value_len) memcpy(region + vend, x->value, x->value_len);
         pos += entry_size(x);
         bhash = (bhash << 16) ^ (bhash >> 16) ^ hash;
@@ -72,15 +71,15 @@ int e4_xattr_plan(pyimg_ext4 *h, uint32_t ino) {
     in->nx_inode = k;
     if (k == in->nx) return 0;
     if (!(h->g.feature_compat & E4_COMPAT_EXT_ATTR)) return e4_fail(h, PYIMG_ELIMIT, "inode %u: xattrs need an xattr block but ext_attr is off", ino);
-    used = 32 + 4;
+    used = E4_XH_SIZE + 4; /* the header, the entries' 4-byte end marker */
     for (size_t i = k; i < in->nx; i++) used += entry_size(&in->xattrs[i]) + pad4(in->xattrs[i].value_len);
     if (used > E4_BS) return e4_fail(h, PYIMG_ELIMIT, "inode %u: xattrs need %u bytes, more than one block", ino, used);
     uint8_t *body = calloc(1, E4_BS);
     if (!body) return e4_fail(h, PYIMG_ENOMEM, "out of memory");
-    uint32_t bhash = encode(in->xattrs, k, in->nx, body, E4_BS, 32, 0, 1);
-    put_le32(body, XATTR_MAGIC);
-    put_le32(body + 8, 1); /* h_blocks */
-    put_le32(body + 12, bhash);
+    uint32_t bhash = encode(in->xattrs, k, in->nx, body, E4_BS, E4_XH_SIZE, 0, 1);
+    put_le32(body + E4_XH_MAGIC, E4_XATTR_MAGIC);
+    put_le32(body + E4_XH_BLOCKS, 1);
+    put_le32(body + E4_XH_HASH, bhash);
     uint32_t crc = pyimg_crc32c(0, body, E4_BS);
     /* share an identical block (linear scan over same-crc candidates is fine:
      * xattr blocks are few and mostly identical) */
@@ -117,23 +116,23 @@ void e4_xattr_inode_body(const pyimg_ext4 *h, const e4_inode *core, uint8_t *raw
     (void)h;
     const e4_extra *in = e4_x(core);
     if (!in->nx_inode) return;
-    put_le32(raw + IBODY_START, XATTR_MAGIC);
-    /* region = raw + IBODY_START + 4, offsets relative to it */
-    encode(in->xattrs, 0, in->nx_inode, raw + IBODY_START + 4, E4_INODE_SIZE - IBODY_START - 4, 0, 0, 1);
+    put_le32(raw + IBODY_START, E4_XATTR_MAGIC);
+    /* entries right after the magic, value offsets relative to the first entry */
+    encode(in->xattrs, 0, in->nx_inode, raw + IBODY_START + E4_XATTR_IBODY_HEADER_SIZE, IBODY_ROOM, 0, 0, 1);
 }
 
-int e4_xattr_write_blocks(pyimg_ext4 *h, int fd) {
+int e4_xattr_write_blocks(pyimg_ext4 *h, const pyimg_out *out) {
     for (size_t x = 0; x < h->nxblocks; x++) {
         e4_xblock *xb = &h->xblocks[x];
-        put_le32(xb->body + 4, xb->refcount);
-        put_le32(xb->body + 16, 0);
+        put_le32(xb->body + E4_XH_REFCOUNT, xb->refcount);
+        put_le32(xb->body + E4_XH_CHECKSUM, 0);
         if (h->csum) {
             uint8_t b[8];
             put_le64(b, xb->pblk);
             uint32_t c = pyimg_crc32c(h->csum_seed, b, 8);
-            put_le32(xb->body + 16, pyimg_crc32c(c, xb->body, E4_BS));
+            put_le32(xb->body + E4_XH_CHECKSUM, pyimg_crc32c(c, xb->body, E4_BS));
         }
-        int rc = e4_pwrite(h, fd, xb->body, E4_BS, xb->pblk * E4_BS);
+        int rc = e4_pwrite(h, out, xb->body, E4_BS, xb->pblk * E4_BS);
         if (rc) return rc;
     }
     return 0;

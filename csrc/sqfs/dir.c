@@ -9,15 +9,12 @@
  * the whole listing.
  */
 #include "sqfs.h"
+#include "sqfs_format.h"
 
-#define DIR_HEADER_SIZE 12
-#define DIR_ENTRY_SIZE 8
-#define DIR_INDEX_SIZE 12
+#define DIR_HEADER_SIZE SQFS_DIRHDR_SIZE
+#define DIR_ENTRY_SIZE SQFS_DIRENT_SIZE
 #define DIR_MAX_RUN 256
 #define DIR_MAX_NAME 256
-#define DIR_BASIC_SIZE (16 + 16)
-#define DIR_EXT_SIZE (16 + 24)
-_Static_assert(DIR_BASIC_SIZE == 32 && DIR_EXT_SIZE == 40, "directory inode sizes");
 
 typedef struct {
     const uint8_t *names;
@@ -49,30 +46,30 @@ static size_t run_length(const listing_t *l, size_t first, size_t offset) {
 }
 
 static int append_header(pyimg_sqfs_meta *dirs, const listing_t *l, size_t first, size_t run) {
-    uint8_t h[DIR_HEADER_SIZE];
-    put_le32(h, (uint32_t)(run - 1));
-    put_le32(h + 4, (uint32_t)(l->refs[first] >> 16));
-    put_le32(h + 8, l->inos[first]);
+    uint8_t h[SQFS_DIRHDR_SIZE];
+    put_le32(h + SQFS_DIRHDR_COUNT, (uint32_t)(run - 1));
+    put_le32(h + SQFS_DIRHDR_START, (uint32_t)(l->refs[first] >> 16));
+    put_le32(h + SQFS_DIRHDR_INODE_NUMBER, l->inos[first]);
     return pyimg_sqfs_meta_append(dirs, h, sizeof h);
 }
 
 static int append_entry(pyimg_sqfs_meta *dirs, const listing_t *l, size_t i, uint32_t base_ino) {
-    uint8_t e[DIR_ENTRY_SIZE];
+    uint8_t e[SQFS_DIRENT_SIZE];
     size_t len = name_len(l, i);
-    put_le16(e, (uint16_t)(l->refs[i] & 0xFFFF));
-    put_le16(e + 2, (uint16_t)(int16_t)((int64_t)l->inos[i] - (int64_t)base_ino));
-    put_le16(e + 4, l->types[i]);
-    put_le16(e + 6, (uint16_t)(len - 1));
+    put_le16(e + SQFS_DIRENT_OFFSET, (uint16_t)(l->refs[i] & 0xFFFF));
+    put_le16(e + SQFS_DIRENT_INODE_OFFSET, (uint16_t)(int16_t)((int64_t)l->inos[i] - (int64_t)base_ino));
+    put_le16(e + SQFS_DIRENT_TYPE, l->types[i]);
+    put_le16(e + SQFS_DIRENT_NAME_SIZE, (uint16_t)(len - 1));
     int rc = pyimg_sqfs_meta_append(dirs, e, sizeof e);
     return rc ? rc : pyimg_sqfs_meta_append(dirs, l->names + name_start(l, i), len);
 }
 
 static int index_add(pyimg_buf *idx, uint32_t listing_offset, uint32_t dir_block, const uint8_t *name,
                      size_t len) {
-    uint8_t e[DIR_INDEX_SIZE];
-    put_le32(e, listing_offset);
-    put_le32(e + 4, dir_block);
-    put_le32(e + 8, (uint32_t)(len - 1));
+    uint8_t e[SQFS_DIRIDX_SIZE];
+    put_le32(e + SQFS_DIRIDX_INDEX, listing_offset);
+    put_le32(e + SQFS_DIRIDX_START, dir_block);
+    put_le32(e + SQFS_DIRIDX_NAME_SIZE, (uint32_t)(len - 1));
     return pyimg_buf_append(idx, e, sizeof e) || pyimg_buf_append(idx, name, len) ? -PYIMG_ENOMEM : 0;
 }
 
@@ -105,7 +102,7 @@ static int write_listing(pyimg_sqfs *w, const listing_t *l, pyimg_buf *idx, uint
             rc = append_entry(dirs, l, i, l->inos[base]);
             listing += DIR_ENTRY_SIZE + name_len(l, i);
         }
-        if (rc) return pyimg_sqfs_fail(w, -rc, "%s", pyimg_sqfs_meta_error(dirs));
+        if (rc) return pyimg_sqfs_meta_failed(w, dirs, rc);
     }
     *size = listing;
     return 0;
@@ -116,7 +113,7 @@ static int64_t append_inode(pyimg_sqfs *w, const uint8_t *p, size_t len, const p
     uint64_t ref = pyimg_sqfs_meta_ref(inodes);
     int rc = pyimg_sqfs_meta_append(inodes, p, len);
     if (!rc && idx && idx->len) rc = pyimg_sqfs_meta_append(inodes, idx->data, idx->len);
-    if (rc) return pyimg_sqfs_fail(w, -rc, "%s", pyimg_sqfs_meta_error(inodes));
+    if (rc) return pyimg_sqfs_meta_failed(w, inodes, rc);
     return (int64_t)ref;
 }
 
@@ -138,32 +135,27 @@ int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t p
         pyimg_buf_free(&idx);
         return pyimg_sqfs_fail(w, PYIMG_ELIMIT, "directory listing too large for squashfs");
     }
-    uint8_t p[DIR_EXT_SIZE] = {0};
+    uint8_t p[SQFS_XDIR_SIZE] = {0};
     size_t inode_len;
     if (c->xattr == SQFS_NO_XATTR && index_count == 0 && file_size <= UINT16_MAX) {
-        put_le16(p, SQFS_DIR);
-        put_le32(p + 16, (uint32_t)(start >> 16));
-        put_le32(p + 20, c->nlink);
-        put_le16(p + 24, (uint16_t)file_size);
-        put_le16(p + 26, (uint16_t)(start & 0xFFFF));
-        put_le32(p + 28, parent_ino);
-        inode_len = DIR_BASIC_SIZE;
+        pyimg_sqfs_encode_header(p, SQFS_DIR, c);
+        put_le32(p + SQFS_DIR_BLOCK_START, (uint32_t)(start >> 16));
+        put_le32(p + SQFS_DIR_LINK_COUNT, c->nlink);
+        put_le16(p + SQFS_DIR_FILE_SIZE, (uint16_t)file_size);
+        put_le16(p + SQFS_DIR_BLOCK_OFFSET, (uint16_t)(start & 0xFFFF));
+        put_le32(p + SQFS_DIR_PARENT, parent_ino);
+        inode_len = SQFS_DIR_SIZE;
     } else {
-        put_le16(p, SQFS_DIR + SQFS_EXT);
-        put_le32(p + 16, c->nlink);
-        put_le32(p + 20, (uint32_t)file_size);
-        put_le32(p + 24, (uint32_t)(start >> 16));
-        put_le32(p + 28, parent_ino);
-        put_le16(p + 32, (uint16_t)index_count);
-        put_le16(p + 34, (uint16_t)(start & 0xFFFF));
-        put_le32(p + 36, c->xattr);
-        inode_len = DIR_EXT_SIZE;
+        pyimg_sqfs_encode_header(p, SQFS_DIR + SQFS_EXT, c);
+        put_le32(p + SQFS_XDIR_LINK_COUNT, c->nlink);
+        put_le32(p + SQFS_XDIR_FILE_SIZE, (uint32_t)file_size);
+        put_le32(p + SQFS_XDIR_BLOCK_START, (uint32_t)(start >> 16));
+        put_le32(p + SQFS_XDIR_PARENT, parent_ino);
+        put_le16(p + SQFS_XDIR_INDEX_COUNT, (uint16_t)index_count);
+        put_le16(p + SQFS_XDIR_BLOCK_OFFSET, (uint16_t)(start & 0xFFFF));
+        put_le32(p + SQFS_XDIR_XATTR_IDX, c->xattr);
+        inode_len = SQFS_XDIR_SIZE;
     }
-    put_le16(p + 2, c->mode & 07777);
-    put_le16(p + 4, c->uid_idx);
-    put_le16(p + 6, c->gid_idx);
-    put_le32(p + 8, c->mtime);
-    put_le32(p + 12, c->ino);
     int64_t ref = append_inode(w, p, inode_len, &idx);
     pyimg_buf_free(&idx);
     return ref;

@@ -28,7 +28,16 @@ struct pyimg_sqfs_packer {
     /* Closed blocks Python has not taken yet.  Each is its own allocation, handed
      * over as it is (no copy): Python compresses it and frees it. */
     pyimg_buf pending; /* pending_block items, native order (never on disk) */
+    pyimg_err err;
 };
+
+const char *pyimg_sqfs_packer_error(const pyimg_sqfs_packer *p) { return p->err.msg; }
+
+/* The message of a failed step (rc < 0) inside the packer: the helpers below
+ * return bare codes, each public entry point names what failed. */
+static int packer_fail(pyimg_sqfs_packer *p, int rc, const char *what) {
+    return pyimg_err_set(&p->err, -rc, "fragment packer: %s: %s", what, pyimg_strerror(rc));
+}
 
 typedef struct {
     uint32_t frag_index, frag_offset;
@@ -63,7 +72,7 @@ void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p) {
     free(p);
 }
 
-int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p) {
+static int close_block(pyimg_sqfs_packer *p) {
     if (!p->fill) return 0;
     uint8_t *next = malloc(p->block_size);
     if (!next) return -PYIMG_ENOMEM;
@@ -84,7 +93,7 @@ static int append_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, ui
                        uint32_t *frag_offset) {
     if (len > p->block_size) return -PYIMG_EINVAL;
     if (p->fill + len > p->block_size) {
-        int rc = pyimg_sqfs_packer_close_block(p);
+        int rc = close_block(p);
         if (rc) return rc;
     }
     *frag_index = p->closed;
@@ -105,8 +114,13 @@ static int find_tail(const pyimg_sqfs_packer *p, const uint8_t *key, uint32_t *f
     return 1;
 }
 
-int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
-                               uint32_t *frag_index, uint32_t *frag_offset) {
+int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p) {
+    int rc = close_block(p);
+    return rc ? packer_fail(p, rc, "closing a block") : 0;
+}
+
+static int add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
+                    uint32_t *frag_index, uint32_t *frag_offset) {
     if (key && find_tail(p, key, frag_index, frag_offset)) return 0;
     int rc = append_tail(p, tail, len, frag_index, frag_offset);
     if (rc || !key) return rc;
@@ -116,6 +130,12 @@ int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t
     if (!rc) rc = pyimg_buf_append(&p->tail_places, &place, sizeof place);
     if (!rc) rc = pyimg_keytab_put(&p->tails, p->tail_keys.data, key_no, 0);
     return rc;
+}
+
+int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
+                               uint32_t *frag_index, uint32_t *frag_offset) {
+    int rc = add_tail(p, tail, len, key, frag_index, frag_offset);
+    return rc ? packer_fail(p, rc, "adding a tail") : 0;
 }
 
 int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t first, size_t n, const uint64_t *sizes,
@@ -143,7 +163,7 @@ int pyimg_sqfs_packer_add_small(pyimg_sqfs_packer *p, size_t first, size_t n, co
             *unique_bytes += len;
             if (!rc && dedup) rc = pyimg_keytab_put(&p->small, digests, i, 0);
         }
-        if (rc) return rc;
+        if (rc) return packer_fail(p, rc, "adding a small file");
         at += len;
     }
     return 0;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "sqfs.h"
+#include "sqfs_format.h"
 
 struct pyimg_sqfs_meta {
     pyimg_sqfs_compress_fn compress;
@@ -15,7 +16,7 @@ struct pyimg_sqfs_meta {
     pyimg_buf out;          /* encoded blocks: header + payload */
     pyimg_buf offsets;      /* uint64 LE offset of each block in out */
     uint8_t scratch[SQFS_META_SIZE];
-    char err[PYIMG_ERRMSG_MAX];
+    pyimg_err err;
 };
 
 pyimg_sqfs_meta *pyimg_sqfs_meta_new(pyimg_sqfs_compress_fn fn, void *ctx) {
@@ -33,11 +34,10 @@ void pyimg_sqfs_meta_free(pyimg_sqfs_meta *m) {
     free(m);
 }
 
-const char *pyimg_sqfs_meta_error(const pyimg_sqfs_meta *m) { return m->err; }
+const char *pyimg_sqfs_meta_error(const pyimg_sqfs_meta *m) { return m->err.msg; }
 
-static int meta_fail(pyimg_sqfs_meta *m, int code, const char *what) {
-    snprintf(m->err, sizeof m->err, "metadata block: %s", what);
-    return -code;
+int pyimg_sqfs_meta_fail(pyimg_sqfs_meta *m, int code, const char *what) {
+    return pyimg_err_set(&m->err, code, "metadata block: %s", what);
 }
 
 /* Encodes the current block: a 16-bit header (size, bit 15 = stored raw) and the
@@ -46,15 +46,15 @@ static int meta_flush_block(pyimg_sqfs_meta *m) {
     if (m->fill == 0) return 0;
     uint8_t offset_le[8];
     put_le64(offset_le, (uint64_t)m->out.len);
-    if (pyimg_buf_append(&m->offsets, offset_le, 8)) return meta_fail(m, PYIMG_ENOMEM, "out of memory");
+    if (pyimg_buf_append(&m->offsets, offset_le, 8)) return pyimg_sqfs_meta_fail(m, PYIMG_ENOMEM, "out of memory");
     int csize = m->compress ? m->compress(m->ctx, m->block, m->fill, m->scratch, sizeof m->scratch) : 0;
-    if (csize < 0) return meta_fail(m, PYIMG_ECOMPRESS, "compression failed");
+    if (csize < 0) return pyimg_sqfs_meta_fail(m, PYIMG_ECALLBACK, "compression failed");
     const uint8_t *payload = csize > 0 ? m->scratch : m->block;
     size_t size = csize > 0 ? (size_t)csize : m->fill;
     uint8_t header[2];
-    put_le16(header, (uint16_t)(size | (csize > 0 ? 0 : 0x8000u)));
+    put_le16(header, (uint16_t)(size | (csize > 0 ? 0 : SQFS_META_UNCOMPRESSED)));
     if (pyimg_buf_append(&m->out, header, 2) || pyimg_buf_append(&m->out, payload, size))
-        return meta_fail(m, PYIMG_ENOMEM, "out of memory");
+        return pyimg_sqfs_meta_fail(m, PYIMG_ENOMEM, "out of memory");
     m->fill = 0;
     return 0;
 }

@@ -21,7 +21,8 @@
 /* CDEF BEGIN */
 /* Compress len bytes at src into dst (capacity cap).  Returns the compressed size
  * when it is smaller than len, 0 when it is not (the block is then stored raw),
- * and -1 on failure.  ctx is passed back untouched (borrowed). */
+ * and -1 on failure (the Python side keeps the exception; the call then fails
+ * with -PYIMG_ECALLBACK).  ctx is passed back untouched (borrowed). */
 typedef int (*pyimg_sqfs_compress_fn)(void *ctx, const uint8_t *src, size_t len, uint8_t *dst, size_t cap);
 
 /* A stream of metadata blocks, kept in memory: 2-byte header + (compressed) data
@@ -54,32 +55,6 @@ const char *pyimg_sqfs_error(const pyimg_sqfs *w);
 pyimg_sqfs_meta *pyimg_sqfs_inodes(pyimg_sqfs *w);      /* borrowed, owned by w */
 pyimg_sqfs_meta *pyimg_sqfs_directories(pyimg_sqfs *w); /* borrowed, owned by w */
 
-/* Common inode fields.  xattr is an index into the xattr id table, or 0xFFFFFFFF. */
-typedef struct {
-    uint16_t mode;  /* permission bits (07777) */
-    uint16_t uid_idx;
-    uint16_t gid_idx;
-    uint32_t mtime;
-    uint32_t ino;
-    uint32_t nlink;
-    uint32_t xattr;
-} pyimg_sqfs_common;
-
-/* Each returns the new inode's reference (>= 0) or a negative PYIMG_E* code.
- * The extended inode form is chosen when the basic one cannot hold the values. */
-int64_t pyimg_sqfs_add_file(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint64_t size, uint64_t blocks_start,
-                            uint64_t sparse, uint32_t frag_index, uint32_t frag_offset,
-                            const uint32_t *block_sizes, size_t nblocks);
-/* type: 3 symlink (target used), 4 block dev, 5 char dev (rdev used), 6 fifo, 7 socket. */
-int64_t pyimg_sqfs_add_special(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint16_t type, uint32_t rdev,
-                               const uint8_t *target, size_t target_len);
-/* A directory: its listing (n entries, sorted by name) goes to the directory
- * table and its inode to the inode table.  names holds the names back to back,
- * name_ends[i] the end offset of name i; refs/inos/types describe each child
- * (types: the basic squashfs type 1..7). */
-int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t parent_ino, size_t n,
-                           const uint8_t *names, const uint32_t *name_ends, const uint64_t *refs,
-                           const uint32_t *inos, const uint16_t *types);
 
 /* A whole tree as columns (tree.c).  Nodes (directory entries) come in tree
  * order: depth first, children by name, node 0 the root; node_ino[i] is the
@@ -137,6 +112,8 @@ typedef struct pyimg_sqfs_packer pyimg_sqfs_packer;
 
 pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size);
 void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p);
+/* The message of the last failure; borrowed, valid until the next call. */
+const char *pyimg_sqfs_packer_error(const pyimg_sqfs_packer *p);
 /* The tail of a larger file.  key: the tail's 32-byte digest, or NULL for no
  * dedup.  Sets its place: fragment index and offset in that fragment. */
 int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
@@ -182,6 +159,35 @@ typedef struct {
 void pyimg_sqfs_encode_super(const pyimg_sqfs_super *s, uint8_t *out);
 /* CDEF END */
 
+/* Used inside the C core only (tree.c encodes a whole tree with them): not in
+ * the cdef, so they are no API to keep for Python. */
+/* Common inode fields.  xattr is an index into the xattr id table, or 0xFFFFFFFF. */
+typedef struct {
+    uint16_t mode;  /* permission bits (07777) */
+    uint16_t uid_idx;
+    uint16_t gid_idx;
+    uint32_t mtime;
+    uint32_t ino;
+    uint32_t nlink;
+    uint32_t xattr;
+} pyimg_sqfs_common;
+
+/* Each returns the new inode's reference (>= 0) or a negative PYIMG_E* code.
+ * The extended inode form is chosen when the basic one cannot hold the values. */
+int64_t pyimg_sqfs_add_file(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint64_t size, uint64_t blocks_start,
+                            uint64_t sparse, uint32_t frag_index, uint32_t frag_offset,
+                            const uint32_t *block_sizes, size_t nblocks);
+/* type: 3 symlink (target used), 4 block dev, 5 char dev (rdev used), 6 fifo, 7 socket. */
+int64_t pyimg_sqfs_add_special(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint16_t type, uint32_t rdev,
+                               const uint8_t *target, size_t target_len);
+/* A directory: its listing (n entries, sorted by name) goes to the directory
+ * table and its inode to the inode table.  names holds the names back to back,
+ * name_ends[i] the end offset of name i; refs/inos/types describe each child
+ * (types: the basic squashfs type 1..7). */
+int64_t pyimg_sqfs_add_dir(pyimg_sqfs *w, const pyimg_sqfs_common *c, uint32_t parent_ino, size_t n,
+                           const uint8_t *names, const uint32_t *name_ends, const uint64_t *refs,
+                           const uint32_t *inos, const uint16_t *types);
+
 /* Inode types. */
 enum {
     SQFS_DIR = 1, SQFS_FILE = 2, SQFS_SYMLINK = 3, SQFS_BDEV = 4, SQFS_CDEV = 5, SQFS_FIFO = 6, SQFS_SOCKET = 7,
@@ -191,7 +197,14 @@ enum {
 #define SQFS_NO_XATTR 0xFFFFFFFFu
 #define SQFS_NO_FRAGMENT 0xFFFFFFFFu
 
-/* Shared between the .c files of the writer. */
-int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...);
+/* Shared between the .c files of the writer.  pyimg_sqfs_fail: code is a
+ * positive PYIMG_E*, the return value its negation (as every fail helper).
+ * pyimg_sqfs_meta_failed: passes on the failure rc (< 0) of a call on m, with
+ * m's message, as the writer's.  pyimg_sqfs_meta_fail: the same for a stream. */
+int pyimg_sqfs_fail(pyimg_sqfs *w, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int pyimg_sqfs_meta_failed(pyimg_sqfs *w, const pyimg_sqfs_meta *m, int rc);
+int pyimg_sqfs_meta_fail(pyimg_sqfs_meta *m, int code, const char *what);
+/* The 16-byte header every inode starts with (inode.c; used by dir.c too). */
+void pyimg_sqfs_encode_header(uint8_t *p, uint16_t type, const pyimg_sqfs_common *c);
 
 #endif

@@ -179,7 +179,8 @@ int pyimg_sqfs_encode_tree(pyimg_sqfs *w, const pyimg_sqfs_tree *t, uint64_t *re
     if (!rc) rc = alloc_scratch(&k);
     if (rc) {
         walk_free(&k);
-        return pyimg_sqfs_fail(w, -rc, rc == -PYIMG_EINVAL ? "nodes out of tree order" : "out of memory");
+        return rc == -PYIMG_EINVAL ? pyimg_sqfs_fail(w, PYIMG_EINVAL, "nodes out of tree order")
+                                   : pyimg_sqfs_fail(w, PYIMG_ENOMEM, "out of memory");
     }
     rc = post_order(w, &k, refs_out, failed_node);
     walk_free(&k);

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import stat
 import sys
 import threading
@@ -36,7 +35,7 @@ from typing import Any, ClassVar
 
 import blake3
 
-from .._ffi import check, ffi, lib
+from .._ffi import check, check_handle, ffi, lib, new_err
 from ..content import (
     C_HASH_MAX,
     BatchSources,
@@ -47,7 +46,7 @@ from ..content import (
     ordered_map,
     read_error,
 )
-from ..errors import FormatError, LimitError, OutputError, SourceError, SpecError
+from ..errors import FormatError, LimitError, SourceError, SpecError
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
@@ -164,6 +163,9 @@ def _le(a: array[int]) -> bytes:
     return swapped.tobytes()
 
 
+_NO_LIMIT = (1 << 64) - 1  # pyimg_out.limit for a region without one
+
+
 def _u32(n: int) -> array[int]:
     return array("I", bytes(4 * n))
 
@@ -192,6 +194,7 @@ def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[a
     first, count = _u32(cap), _u32(cap)
     got = lib.pyimg_block_runs(_c("uint8_t[]", buf), len(buf), BLOCK, first_block,
                                _c("uint32_t[]", first), _c("uint32_t[]", count), cap)  # fmt: skip
+    check(got, "block runs: too little room")  # cap always suffices: a bug if not
     return first[:got], count[:got]
 
 
@@ -406,9 +409,7 @@ class Ext4Writer:
         return self._prescan
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
-        if region.offset != 0:
-            raise FormatError("ext4 images cannot be placed at an offset yet")
-        return _Build(self.options, self.features, tree, region.fd, progress, self._prescan).run()
+        return _Build(self.options, self.features, tree, region, progress, self._prescan).run()
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,14 +431,18 @@ class Ext4Facts:
 
 
 class _Build:
-    def __init__(self, options: BuildOptions, features: set[str], tree: FrozenTree, fd: int,
+    def __init__(self, options: BuildOptions, features: set[str], tree: FrozenTree, region: Region,
                  progress: Progress, prescan: Prescan | None = None) -> None:  # fmt: skip
         self.options = options
         self.prescan = prescan
         self.opts = options.settings(Ext4Options)
         self.features = set(features)
         self.tree = tree
-        self.fd = fd
+        self.region = region
+        # The C side of the region: C writes at region.offset + its own offsets, within the limit.
+        self.out = ffi.new(
+            "pyimg_out *", (region.fd, region.offset, _NO_LIMIT if region.limit is None else region.limit)
+        )
         self.progress = progress
         self.journal = self.opts.journal is not None
         if "shared_blocks" in features:
@@ -557,9 +562,7 @@ class _Build:
         # given by the C core's dedup table (one call per batch, no object per file).
         self.packed = bytearray(32 * len(self.inos))
         self.file_contents = _u32(len(self.inos))
-        self.dedup_table = ffi.gc(lib.pyimg_dedup_new(), lib.pyimg_dedup_free)
-        if self.dedup_table == ffi.NULL:
-            raise MemoryError("pyimg_dedup_new")
+        self.dedup_table = ffi.gc(check_handle(lib.pyimg_dedup_new(), "dedup table"), lib.pyimg_dedup_free)
         self.shared = False
         self.bytes_unique = self.bytes_stored = self.data_blocks = 0
         self.budget = CACHE_BUDGET
@@ -595,10 +598,7 @@ class _Build:
             yield start, scanned
 
     def new_handle(self) -> None:
-        h = ffi.gc(lib.pyimg_ext4_new(self.max_ino), lib.pyimg_ext4_free)
-        if h == ffi.NULL:
-            raise MemoryError("pyimg_ext4_new")
-        self.h = h
+        self.h = ffi.gc(check_handle(lib.pyimg_ext4_new(self.max_ino), "ext4 writer"), lib.pyimg_ext4_free)
 
     def take(self, start: int, scanned: _Scanned) -> None:
         """Dedup a scanned batch (in file order: the first file of a content owns
@@ -611,7 +611,7 @@ class _Build:
         ids, packed = _c("uint32_t[]", self.file_contents), _c("uint8_t[]", self.packed)
         rc = lib.pyimg_dedup_assign(self.dedup_table, packed, start, n, int(self.dedup), next_id, ids,
                                     _c("uint8_t[]", is_new))  # fmt: skip
-        check(rc)
+        check(rc, lambda: lib.pyimg_dedup_error(self.dedup_table))
         # A duplicate with blocks of its own would need them: it shares its original's.
         self.shared = self.shared or any(size and not new for size, new in zip(stored, is_new, strict=True))
         self.progress(sum(ref.size for ref in refs[start : start + n]))
@@ -620,7 +620,8 @@ class _Build:
         first_id = lib.pyimg_ext4_add_contents(self.h, n, _c("uint8_t[]", is_new), *runs, failed)
         if first_id < 0:
             check(first_id, self.err, refs[start + failed[0]].path)
-        assert first_id == self.next_content, "content ids out of step with the C core"
+        if first_id != self.next_content:  # a bug, reported as the C core's are
+            raise FormatError(f"content ids out of step with the C core ({first_id} != {self.next_content})")
         self.next_content = next_id[0]
         self.plan_writes(start, scanned, [i for i in range(n) if is_new[i]])
 
@@ -865,36 +866,33 @@ class _Build:
         layout fixed every block first, so the order of completion does not matter)."""
 
         def write(batch: _Writes) -> None:
-            errbuf = ffi.new("char[]", 512)
+            err = new_err()  # one per call: calls on several threads share the handle
             if len(batch.refs) == 1 and batch.refs[0].size > SMALL_FILE:
-                self.copy_big(batch.contents[0], batch.refs[0], errbuf)
+                self.copy_big(batch.contents[0], batch.refs[0], err)
             else:
-                self.write_small(batch, errbuf)
+                self.write_small(batch, err)
             batch.buffer = None  # written: let the memory go
 
         for _ in ordered_map(write, self.writes, max(1, self.options.jobs)):
             pass
 
-    def write_small(self, batch: _Writes, errbuf: Any) -> None:
+    def write_small(self, batch: _Writes, err: Any) -> None:
         src = BatchSources.of(batch.refs)
         failed, status, err_no = ffi.new("size_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
         cache = _c("uint8_t[]", batch.buffer) if batch.buffer is not None else ffi.NULL
         contents, cache_at = _c("uint32_t[]", batch.contents), _c("int64_t[]", batch.cache_at)
         rc = lib.pyimg_ext4_write_batch(self.h, len(batch.refs), contents, *src.args(), cache, cache_at,
-                                        self.fd, failed, status, err_no, errbuf, 512)  # fmt: skip
+                                        self.out, failed, status, err_no, err)  # fmt: skip
         if rc < 0:
-            if status[0]:
+            if status[0]:  # a source that could not be read: its status says how
                 raise read_error(batch.refs[failed[0]], status[0], err_no[0])
-            raise OutputError(ffi.string(errbuf).decode("utf-8", "replace"))
+            ref = batch.refs[failed[0]]
+            check(rc, err, ref.path if rc == -lib.PYIMG_ESOURCE else None)
 
-    def copy_big(self, cid: int, ref: DataRef, errbuf: Any) -> None:
+    def copy_big(self, cid: int, ref: DataRef, err: Any) -> None:
         with ContentReader(ref) as reader:
-            rc = lib.pyimg_ext4_copy(self.h, cid, reader.fd, ref.offset, ref.size, self.fd, errbuf, 512)
-            if rc < 0:
-                text = ffi.string(errbuf).decode("utf-8", "replace")
-                if text.startswith("reading"):
-                    raise SourceError(text, ref.path)
-                raise OutputError(text)
+            rc = lib.pyimg_ext4_copy(self.h, cid, reader.fd, ref.offset, ref.size, self.out, err)
+            check(rc, err, ref.path if rc == -lib.PYIMG_ESOURCE else None)
             reader.check_unchanged()
 
     # ---- the whole build ------------------------------------------------------------
@@ -906,10 +904,11 @@ class _Build:
         self.register()
         self.uuid, self.seed = self.identity()
         geom, stats = self.lay_out()
+        size = int(geom.blocks_count) * BLOCK  # the image, its holes at the end included
+        self.region.check_fits(size)  # before any byte is written
         self.stream()
         h = self.h
-        check(lib.pyimg_ext4_finalize(h, self.fd), lambda: lib.pyimg_ext4_error(h))
-        size = os.fstat(self.fd).st_size
+        check(lib.pyimg_ext4_finalize(h, self.out), lambda: lib.pyimg_ext4_error(h))
         facts = Ext4Facts(
             features=tuple(sorted(self.features | ({"has_journal"} if self.journal else set()))),
             block_size=BLOCK,

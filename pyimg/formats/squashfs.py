@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .._ffi import check, ffi, lib
+from .._ffi import Callback, check, check_handle, ffi, lib
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError
 from ..options import BuildOptions
@@ -58,11 +58,12 @@ XATTR_PREFIXES = ((b"user.", 0), (b"trusted.", 1), (b"security.", 2))
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def pyimg_py_compress(ctx: Any, src: Any, length: int, dst: Any, cap: int) -> int:
     """Metadata block compression, called by the C core (csrc/sqfs/meta.c)."""
+    callback: Callback = ffi.from_handle(ctx)
     try:
-        compressor: BlockCompressor = ffi.from_handle(ctx)
+        compressor: BlockCompressor = callback.target
         packed = compressor.compress(ffi.buffer(src, length))
-    except Exception:  # an exception must not cross into C: report failure instead
-        return -1
+    except BaseException as exc:  # must not cross into C: kept, raised by check() after the call
+        return callback.fail(exc)
     if len(packed) >= length or len(packed) > cap:
         return 0
     ffi.memmove(dst, packed, len(packed))
@@ -232,21 +233,23 @@ class _Tables:
         self.id_index = {value: index for index, value in enumerate(ids)}
         self.ids = ids
         self._compressor = BlockCompressor(spec)
-        self._ctx = ffi.new_handle(self._compressor)  # kept alive as long as the handles below
-        writer = lib.pyimg_sqfs_new(lib.pyimg_py_compress, self._ctx)
-        if writer == ffi.NULL:
-            raise MemoryError("squashfs writer")
+        self._callback = Callback(self._compressor)  # kept alive as long as the handles below
+        writer = check_handle(
+            lib.pyimg_sqfs_new(lib.pyimg_py_compress, self._callback.handle), "squashfs writer"
+        )
         self.writer = ffi.gc(writer, lib.pyimg_sqfs_free)
         self.xattr_sets: dict[tuple[tuple[bytes, bytes], ...], int] = {}
 
     def _new_meta(self) -> Any:
-        meta = lib.pyimg_sqfs_meta_new(lib.pyimg_py_compress, self._ctx)
-        if meta == ffi.NULL:
-            raise MemoryError("squashfs metadata stream")
-        return ffi.gc(meta, lib.pyimg_sqfs_meta_free)
+        meta = lib.pyimg_sqfs_meta_new(lib.pyimg_py_compress, self._callback.handle)
+        return ffi.gc(check_handle(meta, "squashfs metadata stream"), lib.pyimg_sqfs_meta_free)
 
     def _err(self) -> Any:
         return lib.pyimg_sqfs_error(self.writer)
+
+    def _check(self, rc: int, message: Any, path: str | bytes | None = None) -> int:
+        """check(), raising what the compression callback kept, if it failed."""
+        return check(rc, message, path, self._callback)
 
     # -- inodes and directories -----------------------------------------------------
 
@@ -313,20 +316,20 @@ class _Tables:
         rc = lib.pyimg_sqfs_encode_tree(
             self.writer, t, ffi.from_buffer("uint64_t[]", refs, require_writable=True), failed
         )
-        check(rc, self._err, nodes[failed[0]].image_path)
+        self._check(rc, self._err, nodes[failed[0]].image_path)
         return refs
 
     # -- tables -------------------------------------------------------------------------
 
     def _finished(self, meta: Any) -> _Lookup:
-        check(lib.pyimg_sqfs_meta_finish(meta), lambda: lib.pyimg_sqfs_meta_error(meta))
+        self._check(lib.pyimg_sqfs_meta_finish(meta), lambda: lib.pyimg_sqfs_meta_error(meta))
         blocks = bytes(ffi.buffer(lib.pyimg_sqfs_meta_data(meta), lib.pyimg_sqfs_meta_size(meta)))
         count = lib.pyimg_sqfs_meta_block_count(meta)
         return _Lookup(blocks, [lib.pyimg_sqfs_meta_block_offset(meta, i) for i in range(count)])
 
     def _lookup_table(self, entries: bytes) -> _Lookup:
         meta = self._new_meta()
-        check(
+        self._check(
             lib.pyimg_sqfs_meta_append(meta, entries, len(entries)), lambda: lib.pyimg_sqfs_meta_error(meta)
         )
         return self._finished(meta)
@@ -352,9 +355,11 @@ class _Tables:
                 prefix, code = next((p, c) for p, c in XATTR_PREFIXES if name.startswith(p))
                 key = name[len(prefix) :]
                 rc = lib.pyimg_sqfs_xattr_pair(kv, code, key, len(key), value, len(value))
-                check(rc, lambda: lib.pyimg_sqfs_meta_error(kv))
+                self._check(rc, lambda: lib.pyimg_sqfs_meta_error(kv))
                 size += 8 + len(key) + len(value)
-            check(lib.pyimg_sqfs_xattr_id(ids, ref, len(pairs), size), lambda: lib.pyimg_sqfs_meta_error(ids))
+            self._check(
+                lib.pyimg_sqfs_xattr_id(ids, ref, len(pairs), size), lambda: lib.pyimg_sqfs_meta_error(ids)
+            )
         return self._finished(kv), self._finished(ids)
 
     def write(self, image: ImageFile, fragments: list[tuple[int, int]]) -> dict[str, int]:

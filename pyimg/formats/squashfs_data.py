@@ -30,10 +30,11 @@ from array import array
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 
-from .._ffi import check, ffi, lib
+from .._ffi import check, check_handle, ffi, lib
 from ..compression import CompressionSpec, PerThread
 from ..content import ContentReader, ordered_map, read_batch, read_batch_packed
 from ..tree import Inode
@@ -468,9 +469,7 @@ class _FragmentPacker:
     def __init__(self, stream: DataStream, image: ImageFile) -> None:
         self.stream = stream
         self.image = image
-        packer = lib.pyimg_sqfs_packer_new(stream.block_size)
-        if packer == ffi.NULL:
-            raise MemoryError("squashfs fragment packer")
+        packer = check_handle(lib.pyimg_sqfs_packer_new(stream.block_size), "squashfs fragment packer")
         self.packer = ffi.gc(packer, lib.pyimg_sqfs_packer_free)
         self.batch: list[tuple[int, memoryview]] = []  # (fragment index, raw block)
         self.in_flight: collections.deque[_FragmentBatch] = collections.deque()
@@ -486,7 +485,7 @@ class _FragmentPacker:
             self.packer, ffi.from_buffer(tail), len(tail), key if key is not None else ffi.NULL,
             self._where, self._where + 1,
         )  # fmt: skip
-        check(rc)
+        check(rc, self._err)
         self._take_closed()
         return int(self._where[0]), int(self._where[1])
 
@@ -499,9 +498,12 @@ class _FragmentPacker:
             ffi.from_buffer(done.data), placement.digests_ptr, int(self.stream.dedup),
             placement.frag_index_ptr, placement.frag_offset_ptr, self._unique,
         )  # fmt: skip
-        check(rc)
+        check(rc, self._err)
         self._take_closed()
         return int(self._unique[0])
+
+    def _err(self) -> Any:
+        return lib.pyimg_sqfs_packer_error(self.packer)
 
     def _take_closed(self) -> None:
         """Hand the blocks the packer closed to compression, oldest first."""
@@ -540,7 +542,7 @@ class _FragmentPacker:
             self.stream.bytes_stored += len(data)
 
     def flush_all(self) -> None:
-        check(lib.pyimg_sqfs_packer_close_block(self.packer))
+        check(lib.pyimg_sqfs_packer_close_block(self.packer), self._err)
         self._take_closed()
         self._hand_over()
         while self.in_flight:

@@ -25,7 +25,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 
-from .._ffi import ffi, lib
+from .._ffi import check, check_handle, ffi, lib
 from ..errors import SourceError
 from ..tree import NO_XATTRS, DataRef, Inode, Kind, Tree, kind_from_mode
 from . import Rules, read_xattrs
@@ -203,18 +203,15 @@ _COMMON_TYPES = {stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12}
 def _list_in_c() -> Callable[[str], _Listing | None]:
     """A lister of directories through one C walker, whose buffers it reuses; each
     listing owns the columns it needs (lists), so several can be read at once."""
-    walker = ffi.gc(lib.pyimg_walk_new(), lib.pyimg_walk_free)
-    if walker == ffi.NULL:
-        raise MemoryError("cannot allocate the directory walker")
+    walker = ffi.gc(check_handle(lib.pyimg_walk_new(), "directory walker"), lib.pyimg_walk_free)
     out = ffi.new("pyimg_walk_listing *")
     unpack = ffi.unpack
 
     def list_one(fs_dir: str) -> _Listing | None:
         n = lib.pyimg_walk_list(walker, os.fsencode(fs_dir), out)
-        if n == -lib.PYIMG_EIO:
+        if n == -lib.PYIMG_ESOURCE:  # the errno says more than the message
             raise SourceError(f"cannot read directory: {os.strerror(out.dir_errno)}", fs_dir)
-        if n < 0:
-            raise MemoryError(ffi.string(lib.pyimg_walk_error(walker)).decode())
+        check(n, lambda: lib.pyimg_walk_error(walker), fs_dir)
         if n == 0:
             return None
         listing = _Listing()

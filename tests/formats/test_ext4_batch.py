@@ -164,7 +164,7 @@ def test_image_write_failure_is_an_output_error(tmp_path: Path, monkeypatch: pyt
     readonly = os.open(tmp_path / "src" / "zeros", os.O_RDONLY)
 
     def swap_fd(build: ext4._Build) -> None:
-        build.fd = readonly
+        build.out.fd = readonly
 
     _after_layout(monkeypatch, swap_fd)
     try:

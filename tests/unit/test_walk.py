@@ -80,10 +80,10 @@ def test_empty_directory_and_errors_of_the_directory_itself(tmp_path: Path) -> N
     n, (_, out) = listing(os.fsencode(tmp_path / "empty"))
     assert n == 0 and out.count == 0
     n, (walker, out) = listing(os.fsencode(tmp_path / "nope"))
-    assert n == -lib.PYIMG_EIO and out.dir_errno == errno.ENOENT
+    assert n == -lib.PYIMG_ESOURCE and out.dir_errno == errno.ENOENT
     assert ffi.string(lib.pyimg_walk_error(walker))
     n, (_, out) = listing(os.fsencode(tmp_path / "file"))
-    assert n == -lib.PYIMG_EIO and out.dir_errno == errno.ENOTDIR
+    assert n == -lib.PYIMG_ESOURCE and out.dir_errno == errno.ENOTDIR
 
 
 def test_one_walker_lists_many_directories(tmp_path: Path) -> None:
