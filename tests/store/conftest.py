@@ -64,7 +64,11 @@ def _start(tmp: Path, auth: str = "") -> Registry:
         )
         log = open(tmp / "registry.log", "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(
-            [REGISTRY, "serve", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            [REGISTRY, "serve", str(config)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + 15
@@ -119,7 +123,12 @@ def auth_registry(tmp_path: Path) -> Iterator[tuple[Registry, str, str]]:
 @pytest.fixture(autouse=True)
 def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never read the user's real credential files."""
-    for var in ("PYIMG_REGISTRY_USERNAME", "PYIMG_REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR"):
+    for var in (
+        "PYIMG_REGISTRY_USERNAME",
+        "PYIMG_REGISTRY_PASSWORD",
+        "REGISTRY_AUTH_FILE",
+        "XDG_RUNTIME_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
 

@@ -107,7 +107,9 @@ def test_second_push_uploads_nothing(registry: Registry, image: Image) -> None:
     assert elapsed < 2.0  # the bench measures it properly; here: no upload happened
 
 
-def test_second_push_requests_are_heads_only(registry: Registry, image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_push_requests_are_heads_only(
+    registry: Registry, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref = registry.repo() + ":v1"
     ops.push(image.path, ref)
     seen: list[RegistryStore] = []

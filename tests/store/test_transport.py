@@ -31,7 +31,9 @@ from .conftest import Image, Registry, leftovers
 CHUNKED = ops.StoreOptions(chunk_size=1 << 20, backoff=0.01)
 
 
-def test_chunked_push(registry: Registry, big_image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_push(
+    registry: Registry, big_image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref = registry.repo() + ":v"
     stores: list[RegistryStore] = []
     real = ops.open_store
@@ -293,7 +295,7 @@ def test_403_names_credentials() -> None:
         return httpx.Response(403, json={"errors": [{"code": "DENIED", "message": "no push"}]})
 
     store = RegistryStore(parse_ref("127.0.0.1:9/app"), transport=httpx.MockTransport(handler))
-    with pytest.raises(StoreAuthError, match="403.*no credentials.*DENIED"):
+    with pytest.raises(StoreAuthError, match=r"403.*no credentials.*DENIED"):
         store.blob_exists("sha256:" + "0" * 64)
 
 
