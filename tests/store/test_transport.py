@@ -303,3 +303,32 @@ def test_https_unless_loopback_or_insecure() -> None:
     assert RegistryStore(parse_ref("registry.example.com/app")).base == "https://registry.example.com"
     assert RegistryStore(parse_ref("10.1.2.3:5000/app"), insecure=True).base == "http://10.1.2.3:5000"
     assert RegistryStore(parse_ref("127.0.0.1:5000/app")).base == "http://127.0.0.1:5000"
+
+
+def test_download_resumes_with_range_after_drop(tmp_path: Path) -> None:
+    """A blob whose connection drops half way is fetched on with Range: from where it stopped."""
+    import hashlib
+
+    from pyimg.store.artifact import Descriptor
+
+    data = os.urandom(300_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    ranges: list[str | None] = []
+
+    class Dropping(httpx.SyncByteStream):
+        def __iter__(self) -> Any:
+            yield data[:100_000]
+            raise httpx.ReadError("connection reset (injected)")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ranges.append(request.headers.get("range"))
+        if request.headers.get("range") is None:
+            return httpx.Response(200, stream=Dropping())
+        start = int(request.headers["range"].split("=")[1].rstrip("-"))
+        return httpx.Response(206, content=data[start:])
+
+    store = RegistryStore(parse_ref("127.0.0.1:9/app"), transport=httpx.MockTransport(handler), backoff=0)
+    got: list[bytes] = []
+    store.fetch_blob(Descriptor("application/octet-stream", digest, len(data)), got.append)
+    assert b"".join(got) == data
+    assert ranges == [None, "bytes=100000-"]
