@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from .base import Progress, Store
 from .layout import LayoutStore
 from .refs import DIGEST_RE, Ref, parse_ref
 from .registry import RegistryStore
+
+RESERVED_TAG_RE = re.compile(r"^(pyimg-audit\.|sha256-[0-9a-f]{64}$)")
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,8 @@ def push(
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     if ref.digest:
         raise SpecError(f"{ref}: push to a tag, not a digest (the digest is the result)")
+    if ref.tag and RESERVED_TAG_RE.match(ref.tag):
+        raise SpecError(f"{ref}: tag {ref.tag!r} is reserved (audit entries, referrers fallback)")
     local = load_local_image(image, manifest_path, verify=verify)
     artifact = local.artifact()
     store = open_store(ref, options, create=True)

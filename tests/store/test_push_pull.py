@@ -142,6 +142,12 @@ def test_push_to_digest_refused(image: Image, tmp_path: Path) -> None:
         ops.push(image.path, f"oci:{tmp_path}/l@sha256:{'0' * 64}")
 
 
+def test_push_to_reserved_tags_refused(image: Image, tmp_path: Path) -> None:
+    for tag in ("pyimg-audit.20260101T000000.000000Z.prod.abc", "sha256-" + "a" * 64):
+        with pytest.raises(SpecError, match="reserved"):
+            ops.push(image.path, f"oci:{tmp_path}/l:{tag}")
+
+
 def test_push_needs_matching_manifest(image: Image, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.json"
     value = json.loads(Path(image.manifest).read_text())
