@@ -35,7 +35,7 @@ from .layout import LayoutStore
 from .refs import DIGEST_RE, Ref, parse_ref
 from .registry import RegistryStore
 
-RESERVED_TAG_RE = re.compile(r"^(pyimg-audit\.|sha256-[0-9a-f]{64}$)")
+RESERVED_TAG_RE = re.compile(r"^(pyimg-audit\.|pyimg-ref\.|sha256-[0-9a-f]{64}$)")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,11 @@ def fallback_tag(digest: str) -> str:
     return digest.replace(":", "-", 1)
 
 
+def referrer_tag(subject: str, referrer: str) -> str:
+    """The tag each referrer gets on a registry without the referrers API (≤ 128 chars)."""
+    return f"pyimg-ref.{subject.split(':', 1)[1][:40]}.{referrer.split(':', 1)[1][:40]}"
+
+
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
@@ -403,10 +408,13 @@ class RegistryStore:
         without (distribution 2.8) gets the fallback: the index tagged sha256-<hex>, which
         this client reads, adds to and writes back.  That read-modify-write is not atomic
         (distribution has no conditional PUT): two clients attaching at the same moment
-        can lose one entry of the index; the record manifest itself is never lost."""
+        can lose an entry of the index.  So the referrer also gets a tag of its own
+        (pyimg-ref.<subject>.<referrer>, written before the index), and referrers() adds
+        what the tag list has and the index lost: no record is ever lost."""
         resp = self._put_manifest(manifest, manifest.digest)
         if resp.headers.get("oci-subject"):
             return
+        self._put_manifest(manifest, referrer_tag(subject, manifest.digest))
         tag = fallback_tag(subject)
         try:
             current = [
@@ -435,8 +443,21 @@ class RegistryStore:
         else:
             raise self._fail(resp, f"GET referrers of {subject}")
         out = [Descriptor.from_json(d, self.address) for d in listed]
+        if resp.status_code != 200:
+            out += self._lost_referrers(subject, {d.digest for d in out})
         if artifact_type:
             out = [d for d in out if d.artifact_type == artifact_type]
+        return out
+
+    def _lost_referrers(self, subject: str, listed: set[str]) -> list[Descriptor]:
+        """Referrers whose own tag exists but whom the fallback index lost to a race."""
+        prefix = referrer_tag(subject, "sha256:")
+        out = []
+        for tag in self.tags():
+            if tag.startswith(prefix) and not any(
+                d.split(":", 1)[1].startswith(tag[len(prefix) :]) for d in listed
+            ):
+                out.append(referrer_descriptor(self.get_manifest(tag)))
         return out
 
     def tags(self) -> list[str]:

@@ -143,7 +143,7 @@ def test_push_to_digest_refused(image: Image, tmp_path: Path) -> None:
 
 
 def test_push_to_reserved_tags_refused(image: Image, tmp_path: Path) -> None:
-    for tag in ("pyimg-audit.20260101T000000.000000Z.prod.abc", "sha256-" + "a" * 64):
+    for tag in ("pyimg-audit.20260101T000000.000000Z.prod.abc", "sha256-" + "a" * 64, "pyimg-ref.a.b"):
         with pytest.raises(SpecError, match="reserved"):
             ops.push(image.path, f"oci:{tmp_path}/l:{tag}")
 

@@ -249,3 +249,25 @@ def test_audit_entry_format(store_addr: str, image: Image) -> None:
     assert m["artifactType"] == "application/vnd.pyimg.promotion.v1+json"
     assert m["subject"]["digest"] == d
     assert m["annotations"]["vnd.pyimg.promotion.time"] == "2026-01-01T00:00:00.250000Z"
+
+
+def test_no_record_lost_when_the_fallback_index_is(registry: Registry, image: Image) -> None:
+    """Concurrent attachers race on the sha256-<hex> index (no conditional PUT in
+    distribution 2.8); each record's own tag keeps it findable."""
+    repo = registry.repo()
+    digest = ops.push(image.path, f"{repo}:b").digest
+    results = [result("dev", run=i) for i in range(6)]
+    threads = [threading.Thread(target=record, args=(f"{repo}@{digest}", r)) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # and the worst case: the index lost everything
+    store = ops.open_store(repo)
+    assert isinstance(store, RegistryStore)
+    try:
+        store.put_manifest(index_manifest([]), fallback_tag(digest))
+        found = list_records(store, digest)
+    finally:
+        store.close()
+    assert sorted(r.result.extra["run"] for r in found) == list(range(6))
