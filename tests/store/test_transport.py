@@ -332,3 +332,82 @@ def test_download_resumes_with_range_after_drop(tmp_path: Path) -> None:
     store.fetch_blob(Descriptor("application/octet-stream", digest, len(data)), got.append)
     assert b"".join(got) == data
     assert ranges == [None, "bytes=100000-"]
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the registry that cuts every connection once, in the
+    middle of the upload, after `cut_after` bytes from the client have passed."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        import threading
+
+        host, port = target.split(":")
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.sent = 0
+        self.cuts = 0
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stop:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pump, args=(client,), daemon=True).start()
+
+    def _pump(self, client: socket.socket) -> None:
+        import select
+
+        upstream = socket.create_connection(self.target)
+        try:
+            while True:
+                ready, _, _ = select.select([client, upstream], [], [], 5)
+                if not ready:
+                    return
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is client:
+                        with self.lock:
+                            self.sent += len(data)
+                            cut = self.cuts == 0 and self.sent > self.cut_after
+                            if cut:
+                                self.cuts += 1
+                        if cut:
+                            upstream.sendall(data[: len(data) // 2])
+                            return  # both sockets close: the client sees a dropped connection
+                        upstream.sendall(data)
+                    else:
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.stop = True
+        self.server.close()
+
+
+def test_push_survives_a_real_connection_drop(registry: Registry, big_image: Image, tmp_path: Path) -> None:
+    """The connection dies inside a PATCH body (the registry has part of the chunk): the
+    push resumes or restarts that blob and the result verifies."""
+    proxy = DroppingProxy(registry.host, cut_after=2_500_000)
+    try:
+        repo = f"{proxy.host}/{registry.repo().split('/', 1)[1]}"
+        pushed = ops.push(big_image.path, f"{repo}:v", options=CHUNKED)
+        assert proxy.cuts == 1
+    finally:
+        proxy.close()
+    pulled = ops.pull(f"{registry.repo().split('/')[0]}/{repo.split('/', 1)[1]}:v", str(tmp_path / "o"))
+    assert pulled.digest == pushed.digest
+    assert filecmp.cmp(tmp_path / "o", big_image.path, shallow=False)
