@@ -6,7 +6,9 @@
 
 Starts its own docker-registry on a free 127.0.0.1 port (storage under --workdir) and
 stops it by pid at the end.  Each push goes to a fresh repository, so every upload
-really sends the bytes.  See docs/store.md for the figures.
+really sends the bytes -- except skopeo's with --repeat > 1: skopeo remembers where it
+put a blob (its blob-info cache) and mounts it across repositories of the same registry.
+See docs/store.md for the figures.
 """
 
 from __future__ import annotations
