@@ -109,6 +109,10 @@ def parse_ref(text: str) -> Ref:
         raise SpecError(f"{text!r}: expected oci:PATH[:TAG|@DIGEST] or HOST[:PORT]/REPO[:TAG|@DIGEST]")
     if not _HOST_RE.match(host):
         raise SpecError(f"{text!r}: invalid registry host {host!r}")
+    if not ("." in host or ":" in host or host.startswith("[") or host == "localhost"):
+        # docker's rule: a first component without '.' or ':' is a path, not a host (there
+        # is no default registry here), so dir/file is never taken for a registry.
+        raise SpecError(f"{text!r}: {host!r} is not a registry host (HOST.DOMAIN, HOST:PORT or localhost)")
     repo, tag, digest = _split_reference(rest)
     if not REPO_RE.match(repo):
         raise SpecError(f"{text!r}: invalid repository name {repo!r} (lowercase, digits, '._-' and '/')")

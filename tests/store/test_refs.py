@@ -32,11 +32,12 @@ def test_registry_refs() -> None:
     [
         "app",  # no host
         "https://host/app",
-        "host/App",  # uppercase repository
-        "host/app:bad tag",
-        "host/app@sha256:short",
+        "reg.example/App",  # uppercase repository
+        "reg.example/app:bad tag",
+        "reg.example/app@sha256:short",
         "oci:",
-        "host/",
+        "reg.example/",
+        "build/root.sqfs",  # a path, not HOST/REPO
     ],
 )
 def test_bad_refs(bad: str) -> None:
