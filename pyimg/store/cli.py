@@ -7,8 +7,10 @@ Mounted into the main app with `register(app)` (pyimg/cli.py); runnable on their
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -26,12 +28,30 @@ AuthFile = Annotated[
         "(else PYIMG_REGISTRY_USERNAME/PASSWORD, $REGISTRY_AUTH_FILE, ~/.docker/config.json).",
     ),
 ]
+T = TypeVar("T")
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
 def _fail(exc: PyImgError) -> NoReturn:
     typer.echo(f"pyimg: error: {exc}", err=True)
     raise typer.Exit(exc.exit_code)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # temp files are removed as on Ctrl-C
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Call the library; its errors become a message and the exit code, Ctrl-C or
+    SIGTERM exit 130 (pull leaves no file, push no tag: blobs first, manifest last)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return fn()
+    except PyImgError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("pyimg: interrupted; nothing half-written", err=True)
+        raise typer.Exit(130) from None
 
 
 def _print(value: dict[str, Any] | list[Any]) -> None:
@@ -63,12 +83,9 @@ def push_command(
     """Store an image as an OCI artifact; prints its manifest digest."""
     from .ops import push
 
-    try:
-        result = push(
-            image, ref, manifest_path=manifest, options=_options(insecure, auth_file), verify=verify
-        )
-    except PyImgError as exc:
-        _fail(exc)
+    result = _run(
+        lambda: push(image, ref, manifest_path=manifest, options=_options(insecure, auth_file), verify=verify)
+    )
     if as_json:
         _print(result.summary())
     else:
@@ -91,10 +108,7 @@ def pull_command(
     """Fetch an image, verifying every digest; the file appears only when all is right."""
     from .ops import pull
 
-    try:
-        result = pull(ref, output, manifest_output=manifest, options=_options(insecure, auth_file))
-    except PyImgError as exc:
-        _fail(exc)
+    result = _run(lambda: pull(ref, output, manifest_output=manifest, options=_options(insecure, auth_file)))
     if as_json:
         _print(result.summary())
     else:
@@ -112,10 +126,7 @@ def record_command(
     """Attach a check result (made in ENV) to the image's digest, as an OCI referrer."""
     from .records import load_result, record
 
-    try:
-        result = record(ref, load_result(result_file, env), options=_options(insecure, auth_file))
-    except PyImgError as exc:
-        _fail(exc)
+    result = _run(lambda: record(ref, load_result(result_file, env), options=_options(insecure, auth_file)))
     if as_json:
         _print(result.summary())
     else:
@@ -139,12 +150,11 @@ def promote_command(
     """Move ENV's tag to the digest if its records satisfy the policy; audited in the store."""
     from .promote import load_policy, promote
 
-    try:
-        result = promote(
+    result = _run(
+        lambda: promote(
             ref, to, policy=load_policy(policy), actor=actor, options=_options(insecure, auth_file)
         )
-    except PyImgError as exc:
-        _fail(exc)
+    )
     if as_json:
         _print(result.summary())
     else:
@@ -162,10 +172,7 @@ def status_command(
     """Which digest each environment runs, since when, and its history."""
     from .promote import load_policy, status
 
-    try:
-        envs = status(ref, policy=load_policy(policy), options=_options(insecure, auth_file))
-    except PyImgError as exc:
-        _fail(exc)
+    envs = _run(lambda: status(ref, policy=load_policy(policy), options=_options(insecure, auth_file)))
     if as_json:
         _print([e.to_json() for e in envs])
         return

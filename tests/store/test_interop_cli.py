@@ -112,3 +112,77 @@ def test_cli_errors(registry: Registry, tmp_path: Path) -> None:
     proc = run("push", str(tmp_path / "missing.sqfs"), f"{registry.repo()}:v")
     assert proc.returncode != 0 and "missing.sqfs" in proc.stderr
     assert leftovers(tmp_path, set()) == set()
+
+
+def test_sigterm_during_pull_leaves_nothing(image: Image, tmp_path: Path) -> None:
+    """A local test server sends the image slowly; SIGTERM mid-download exits 130 and
+    leaves neither the output nor its temp file."""
+    import http.server
+    import signal
+    import threading
+    import time
+
+    layout = tmp_path / "l"
+    ops.push(image.path, f"oci:{layout}:v")
+    store = ops.open_store(f"oci:{layout}")
+    manifest = store.get_manifest("v")
+    blobs = layout / "blobs" / "sha256"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.endswith("/manifests/v"):
+                body = manifest.data
+                self.send_response(200)
+                self.send_header("Content-Type", manifest.media_type)
+                self.send_header("Docker-Content-Digest", manifest.digest)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            digest = self.path.rsplit("/", 1)[1]
+            data = (blobs / digest.split(":")[1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(0, len(data), 4096):
+                    self.wfile.write(data[i : i + 4096])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    try:
+        root = str(Path(__file__).resolve().parents[2])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pyimg.cli",
+                "pull",
+                f"127.0.0.1:{server.server_port}/app:v",
+                "-o",
+                str(out_dir / "o.sqfs"),
+            ],
+            env=dict(os.environ, PYTHONPATH=root),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not os.listdir(out_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.listdir(out_dir), "the pull never started writing"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert leftovers(out_dir, set()) == set()
