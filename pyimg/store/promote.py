@@ -62,6 +62,7 @@ AUDIT_PREFIX = "pyimg-audit."
 _ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 A_ACTOR = "vnd.pyimg.promotion.actor"
 A_TIME = "vnd.pyimg.promotion.time"
+A_ENTRY = "vnd.pyimg.promotion"  # the entry's JSON again: status reads one manifest per entry
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,13 @@ def audit_trail(store: Store) -> list[AuditEntry]:
         blobs = layers(value, store.address)
         if len(blobs) != 1:
             raise StoreError(f"{tag}: expected one layer", store.address)
+        annotations = value.get("annotations") if isinstance(value.get("annotations"), dict) else {}
+        entry_json = annotations.get(A_ENTRY) if isinstance(annotations, dict) else None
         try:
-            data = json.loads(fetch_bytes(store, blobs[0], 1 << 20))
+            if isinstance(entry_json, str) and sha256_digest(entry_json.encode()) == blobs[0].digest:
+                data = json.loads(entry_json)  # the same bytes as the layer, which need no GET
+            else:
+                data = json.loads(fetch_bytes(store, blobs[0], 1 << 20))
         except ValueError:
             raise StoreError(f"{tag} holds no JSON", store.address) from None
         out.append(AuditEntry.from_json(data, tag, store.address))
@@ -315,7 +321,7 @@ def promote(
             art.manifest.descriptor(),
             PROMOTION_ARTIFACT,
             blob_desc,
-            {A_ENV: target, A_ACTOR: actor, A_TIME: entry.time},
+            {A_ENV: target, A_ACTOR: actor, A_TIME: entry.time, A_ENTRY: blob.decode()},
         )
         store.put_blob_bytes(EMPTY_JSON, EMPTY_CONFIG.digest)
         store.put_blob_bytes(blob, blob_desc.digest)
