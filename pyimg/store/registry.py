@@ -12,6 +12,10 @@ Everything fetched is verified against its digest.
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
+import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -56,6 +60,11 @@ class _RestartUpload(Exception):
     """The registry lost the upload session: start the blob again."""
 
 
+def default_resume_dir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "pyimg", "uploads")
+
+
 def fallback_tag(digest: str) -> str:
     """The referrers tag schema of distribution-spec 1.1: sha256:<hex> -> sha256-<hex>."""
     return digest.replace(":", "-", 1)
@@ -84,6 +93,7 @@ class RegistryStore:
         chunk_size: int = DEFAULT_CHUNK,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        resume_dir: str | None = None,
     ) -> None:
         self.ref = ref
         self.address = ref.store
@@ -93,6 +103,10 @@ class RegistryStore:
         self.retries = max(1, retries)
         self.backoff = backoff
         self.chunk_size = chunk_size
+        # Where chunked uploads note their session, so a push killed half way resumes in
+        # the next process ("" turns it off).
+        self.resume_dir = default_resume_dir() if resume_dir is None else resume_dir
+        self.resumed_at: int | None = None  # the offset a saved session resumed from
         self.credentials: CredentialSearch = find_credentials(ref.host, auth_file)
         self._auth_header: str | None = None
         self._sleep: Callable[[float], None] = time.sleep
@@ -287,16 +301,70 @@ class RegistryStore:
             raise StoreError(f"cannot read {path}: {exc.strerror}", self.address) from exc
         raise StoreError(f"the registry lost the upload of {digest} {self.retries} times", self.address)
 
+    def _session_file(self, digest: str) -> str | None:
+        if not self.resume_dir:
+            return None
+        key = hashlib.sha256(f"{self.base}/{self.repo}@{digest}".encode()).hexdigest()[:32]
+        return os.path.join(self.resume_dir, key + ".json")
+
+    def _saved_session(self, digest: str, size: int) -> tuple[int, str] | None:
+        """An upload an earlier process left half way, if the registry still has it where
+        that process stopped."""
+        path = self._session_file(digest)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                saved = json.load(f)
+            location, offset = str(saved["location"]), int(saved["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            now, location = self._upload_status(location)
+        except (_RestartUpload, StoreError):
+            now = -1
+        if now != offset or not 0 < offset < size:
+            self._forget_session(digest)
+            return None
+        return offset, location
+
+    def _save_session(self, digest: str, location: str, offset: int) -> None:
+        path = self._session_file(digest)
+        if path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"location": location, "offset": offset}, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # resuming across processes is a bonus, never a reason to fail
+
+    def _forget_session(self, digest: str) -> None:
+        path = self._session_file(digest)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     def _upload_file(self, f: Any, digest: str, size: int, progress: Progress | None) -> None:
-        location = self._start_upload()
         if size <= self.chunk_size:
+            location = self._start_upload()
             f.seek(0)
             data = f.read(size)
             self._finish_upload(location, digest, data)
             if progress is not None:
                 progress(len(data))
             return
-        offset = 0
+        saved = self._saved_session(digest, size)
+        if saved is not None:
+            offset, location = saved
+            self.resumed_at = offset
+            if progress is not None:
+                progress(offset)
+        else:
+            offset, location = 0, self._start_upload()
         drops = 0
         while offset < size:
             f.seek(offset)
@@ -322,14 +390,17 @@ class RegistryStore:
                 offset = resumed
                 continue
             if resp.status_code in (404, 416):
+                self._forget_session(digest)
                 raise _RestartUpload
             if resp.status_code != 202:
                 raise self._fail(resp, f"upload a chunk of {digest}")
             location = self._location(resp)
             offset += len(chunk)
+            self._save_session(digest, location, offset)
             if progress is not None:
                 progress(len(chunk))
         self._finish_upload(location, digest, b"")
+        self._forget_session(digest)
 
     def fetch_blob(self, desc: Descriptor, sink: Sink, progress: Progress | None = None) -> None:
         verify = VerifyingSink(desc, sink, self.address)

@@ -70,11 +70,11 @@ def test_chunked_push_resumes_after_drop(
     registry: Registry, big_image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref = registry.repo() + ":v"
-    count = _drop_patch(monkeypatch, {3})
-    pushed = ops.push(big_image.path, ref, options=CHUNKED)
+    with pytest.MonkeyPatch.context() as mp:
+        count = _drop_patch(mp, {3})
+        pushed = ops.push(big_image.path, ref, options=CHUNKED)
     chunks = -(-big_image.size // (1 << 20))
     assert count[0] == chunks + 1  # one PATCH repeated, none restarted
-    monkeypatch.undo()
     pulled = ops.pull(ref, str(tmp_path / "o"))
     assert pulled.digest == pushed.digest
     assert filecmp.cmp(tmp_path / "o", big_image.path, shallow=False)
@@ -84,16 +84,29 @@ def test_interrupted_push_leaves_store_valid(
     registry: Registry, big_image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every PATCH after the second fails: the push gives up with a clear error, no tag
-    appears, and the next push completes."""
+    appears, and the next push (a new store, as in a new process) resumes the image
+    from the two chunks the registry has."""
     ref = registry.repo() + ":v"
-    _drop_patch(monkeypatch, set(range(3, 100)))
-    with pytest.raises(StoreUnreachableError, match="dropped"):
-        ops.push(big_image.path, ref, options=CHUNKED)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:  # (monkeypatch.undo() would undo the env too)
+        _drop_patch(mp, set(range(3, 100)))
+        with pytest.raises(StoreUnreachableError, match="dropped"):
+            ops.push(big_image.path, ref, options=CHUNKED)
     with pytest.raises(StoreNotFoundError):
         ops.pull(ref, str(tmp_path / "o"))
+    stores: list[RegistryStore] = []
+    real = ops.open_store
+
+    def spy(*a: Any, **k: Any) -> Any:
+        s = real(*a, **k)
+        stores.append(s)  # type: ignore[arg-type]
+        return s
+
+    monkeypatch.setattr(ops, "open_store", spy)
     again = ops.push(big_image.path, ref, options=CHUNKED)
     assert again.blobs_uploaded == 1  # the image; the two small blobs made it the first time
+    assert stores[0].resumed_at == 2 << 20
+    assert stores[0].requests["PATCH"] == -(-big_image.size // (1 << 20)) - 2
+    assert not os.listdir(stores[0].resume_dir)  # the finished session is forgotten
     ops.pull(ref, str(tmp_path / "o"))
     assert filecmp.cmp(tmp_path / "o", big_image.path, shallow=False)
 
