@@ -11,6 +11,7 @@ manifest: attaching is idempotent.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +145,20 @@ def attach_record(store: Store, reference: str, result: BootResult) -> tuple[str
     return art.manifest.digest, manifest.digest
 
 
-def record(ref: Ref | str, result: BootResult, *, options: StoreOptions | None = None) -> RecordResult:
+def record(
+    ref: Ref | str,
+    result: BootResult | Mapping[str, Any],
+    *,
+    environment: str | None = None,
+    options: StoreOptions | None = None,
+) -> RecordResult:
+    """Attach a result to the image `ref` names.  `result` may be the boot code's JSON
+    object as a dict (`pyimg boot REF --record --env ENV` calls
+    `record(ref, result_dict, environment=ENV)`)."""
+    if not isinstance(result, BootResult):
+        result = BootResult.from_json(dict(result), "the boot result", environment=environment)
+    elif environment is not None and result.environment != environment:
+        raise SpecError(f"the result was made in {result.environment!r}, not {environment!r}")
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     store = open_store(ref, options)
     try:

@@ -49,6 +49,8 @@ def test_records_round_trip(store_addr: str, image: Image) -> None:
     r2 = record(f"{store_addr}@{digest}", result("test", passed=False, serial="log"))
     assert r1.subject == r2.subject == digest
     assert record(f"{store_addr}:b1", result("dev")).record == r1.record  # idempotent
+    as_dict = {k: v for k, v in result("dev").to_json().items() if k != "environment"}
+    assert record(f"{store_addr}:b1", as_dict, environment="dev").record == r1.record  # the boot code's way
     store = ops.open_store(store_addr)
     try:
         found = {r.digest: r.result for r in list_records(store, digest)}
