@@ -231,6 +231,9 @@ def version_command() -> None:
     typer.echo(__version__)
 
 
+__import__("pyimg.store.cli").store.cli.register(app)  # STORE: push, pull, record, promote, status
+
+
 def _optional_values(argv: list[str]) -> list[str]:
     """Options that take an optional value (`--journal` or `--journal=64M`), which the
     option parser cannot express: a bare `--journal` becomes `--journal=yes`."""

@@ -73,3 +73,37 @@ def _show_path(path: str | bytes | os.PathLike[str]) -> str:
     if isinstance(path, bytes):
         return path.decode("utf-8", "backslashreplace")
     return os.fspath(path)
+
+
+class StoreError(PyImgError):
+    """The image store (an OCI layout directory or a registry) failed or refused.
+
+    `path` is the store address (oci:DIR or HOST/REPO), `reason` says what went wrong."""
+
+    exit_code = 7
+
+
+class StoreNotFoundError(StoreError):
+    """A tag, digest, blob or repository does not exist in the store."""
+
+
+class StoreAuthError(StoreError):
+    """The registry answered 401 or 403; the message names the credentials tried."""
+
+
+class StoreUnreachableError(StoreError):
+    """The registry could not be reached after bounded retries."""
+
+
+class DigestMismatchError(StoreError):
+    """A blob or manifest whose content does not match its digest: refused."""
+
+
+class CorruptStoreError(StoreError):
+    """The OCI layout directory is not valid (missing oci-layout, bad index.json...)."""
+
+
+class PromotionError(StoreError):
+    """A promotion was refused: an environment out of order, a missing or failed record."""
+
+    exit_code = 8

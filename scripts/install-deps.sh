@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Installs what building and testing pyimg needs on Debian 12: the oracles
-# (squashfs-tools, e2fsprogs), the peers for bench/ (squashfs-tools-ng) and the
-# Python packages.  Idempotent; needs root (or sudo) for apt.
+# (squashfs-tools, e2fsprogs), the peers for bench/ (squashfs-tools-ng), the store's
+# test peers (docker-registry: the tests start it themselves on 127.0.0.1; skopeo;
+# htpasswd from apache2-utils) and the Python packages.  Idempotent; needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr)
+pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr docker-registry skopeo apache2-utils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The docker-registry package enables a system service on :5000 where systemd runs;
+  # the tests start their own registry on a free port and need none: stop the one we
+  # just installed.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 PY=${PYTHON:-python3}
 $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -1,0 +1,204 @@
+"""OCI 1.1 artifacts: media types, descriptors, canonical JSON and the manifests pyimg writes.
+
+Every manifest here is a pure function of its inputs: canonical JSON (sorted keys, no
+whitespace), no clock.  The image manifest's only time annotation comes from the image's
+epoch (the pyimg manifest's options.epoch), and is absent when the image has none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DigestMismatchError, StoreError
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_JSON = b"{}"
+EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+
+IMAGE_ARTIFACT = "application/vnd.pyimg.image.v1+json"
+CHECK_ARTIFACT = "application/vnd.pyimg.check.v1+json"
+PROMOTION_ARTIFACT = "application/vnd.pyimg.promotion.v1+json"
+PYIMG_MANIFEST = "application/vnd.pyimg.manifest.v1+json"
+FORMAT_MEDIA_TYPES = {
+    "squashfs": "application/vnd.pyimg.squashfs",
+    "ext4": "application/vnd.pyimg.ext4",
+    "cpio": "application/vnd.pyimg.cpio",
+}
+MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX)
+
+A_TITLE = "org.opencontainers.image.title"
+A_CREATED = "org.opencontainers.image.created"
+A_REF_NAME = "org.opencontainers.image.ref.name"
+A_FORMAT = "vnd.pyimg.format"
+A_VERSION = "vnd.pyimg.version"
+A_BLAKE3 = "vnd.pyimg.blake3"
+A_CHECK = "vnd.pyimg.check.kind"
+A_PASSED = "vnd.pyimg.check.passed"
+A_ENV = "vnd.pyimg.environment"
+
+PYIMG_MANIFEST_TITLE = "pyimg-manifest.json"
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8: one byte string per value."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def rfc3339(seconds: float) -> str:
+    whole = int(seconds)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    frac = seconds - whole
+    return f"{text}.{round(frac * 1e6):06d}Z" if frac else f"{text}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> Descriptor:
+        if not isinstance(value, dict):
+            raise StoreError("a descriptor is not a JSON object", where)
+        try:
+            media_type, digest, size = value["mediaType"], value["digest"], value["size"]
+        except KeyError as exc:
+            raise StoreError(f"a descriptor lacks {exc.args[0]!r}", where) from None
+        if not isinstance(media_type, str) or not isinstance(digest, str) or not isinstance(size, int):
+            raise StoreError("a descriptor has fields of the wrong type", where)
+        annotations = value.get("annotations")
+        artifact_type = value.get("artifactType")
+        return cls(
+            media_type,
+            digest,
+            size,
+            artifact_type if isinstance(artifact_type, str) else None,
+            {str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else None,
+        )
+
+
+EMPTY_CONFIG = Descriptor(OCI_EMPTY, EMPTY_DIGEST, len(EMPTY_JSON))
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest (or index) as stored: its exact bytes, media type and digest."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+    @property
+    def json(self) -> dict[str, Any]:
+        value = json.loads(self.data)
+        if not isinstance(value, dict):
+            raise StoreError("the manifest is not a JSON object", self.digest)
+        return value
+
+    def descriptor(
+        self, *, artifact_type: str | None = None, annotations: dict[str, str] | None = None
+    ) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, len(self.data), artifact_type, annotations)
+
+    @classmethod
+    def of(cls, value: dict[str, Any]) -> Manifest:
+        data = canonical_json(value)
+        return cls(data, str(value.get("mediaType", OCI_MANIFEST)), sha256_digest(data))
+
+
+def verify_manifest_bytes(data: bytes, expected: str | None, where: str) -> str:
+    """The digest of `data`; DigestMismatchError when it is not `expected`."""
+    digest = sha256_digest(data)
+    if expected is not None and digest != expected:
+        raise DigestMismatchError(
+            f"manifest content has digest {digest}, expected {expected}: refused", where
+        )
+    return digest
+
+
+def layers(manifest: dict[str, Any], where: str) -> list[Descriptor]:
+    raw = manifest.get("layers")
+    if not isinstance(raw, list):
+        raise StoreError("the manifest has no layers list", where)
+    return [Descriptor.from_json(d, where) for d in raw]
+
+
+def image_manifest(
+    image: Descriptor,
+    pyimg_manifest: Descriptor,
+    *,
+    fmt: str,
+    version: str,
+    blake3: str,
+    epoch: int | None,
+) -> Manifest:
+    """The artifact `pyimg push` stores: a pure function of its arguments."""
+    annotations = {A_FORMAT: fmt, A_VERSION: version, A_BLAKE3: blake3}
+    if epoch is not None:
+        annotations[A_CREATED] = rfc3339(epoch)
+    return Manifest.of(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": IMAGE_ARTIFACT,
+            "config": EMPTY_CONFIG.to_json(),
+            "layers": [image.to_json(), pyimg_manifest.to_json()],
+            "annotations": annotations,
+        }
+    )
+
+
+def referrer_manifest(
+    subject: Descriptor, artifact_type: str, blob: Descriptor, annotations: dict[str, str]
+) -> Manifest:
+    """A manifest attached to `subject` (a record or a promotion)."""
+    return Manifest.of(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": EMPTY_CONFIG.to_json(),
+            "layers": [blob.to_json()],
+            "subject": subject.to_json(),
+            "annotations": annotations,
+        }
+    )
+
+
+def index_manifest(manifests: list[Descriptor]) -> Manifest:
+    return Manifest.of(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d.to_json() for d in manifests]}
+    )
+
+
+def referrer_descriptor(manifest: Manifest) -> Descriptor:
+    """How a referrer is listed in a referrers index: artifactType and annotations copied up."""
+    value = manifest.json
+    annotations = value.get("annotations")
+    return manifest.descriptor(
+        artifact_type=str(value.get("artifactType") or value.get("config", {}).get("mediaType", "")),
+        annotations={str(k): str(v) for k, v in annotations.items()}
+        if isinstance(annotations, dict)
+        else None,
+    )

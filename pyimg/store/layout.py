@@ -1,0 +1,313 @@
+"""An OCI image layout directory (image-spec 1.1 image-layout.md) as a store.
+
+    DIR/oci-layout            {"imageLayoutVersion": "1.0.0"}
+    DIR/index.json            an image index: every manifest we keep; tags are the
+                              org.opencontainers.image.ref.name annotation
+    DIR/blobs/sha256/<hex>    content-addressed blobs (manifests too)
+
+Blobs are written to a temp file beside their place, hashed on the way, fsynced and
+renamed: a blob file is either whole and right or absent.  index.json is rewritten the
+same way under an flock on the directory, so concurrent writers serialise and none
+loses an entry.  Referrers are found by scanning the index (records are kept in it,
+untagged): the layout's stand-in for the referrers API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import CorruptStoreError, DigestMismatchError, StoreError, StoreNotFoundError
+from .artifact import (
+    A_REF_NAME,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    canonical_json,
+    referrer_descriptor,
+    verify_manifest_bytes,
+)
+from .base import Progress, Sink, VerifyingSink
+from .refs import DIGEST_RE
+
+LAYOUT_FILE = "oci-layout"
+LAYOUT_VERSION = "1.0.0"
+_BUF = 8 << 20
+_MAX_MANIFEST = 4 << 20
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(directory: str, name: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class LayoutStore:
+    def __init__(self, path: str, *, create: bool = False) -> None:
+        self.path = os.path.abspath(path)
+        self.address = f"oci:{path}"
+        self.blobs = os.path.join(self.path, "blobs", "sha256")
+        try:
+            if create:
+                self._create()
+            self._check_layout()
+        except OSError as exc:
+            raise StoreError(f"cannot open the layout directory: {exc.strerror}", self.address) from exc
+
+    # -- the directory -------------------------------------------------------------------
+
+    def _create(self) -> None:
+        os.makedirs(self.blobs, exist_ok=True)
+        if not os.path.exists(os.path.join(self.path, LAYOUT_FILE)):
+            _write_atomically(self.path, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
+        with self._locked():
+            if not os.path.exists(os.path.join(self.path, "index.json")):
+                self._write_index([])
+
+    def _check_layout(self) -> None:
+        if not os.path.isdir(self.path):
+            raise StoreNotFoundError("no such layout directory", self.address)
+        layout_path = os.path.join(self.path, LAYOUT_FILE)
+        try:
+            with open(layout_path, "rb") as f:
+                value = json.loads(f.read(4096))
+        except FileNotFoundError:
+            raise CorruptStoreError("not an OCI layout: no oci-layout file", self.address) from None
+        except ValueError:
+            raise CorruptStoreError("not an OCI layout: oci-layout is not JSON", self.address) from None
+        if not isinstance(value, dict) or value.get("imageLayoutVersion") != LAYOUT_VERSION:
+            raise CorruptStoreError(f"unsupported oci-layout {value!r}", self.address)
+        if not os.path.isdir(self.blobs):
+            raise CorruptStoreError("not an OCI layout: no blobs/sha256 directory", self.address)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _read_index(self) -> list[Descriptor]:
+        where = os.path.join(self.address, "index.json")
+        try:
+            with open(os.path.join(self.path, "index.json"), "rb") as f:
+                value = json.loads(f.read())
+        except FileNotFoundError:
+            raise CorruptStoreError("not an OCI layout: no index.json", self.address) from None
+        except ValueError as exc:
+            raise CorruptStoreError(f"index.json is not valid JSON: {exc}", self.address) from None
+        if not isinstance(value, dict) or not isinstance(value.get("manifests"), list):
+            raise CorruptStoreError("index.json is not an image index", self.address)
+        out = []
+        for raw in value["manifests"]:
+            try:
+                desc = Descriptor.from_json(raw, where)
+            except StoreError as exc:
+                raise CorruptStoreError(exc.reason, where) from None
+            if not DIGEST_RE.match(desc.digest):
+                raise CorruptStoreError(f"index.json names an invalid digest {desc.digest!r}", where)
+            out.append(desc)
+        return out
+
+    def _write_index(self, manifests: list[Descriptor]) -> None:
+        index: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [d.to_json() for d in manifests],
+        }
+        _write_atomically(self.path, "index.json", json.dumps(index, indent=1).encode() + b"\n")
+        _fsync_dir(self.path)
+
+    def _blob_path(self, digest: str) -> str:
+        if not DIGEST_RE.match(digest):
+            raise StoreError(f"invalid digest {digest!r}", self.address)
+        return os.path.join(self.blobs, digest.split(":", 1)[1])
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_exists(self, digest: str) -> bool:
+        return os.path.isfile(self._blob_path(digest))
+
+    def _put_stream(self, chunks: Iterator[bytes], digest: str, size: int, progress: Progress | None) -> None:
+        target = self._blob_path(digest)
+        fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
+        try:
+            sha = hashlib.sha256()
+            count = 0
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                for chunk in chunks:
+                    sha.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[f.write(view) or 0 :]
+                    count += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                got = "sha256:" + sha.hexdigest()
+                if count != size or got != digest:
+                    raise DigestMismatchError(
+                        f"content has digest {got} ({count} bytes), "
+                        f"expected {digest} ({size} bytes): refused",
+                        self.address,
+                    )
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.rename(tmp, target)
+        except OSError as exc:
+            raise StoreError(f"cannot write blob {digest}: {exc.strerror}", self.address) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def put_blob_file(self, path: str, digest: str, size: int, progress: Progress | None = None) -> bool:
+        if self.blob_exists(digest):
+            return False
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(_BUF):
+                    yield chunk
+
+        try:
+            self._put_stream(chunks(), digest, size, progress)
+        except FileNotFoundError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}", self.address) from exc
+        return True
+
+    def put_blob_bytes(self, data: bytes, digest: str) -> bool:
+        if self.blob_exists(digest):
+            return False
+        self._put_stream(iter([data]), digest, len(data), None)
+        return True
+
+    def fetch_blob(self, desc: Descriptor, sink: Sink, progress: Progress | None = None) -> None:
+        verify = VerifyingSink(desc, sink, self.address)
+        try:
+            with open(self._blob_path(desc.digest), "rb", buffering=0) as f:
+                while chunk := f.read(_BUF):
+                    verify(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+        except FileNotFoundError:
+            raise CorruptStoreError(
+                f"blob {desc.digest} is missing from blobs/sha256", self.address
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read blob {desc.digest}: {exc.strerror}", self.address) from exc
+        verify.check()
+
+    # -- manifests -----------------------------------------------------------------------
+
+    def _read_manifest_blob(self, desc: Descriptor) -> Manifest:
+        if desc.size > _MAX_MANIFEST:
+            raise CorruptStoreError(f"manifest {desc.digest} is {desc.size} bytes: too large", self.address)
+        parts: list[bytes] = []
+        self.fetch_blob(desc, parts.append)
+        return Manifest(b"".join(parts), desc.media_type, desc.digest)
+
+    def resolve(self, reference: str) -> str | None:
+        if DIGEST_RE.match(reference):
+            return reference if self.blob_exists(reference) else None
+        for desc in self._read_index():
+            if (desc.annotations or {}).get(A_REF_NAME) == reference:
+                return desc.digest
+        return None
+
+    def get_manifest(self, reference: str) -> Manifest:
+        index = self._read_index()
+        if DIGEST_RE.match(reference):
+            found = [d for d in index if d.digest == reference]
+            if found:
+                return self._read_manifest_blob(found[0])
+            path = self._blob_path(reference)
+            if not os.path.isfile(path):
+                raise StoreNotFoundError(f"no manifest {reference}", self.address)
+            with open(path, "rb") as f:
+                data = f.read(_MAX_MANIFEST + 1)
+            verify_manifest_bytes(data, reference, self.address)
+            media_type = json.loads(data).get("mediaType", OCI_MANIFEST)
+            return Manifest(data, str(media_type), reference)
+        for desc in index:
+            if (desc.annotations or {}).get(A_REF_NAME) == reference:
+                return self._read_manifest_blob(desc)
+        tags = sorted({t for d in index if (t := (d.annotations or {}).get(A_REF_NAME))})
+        raise StoreNotFoundError(
+            f"no tag {reference!r} (tags here: {', '.join(tags) if tags else 'none'})", self.address
+        )
+
+    def _store_manifest_blob(self, manifest: Manifest) -> None:
+        self.put_blob_bytes(manifest.data, manifest.digest)
+
+    def put_manifest(self, manifest: Manifest, tag: str | None) -> None:
+        self._store_manifest_blob(manifest)
+        with self._locked():
+            index = self._read_index()
+            if tag is None:
+                if any(d.digest == manifest.digest for d in index):
+                    return
+                index.append(manifest.descriptor())
+            else:
+                index = [d for d in index if (d.annotations or {}).get(A_REF_NAME) != tag]
+                index.append(manifest.descriptor(annotations={A_REF_NAME: tag}))
+            self._write_index(index)
+
+    def attach(self, manifest: Manifest, subject: str) -> None:
+        self._store_manifest_blob(manifest)
+        desc = referrer_descriptor(manifest)
+        with self._locked():
+            index = self._read_index()
+            if any(d.digest == manifest.digest and not (d.annotations or {}).get(A_REF_NAME) for d in index):
+                return
+            index.append(desc)
+            self._write_index(index)
+
+    def referrers(self, subject: str, artifact_type: str | None = None) -> list[Descriptor]:
+        out: list[Descriptor] = []
+        seen: set[str] = set()
+        for desc in self._read_index():
+            if desc.media_type not in MANIFEST_TYPES or desc.digest in seen:
+                continue
+            if artifact_type is not None and desc.artifact_type not in (None, artifact_type):
+                continue
+            manifest = self._read_manifest_blob(desc)
+            value = manifest.json
+            subj = value.get("subject")
+            if isinstance(subj, dict) and subj.get("digest") == subject:
+                listed = referrer_descriptor(manifest)
+                if artifact_type is None or listed.artifact_type == artifact_type:
+                    seen.add(desc.digest)
+                    out.append(listed)
+        return out
+
+    def tags(self) -> list[str]:
+        return sorted({t for d in self._read_index() if (t := (d.annotations or {}).get(A_REF_NAME))})
+
+    def close(self) -> None:
+        pass

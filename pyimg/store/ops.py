@@ -1,0 +1,410 @@
+"""push, pull and fetch_image: images in and out of a store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from ..errors import DigestMismatchError, OutputError, SpecError, StoreError
+from ..manifest import digest_image
+from ..output import AtomicOutput, write_file_atomically
+from .artifact import (
+    A_BLAKE3,
+    A_FORMAT,
+    A_TITLE,
+    EMPTY_CONFIG,
+    EMPTY_JSON,
+    FORMAT_MEDIA_TYPES,
+    IMAGE_ARTIFACT,
+    PYIMG_MANIFEST,
+    PYIMG_MANIFEST_TITLE,
+    Descriptor,
+    Manifest,
+    image_manifest,
+    layers,
+    sha256_digest,
+)
+from .base import Progress, Store
+from .layout import LayoutStore
+from .refs import DIGEST_RE, Ref, parse_ref
+from .registry import RegistryStore
+
+RESERVED_TAG_RE = re.compile(r"^(pyimg-audit\.|pyimg-ref\.|sha256-[0-9a-f]{64}$)")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How to reach a store: what the CLI's --insecure / --auth-file give."""
+
+    insecure: bool = False
+    auth_file: str | None = None
+    retries: int = 4
+    backoff: float = 0.25
+    chunk_size: int | None = None
+    timeout: float = 60.0
+
+
+def open_store(ref: Ref | str, options: StoreOptions | None = None, *, create: bool = False) -> Store:
+    """A store for an address; a layout directory is created when `create` (push)."""
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    options = options or StoreOptions()
+    if ref.kind == "layout":
+        return LayoutStore(ref.path, create=create)
+    kwargs: dict[str, Any] = {}
+    if options.chunk_size:
+        kwargs["chunk_size"] = options.chunk_size
+    return RegistryStore(
+        ref,
+        insecure=options.insecure,
+        auth_file=options.auth_file,
+        retries=options.retries,
+        backoff=options.backoff,
+        timeout=options.timeout,
+        **kwargs,
+    )
+
+
+def is_store_ref(text: str) -> bool:
+    """Whether `text` names a store (for `pyimg boot REF`): oci:… or HOST/REPO…, and not an
+    existing file."""
+    if os.path.exists(text):
+        return False
+    try:
+        parse_ref(text)
+    except SpecError:
+        return False
+    return True
+
+
+# -- the image artifact -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image file and its pyimg manifest, as push needs them."""
+
+    path: str
+    size: int
+    sha256: str  # sha256:<hex>
+    blake3: str
+    format: str
+    epoch: int | None
+    version: str
+    manifest_bytes: bytes
+    image_title: str
+
+    def descriptors(self) -> tuple[Descriptor, Descriptor]:
+        image = Descriptor(
+            FORMAT_MEDIA_TYPES[self.format],
+            self.sha256,
+            self.size,
+            annotations={A_TITLE: self.image_title},
+        )
+        meta = Descriptor(
+            PYIMG_MANIFEST,
+            sha256_digest(self.manifest_bytes),
+            len(self.manifest_bytes),
+            annotations={A_TITLE: PYIMG_MANIFEST_TITLE},
+        )
+        return image, meta
+
+    def artifact(self) -> Manifest:
+        image, meta = self.descriptors()
+        return image_manifest(
+            image, meta, fmt=self.format, version=self.version, blake3=self.blake3, epoch=self.epoch
+        )
+
+
+def default_manifest_path(image: str) -> str | None:
+    """IMAGE.json beside the image, else IMAGE without its extension + .json."""
+    for candidate in (image + ".json", os.path.splitext(image)[0] + ".json"):
+        if candidate != image and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+_ENTRIES_KEY = b'\n "entries": '
+
+
+def _manifest_head(data: bytes) -> Any:
+    """The pyimg manifest without its entries list, which is last and can be 10+ MB for a
+    big tree (0.1-0.6 s to parse, on every push).  pyimg writes it with indent=1, so a
+    top-level key starts a line with one space (a newline cannot occur inside a JSON
+    string); anything else is parsed whole."""
+    pos = data.find(_ENTRIES_KEY)
+    if pos > 0:
+        try:
+            head = json.loads(data[:pos].rstrip().rstrip(b",") + b"}")
+        except ValueError:
+            head = None
+        if isinstance(head, dict) and "image" in head:
+            return head
+    return json.loads(data)
+
+
+def load_local_image(image: str, manifest_path: str | None = None, *, verify: bool = False) -> LocalImage:
+    """Read the pyimg manifest and check it describes the image (size; with verify, the
+    hashes too).  Without verify the image's SHA-256 comes from the manifest, which keeps
+    a repeated push to a few HEAD requests; the store checks the bytes it receives."""
+    try:
+        st = os.stat(image)
+    except OSError as exc:
+        raise OutputError(f"cannot read the image: {exc.strerror}", image) from exc
+    if manifest_path is None:
+        manifest_path = default_manifest_path(image)
+        if manifest_path is None:
+            raise SpecError(
+                "no pyimg manifest beside the image (IMAGE.json or IMAGE's stem + .json): "
+                "give --manifest FILE "
+                "(written by `pyimg build --manifest`)",
+                image,
+            )
+    try:
+        with open(manifest_path, "rb") as f:
+            data = f.read()
+        value = _manifest_head(data)
+    except OSError as exc:
+        raise SpecError(f"cannot read the pyimg manifest: {exc.strerror}", manifest_path) from exc
+    except ValueError as exc:
+        raise SpecError(f"the pyimg manifest is not JSON: {exc}", manifest_path) from None
+    info = value.get("image") if isinstance(value, dict) else None
+    if not isinstance(info, dict):
+        raise SpecError("not a pyimg manifest (no 'image' object)", manifest_path)
+    fmt = info.get("format")
+    if fmt not in FORMAT_MEDIA_TYPES:
+        raise SpecError(f"the pyimg manifest names an unknown format {fmt!r}", manifest_path)
+    if info.get("size") != st.st_size:
+        raise SpecError(
+            f"the pyimg manifest is for a {info.get('size')}-byte image, {image} has {st.st_size} bytes",
+            manifest_path,
+        )
+    sha, b3 = info.get("sha256"), info.get("blake3")
+    if verify or not isinstance(sha, str) or not isinstance(b3, str):
+        got = digest_image(image)
+        if (isinstance(sha, str) and sha != got.sha256) or (isinstance(b3, str) and b3 != got.blake3):
+            raise DigestMismatchError("the image's hashes differ from its pyimg manifest's", image)
+        sha, b3 = got.sha256, got.blake3
+    options = value.get("options") if isinstance(value.get("options"), dict) else {}
+    epoch = options.get("epoch")
+    versions = value.get("versions") if isinstance(value.get("versions"), dict) else {}
+    return LocalImage(
+        path=image,
+        size=st.st_size,
+        sha256=f"sha256:{sha}",
+        blake3=str(b3),
+        format=str(fmt),
+        epoch=epoch if isinstance(epoch, int) else None,
+        version=str(versions.get("pyimg", "unknown")),
+        manifest_bytes=data,
+        image_title=str(info.get("file") or os.path.basename(image)),
+    )
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ref: str
+    digest: str
+    blobs_uploaded: int
+    blobs_present: int
+    bytes_uploaded: int
+    manifest_uploaded: bool
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.__dict__, "seconds": round(self.seconds, 3)}
+
+
+def push(
+    image: str,
+    ref: Ref | str,
+    *,
+    manifest_path: str | None = None,
+    options: StoreOptions | None = None,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> PushResult:
+    """Store an image as an OCI 1.1 artifact; returns its manifest digest.  Blobs go up
+    first (each checked with HEAD), the manifest last: an interrupted push leaves no tag
+    pointing at a missing blob, and the next push sends only what is missing."""
+    started = time.monotonic()
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    if ref.digest:
+        raise SpecError(f"{ref}: push to a tag, not a digest (the digest is the result)")
+    if ref.tag and RESERVED_TAG_RE.match(ref.tag):
+        raise SpecError(f"{ref}: tag {ref.tag!r} is reserved (audit entries, referrers fallback)")
+    local = load_local_image(image, manifest_path, verify=verify)
+    artifact = local.artifact()
+    store = open_store(ref, options, create=True)
+    try:
+        uploaded = present = sent = 0
+        image_desc, meta_desc = local.descriptors()
+        for data, digest in ((EMPTY_JSON, EMPTY_CONFIG.digest), (local.manifest_bytes, meta_desc.digest)):
+            if store.put_blob_bytes(data, digest):
+                uploaded += 1
+                sent += len(data)
+            else:
+                present += 1
+        if store.put_blob_file(local.path, image_desc.digest, local.size, progress):
+            uploaded += 1
+            sent += local.size
+        else:
+            present += 1
+        tag = ref.tag or "latest"
+        manifest_uploaded = store.resolve(tag) != artifact.digest
+        if manifest_uploaded:
+            store.put_manifest(artifact, tag)
+    finally:
+        store.close()
+    return PushResult(
+        str(ref.with_tag(tag)),
+        artifact.digest,
+        uploaded,
+        present,
+        sent,
+        manifest_uploaded,
+        time.monotonic() - started,
+    )
+
+
+# -- pull -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageArtifact:
+    manifest: Manifest
+    image: Descriptor
+    pyimg_manifest: Descriptor | None
+    format: str
+    blake3: str | None
+
+
+def read_image_artifact(store: Store, reference: str) -> ImageArtifact:
+    """The manifest a reference names, checked to be a pyimg image artifact."""
+    manifest = store.get_manifest(reference)
+    value = manifest.json
+    if value.get("artifactType") != IMAGE_ARTIFACT:
+        raise StoreError(
+            f"{reference} is not a pyimg image (artifactType {value.get('artifactType')!r}, "
+            f"expected {IMAGE_ARTIFACT})",
+            store.address,
+        )
+    by_type = {v: k for k, v in FORMAT_MEDIA_TYPES.items()}
+    found = layers(value, store.address)
+    images = [d for d in found if d.media_type in by_type]
+    if len(images) != 1:
+        raise StoreError(f"{reference}: expected one image layer, found {len(images)}", store.address)
+    metas = [d for d in found if d.media_type == PYIMG_MANIFEST]
+    raw = value.get("annotations")
+    annotations: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    return ImageArtifact(
+        manifest,
+        images[0],
+        metas[0] if metas else None,
+        annotations.get(A_FORMAT) or by_type[images[0].media_type],
+        annotations.get(A_BLAKE3),
+    )
+
+
+def fetch_bytes(store: Store, desc: Descriptor, limit: int = 64 << 20) -> bytes:
+    if desc.size > limit:
+        raise StoreError(f"blob {desc.digest} is {desc.size} bytes, more than expected", store.address)
+    parts: list[bytes] = []
+    store.fetch_blob(desc, parts.append)
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    ref: str
+    digest: str
+    output: str
+    format: str
+    size: int
+    blake3: str
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.__dict__, "seconds": round(self.seconds, 3)}
+
+
+def _pull_from(
+    store: Store, ref: Ref, output: str, manifest_output: str | None, progress: Progress | None
+) -> PullResult:
+    started = time.monotonic()
+    art = read_image_artifact(store, ref.reference)
+    meta = fetch_bytes(store, art.pyimg_manifest) if manifest_output and art.pyimg_manifest else None
+    b3 = blake3.blake3()
+    with AtomicOutput(output) as out:
+
+        def sink(data: bytes) -> None:
+            b3.update(data)
+            view = memoryview(data)
+            while view:
+                try:
+                    view = view[os.write(out.fd, view) :]
+                except OSError as exc:
+                    raise OutputError(f"write failed: {exc.strerror}", output) from exc
+
+        store.fetch_blob(art.image, sink, progress)
+        if art.blake3 is not None and b3.hexdigest() != art.blake3:
+            raise DigestMismatchError(
+                f"the image's BLAKE3 is {b3.hexdigest()}, its manifest says {art.blake3}: refused",
+                store.address,
+            )
+        out.commit()
+    if manifest_output and meta is not None:
+        write_file_atomically(manifest_output, meta)
+    return PullResult(
+        str(ref.with_digest(art.manifest.digest)),
+        art.manifest.digest,
+        output,
+        art.format,
+        art.image.size,
+        b3.hexdigest(),
+        time.monotonic() - started,
+    )
+
+
+def pull(
+    ref: Ref | str,
+    output: str,
+    *,
+    manifest_output: str | None = None,
+    options: StoreOptions | None = None,
+    progress: Progress | None = None,
+) -> PullResult:
+    """Fetch an image, verifying every digest; the output appears only when all is right."""
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    store = open_store(ref, options)
+    try:
+        return _pull_from(store, ref, output, manifest_output, progress)
+    finally:
+        store.close()
+
+
+def fetch_image(ref: Ref | str, cache_dir: str, options: StoreOptions | None = None) -> str:
+    """The path of the image a reference names, pulled into cache_dir once (by manifest
+    digest: a tag that moves gets a new file).  For `pyimg boot REF`."""
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    store = open_store(ref, options)
+    try:
+        digest = ref.digest if ref.digest and DIGEST_RE.match(ref.digest) else store.resolve(ref.reference)
+        if digest is None:
+            from ..errors import StoreNotFoundError
+
+            raise StoreNotFoundError(f"no manifest {ref.reference!r}", store.address)
+        art = read_image_artifact(store, digest)
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f"{digest.split(':', 1)[1]}.{art.format}")
+        if os.path.isfile(path) and os.path.getsize(path) == art.image.size:
+            return path
+        _pull_from(store, ref.with_digest(digest), path, None, None)
+        return path
+    finally:
+        store.close()

@@ -1,0 +1,211 @@
+"""push and pull against both stores: the OCI layout directory and the real registry."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pyimg.errors import DigestMismatchError, SpecError, StoreNotFoundError
+from pyimg.store import ops
+from pyimg.store.artifact import (
+    EMPTY_DIGEST,
+    IMAGE_ARTIFACT,
+    OCI_EMPTY,
+    PYIMG_MANIFEST,
+    canonical_json,
+)
+from pyimg.store.layout import LayoutStore
+from pyimg.store.registry import RegistryStore
+
+from .conftest import Image, Registry, leftovers, make_image
+
+
+@pytest.fixture(params=["layout", "registry"])
+def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "layout":
+        return f"oci:{tmp_path / 'layout'}"
+    reg: Registry = request.getfixturevalue("registry")
+    return reg.repo()
+
+
+def test_push_pull_roundtrip(store_addr: str, image: Image, tmp_path: Path) -> None:
+    pushed = ops.push(image.path, f"{store_addr}:v1")
+    assert pushed.blobs_uploaded == 3 and pushed.manifest_uploaded
+    out = tmp_path / "out" / "img.sqfs"
+    out.parent.mkdir()
+    pulled = ops.pull(f"{store_addr}:v1", str(out), manifest_output=str(tmp_path / "out" / "img.json"))
+    assert pulled.digest == pushed.digest
+    assert filecmp.cmp(out, image.path, shallow=False)
+    assert filecmp.cmp(tmp_path / "out" / "img.json", image.manifest, shallow=False)
+    # and by digest
+    out2 = tmp_path / "out" / "by-digest.sqfs"
+    ops.pull(f"{store_addr}@{pushed.digest}", str(out2))
+    assert filecmp.cmp(out2, image.path, shallow=False)
+
+
+def test_manifest_format(store_addr: str, image: Image) -> None:
+    pushed = ops.push(image.path, f"{store_addr}:fmt")
+    store = ops.open_store(store_addr)
+    try:
+        m = store.get_manifest("fmt")
+    finally:
+        store.close()
+    assert m.digest == pushed.digest
+    value = json.loads(m.data)
+    assert m.data == canonical_json(value)  # canonical: sorted keys, no whitespace
+    assert value["artifactType"] == IMAGE_ARTIFACT
+    assert value["config"] == {"mediaType": OCI_EMPTY, "digest": EMPTY_DIGEST, "size": 2}
+    img, meta = value["layers"]
+    assert img["mediaType"] == "application/vnd.pyimg.squashfs" and img["size"] == image.size
+    assert meta["mediaType"] == PYIMG_MANIFEST
+    manifest = json.loads(Path(image.manifest).read_bytes())
+    assert value["annotations"] == {
+        "vnd.pyimg.format": "squashfs",
+        "vnd.pyimg.version": manifest["versions"]["pyimg"],
+        "vnd.pyimg.blake3": manifest["image"]["blake3"],
+        "org.opencontainers.image.created": "2023-11-14T22:13:20Z",  # the image's epoch, not the clock
+    }
+
+
+def test_same_image_same_digest_everywhere(registry: Registry, image: Image, tmp_path: Path) -> None:
+    a = ops.push(image.path, f"oci:{tmp_path / 'a'}:x")
+    time.sleep(1.1)  # a clock in the manifest would show now
+    b = ops.push(image.path, f"oci:{tmp_path / 'b'}:other-tag")
+    c = ops.push(image.path, registry.repo() + ":y")
+    assert a.digest == b.digest == c.digest
+
+
+def test_no_epoch_no_time_annotation(tmp_path: Path) -> None:
+    img = make_image(tmp_path, "noepoch", size=1000, epoch=0)
+    manifest = json.loads(Path(img.manifest).read_text())
+    manifest["options"]["epoch"] = None
+    Path(img.manifest).write_text(json.dumps(manifest))
+    ops.push(img.path, f"oci:{tmp_path / 'l'}:v")
+    value = json.loads(LayoutStore(str(tmp_path / "l")).get_manifest("v").data)
+    assert "org.opencontainers.image.created" not in value["annotations"]
+
+
+def test_second_push_uploads_nothing(registry: Registry, image: Image) -> None:
+    ref = registry.repo() + ":v1"
+    first = ops.push(image.path, ref)
+    store = ops.open_store(ref)
+    assert isinstance(store, RegistryStore)
+    try:
+        started = time.monotonic()
+        again = ops.push(image.path, ref)
+        elapsed = time.monotonic() - started
+    finally:
+        store.close()
+    assert again.digest == first.digest
+    assert (again.blobs_uploaded, again.blobs_present, again.bytes_uploaded) == (0, 3, 0)
+    assert not again.manifest_uploaded
+    assert elapsed < 2.0  # the bench measures it properly; here: no upload happened
+
+
+def test_second_push_requests_are_heads_only(
+    registry: Registry, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = registry.repo() + ":v1"
+    ops.push(image.path, ref)
+    seen: list[RegistryStore] = []
+    real_open = ops.open_store
+
+    def spy(*args: object, **kwargs: object) -> object:
+        store = real_open(*args, **kwargs)  # type: ignore[arg-type]
+        assert isinstance(store, RegistryStore)
+        seen.append(store)
+        return store
+
+    monkeypatch.setattr(ops, "open_store", spy)
+    ops.push(image.path, ref)
+    assert seen[0].requests == {"HEAD": 4}  # three blobs and the tag
+
+
+def test_pull_missing_tag_and_digest(store_addr: str, image: Image, tmp_path: Path) -> None:
+    ops.push(image.path, f"{store_addr}:v1")
+    out = tmp_path / "o.sqfs"
+    with pytest.raises(StoreNotFoundError, match="nope"):
+        ops.pull(f"{store_addr}:nope", str(out))
+    with pytest.raises(StoreNotFoundError):
+        ops.pull(f"{store_addr}@sha256:{'0' * 64}", str(out))
+    assert not out.exists()
+    assert leftovers(tmp_path, {"layout"}) == set()
+
+
+def test_push_to_digest_refused(image: Image, tmp_path: Path) -> None:
+    with pytest.raises(SpecError):
+        ops.push(image.path, f"oci:{tmp_path}/l@sha256:{'0' * 64}")
+
+
+def test_push_to_reserved_tags_refused(image: Image, tmp_path: Path) -> None:
+    for tag in ("pyimg-audit.20260101T000000.000000Z.prod.abc", "sha256-" + "a" * 64, "pyimg-ref.a.b"):
+        with pytest.raises(SpecError, match="reserved"):
+            ops.push(image.path, f"oci:{tmp_path}/l:{tag}")
+
+
+def test_push_needs_matching_manifest(image: Image, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.json"
+    value = json.loads(Path(image.manifest).read_text())
+    value["image"]["size"] += 1
+    bogus.write_text(json.dumps(value))
+    with pytest.raises(SpecError, match="byte image"):
+        ops.push(image.path, f"oci:{tmp_path / 'l'}", manifest_path=str(bogus))
+    lonely = tmp_path / "lonely.sqfs"
+    lonely.write_bytes(Path(image.path).read_bytes())
+    with pytest.raises(SpecError, match="--manifest"):
+        ops.push(str(lonely), f"oci:{tmp_path / 'l'}")
+
+
+def test_layout_rejects_lying_manifest(image: Image, tmp_path: Path) -> None:
+    """The pyimg manifest claims a SHA-256 the bytes do not have: the layout refuses the blob."""
+    value = json.loads(Path(image.manifest).read_text())
+    value["image"]["sha256"] = "1" * 64
+    liar = tmp_path / "liar.json"
+    liar.write_text(json.dumps(value))
+    with pytest.raises(DigestMismatchError):
+        ops.push(image.path, f"oci:{tmp_path / 'l'}:v", manifest_path=str(liar))
+    layout = LayoutStore(str(tmp_path / "l"))
+    assert layout.tags() == []
+    assert not [n for n in os.listdir(layout.blobs) if n.startswith(".")]
+
+
+def test_registry_rejects_lying_manifest(registry: Registry, image: Image, tmp_path: Path) -> None:
+    value = json.loads(Path(image.manifest).read_text())
+    value["image"]["sha256"] = "1" * 64
+    liar = tmp_path / "liar.json"
+    liar.write_text(json.dumps(value))
+    ref = registry.repo() + ":v"
+    with pytest.raises(DigestMismatchError):
+        ops.push(image.path, ref, manifest_path=str(liar))
+    with pytest.raises(StoreNotFoundError):
+        ops.pull(ref, str(tmp_path / "x"))
+    with pytest.raises(DigestMismatchError):
+        ops.push(image.path, ref, manifest_path=str(liar), verify=True)
+
+
+def test_fetch_image_caches_by_digest(store_addr: str, image: Image, tmp_path: Path) -> None:
+    ops.push(image.path, f"{store_addr}:boot")
+    cache = tmp_path / "cache"
+    path = ops.fetch_image(f"{store_addr}:boot", str(cache))
+    assert filecmp.cmp(path, image.path, shallow=False)
+    assert path.endswith(".squashfs")
+    mtime = os.stat(path).st_mtime_ns
+    assert ops.fetch_image(f"{store_addr}:boot", str(cache)) == path
+    assert os.stat(path).st_mtime_ns == mtime  # not fetched again
+    assert ops.is_store_ref(f"{store_addr}:boot") and not ops.is_store_ref(image.path)
+
+
+def test_manifest_head_skips_only_the_entries(image: Image) -> None:
+    data = Path(image.manifest).read_bytes()
+    full = json.loads(data)
+    head = ops._manifest_head(data)
+    del full["entries"]
+    assert head == full
+    # a manifest written some other way is parsed whole
+    compact = json.dumps(json.loads(data)).encode()
+    assert ops._manifest_head(compact) == json.loads(compact)
