@@ -20,6 +20,7 @@ from .errors import Interrupted, PyImgError
 from .formats import FORMATS, all_settings
 from .options import Policy
 from .settings import Setting, cli_flag, settings_of
+from .store.cli import register as register_store_commands
 
 app = typer.Typer(
     add_completion=False,
@@ -231,7 +232,7 @@ def version_command() -> None:
     typer.echo(__version__)
 
 
-__import__("pyimg.store.cli").store.cli.register(app)  # STORE: push, pull, record, promote, status
+register_store_commands(app)  # push, pull, record, promote, status (pyimg/store/cli.py)
 
 
 def _optional_values(argv: list[str]) -> list[str]:

@@ -80,7 +80,7 @@ class StoreError(PyImgError):
 
     `path` is the store address (oci:DIR or HOST/REPO), `reason` says what went wrong."""
 
-    exit_code = 7
+    exit_code = 10
 
 
 class StoreNotFoundError(StoreError):
