@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .collect import check_output_not_input, collect
+from .collect import check_output_not_input, collect, drop_acls
 from .errors import OutputError, SpecError
 from .formats.base import FileScan, FormatWriter, WriteResult
 from .manifest import ImageDigest, build_manifest, digest_image, dump
@@ -54,6 +54,7 @@ class BuildResult:
     seconds: float
     manifest_path: str | None
     _make_manifest: Callable[[], dict[str, Any]] = dataclasses.field(repr=False, compare=False)
+    dropped_acls: list[str] = dataclasses.field(default_factory=list)  # Policy.drop_acls: paths
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any]:
@@ -106,6 +107,7 @@ def _collect_and_write(
         if prescan is not None:
             prescan.finish()
         tree = collected.freeze()
+        dropped = drop_acls(tree) if options.policy.drop_acls else []
         total = sum(inode.size for inode in tree.inodes if inode.data is not None)
         done = 0
 
@@ -128,7 +130,7 @@ def _collect_and_write(
 
     def make_manifest() -> dict[str, Any]:
         full = image if image.sha256 is not None else digest_image(options.output)
-        return build_manifest(options, tree, result, full)
+        return build_manifest(options, tree, result, full, dropped_acls=dropped)
 
     if options.manifest:
         write_file_atomically(options.manifest, dump(make_manifest()))
@@ -144,6 +146,7 @@ def _collect_and_write(
         seconds=time.monotonic() - started,
         manifest_path=options.manifest,
         _make_manifest=make_manifest,
+        dropped_acls=dropped,
     )
 
 

@@ -162,6 +162,9 @@ def build_command(
         str | None, typer.Option("--uuid", help="ext4: file system UUID (default: derived from the content).")
     ] = None,
     label: Annotated[str | None, typer.Option("--label", help="ext4: volume label.")] = None,
+    drop_acls: Annotated[
+        bool, typer.Option("--drop-acls", help="Leave POSIX ACLs out of the image (the paths are reported).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
 ) -> None:
     """Build an image from SOURCEs (directories, tar archives, files)."""
@@ -188,6 +191,7 @@ def build_command(
             features=[f for f in (features or "").split(",") if f],
             uuid=uuid,
             label=label,
+            drop_acls=True if drop_acls else None,
             progress=bar,
         )
     except PyImgError as exc:

@@ -22,6 +22,7 @@ from .sources import Rules, Spool
 from .sources.directory import FileCallback, add_directory
 from .sources.single import add_file
 from .tree import FrozenTree, Tree, gc_paused, new_dir, normalize_path
+from .xattrs import ACL_NAMES
 
 ResolvedKind = Literal["dir", "tar", "file"]
 
@@ -77,6 +78,22 @@ def collect(options: BuildOptions, on_file: FileCallback | None = None) -> Colle
         spool.close()
         raise
     return Collected(tree, spool)
+
+
+def drop_acls(tree: FrozenTree) -> list[str]:
+    """Policy.drop_acls: remove the POSIX ACLs of every inode; returns the image
+    paths ("/etc/x") that had them, in tree order (every name of a hard link)."""
+    dropped: list[str] = []
+    stripped: set[int] = set()  # id() of the inodes already stripped (hard links)
+    for node in tree.nodes:
+        inode = node.inode
+        if id(inode) not in stripped:
+            if not any(name in inode.xattrs for name in ACL_NAMES):
+                continue
+            inode.xattrs = {k: v for k, v in inode.xattrs.items() if k not in ACL_NAMES}
+            stripped.add(id(inode))
+        dropped.append(node.image_path.decode("utf-8", "surrogateescape"))
+    return dropped
 
 
 def add_source(

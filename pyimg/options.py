@@ -48,6 +48,9 @@ class Policy:
     excludes: glob patterns; one without "/" matches an entry's name anywhere, one
     with "/" matches its whole image path ("/usr/share/doc/*").  An excluded
     directory takes its subtree with it.
+    drop_acls: leave POSIX ACLs (system.posix_acl_access/default) out of the image,
+    reporting the paths that had them (BuildResult.dropped_acls, the manifest);
+    without it a format that cannot hold ACLs (squashfs) refuses them by path.
     """
 
     owner: OwnerPolicy = "auto"
@@ -55,6 +58,7 @@ class Policy:
     gid_map: tuple[tuple[int, int], ...] = ()
     epoch: int | None = None
     excludes: tuple[str, ...] = ()
+    drop_acls: bool = False
 
 
 @dataclass(frozen=True, slots=True)

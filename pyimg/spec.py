@@ -35,7 +35,7 @@ EXT4_LABEL_MAX = 16  # bytes, s_volume_name
 
 _TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy", "squashfs", "ext4"}
 _SOURCE_KEYS = {"path", "kind", "dest", "mode", "uid", "gid"}
-_POLICY_KEYS = {"owner", "uid_map", "gid_map", "epoch", "exclude"}
+_POLICY_KEYS = {"owner", "uid_map", "gid_map", "epoch", "exclude", "drop_acls"}
 _SQUASHFS_KEYS = {"compression", "block_size", "fragments", "dedup"}
 _EXT4_KEYS = {"size", "headroom", "journal", "features", "uuid", "dedup", "label"}
 
@@ -263,6 +263,7 @@ def _policy(table: Mapping[str, Any]) -> Policy:
         gid_map=parse_id_map(_table(table.get("gid_map", {}), "policy.gid_map"), "policy.gid_map"),
         epoch=epoch,
         excludes=_excludes(table.get("exclude", []), "policy.exclude"),
+        drop_acls=_typed(table.get("drop_acls", False), bool, "policy.drop_acls"),
     )
 
 
@@ -325,6 +326,7 @@ def merge_options(
     features: Sequence[str] | None = None,
     uuid: str | None = None,
     label: str | None = None,
+    drop_acls: bool | None = None,
 ) -> BuildOptions:
     """`base` (from a spec, or None) with every given (non-None) CLI value applied.
 
@@ -364,6 +366,8 @@ def merge_options(
         policy = dataclasses.replace(policy, epoch=epoch)
     if excludes is not None:
         policy = dataclasses.replace(policy, excludes=policy.excludes + _excludes(excludes, "exclude"))
+    if drop_acls is not None:
+        policy = dataclasses.replace(policy, drop_acls=_typed(drop_acls, bool, "drop_acls"))
     if compression is not None:
         name, level = parse_compression(compression, "compression")
         sqfs = dataclasses.replace(sqfs, compression=name, level=level)

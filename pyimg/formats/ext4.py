@@ -51,6 +51,7 @@ from ..errors import FormatError, LimitError, OutputError, SourceError, SpecErro
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
+from ..xattrs import ACL_NAMES, acl_to_ext4, suspect_names, xattr_problem
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 
 BLOCK = 4096
@@ -105,9 +106,6 @@ UNSUPPORTED = {
     "ea_inode": "not supported", "orphan_file": "not supported", "metadata_csum_seed": "not needed",
 }  # fmt: skip
 
-XATTR_PREFIXES = (b"user.", b"trusted.", b"security.", b"system.")
-_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
-
 
 def resolve_features(edits: tuple[str, ...]) -> set[str]:
     """The default feature set with the user's "+name"/"-name" edits applied."""
@@ -138,20 +136,6 @@ def default_journal_blocks(blocks: int) -> int:
         if blocks < limit:
             return size
     return 262144
-
-
-def acl_to_disk(value: bytes, path: bytes) -> bytes:
-    """A POSIX ACL from its xattr form (version 2, 8-byte entries) to ext4's on-disk
-    form (version 1; user/group entries 8 bytes, the others 4)."""
-    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
-        raise SourceError("malformed POSIX ACL xattr", path)
-    out = bytearray((1).to_bytes(4, "little"))
-    for pos in range(4, len(value), 8):
-        tag = int.from_bytes(value[pos : pos + 2], "little")
-        out += value[pos : pos + 4]
-        if tag in (0x02, 0x08):  # ACL_USER, ACL_GROUP carry an id
-            out += value[pos + 4 : pos + 8]
-    return bytes(out)
 
 
 def _le(a: array[int]) -> bytes:
@@ -463,6 +447,7 @@ class _Build:
             or min(seconds) < -(1 << 31)
             or max(seconds) >= (1 << 34) - (1 << 31)
             or ("ext_attr" not in self.features and any([inode.xattrs for inode in inodes]))
+            or suspect_names([inode.xattrs for inode in inodes])
         )
 
     def inode_problem(self, ino: int, inode: Inode) -> str | None:
@@ -484,6 +469,10 @@ class _Build:
             return "mtime out of ext4's range (1901..2446)"
         if inode.xattrs and "ext_attr" not in self.features:
             return "xattrs need the ext_attr feature"
+        for name, value in inode.xattrs.items():
+            problem = xattr_problem(name, value, fmt="ext4", acls=True)
+            if problem is not None:
+                return problem
         return None
 
     def path_of(self, ino: int) -> bytes:
@@ -672,8 +661,8 @@ class _Build:
             for name in sorted(inode.xattrs):
                 e, path = self.ext_ino[ino], self.path_of(ino)
                 value = inode.xattrs[name]
-                if name in _ACL_NAMES:
-                    value = acl_to_disk(value, path)
+                if name in ACL_NAMES:
+                    value = acl_to_ext4(value)  # checked valid by check_tree
                 material.update(b"%d %d %s %d %s" % (e, len(name), name, len(value), value))
                 check(lib.pyimg_ext4_add_xattr(h, e, name, len(name), value, len(value)), self.err, path)
         if self.lf_tree_ino is None:

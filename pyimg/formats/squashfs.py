@@ -22,6 +22,7 @@ from ..errors import LimitError, SpecError
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import FrozenTree, Inode, Kind, Node
+from ..xattrs import suspect_names, xattr_problem
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 from .imagefile import ImageFile
 from .squashfs_data import DataStream, Placement
@@ -157,7 +158,8 @@ def _check_limits(tree: FrozenTree) -> None:
         _raise_first(tree, _name_problem)
     mtimes = [inode.mtime_ns for inode in tree.inodes]
     unusual = min(mtimes) < 0 or max(mtimes) >= (0xFFFFFFFF + 1) * 1_000_000_000
-    unusual = unusual or any(inode.xattrs or inode.kind in _DEVICES for inode in tree.inodes)
+    unusual = unusual or any(inode.kind in _DEVICES for inode in tree.inodes)
+    unusual = unusual or suspect_names(inode.xattrs for inode in tree.inodes)
     if unusual:
         _raise_first(tree, _inode_problem)
 
@@ -181,9 +183,10 @@ def _inode_problem(node: Node) -> str | None:
         return f"mtime {inode.mtime} outside squashfs's range 0..2^32-1"
     if inode.kind in _DEVICES and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
         return f"device number {inode.rdev} too large for squashfs"
-    for name in inode.xattrs:
-        if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
-            return f"xattr {name!r}: squashfs stores only user., trusted. and security."
+    for name, value in inode.xattrs.items():
+        problem = xattr_problem(name, value, fmt="squashfs", acls=False)
+        if problem is not None:
+            return problem
     return None
 
 

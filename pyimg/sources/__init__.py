@@ -7,9 +7,9 @@ once (ownership, id maps, the epoch clamp, excludes), the xattr filter, and
 Notes for format writers:
 - Names may hold any byte except "/" and NUL.  Names longer than 255 bytes are
   *not* refused here: each format knows its own limit and raises LimitError.
-- Only xattrs in the user., trusted. and security. namespaces are kept.  system.*
-  (POSIX ACLs: system.posix_acl_access/default) is dropped for now: the formats do
-  not encode ACLs yet, and a builder's ACLs rarely belong in an image.
+- Every xattr a source carries is kept, system.* (POSIX ACLs) included: each
+  format refuses by name what it cannot hold (pyimg/xattrs.py), and the policy's
+  drop_acls leaves POSIX ACLs out, reported.  Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -26,18 +26,12 @@ from ..errors import OutputError, SourceError, SpecError
 from ..options import Policy
 from ..tree import NO_XATTRS, DataRef, Inode, new_dir
 
-KEPT_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
-
 # errnos meaning "this file system has no xattrs": treated as none, not as an error.
 _NO_XATTR_SUPPORT = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-def keep_xattr(name: bytes) -> bool:
-    return name.startswith(KEPT_XATTR_PREFIXES)
-
-
 def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[bytes, bytes]:
-    """The kept xattrs of `path`, sorted by name (so the dict order never depends on the
+    """Every xattr of `path`, sorted by name (so the dict order never depends on the
     file system's listing order)."""
     try:
         names = os.listxattr(path, follow_symlinks=follow_symlinks)
@@ -49,8 +43,6 @@ def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[
         return NO_XATTRS
     xattrs: dict[bytes, bytes] = {}
     for name in sorted(os.fsencode(n) for n in names):
-        if not keep_xattr(name):
-            continue
         try:
             xattrs[name] = os.getxattr(path, name, follow_symlinks=follow_symlinks)
         except OSError as exc:

@@ -39,7 +39,8 @@ import zstandard
 
 from ..errors import PyImgError, SourceError
 from ..tree import DataRef, Inode, Kind, Tree, split_path
-from . import Readable, Rules, Spool, join_image_path, keep_xattr
+from ..xattrs import ACL_ACCESS, ACL_DEFAULT, AclError, acl_from_text, mode_acl
+from . import Readable, Rules, Spool, join_image_path
 
 BLOCK = tarfile.BLOCKSIZE
 
@@ -262,7 +263,10 @@ class _ArchiveReader:
             inode.kind = Kind.FIFO
         else:
             raise self.fail(member, f"unsupported member type {member.type!r}")
-        inode.xattrs = _pax_xattrs(member)
+        try:
+            inode.xattrs = _pax_xattrs(member, inode.mode)
+        except _BadRecord as exc:
+            raise self.fail(member, str(exc)) from None
         return inode
 
     def member_data(self, member: tarfile.TarInfo) -> DataRef:
@@ -291,14 +295,30 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
 
 _SCHILY = "SCHILY.xattr."
 _LIBARCHIVE = "LIBARCHIVE.xattr."
+# GNU tar --acls and star: POSIX ACLs in their long text form.
+_TEXT_ACLS = {"SCHILY.acl.access": ACL_ACCESS, "SCHILY.acl.default": ACL_DEFAULT}
 
 
-def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+class _BadRecord(Exception):
+    """A pax xattr record that cannot be decoded."""
+
+
+def _pax_xattrs(member: tarfile.TarInfo, mode: int) -> dict[bytes, bytes]:
     """xattrs from pax records: GNU tar/star write "SCHILY.xattr.NAME" = raw value;
-    libarchive also writes "LIBARCHIVE.xattr.URL-ENCODED-NAME" = base64 value."""
+    libarchive also writes "LIBARCHIVE.xattr.URL-ENCODED-NAME" = base64 value.
+    POSIX ACLs: the xattr form (SCHILY.xattr.system.posix_acl_*, written by
+    `tar --acls --xattrs`) when present, else the text form (SCHILY.acl.access,
+    SCHILY.acl.default: `tar --acls`).  Every name is kept; the formats refuse
+    what they cannot hold.  GNU tar writes an access ACL for every file, often
+    only the three entries the mode already says: that one is the mode (Linux
+    never stores it as an xattr) and is left out."""
     found: dict[bytes, bytes] = {}
+    texts: dict[bytes, str] = {}
     for key, value in member.pax_headers.items():
-        if key.startswith(_SCHILY):
+        if key in _TEXT_ACLS:
+            if value.strip():  # GNU tar writes an empty default ACL for every directory
+                texts[_TEXT_ACLS[key]] = value
+        elif key.startswith(_SCHILY):
             name = key[len(_SCHILY) :].encode("utf-8", "surrogateescape")
             found[name] = value.encode("utf-8", "surrogateescape")
         elif key.startswith(_LIBARCHIVE):
@@ -307,8 +327,16 @@ def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
                 padded = value + "=" * (-len(value) % 4)
                 found.setdefault(name, base64.b64decode(padded, validate=True))
             except (binascii.Error, ValueError):
-                raise SourceError(f"member {member.name!r}: bad base64 in pax record {key!r}") from None
-    return {name: found[name] for name in sorted(found) if keep_xattr(name)}
+                raise _BadRecord(f"bad base64 in pax record {key!r}") from None
+    for name, text in texts.items():
+        if name not in found:
+            try:
+                acl = acl_from_text(text)
+            except AclError as exc:
+                raise _BadRecord(f"pax record for {name.decode()}: {exc}") from None
+            if name != ACL_ACCESS or acl != mode_acl(mode):
+                found[name] = acl
+    return {name: found[name] for name in sorted(found)}
 
 
 def _decompressed(raw: BinaryIO, compression: str, *, rewind: bool) -> Readable:
