@@ -98,6 +98,7 @@ def add_tar(tree: Tree, archive: str, dest: bytes, rules: Rules, spool: Spool) -
         raise SourceError("no such file or directory", archive) from exc
     except OSError as exc:
         raise SourceError(f"cannot open: {exc.strerror}", archive) from exc
+    reader: _ArchiveReader | None = None
     with raw:
         try:
             compression = compression_of(raw.read(6))
@@ -115,6 +116,13 @@ def add_tar(tree: Tree, archive: str, dest: bytes, rules: Rules, spool: Spool) -
                     pass
         except PyImgError:
             raise
+        except _MissingEnd:
+            last = reader.last_name if reader is not None else None
+            raise SourceError(
+                f"truncated tar archive: it ends after member {last!r} without the end-of-archive "
+                "blocks (whatever followed that member is lost)",
+                archive,
+            ) from None
         except (*_CORRUPT, _CorruptHeader) as exc:
             raise SourceError(f"corrupt or truncated tar archive: {_describe(exc)}", archive) from exc
 
@@ -154,6 +162,11 @@ class _CorruptHeader(Exception):
     for the end of the archive and would silently drop the rest; we refuse."""
 
 
+class _MissingEnd(Exception):
+    """The archive stops right after a member, without the end-of-archive blocks:
+    tarfile takes that for the end, but it is how a cut archive looks."""
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> _StrictTarInfo:
@@ -161,6 +174,10 @@ class _StrictTarInfo(tarfile.TarInfo):
             return super().fromtarfile(tf)
         except _BAD_HEADER as exc:
             raise _CorruptHeader(f"bad header at offset {tf.offset}: {exc}") from None
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
+            if tf.offset > 0:  # (an empty file is tarfile's own "empty file" error)
+                raise _MissingEnd from None
+            raise
 
 
 class _ArchiveReader:
@@ -175,6 +192,7 @@ class _ArchiveReader:
         self.tf = tf
         self.plain_stamp: tuple[int, int] | None = None  # set for uncompressed archives
         self.excluded_inodes: dict[bytes, Inode] = {}  # excluded names a hard link may name
+        self.last_name: str | None = None  # the last member read, for errors
 
     def read_all(self) -> None:
         while True:
@@ -183,6 +201,7 @@ class _ArchiveReader:
                 return
             # We never look a member up by name again: keep tarfile from hoarding them.
             self.tf.members.clear()  # type: ignore[attr-defined]
+            self.last_name = member.name
             self.add_member(member)
 
     def fail(self, member: tarfile.TarInfo, reason: str) -> SourceError:

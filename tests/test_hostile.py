@@ -1,0 +1,203 @@
+"""A hostile corpus, end to end through the CLI: every case either builds a correct
+image (checked by the real oracles: unsquashfs, e2fsck, debugfs) or is refused
+with the expected exit code and a message naming the path and the reason — never
+a traceback, never an output or temp file left behind, never a changed input.
+
+Each case makes its inputs under `in/` and returns the CLI arguments (sources and
+options; `-o` and `--format` are added).  `{in}` in the expected words stands for
+that directory.  The builds run with TMPDIR set to an empty directory, which must
+be empty again afterwards (spool files are removed)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .oracles import require_tool, run_cli
+
+FORMATS = ("squashfs", "ext4")
+OK, SPEC, SOURCE, LIMIT, OUTPUT = 0, 2, 3, 4, 6
+
+Make = Callable[[Path], list[str]]
+Check = Callable[[Path, Path], None]  # (image, work dir)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    make: Make
+    code: int | dict[str, int]  # one exit code, or one per format
+    says: tuple[str, ...] = ()  # words stderr must hold ({in}: the input directory)
+    formats: tuple[str, ...] = FORMATS
+    check: Check | None = None  # for a built image, beyond the format's oracle
+
+
+CASES: list[Case] = []
+
+
+def case(id: str, code: int | dict[str, int], *says: str, formats: tuple[str, ...] = FORMATS,
+         check: Check | None = None) -> Callable[[Make], Make]:  # fmt: skip
+    def register(make: Make) -> Make:
+        CASES.append(Case(id, make, code, says, formats, check))
+        return make
+
+    return register
+
+
+# ---------------------------------------------------------------------------------- tar helpers
+
+
+def member(name: str, data: bytes = b"", **fields: object) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w",
+              fmt: int = tarfile.PAX_FORMAT) -> Path:  # fmt: skip
+    with tarfile.open(path, mode, format=fmt) as tar:  # type: ignore[call-overload]
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def header(name: str, *, size: bytes | None = None, typeflag: bytes = b"0", **octal: int) -> bytes:
+    """A raw ustar header block with a correct checksum; `size` may be raw bytes
+    (base-256 numbers, garbage)."""
+    block = bytearray(512)
+    block[0:100] = name.encode().ljust(100, b"\0")
+    fields = {"mode": (100, 8, 0o644), "uid": (108, 8, 0), "gid": (116, 8, 0), "mtime": (136, 12, 0)}
+    for key, (at, width, default) in fields.items():
+        block[at : at + width] = b"%0*o\0" % (width - 1, octal.get(key, default))
+    block[124:136] = size if size is not None else b"%011o\0" % octal.get("size", 0)
+    block[156:157] = typeflag
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+# ---------------------------------------------------------------------------------- the cases
+# Item 1: a plain tar cut exactly at a member boundary (no end-of-archive blocks).
+
+
+def _three_members() -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    return [member(f"f{i}", bytes([65 + i]) * (700 * (i + 1))) for i in range(3)]
+
+
+def _cut_after(data: bytes, members: int) -> bytes:
+    """The archive up to the end of member `members` (its data padded to 512)."""
+    pos = 0
+    for _ in range(members):
+        size = int(data[pos + 124 : pos + 136].strip(b"\0 ") or b"0", 8)
+        pos += 512 + -(-size // 512) * 512
+    return data[:pos]
+
+
+@case("tar-cut-at-member-boundary", SOURCE, "{in}/cut.tar", "truncated", "'f1'", "end-of-archive")
+def _(d: Path) -> list[str]:
+    data = tar_bytes(_three_members(), tarfile.USTAR_FORMAT)
+    (d / "cut.tar").write_bytes(_cut_after(data, 2))
+    return [str(d / "cut.tar")]
+
+
+@case("tar-gz-cut-at-member-boundary", SOURCE, "{in}/cut.tar.gz", "truncated", "'f0'")
+def _(d: Path) -> list[str]:
+    import gzip
+
+    data = tar_bytes(_three_members(), tarfile.USTAR_FORMAT)
+    (d / "cut.tar.gz").write_bytes(gzip.compress(_cut_after(data, 1), mtime=0))
+    return [str(d / "cut.tar.gz")]
+
+
+@case("tar-lone-zero-block-end", OK)  # GNU tar accepts one zero block as the end (warns)
+def _(d: Path) -> list[str]:
+    data = tar_bytes(_three_members(), tarfile.USTAR_FORMAT)
+    (d / "a.tar").write_bytes(data[: len(_cut_after(data, 3))] + bytes(512))
+    return [str(d / "a.tar")]
+
+
+# ---------------------------------------------------------------------------------- the test
+
+
+def _state(root: Path) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            body: object = None
+            if stat.S_ISREG(st.st_mode):
+                body = Path(p).read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(p)
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, body)
+    return out
+
+
+def _oracle(fmt: str, image: Path, work: Path) -> None:
+    if fmt == "squashfs":
+        unsquashfs = require_tool("unsquashfs")
+        proc = subprocess.run([unsquashfs, "-lln", str(image)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        dest = work / "x"
+        proc = subprocess.run([require_tool("unsquashfs"), "-no-progress", "-d", str(dest), str(image)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        proc = subprocess.run([require_tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True,
+                              env={**os.environ, "E2FSCK_CONFIG": "/dev/null"})  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+_PARAMS = [pytest.param(c, fmt, id=f"{c.id}-{fmt}") for c in CASES for fmt in c.formats]
+
+
+@pytest.mark.parametrize(("hostile", "fmt"), _PARAMS)
+def test_hostile(tmp_path: Path, hostile: Case, fmt: str) -> None:
+    inputs, out_dir, tmp = tmp_path / "in", tmp_path / "out", tmp_path / "tmpdir"
+    for d in (inputs, out_dir, tmp):
+        d.mkdir()
+    args = hostile.make(inputs)
+    before = _state(inputs)
+    image = out_dir / "img"
+    proc = run_cli("build", *args, "-o", str(image), "--format", fmt, env={**os.environ, "TMPDIR": str(tmp)})
+    code = hostile.code if isinstance(hostile.code, int) else hostile.code[fmt]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == code, proc.stderr
+    for word in hostile.says:
+        assert word.replace("{in}", str(inputs)) in proc.stderr, proc.stderr
+    assert _state(inputs) == before, "an input changed"
+    assert os.listdir(tmp) == [], "a temp file was left"
+    if code != 0:
+        assert proc.stderr.startswith("pyimg: error: "), proc.stderr
+        assert os.listdir(out_dir) == [], "an output file was left"
+        return
+    assert os.listdir(out_dir) == ["img"]
+    _oracle(fmt, image, tmp_path)
+    if hostile.check is not None:
+        hostile.check(image, tmp_path)
+
+
+def test_corpus_size() -> None:
+    assert len(_PARAMS) >= 1
