@@ -137,6 +137,38 @@ def _(d: Path) -> list[str]:
     return [str(d / "a.tar")]
 
 
+# Item 2: NUL bytes in names (pax path and linkpath records, a spec's dest).
+
+
+@case("pax-path-with-nul", SOURCE, "{in}/a.tar", "NUL")
+def _(d: Path) -> list[str]:
+    info, data = member("placeholder", b"x")
+    info.pax_headers = {"path": "dir/a\0b"}
+    return [str(write_tar(d / "a.tar", [(info, data)]))]
+
+
+@case("pax-linkpath-with-nul", SOURCE, "{in}/a.tar", "NUL", "'l'")
+def _(d: Path) -> list[str]:
+    info, _ = member("l", type=tarfile.SYMTYPE, linkname="x")
+    info.pax_headers = {"linkpath": "target\0/etc/shadow"}
+    return [str(write_tar(d / "a.tar", [member("f", b"x"), (info, None)]))]
+
+
+@case("pax-hardlink-target-with-nul", SOURCE, "{in}/a.tar", "NUL")
+def _(d: Path) -> list[str]:
+    info, _ = member("h", type=tarfile.LNKTYPE, linkname="x")
+    info.pax_headers = {"linkpath": "f\0junk"}
+    return [str(write_tar(d / "a.tar", [member("f", b"x"), (info, None)]))]
+
+
+@case("spec-dest-with-nul", SPEC, "{in}/spec.toml", "source[0].dest", "NUL")
+def _(d: Path) -> list[str]:
+    (d / "src").mkdir()
+    (d / "src/f").write_bytes(b"x")
+    (d / "spec.toml").write_text('[[source]]\npath = "src"\ndest = "/opt/a\\u0000b"\n')
+    return ["--spec", str(d / "spec.toml")]
+
+
 # ---------------------------------------------------------------------------------- the test
 
 

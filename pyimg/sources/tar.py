@@ -209,6 +209,8 @@ class _ArchiveReader:
 
     def image_path(self, member: tarfile.TarInfo, name: str, what: str = "name") -> bytes:
         raw = name.encode("utf-8", "surrogateescape")
+        if b"\0" in raw:  # a pax path record can hold one; no file system name can
+            raise self.fail(member, f"{what} with a NUL byte refused")
         if raw.startswith(b"/"):
             raise self.fail(member, f"absolute {what} refused")
         parts = [p for p in split_path(raw) if p != b"."]
@@ -275,6 +277,8 @@ class _ArchiveReader:
             inode.size = len(inode.target)
             if not inode.target:
                 raise self.fail(member, "symlink with an empty target")
+            if b"\0" in inode.target:
+                raise self.fail(member, "symlink target with a NUL byte refused")
         elif member.ischr() or member.isblk():
             inode.kind = Kind.CHAR if member.ischr() else Kind.BLOCK
             inode.rdev = (member.devmajor, member.devminor)
