@@ -169,6 +169,44 @@ def _(d: Path) -> list[str]:
     return ["--spec", str(d / "spec.toml")]
 
 
+# Item 3: device numbers beyond Linux's dev_t (12-bit major, 20-bit minor).
+
+
+def _device_tar(d: Path, major: int, minor: int) -> list[str]:
+    dev = member("dev/x", type=tarfile.CHRTYPE, devmajor=major, devminor=minor)
+    return [str(write_tar(d / "dev.tar", [dev]))]
+
+
+for _major, _minor in ((4096, 0), (0, 1 << 20), (1 << 20, 5)):
+    case(f"device-{_major}-{_minor}", LIMIT, "/dev/x", "device number")(
+        lambda d, a=_major, b=_minor: _device_tar(d, a, b)
+    )
+
+
+def _debugfs_stat(image: Path, path: str) -> str:
+    proc = subprocess.run([require_tool("debugfs"), "-R", f"stat {path}", str(image)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _unsquashfs_list(image: Path) -> str:
+    proc = subprocess.run([require_tool("unsquashfs"), "-lln", str(image)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _largest_device(image: Path, work: Path) -> None:
+    if image.read_bytes()[1080:1082] == b"\x53\xef":  # ext4's magic
+        assert "Device major/minor number: 4095:1048575" in _debugfs_stat(image, "/dev/x")
+    else:  # unsquashfs -lln prints the raw number as major,minor of the old encoding: extract
+        st = os.lstat(work / "x/dev/x")  # (extracted by the oracle; as root, a real node)
+        assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (4095, 1048575)
+
+
+case("device-largest", OK, check=_largest_device)(lambda d: _device_tar(d, 4095, (1 << 20) - 1))
+
+
 # ---------------------------------------------------------------------------------- the test
 
 

@@ -59,6 +59,7 @@ BLOCKS_PER_GROUP = 32768
 CHUNK = 1 << 20  # read size while hashing (a multiple of BLOCK)
 MAX_FILE_SIZE = (1 << 32) * BLOCK - BLOCK  # 2^32 logical blocks with extents
 MAX_LINKS = 65000
+MAX_MAJOR, MAX_MINOR = 1 << 12, 1 << 20  # Linux's dev_t: 12-bit major, 20-bit minor
 ROOT_INO = 2
 LOST_FOUND_INO = 11
 FIRST_INO = 11
@@ -448,6 +449,9 @@ class _Build:
             or max(seconds) >= (1 << 34) - (1 << 31)
             or ("ext_attr" not in self.features and any([inode.xattrs for inode in inodes]))
             or suspect_names([inode.xattrs for inode in inodes])
+            or any(
+                [not (0 <= inode.rdev[0] < MAX_MAJOR and 0 <= inode.rdev[1] < MAX_MINOR) for inode in inodes]
+            )
         )
 
     def inode_problem(self, ino: int, inode: Inode) -> str | None:
@@ -463,6 +467,12 @@ class _Build:
             return f"{nlink} hard links (ext4 allows {MAX_LINKS})"
         if kind is Kind.DIR and nlink > MAX_LINKS and "dir_nlink" not in self.features:
             return "more than 64998 subdirectories need the dir_nlink feature"
+        if kind in (Kind.CHAR, Kind.BLOCK) and not (
+            0 <= inode.rdev[0] < MAX_MAJOR and 0 <= inode.rdev[1] < MAX_MINOR
+        ):
+            return (
+                f"device number {inode.rdev} beyond Linux's dev_t (major < {MAX_MAJOR}, minor < {MAX_MINOR})"
+            )
         if not (0 <= inode.uid < 1 << 32 and 0 <= inode.gid < 1 << 32):
             return "uid/gid beyond 32 bits"
         if not -(1 << 31) <= inode.mtime_ns // 1_000_000_000 < (1 << 34) - (1 << 31):

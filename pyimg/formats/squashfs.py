@@ -181,7 +181,7 @@ def _inode_problem(node: Node) -> str | None:
     inode = node.inode
     if not 0 <= inode.mtime <= 0xFFFFFFFF:
         return f"mtime {inode.mtime} outside squashfs's range 0..2^32-1"
-    if inode.kind in _DEVICES and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
+    if inode.kind in _DEVICES and not (0 <= inode.rdev[0] < 1 << 12 and 0 <= inode.rdev[1] < 1 << 20):
         return f"device number {inode.rdev} too large for squashfs"
     for name, value in inode.xattrs.items():
         problem = xattr_problem(name, value, fmt="squashfs", acls=False)
