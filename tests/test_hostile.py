@@ -190,6 +190,16 @@ def _debugfs_stat(image: Path, path: str) -> str:
     return proc.stdout
 
 
+def _rdump(image: Path, work: Path) -> Path:
+    """The ext4 image's tree, extracted by debugfs."""
+    dest = work / "rdump"
+    dest.mkdir()
+    proc = subprocess.run([require_tool("debugfs"), "-R", f"rdump / {dest}", str(image)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return dest
+
+
 def _unsquashfs_list(image: Path) -> str:
     proc = subprocess.run([require_tool("unsquashfs"), "-lln", str(image)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -205,6 +215,54 @@ def _largest_device(image: Path, work: Path) -> None:
 
 
 case("device-largest", OK, check=_largest_device)(lambda d: _device_tar(d, 4095, (1 << 20) - 1))
+
+
+# Item 4: what the kernel cannot read back: long symlink targets (squashfs), xattr
+# names without a suffix or over 255 bytes, values over 64 KiB (both formats).
+
+
+def _symlink_tar(d: Path, length: int) -> list[str]:
+    link = member("l", type=tarfile.SYMTYPE, linkname="t" * length)
+    return [str(write_tar(d / "l.tar", [link]))]
+
+
+case("symlink-4096", LIMIT, "/l:", "symlink target of 4096 bytes")(lambda d: _symlink_tar(d, 4096))
+case("symlink-65535", LIMIT, "/l:", "symlink target")(lambda d: _symlink_tar(d, 65535))
+
+
+def _symlink_4095(image: Path, work: Path) -> None:
+    if (work / "x").exists():  # squashfs, extracted by the oracle
+        assert os.readlink(work / "x/l") == "t" * 4095
+    else:
+        assert os.readlink(_rdump(image, work) / "l") == "t" * 4095
+
+
+case("symlink-4095", OK, check=_symlink_4095)(lambda d: _symlink_tar(d, 4095))
+
+
+def _xattr_tar(d: Path, name: str, value: str = "v") -> list[str]:
+    info, data = member("f", b"x")
+    info.pax_headers = {f"SCHILY.xattr.{name}": value}
+    return [str(write_tar(d / "x.tar", [(info, data)]))]
+
+
+for _name, _why in (("user.", "empty name"), ("trusted.", "empty name"), ("security.", "empty name"),
+                    ("user." + "n" * 251, "xattr name of 256 bytes"), ("system.", "empty name")):  # fmt: skip
+    case(f"xattr-{_name[:12]}-{len(_name)}", LIMIT, "/f:", _why)(lambda d, n=_name: _xattr_tar(d, n))
+case("xattr-value-64k+1", LIMIT, "/f:", "65537 bytes")(lambda d: _xattr_tar(d, "user.big", "v" * 65537))
+
+
+def _xattr_255(image: Path, work: Path) -> None:
+    name = "user." + "n" * 250
+    if (work / "x").exists():
+        assert os.getxattr(work / "x/f", name) == b"v"
+    else:
+        proc = subprocess.run([require_tool("debugfs"), "-R", "ea_list /f", str(image)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert f"{name} (1) = " in proc.stdout
+
+
+case("xattr-name-255", OK, check=_xattr_255)(lambda d: _xattr_tar(d, "user." + "n" * 250))
 
 
 # ---------------------------------------------------------------------------------- the test

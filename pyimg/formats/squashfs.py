@@ -33,6 +33,7 @@ NO_XATTR = 0xFFFFFFFF
 NO_TABLE = 0xFFFFFFFFFFFFFFFF
 MAX_NAME = 255  # the on-disk field allows 256, but Linux cannot look such a name up
 MAX_IDS = 65536
+MAX_SYMLINK = 4095  # Linux's squashfs refuses longer targets ("Corrupted symlink")
 PAD_TO = 4096
 
 # Superblock flags.
@@ -159,6 +160,7 @@ def _check_limits(tree: FrozenTree) -> None:
     mtimes = [inode.mtime_ns for inode in tree.inodes]
     unusual = min(mtimes) < 0 or max(mtimes) >= (0xFFFFFFFF + 1) * 1_000_000_000
     unusual = unusual or any(inode.kind in _DEVICES for inode in tree.inodes)
+    unusual = unusual or max(len(inode.target) for inode in tree.inodes) > MAX_SYMLINK
     unusual = unusual or suspect_names(inode.xattrs for inode in tree.inodes)
     if unusual:
         _raise_first(tree, _inode_problem)
@@ -183,6 +185,8 @@ def _inode_problem(node: Node) -> str | None:
         return f"mtime {inode.mtime} outside squashfs's range 0..2^32-1"
     if inode.kind in _DEVICES and not (0 <= inode.rdev[0] < 1 << 12 and 0 <= inode.rdev[1] < 1 << 20):
         return f"device number {inode.rdev} too large for squashfs"
+    if inode.kind is Kind.SYMLINK and len(inode.target) > MAX_SYMLINK:
+        return f"symlink target of {len(inode.target)} bytes (Linux's squashfs reads at most {MAX_SYMLINK})"
     for name, value in inode.xattrs.items():
         problem = xattr_problem(name, value, fmt="squashfs", acls=False)
         if problem is not None:
