@@ -67,7 +67,7 @@ def collect(options: BuildOptions, on_file: FileCallback | None = None) -> Colle
     order is the tree's: with several sources, later ones replace entries)."""
     rules = Rules(options.policy)
     tree = Tree(new_dir(0o755, 0, 0, rules.epoch_ns or 0))
-    spool = Spool()
+    spool = Spool(spool_directory(options))
     if len(options.sources) != 1:
         on_file = None
     try:
@@ -150,20 +150,47 @@ def resolve_kind(spec: SourceSpec) -> ResolvedKind:
     return "file"
 
 
-def check_output_not_input(options: BuildOptions) -> None:
-    """Refuse an output image that is (or lies inside) one of the sources.
+def spool_directory(options: BuildOptions) -> str | None:
+    """Where the spool file goes: None (tempfile's choice, $TMPDIR first) unless a
+    temp directory named by the environment lies inside a directory source — a
+    later source would read pyimg's own temporary file into the image, and even
+    tempfile's probe of the directory would touch a source —: then beside the
+    output (which is never inside a source)."""
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        tmp = os.environ.get(var)
+        if not tmp:
+            continue
+        tmp = os.path.realpath(tmp)
+        for spec in options.sources:
+            source = os.path.realpath(spec.path)
+            if os.path.isdir(source) and os.path.commonpath([tmp, source]) == source:
+                return os.path.dirname(os.path.abspath(options.output))
+    return None
 
-    A directory source must not contain the output (it would be read while being
-    written); a file source must not be the output file itself.
+
+def check_output_not_input(options: BuildOptions) -> None:
+    """Refuse an output image or manifest that is (or lies inside) one of the
+    sources, and a manifest that is the image: before any work.
+
+    A directory source must not contain them (they would be read while being
+    written); a file source must not be one of them.
     """
-    output = os.path.realpath(options.output)
-    for spec in options.sources:
-        source = os.path.realpath(spec.path)
-        if os.path.isdir(source):
-            if os.path.commonpath([output, source]) == source:
-                raise OutputError("output is also an input", options.output)
-        elif output == source or _same_file(options.output, spec.path):
-            raise OutputError("output is also an input", options.output)
+    written = [("output", options.output)]
+    if options.manifest:
+        written.append(("manifest", options.manifest))
+        if os.path.realpath(options.manifest) == os.path.realpath(options.output):
+            raise OutputError(
+                "the manifest would overwrite the image (same path as the output)", options.manifest
+            )
+    for what, path in written:
+        target = os.path.realpath(path)
+        for spec in options.sources:
+            source = os.path.realpath(spec.path)
+            if os.path.isdir(source):
+                if os.path.commonpath([target, source]) == source:
+                    raise OutputError(f"{what} is also an input", path)
+            elif target == source or _same_file(path, spec.path):
+                raise OutputError(f"{what} is also an input", path)
 
 
 def _same_file(a: str, b: str) -> bool:

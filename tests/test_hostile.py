@@ -265,6 +265,36 @@ def _xattr_255(image: Path, work: Path) -> None:
 case("xattr-name-255", OK, check=_xattr_255)(lambda d: _xattr_tar(d, "user." + "n" * 250))
 
 
+# Item 10: nothing pyimg writes may be an input.
+
+
+def _src_dir(d: Path) -> Path:
+    (d / "src/sub").mkdir(parents=True)
+    (d / "src/f").write_bytes(b"f" * 5000)
+    return d / "src"
+
+
+@case("manifest-inside-source", OUTPUT, "{in}/src/sub/m.json", "manifest is also an input")
+def _(d: Path) -> list[str]:
+    return [str(_src_dir(d)), "--manifest", str(d / "src/sub/m.json")]
+
+
+@case("manifest-is-a-tar-source", OUTPUT, "{in}/a.tar", "manifest is also an input")
+def _(d: Path) -> list[str]:
+    return [str(write_tar(d / "a.tar", [member("f", b"x")])), "--manifest", str(d / "a.tar")]
+
+
+@case("manifest-is-a-file-source", OUTPUT, "{in}/file", "manifest is also an input")
+def _(d: Path) -> list[str]:
+    (d / "file").write_bytes(b"data")
+    return [f"{d / 'file'}:/etc/file", "--manifest", str(d / "file")]
+
+
+@case("output-inside-source", OUTPUT, "{in}/src/img", "output is also an input")
+def _(d: Path) -> list[str]:
+    return [str(_src_dir(d)), "-o", str(d / "src/img")]  # the later -o wins
+
+
 # ---------------------------------------------------------------------------------- the test
 
 
@@ -309,7 +339,8 @@ def test_hostile(tmp_path: Path, hostile: Case, fmt: str) -> None:
     args = hostile.make(inputs)
     before = _state(inputs)
     image = out_dir / "img"
-    proc = run_cli("build", *args, "-o", str(image), "--format", fmt, env={**os.environ, "TMPDIR": str(tmp)})
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = run_cli("build", "-o", str(image), "--format", fmt, *args, env=env)  # a case's own -o wins
     code = hostile.code if isinstance(hostile.code, int) else hostile.code[fmt]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == code, proc.stderr
@@ -329,3 +360,35 @@ def test_hostile(tmp_path: Path, hostile: Case, fmt: str) -> None:
 
 def test_corpus_size() -> None:
     assert len(_PARAMS) >= 1
+
+
+def test_manifest_same_as_output_refused_before_any_work(tmp_path: Path) -> None:
+    src = _src_dir(tmp_path)
+    out = tmp_path / "img"
+    out.write_bytes(b"the previous image")
+    proc = run_cli("build", str(src), "-o", str(out), "--manifest", str(out))
+    assert proc.returncode == OUTPUT and str(out) in proc.stderr and "manifest" in proc.stderr, proc.stderr
+    assert out.read_bytes() == b"the previous image"
+    assert sorted(os.listdir(tmp_path)) == ["img", "src"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tmpdir_inside_a_source_keeps_the_spool_out(tmp_path: Path, fmt: str) -> None:
+    """A compressed archive is spooled; with TMPDIR inside a directory source that is
+    collected after it, the spool file would be walked into the image."""
+    src = _src_dir(tmp_path)
+    (src / "tmp").mkdir()
+    archive = write_tar(tmp_path / "a.tar.gz", [member("from-tar", b"t" * 100_000)], mode="w:gz")
+    before = _state(src)
+    manifest = tmp_path / "m.json"
+    image = tmp_path / "img"
+    proc = run_cli("build", str(archive), str(src), "-o", str(image), "--format", fmt, "--manifest",
+                   str(manifest), env={**os.environ, "TMPDIR": str(src / "tmp")})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    paths = [entry["path"] for entry in json.loads(manifest.read_text())["entries"]]
+    assert "/from-tar" in paths and "/tmp" in paths
+    assert not [p for p in paths if "spool" in p], paths
+    assert _state(src) == before
+    assert sorted(os.listdir(tmp_path)) == ["a.tar.gz", "img", "m.json", "src"]

@@ -159,11 +159,13 @@ _CHUNK = 1 << 20
 
 
 class Spool:
-    """One temporary file (in $TMPDIR, mode 0600) holding the data of members of
-    compressed tar archives, which cannot be pointed into.  Created on first use,
-    deleted by close()."""
+    """One temporary file (in `directory`, by default $TMPDIR; mode 0600) holding the
+    data of members of compressed tar archives, which cannot be pointed into.
+    Created on first use, deleted by close().  collect() keeps it out of every
+    directory source (collect.spool_directory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory
         self.path: str | None = None
         self._fd = -1
         self._end = 0
@@ -197,7 +199,7 @@ class Spool:
             import tempfile  # on first use: most builds never spool
 
             try:
-                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-")
+                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-", dir=self.directory)
             except OSError as exc:
                 raise OutputError(f"cannot create a temporary spool file: {exc.strerror}") from exc
         return self._fd, self.path
