@@ -21,7 +21,7 @@ from .options import BuildOptions, SourceSpec
 from .sources import Rules, Spool
 from .sources.directory import FileCallback, add_directory
 from .sources.single import add_file
-from .tree import FrozenTree, Tree, gc_paused, new_dir, normalize_path
+from .tree import FrozenTree, Kind, Tree, gc_paused, new_dir, normalize_path
 from .xattrs import ACL_NAMES
 
 ResolvedKind = Literal["dir", "tar", "file"]
@@ -100,6 +100,7 @@ def add_source(
     tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool, on_file: FileCallback | None = None
 ) -> None:
     dest = normalize_path(spec.dest, where=spec.path)
+    _check_dest(tree, dest, spec)
     kind = resolve_kind(spec)
     if kind != "file" and (spec.mode, spec.uid, spec.gid) != (None, None, None):
         raise SpecError(f"mode, uid and gid apply to single-file sources only (this is a {kind})", spec.path)
@@ -111,6 +112,23 @@ def add_source(
         add_tar(tree, spec.path, dest, rules, spool)
     else:
         add_file(tree, spec, dest, rules)
+
+
+def _check_dest(tree: Tree, dest: bytes, spec: SourceSpec) -> None:
+    """A source placed below a symlink of an earlier source would be written through
+    it (as a tar member would: refused there too); the nearest existing ancestor of
+    `dest` decides."""
+    parent = dest
+    while parent:
+        parent = parent.rpartition(b"/")[0]
+        existing = tree.get(parent)
+        if existing is None:
+            continue
+        if existing.kind is Kind.SYMLINK:
+            shown = "/" + parent.decode("utf-8", "backslashreplace")
+            raise SourceError(f"dest /{dest.decode('utf-8', 'backslashreplace')} goes through the symlink "
+                              f"{shown} of an earlier source", spec.path)  # fmt: skip
+        return
 
 
 def resolve_kind(spec: SourceSpec) -> ResolvedKind:

@@ -464,8 +464,9 @@ def _jobs(value: object, key: str) -> int:
 
 
 def _id(value: int, key: str) -> int:
-    if not 0 <= value < 2**32:
-        raise SpecError(f"{key}: id {value} out of range 0..4294967295")
+    # 2^32 - 1 is (uid_t)-1, "no id" to chown and setuid: no file may be owned by it.
+    if not 0 <= value < 2**32 - 1:
+        raise SpecError(f"{key}: id {value} out of range 0..4294967294 (4294967295 is the reserved -1)")
     return value
 
 

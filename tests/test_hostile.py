@@ -295,6 +295,97 @@ def _(d: Path) -> list[str]:
     return [str(_src_dir(d)), "-o", str(d / "src/img")]  # the later -o wins
 
 
+# Item 7: consistent refusals.
+
+
+@case("tar-member-below-a-file", SOURCE, "{in}/a.tar", "'f/child'", "not a directory")
+def _(d: Path) -> list[str]:
+    return [str(write_tar(d / "a.tar", [member("f", b"file"), member("f/child", b"x")]))]
+
+
+@case("tar-dir-member-below-a-file", SOURCE, "{in}/a.tar", "'f/sub'", "not a directory")
+def _(d: Path) -> list[str]:
+    return [str(write_tar(d / "a.tar", [member("f", b"file"), member("f/sub", type=tarfile.DIRTYPE)]))]
+
+
+@case("tar-below-a-file-of-an-earlier-source", SOURCE, "{in}/a.tar", "'etc/hosts/x'", "not a directory")
+def _(d: Path) -> list[str]:
+    (d / "src/etc").mkdir(parents=True)
+    (d / "src/etc/hosts").write_bytes(b"127.0.0.1 localhost\n")
+    return [str(d / "src"), str(write_tar(d / "a.tar", [member("etc/hosts/x", b"x")]))]
+
+
+def _compressed_tar(d: Path, name: str, tail: bytes) -> list[str]:
+    import bz2
+    import lzma
+
+    raw = tar_bytes(_three_members())
+    comp = {"a.tar.xz": lzma.compress, "a.tar.bz2": bz2.compress}[name]
+    (d / name).write_bytes(comp(raw) + tail)
+    return [str(d / name)]
+
+
+for _name in ("a.tar.xz", "a.tar.bz2"):
+    case(f"{_name}-trailing-garbage", SOURCE, "{in}/" + _name, "trailing garbage")(
+        lambda d, n=_name: _compressed_tar(d, n, b"garbage after the stream")
+    )
+case("a.tar.xz-stream-padding", OK)(lambda d: _compressed_tar(d, "a.tar.xz", bytes(8)))
+case("a.tar.xz-bad-padding", SOURCE, "{in}/a.tar.xz", "padding")(
+    lambda d: _compressed_tar(d, "a.tar.xz", bytes(5))
+)
+
+
+@case("a.tar.xz-two-streams", OK, check=lambda image, work: None)
+def _(d: Path) -> list[str]:
+    import lzma
+
+    raw = tar_bytes(_three_members())
+    (d / "a.tar.xz").write_bytes(lzma.compress(raw[:1024]) + lzma.compress(raw[1024:]))  # as xz -T writes
+    return [str(d / "a.tar.xz")]
+
+
+for _owner in ("4294967295", "4294967295:0", "0:4294967295", "4294967296:0"):
+    case(f"owner-{_owner}", SPEC, "owner", "4294967295" if "5" in _owner else "4294967296")(
+        lambda d, o=_owner: [str(_src_dir(d)), "--owner", o]
+    )
+
+
+def _link_source(d: Path) -> Path:
+    (d / "base").mkdir()
+    os.symlink("/etc", d / "base/etc")
+    (d / "file").write_bytes(b"x")
+    return d / "base"
+
+
+@case("file-source-through-a-symlink-of-an-earlier-source", SOURCE, "{in}/file", "symlink /etc")
+def _(d: Path) -> list[str]:
+    return [str(_link_source(d)), f"{d / 'file'}:/etc/passwd"]
+
+
+@case("dir-source-through-a-symlink-of-an-earlier-source", SOURCE, "{in}/src", "symlink /etc")
+def _(d: Path) -> list[str]:
+    base = _link_source(d)
+    return [str(base), f"{_src_dir(d)}:/etc/sub/dir"]
+
+
+@case("tar-source-through-a-symlink-of-an-earlier-source", SOURCE, "{in}/a.tar", "symlink /etc")
+def _(d: Path) -> list[str]:
+    base = _link_source(d)
+    return [str(base), f"{write_tar(d / 'a.tar', [member('x', b'x')])}:/etc/sub"]
+
+
+@case("tar-source-at-a-symlink-of-an-earlier-source", SOURCE, "{in}/a.tar", "'x'", "symlink 'etc'")
+def _(d: Path) -> list[str]:
+    base = _link_source(d)
+    return [str(base), f"{write_tar(d / 'a.tar', [member('x', b'x')])}:/etc"]  # its members: /etc/x
+
+
+@case("source-replacing-a-symlink-of-an-earlier-source", OK)  # at the symlink itself: it is replaced
+def _(d: Path) -> list[str]:
+    base = _link_source(d)
+    return [str(base), f"{_src_dir(d)}:/etc"]
+
+
 # ---------------------------------------------------------------------------------- the test
 
 

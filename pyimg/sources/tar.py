@@ -33,7 +33,8 @@ import os
 import tarfile
 import urllib.parse
 import zlib
-from typing import IO, BinaryIO, TypedDict, cast
+from collections.abc import Callable
+from typing import IO, BinaryIO, Protocol, TypedDict, cast
 
 import zstandard
 
@@ -252,15 +253,19 @@ class _ArchiveReader:
 
     def check_not_through_symlink(self, member: tarfile.TarInfo, path: bytes) -> None:
         # The tree keeps every entry's parents directories, so the nearest existing
-        # ancestor decides.
+        # ancestor decides: a symlink would be written through, and a member below
+        # a file has no directory to go in (GNU tar refuses both).
         parent = path
         while parent:
             parent = parent.rpartition(b"/")[0]
             existing = self.tree.get(parent)
             if existing is None:
                 continue
+            shown = parent.decode(errors="replace")
             if existing.kind is Kind.SYMLINK:
-                raise self.fail(member, f"path goes through the symlink {parent.decode(errors='replace')!r}")
+                raise self.fail(member, f"path goes through the symlink {shown!r}")
+            if existing.kind is not Kind.DIR:
+                raise self.fail(member, f"path goes below {shown!r}, which is not a directory")
             return
 
     def member_inode(self, member: tarfile.TarInfo) -> Inode:
@@ -368,9 +373,9 @@ def _decompressed(raw: BinaryIO, compression: str, *, rewind: bool) -> Readable:
     if compression == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression == "xz":
-        return lzma.LZMAFile(raw)
+        return _StreamsReader(raw, lzma.LZMADecompressor, b"\xfd7zXZ\x00", "xz", padding=True)
     if compression == "bz2":
-        return bz2.BZ2File(raw)
+        return _StreamsReader(raw, bz2.BZ2Decompressor, b"BZh", "bzip2")
     if compression == "zst":
         return _ZstdReader(raw)
     return raw
@@ -384,6 +389,104 @@ def _read_exactly(stream: Readable, size: int) -> bytes:
             break
         data += chunk
     return data
+
+
+class _Decompressor(Protocol):
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    @property
+    def needs_input(self) -> bool: ...
+
+    def decompress(self, data: bytes, /, max_length: int = -1) -> bytes: ...
+
+
+class _StreamsReader:
+    """xz and bzip2 streams, one after another (xz -T, pbzip2), like gzip: data after
+    the last stream that is not another stream is an error.  (lzma.LZMAFile and
+    bz2.BZ2File ignore it silently; gzip and zstd refuse it.)  xz's stream padding
+    (NUL bytes, a multiple of 4) is allowed after a stream."""
+
+    _IN = 1 << 17
+    _OUT = 1 << 20  # at most this much output per call: no decompression bomb in memory
+
+    def __init__(
+        self,
+        raw: BinaryIO,
+        make: Callable[[], _Decompressor],
+        magic: bytes,
+        name: str,
+        *,
+        padding: bool = False,
+    ) -> None:
+        self._raw, self._make, self._magic, self._name, self._padding = raw, make, magic, name, padding
+        self._dec = make()
+        self._fed = False  # the current stream got input and has not ended
+        self._pending = b""  # input after a stream's end, not yet known to be a stream
+        self._out = b""
+        self._pos = 0
+        self._eof = False
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            parts = []
+            while chunk := self.read(1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        while self._pos >= len(self._out) and not self._eof:
+            self._fill()
+        data = self._out[self._pos : self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def _fill(self) -> None:
+        if self._fed and not self._dec.eof and not self._dec.needs_input:  # output still pending
+            self._decompress(b"")
+            return
+        chunk = self._raw.read(self._IN)
+        if self._pending or (self._dec.eof and chunk):
+            self._between(chunk)
+            return
+        if not chunk:
+            if self._fed and not self._dec.eof:
+                raise EOFError(f"{self._name} stream ended before its end marker (truncated)")
+            self._eof = True
+            return
+        self._fed = True
+        self._decompress(chunk)
+
+    def _decompress(self, data: bytes) -> None:
+        self._out, self._pos = self._dec.decompress(data, self._OUT), 0
+        if self._dec.eof:
+            self._pending = self._dec.unused_data
+
+    def _between(self, chunk: bytes) -> None:
+        """After a stream's end: padding, another stream, or garbage."""
+        data = self._pending + chunk
+        if self._padding:
+            stripped = data.lstrip(b"\0")
+            if not stripped and chunk:
+                self._pending = data
+                return
+            if not stripped:  # the end: only padding followed
+                if len(data) % 4:
+                    raise OSError(
+                        f"{self._name} stream padding of {len(data)} bytes (a multiple of 4 expected)"
+                    )
+                self._pending, self._eof = b"", True
+                return
+            if (len(data) - len(stripped)) % 4:
+                raise OSError(f"{self._name} stream padding not a multiple of 4 bytes")
+            data = stripped
+        if len(data) < len(self._magic) and chunk:
+            self._pending = data  # too short to tell yet
+            return
+        if not data.startswith(self._magic):
+            raise OSError(f"trailing garbage after the {self._name} stream")
+        self._pending = b""
+        self._dec = self._make()
+        self._decompress(data)
 
 
 class _ZstdReader:
