@@ -386,6 +386,84 @@ def _(d: Path) -> list[str]:
     return [str(base), f"{_src_dir(d)}:/etc"]
 
 
+# Item 8: no tracebacks.
+
+
+def _pax_tar(d: Path, pax: dict[str, str], **fields: object) -> list[str]:
+    info, data = member("f", b"x", **fields)
+    info.pax_headers = pax
+    return [str(write_tar(d / "p.tar", [(info, data)]))]
+
+
+for _value in ("inf", "-inf", "nan", "1e20", "1e999999999", "12abc"):
+    _says = ("{in}/p.tar", "'f'") if _value != "12abc" else ()
+    case(f"pax-mtime-{_value}", SOURCE if _value != "12abc" else OK, *_says)(
+        lambda d, v=_value: _pax_tar(d, {"mtime": v})
+    )
+for _key, _value in (("size", "-5"), ("uid", "-1"), ("gid", "-7")):
+    case(f"pax-{_key}{_value}", SOURCE, "{in}/p.tar", "negative")(
+        lambda d, k=_key, v=_value: _pax_tar(d, {k: v})
+    )
+
+
+@case("tar-negative-base256-size", SOURCE, "{in}/n.tar", "'g'", "negative size")
+def _(d: Path) -> list[str]:
+    size = b"\xff" * 12  # base-256: -1
+    (d / "n.tar").write_bytes(header("g", size=size) + bytes(1024))
+    return [str(d / "n.tar")]
+
+
+@case("tar-uid-2^33", LIMIT, "/f:", "beyond", "32 bits")
+def _(d: Path) -> list[str]:
+    return [str(write_tar(d / "u.tar", [member("f", b"x", uid=1 << 33)]))]
+
+
+@case("tar-gid-2^32", LIMIT, "/f:", "32 bits")
+def _(d: Path) -> list[str]:
+    return [str(write_tar(d / "u.tar", [member("f", b"x", gid=1 << 32)]))]
+
+
+_Y2300 = 10_413_792_000  # 2300-01-01
+
+
+def _mtime_2300(image: Path, work: Path) -> None:
+    out = _debugfs_stat(image, "/f")
+    assert "2300" in out, out
+
+
+@case("dir-mtime-2300", {"squashfs": LIMIT, "ext4": OK}, check=_mtime_2300)
+def _(d: Path) -> list[str]:
+    (d / "src").mkdir()
+    for name in ("f", "g"):
+        (d / "src" / name).write_bytes(b"x" * 100)
+    os.utime(d / "src/f", ns=(0, _Y2300 * 10**9 + 5))
+    return [str(d / "src")]
+
+
+@case("file-mtime-2300", {"squashfs": LIMIT, "ext4": OK}, check=_mtime_2300)
+def _(d: Path) -> list[str]:
+    (d / "f").write_bytes(b"x" * 100)
+    os.utime(d / "f", ns=(0, _Y2300 * 10**9))
+    return [f"{d / 'f'}:/f", "--jobs", "1"]
+
+
+@case("tar-mtime-2300", {"squashfs": LIMIT, "ext4": OK}, check=_mtime_2300)
+def _(d: Path) -> list[str]:
+    return _pax_tar(d, {"mtime": f"{_Y2300}.5"})
+
+
+@case("spec-not-utf8", SPEC, "{in}/s.toml", "not UTF-8")
+def _(d: Path) -> list[str]:
+    (d / "s.toml").write_bytes(b'output = "caf\xe9.img"\n')
+    return ["--spec", str(d / "s.toml"), str(_src_dir(d))]
+
+
+@case("spec-not-toml", SPEC, "{in}/s.toml", "invalid TOML")
+def _(d: Path) -> list[str]:
+    (d / "s.toml").write_bytes(b"[[source]\npath = \n")
+    return ["--spec", str(d / "s.toml"), str(_src_dir(d))]
+
+
 # ---------------------------------------------------------------------------------- the test
 
 

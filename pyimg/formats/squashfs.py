@@ -146,6 +146,8 @@ class SquashfsWriter:
 
 def _id_table(tree: FrozenTree) -> list[int]:
     ids = sorted({inode.uid for inode in tree.inodes} | {inode.gid for inode in tree.inodes})
+    if ids[0] < 0 or ids[-1] >= 1 << 32:
+        _raise_first(tree, _id_problem)
     if len(ids) > MAX_IDS:
         raise LimitError(f"{len(ids)} distinct uids/gids; squashfs holds at most {MAX_IDS}")
     return ids
@@ -171,6 +173,13 @@ def _raise_first(tree: FrozenTree, problem: Callable[[Node], str | None]) -> Non
         reason = problem(node)
         if reason is not None:
             raise LimitError(reason, node.image_path)
+
+
+def _id_problem(node: Node) -> str | None:
+    inode = node.inode
+    if not (0 <= inode.uid < 1 << 32 and 0 <= inode.gid < 1 << 32):
+        return f"uid/gid {inode.uid}:{inode.gid} beyond squashfs's 32 bits"
+    return None
 
 
 def _name_problem(node: Node) -> str | None:

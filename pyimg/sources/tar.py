@@ -29,6 +29,7 @@ import bz2
 import decimal
 import gzip
 import lzma
+import math
 import os
 import tarfile
 import urllib.parse
@@ -172,13 +173,16 @@ class _StrictTarInfo(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> _StrictTarInfo:
         try:
-            return super().fromtarfile(tf)
+            info = super().fromtarfile(tf)
         except _BAD_HEADER as exc:
             raise _CorruptHeader(f"bad header at offset {tf.offset}: {exc}") from None
         except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
             if tf.offset > 0:  # (an empty file is tarfile's own "empty file" error)
                 raise _MissingEnd from None
             raise
+        if info.size < 0:  # base-256 or pax numbers can be negative
+            raise _CorruptHeader(f"member {info.name!r}: negative size {info.size}")
+        return info
 
 
 class _ArchiveReader:
@@ -269,7 +273,13 @@ class _ArchiveReader:
             return
 
     def member_inode(self, member: tarfile.TarInfo) -> Inode:
-        inode = Inode(Kind.FILE, member.mode & 0o7777, member.uid, member.gid, _mtime_ns(member))
+        if member.uid < 0 or member.gid < 0:
+            raise self.fail(member, f"negative uid/gid {member.uid}:{member.gid}")
+        try:
+            mtime_ns = _mtime_ns(member)
+        except _BadRecord as exc:
+            raise self.fail(member, str(exc)) from None
+        inode = Inode(Kind.FILE, member.mode & 0o7777, member.uid, member.gid, mtime_ns)
         if member.isreg():
             inode.size = member.size
             if member.size:
@@ -314,10 +324,19 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     text = member.pax_headers.get("mtime")
     if text is not None:
         try:
-            exact = decimal.Decimal(text).scaleb(9)
-            return int(exact.to_integral_value(rounding=decimal.ROUND_FLOOR))
+            exact = decimal.Decimal(text)
         except (decimal.InvalidOperation, ValueError):
-            pass
+            exact = None
+        if exact is not None:
+            if not exact.is_finite():
+                raise _BadRecord(f"pax mtime {text!r} is not a time")
+            if (
+                exact.adjusted() >= 12
+            ):  # 10^12 s, ~31,700 years: beyond every format (1e999999 would hang int())
+                raise _BadRecord(f"pax mtime {text!r} is out of every image format's range")
+            return int(exact.scaleb(9).to_integral_value(rounding=decimal.ROUND_FLOOR))
+    if not math.isfinite(member.mtime):
+        raise _BadRecord(f"mtime {member.mtime!r} is not a time")
     return int(member.mtime) * 1_000_000_000
 
 
