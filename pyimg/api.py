@@ -164,7 +164,10 @@ def resolve_epoch(epoch: int | None) -> int | None:
 
 
 def parse_source(text: str) -> SourceSpec:
-    """'PATH' or 'PATH:/DEST' (DEST is an absolute image path)."""
+    """'PATH' or 'PATH:/DEST' (DEST is an absolute image path).  A SOURCE that exists
+    as given is a path, even if it holds ":/" (docs/cli.md: how to place one)."""
+    if os.path.lexists(text):
+        return SourceSpec(path=text)
     path, sep, dest = text.rpartition(":/")
     if sep and path:
         return SourceSpec(path=path, dest=("/" + dest).encode("utf-8", "surrogateescape").strip(b"/"))

@@ -464,6 +464,28 @@ def _(d: Path) -> list[str]:
     return ["--spec", str(d / "s.toml"), str(_src_dir(d))]
 
 
+# Item 9: a SOURCE that exists is a path, ":/" or not.
+
+
+def _colon_dir(d: Path) -> Path:
+    (d / "back:").mkdir()
+    (d / "back:/2024").mkdir()
+    (d / "back:/2024/f").write_bytes(b"in a dir with ':/' in its path")
+    return d / "back:/2024"
+
+
+def _has(path: str) -> Check:
+    def check(image: Path, work: Path) -> None:
+        root = work / "x" if (work / "x").exists() else _rdump(image, work)
+        assert (root / path).read_bytes() == b"in a dir with ':/' in its path"
+
+    return check
+
+
+case("source-with-colon-slash", OK, check=_has("f"))(lambda d: [str(_colon_dir(d))])
+case("source-with-colon-slash-and-dest", OK, check=_has("srv/f"))(lambda d: [f"{_colon_dir(d)}:/srv"])
+
+
 # ---------------------------------------------------------------------------------- the test
 
 
