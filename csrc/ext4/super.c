@@ -65,6 +65,13 @@ static void encode_super(const pyimg_ext4 *h, uint8_t *sb, uint32_t group, const
     put_le16(sb + 254, (g->feature_incompat & E4_INCOMPAT_64BIT) ? GD_SIZE_64 : 0);
     put_le32(sb + 256, 0x000C); /* default mount options: user_xattr, acl */
     put_le32(sb + 264, t);      /* s_mkfs_time */
+    /* bits 32..39 of those times (after 2106): s_wtime_hi, s_mtime_hi, s_mkfs_time_hi,
+     * s_lastcheck_hi (the epoch is never negative: the options refuse it) */
+    uint8_t t_hi = (uint8_t)((uint64_t)g->epoch >> 32);
+    sb[0x274] = t_hi;
+    sb[0x275] = t_hi;
+    sb[0x276] = t_hi;
+    sb[0x277] = t_hi;
     put_le32(sb + 336, (uint32_t)(g->blocks_count >> 32));
     put_le32(sb + 344, (uint32_t)(st->free_blocks >> 32));
     put_le16(sb + 348, E4_EXTRA_ISIZE); /* s_min_extra_isize */
