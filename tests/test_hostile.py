@@ -486,6 +486,14 @@ case("source-with-colon-slash", OK, check=_has("f"))(lambda d: [str(_colon_dir(d
 case("source-with-colon-slash-and-dest", OK, check=_has("srv/f"))(lambda d: [f"{_colon_dir(d)}:/srv"])
 
 
+# The image's own time out of the format's range (lost+found would get 1932 for 2477).
+for _epoch, _formats in (("4294967296", ("squashfs",)), ("16000000000", FORMATS),
+                         ("99999999999999999999999", FORMATS)):  # fmt: skip
+    case(f"epoch-{_epoch}", LIMIT, "epoch", formats=_formats)(
+        lambda d, e=_epoch: [str(_src_dir(d)), "--epoch", e]
+    )
+
+
 # ---------------------------------------------------------------------------------- the test
 
 
@@ -583,3 +591,21 @@ def test_tmpdir_inside_a_source_keeps_the_spool_out(tmp_path: Path, fmt: str) ->
     assert not [p for p in paths if "spool" in p], paths
     assert _state(src) == before
     assert sorted(os.listdir(tmp_path)) == ["a.tar.gz", "img", "m.json", "src"]
+
+
+@pytest.mark.parametrize("epoch", [1_700_000_000, 1 << 32, (1 << 32) + 12345, (1 << 34) - (1 << 31) - 1])
+def test_ext4_superblock_times_past_2106(tmp_path: Path, epoch: int) -> None:
+    """s_wtime, s_mtime, s_mkfs_time and s_lastcheck carry bits 32..39 in their _hi
+    bytes (0x274..0x277); read here from the raw superblock (e2fsprogs 1.47.0's
+    dumpe2fs still prints only the low 32 bits)."""
+    image = tmp_path / "img"
+    proc = run_cli(
+        "build", str(_src_dir(tmp_path)), "-o", str(image), "--format", "ext4", "--epoch", str(epoch)
+    )
+    assert proc.returncode == 0, proc.stderr
+    _oracle("ext4", image, tmp_path)
+    with open(image, "rb") as f:
+        f.seek(1024)
+        sb = f.read(1024)
+    for low, high in ((48, 0x274), (44, 0x275), (264, 0x276), (64, 0x277)):
+        assert int.from_bytes(sb[low : low + 4], "little") | sb[high] << 32 == epoch, (low, high)

@@ -87,6 +87,9 @@ class SquashfsWriter:
         return None
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
+        epoch = image_epoch(self.options, tree)
+        if not 0 <= epoch <= 0xFFFFFFFF:
+            raise LimitError(f"the image time (epoch) {epoch} is outside squashfs's range 0..2^32-1 (2106)")
         ids = _id_table(tree)
         _check_limits(tree)
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
@@ -110,7 +113,7 @@ class SquashfsWriter:
             dict(
                 super_fields,
                 inode_count=len(tree.inodes),
-                mod_time=image_epoch(self.options, tree),
+                mod_time=epoch,
                 block_size=self.spec.block_size,
                 fragment_count=len(stream.fragment_table),
                 compressor=SQUASHFS_IDS[self.spec.name],
