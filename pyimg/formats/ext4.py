@@ -883,10 +883,10 @@ class _Build:
     # ---- the whole build ------------------------------------------------------------
     def run(self) -> WriteResult:
         self.epoch = image_epoch(self.options, self.tree)
+        self.number_inodes()
+        self.check_tree()  # first: an inode's own time out of range is named by its path
         if not -(1 << 31) <= self.epoch < (1 << 34) - (1 << 31):  # lost+found and the superblock get it
             raise LimitError(f"the image time (epoch) {self.epoch} is out of ext4's range (1901..2446)")
-        self.number_inodes()
-        self.check_tree()
         self.hash_contents()
         self.register()
         self.uuid, self.seed = self.identity()

@@ -87,11 +87,11 @@ class SquashfsWriter:
         return None
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
+        ids = _id_table(tree)
+        _check_limits(tree)  # first: an inode's own time out of range is named by its path
         epoch = image_epoch(self.options, tree)
         if not 0 <= epoch <= 0xFFFFFFFF:
             raise LimitError(f"the image time (epoch) {epoch} is outside squashfs's range 0..2^32-1 (2106)")
-        ids = _id_table(tree)
-        _check_limits(tree)
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.options.squashfs
