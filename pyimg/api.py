@@ -198,6 +198,9 @@ def options_for(
         features=list(features) or None,
         **given,
     )
+    for what, written in (("output", options.output), ("manifest", options.manifest)):
+        if spec and written and os.path.realpath(written) == os.path.realpath(spec):
+            raise OutputError(f"{what} is also an input (the spec file)", written)
     if options.policy.epoch is None:
         epoch = resolve_epoch(None)
         if epoch is not None:

@@ -290,6 +290,18 @@ def _(d: Path) -> list[str]:
     return [f"{d / 'file'}:/etc/file", "--manifest", str(d / "file")]
 
 
+@case("manifest-is-the-spec", OUTPUT, "{in}/s.toml", "manifest is also an input")
+def _(d: Path) -> list[str]:
+    (d / "s.toml").write_text("[policy]\n")
+    return ["--spec", str(d / "s.toml"), str(_src_dir(d)), "--manifest", str(d / "s.toml")]
+
+
+@case("output-is-the-spec", OUTPUT, "{in}/s.toml", "output is also an input")
+def _(d: Path) -> list[str]:
+    (d / "s.toml").write_text("[policy]\n")
+    return ["--spec", str(d / "s.toml"), str(_src_dir(d)), "-o", str(d / "s.toml")]
+
+
 @case("output-inside-source", OUTPUT, "{in}/src/img", "output is also an input")
 def _(d: Path) -> list[str]:
     return [str(_src_dir(d)), "-o", str(d / "src/img")]  # the later -o wins
