@@ -139,6 +139,8 @@ def acl_from_text(text: str) -> bytes:
         if not line:
             continue
         fields = line.split(":")
+        if fields[0] in ("default", "d") and len(fields) > 3:  # getfacl's spelling of a default ACL
+            fields = fields[1:]
         if len(fields) not in (3, 4) or fields[0] not in _TEXT_TAGS:
             raise AclError(f"bad ACL entry {line!r}")
         obj_tag, named_tag = _TEXT_TAGS[fields[0]]

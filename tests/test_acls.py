@@ -240,6 +240,9 @@ def test_acl_codecs() -> None:
     value = acl_from_text("user::rw-\nuser:1000:r--\ngroup::r--\ngroup:5:rwx\nmask::rwx\nother::---\n")
     assert parse_acl(value) == [(1, 6, 0xFFFFFFFF), (2, 4, 1000), (4, 4, 0xFFFFFFFF), (8, 7, 5),
                                 (0x10, 7, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)]  # fmt: skip
+    assert acl_from_text("default:user::rwx,default:group::r-x,default:other::---") == acl_from_text(
+        "u::rwx,g::r-x,o::---"
+    )
     disk = acl_to_ext4(value)
     assert len(disk) == 4 + 4 * 4 + 2 * 8 and _decode_ext4_acl(disk) == parse_acl(value)
     bad = [
