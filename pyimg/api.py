@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .artifact import Artifact
-from .collect import check_output_not_input, collect
+from .collect import check_output_not_input, collect, drop_acls
 from .errors import Interrupted, OutputError, SpecError
 from .formats import format_spec
 from .formats.base import FileScan, FormatWriter, WriteResult
@@ -51,6 +51,7 @@ class BuildResult:
     manifest_path: str | None
     artifact: Artifact  # the image as later stages take it (boot, store, a disk)
     _make_manifest: Callable[[], dict[str, Any]] = dataclasses.field(repr=False, compare=False)
+    dropped_acls: list[str] = dataclasses.field(default_factory=list)  # Policy.drop_acls: paths
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any]:
@@ -108,9 +109,8 @@ class _Targets:
 
     def __init__(self, options: BuildOptions) -> None:
         self.image = AtomicOutput(options.output)
+        # (a manifest at the image's path, or at an input, is refused by check_output_not_input)
         self.manifest = AtomicOutput(options.manifest, "manifest") if options.manifest else None
-        if self.manifest is not None and self.manifest.target == self.image.target:
-            raise OutputError("the manifest would replace the image (--manifest is -o)", options.manifest)
 
     def all(self) -> list[AtomicOutput]:
         return [self.image] + ([self.manifest] if self.manifest is not None else [])
@@ -131,6 +131,7 @@ def _collect_and_write(
         if prescan is not None:
             prescan.finish()
         tree = collected.freeze()
+        dropped = drop_acls(tree) if options.policy.drop_acls else []
         total = sum(inode.size for inode in tree.inodes if inode.data is not None)
         done = 0
 
@@ -154,13 +155,13 @@ def _collect_and_write(
             image = digest_image(out.fd, sha256=targets.manifest is not None)
             if targets.manifest is not None:
                 stack.enter_context(targets.manifest).write(
-                    dump(build_manifest(options, tree, result, image))
+                    dump(build_manifest(options, tree, result, image, dropped_acls=dropped))
                 )
             commit(targets.all())
 
     def make_manifest() -> dict[str, Any]:
         full = image if image.sha256 is not None else digest_image(options.output)
-        return build_manifest(options, tree, result, full)
+        return build_manifest(options, tree, result, full, dropped_acls=dropped)
 
     return BuildResult(
         output=options.output,
@@ -184,6 +185,7 @@ def _collect_and_write(
             facts=result.facts,
         ),
         _make_manifest=make_manifest,
+        dropped_acls=dropped,
     )
 
 
@@ -201,7 +203,10 @@ def resolve_epoch(epoch: int | None) -> int | None:
 
 
 def parse_source(text: str) -> SourceSpec:
-    """'PATH' or 'PATH:/DEST' (DEST is an absolute image path)."""
+    """'PATH' or 'PATH:/DEST' (DEST is an absolute image path).  A SOURCE that exists
+    as given is a path, even if it holds ":/" (docs/cli.md: how to place one)."""
+    if os.path.lexists(text):
+        return SourceSpec(path=text)
     path, sep, dest = text.rpartition(":/")
     if sep and path:
         return SourceSpec(path=path, dest=("/" + dest).encode("utf-8", "surrogateescape").strip(b"/"))
@@ -228,6 +233,9 @@ def options_for(
         output=output,
         **given,
     )
+    for what, written in (("output", options.output), ("manifest", options.manifest)):
+        if spec and written and os.path.realpath(written) == os.path.realpath(spec):
+            raise OutputError(f"{what} is also an input (the spec file)", written)
     if options.policy.epoch is None:
         epoch = resolve_epoch(None)
         if epoch is not None:

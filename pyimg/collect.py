@@ -21,7 +21,8 @@ from .options import BuildOptions, SourceSpec
 from .sources import Rules, Spool
 from .sources.directory import FileCallback, add_directory
 from .sources.single import add_file
-from .tree import FrozenTree, Tree, gc_paused, new_dir, normalize_path
+from .tree import FrozenTree, Kind, Tree, gc_paused, new_dir, normalize_path
+from .xattrs import ACL_NAMES
 
 ResolvedKind = Literal["dir", "tar", "file"]
 
@@ -66,7 +67,7 @@ def collect(options: BuildOptions, on_file: FileCallback | None = None) -> Colle
     order is the tree's: with several sources, later ones replace entries)."""
     rules = Rules(options.policy)
     tree = Tree(new_dir(0o755, 0, 0, rules.epoch_ns or 0))
-    spool = Spool()
+    spool = Spool(spool_directory(options))
     if len(options.sources) != 1:
         on_file = None
     try:
@@ -79,10 +80,27 @@ def collect(options: BuildOptions, on_file: FileCallback | None = None) -> Colle
     return Collected(tree, spool)
 
 
+def drop_acls(tree: FrozenTree) -> list[str]:
+    """Policy.drop_acls: remove the POSIX ACLs of every inode; returns the image
+    paths ("/etc/x") that had them, in tree order (every name of a hard link)."""
+    dropped: list[str] = []
+    stripped: set[int] = set()  # id() of the inodes already stripped (hard links)
+    for node in tree.nodes:
+        inode = node.inode
+        if id(inode) not in stripped:
+            if not any(name in inode.xattrs for name in ACL_NAMES):
+                continue
+            inode.xattrs = {k: v for k, v in inode.xattrs.items() if k not in ACL_NAMES}
+            stripped.add(id(inode))
+        dropped.append(node.image_path.decode("utf-8", "surrogateescape"))
+    return dropped
+
+
 def add_source(
     tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool, on_file: FileCallback | None = None
 ) -> None:
     dest = normalize_path(spec.dest, where=spec.path)
+    _check_dest(tree, dest, spec)
     kind = resolve_kind(spec)
     if kind != "file" and (spec.mode, spec.uid, spec.gid) != (None, None, None):
         raise SpecError(f"mode, uid and gid apply to single-file sources only (this is a {kind})", spec.path)
@@ -94,6 +112,23 @@ def add_source(
         add_tar(tree, spec.path, dest, rules, spool)
     else:
         add_file(tree, spec, dest, rules)
+
+
+def _check_dest(tree: Tree, dest: bytes, spec: SourceSpec) -> None:
+    """A source placed below a symlink of an earlier source would be written through
+    it (as a tar member would: refused there too); the nearest existing ancestor of
+    `dest` decides."""
+    parent = dest
+    while parent:
+        parent = parent.rpartition(b"/")[0]
+        existing = tree.get(parent)
+        if existing is None:
+            continue
+        if existing.kind is Kind.SYMLINK:
+            shown = "/" + parent.decode("utf-8", "backslashreplace")
+            raise SourceError(f"dest /{dest.decode('utf-8', 'backslashreplace')} goes through the symlink "
+                              f"{shown} of an earlier source", spec.path)  # fmt: skip
+        return
 
 
 def resolve_kind(spec: SourceSpec) -> ResolvedKind:
@@ -133,20 +168,47 @@ def resolve_kind(spec: SourceSpec) -> ResolvedKind:
     return "file"
 
 
-def check_output_not_input(options: BuildOptions) -> None:
-    """Refuse an output image that is (or lies inside) one of the sources.
+def spool_directory(options: BuildOptions) -> str | None:
+    """Where the spool file goes: None (tempfile's choice, $TMPDIR first) unless a
+    temp directory named by the environment lies inside a directory source — a
+    later source would read pyimg's own temporary file into the image, and even
+    tempfile's probe of the directory would touch a source —: then beside the
+    output (which is never inside a source)."""
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        tmp = os.environ.get(var)
+        if not tmp:
+            continue
+        tmp = os.path.realpath(tmp)
+        for spec in options.sources:
+            source = os.path.realpath(spec.path)
+            if os.path.isdir(source) and os.path.commonpath([tmp, source]) == source:
+                return os.path.dirname(os.path.abspath(options.output))
+    return None
 
-    A directory source must not contain the output (it would be read while being
-    written); a file source must not be the output file itself.
+
+def check_output_not_input(options: BuildOptions) -> None:
+    """Refuse an output image or manifest that is (or lies inside) one of the
+    sources, and a manifest that is the image: before any work.
+
+    A directory source must not contain them (they would be read while being
+    written); a file source must not be one of them.
     """
-    output = os.path.realpath(options.output)
-    for spec in options.sources:
-        source = os.path.realpath(spec.path)
-        if os.path.isdir(source):
-            if os.path.commonpath([output, source]) == source:
-                raise OutputError("output is also an input", options.output)
-        elif output == source or _same_file(options.output, spec.path):
-            raise OutputError("output is also an input", options.output)
+    written = [("output", options.output)]
+    if options.manifest:
+        written.append(("manifest", options.manifest))
+        if os.path.realpath(options.manifest) == os.path.realpath(options.output):
+            raise OutputError(
+                "the manifest would overwrite the image (same path as the output)", options.manifest
+            )
+    for what, path in written:
+        target = os.path.realpath(path)
+        for spec in options.sources:
+            source = os.path.realpath(spec.path)
+            if os.path.isdir(source):
+                if os.path.commonpath([target, source]) == source:
+                    raise OutputError(f"{what} is also an input", path)
+            elif target == source or _same_file(path, spec.path):
+                raise OutputError(f"{what} is also an input", path)
 
 
 def _same_file(a: str, b: str) -> bool:

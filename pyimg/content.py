@@ -206,6 +206,15 @@ def read_error(ref: DataRef, code: int, err: int) -> SourceError:
 C_HASH_MAX = 16 << 10
 
 
+def _stamp_mtimes(refs: list[DataRef]) -> array[int]:
+    """The stamps' mtimes as int64 ns; one past 2262 does not fit and is wrapped
+    modulo 2^64, as the C readers compare it (csrc/common/readfiles.c)."""
+    try:
+        return array("q", [ref.stamp_mtime_ns for ref in refs])
+    except OverflowError:
+        return array("q", [(ref.stamp_mtime_ns + (1 << 63)) % (1 << 64) - (1 << 63) for ref in refs])
+
+
 @dataclass(slots=True)
 class BatchSources:
     """A batch of DataRefs as the C readers take them (pyimg_read_batch,
@@ -224,7 +233,7 @@ class BatchSources:
             array("Q", [ref.offset for ref in refs]),
             array("Q", [ref.size for ref in refs]),
             array("q", [ref.stamp_size for ref in refs]),
-            array("q", [ref.stamp_mtime_ns for ref in refs]),
+            _stamp_mtimes(refs),
         )
 
     def args(self) -> tuple[Any, ...]:

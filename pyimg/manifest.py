@@ -144,9 +144,14 @@ def options_record(options: BuildOptions) -> dict[str, Any]:
 
 
 def build_manifest(
-    options: BuildOptions, tree: FrozenTree, result: WriteResult, image: ImageDigest
+    options: BuildOptions,
+    tree: FrozenTree,
+    result: WriteResult,
+    image: ImageDigest,
+    *,
+    dropped_acls: list[str] | None = None,
 ) -> dict[str, Any]:
-    return {
+    manifest = {
         "manifest_version": MANIFEST_VERSION,
         "image": {
             "file": os.path.basename(options.output),
@@ -160,6 +165,9 @@ def build_manifest(
         "versions": versions(),
         "entries": entries(tree, result.digests),
     }
+    if options.policy.drop_acls:
+        manifest["dropped_acls"] = list(dropped_acls or [])  # paths whose POSIX ACLs were left out
+    return manifest
 
 
 def dump(manifest: dict[str, Any]) -> bytes:

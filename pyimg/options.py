@@ -57,6 +57,9 @@ class Policy:
     excludes: glob patterns; one without "/" matches an entry's name anywhere, one
     with "/" matches its whole image path ("/usr/share/doc/*").  An excluded
     directory takes its subtree with it.
+    drop_acls: leave POSIX ACLs (system.posix_acl_access/default) out of the image,
+    reporting the paths that had them (BuildResult.dropped_acls, the manifest);
+    without it a format that cannot hold ACLs (squashfs) refuses them by path.
     """
 
     owner: OwnerPolicy = setting(
@@ -76,6 +79,10 @@ class Policy:
     excludes: tuple[str, ...] = setting(
         (), "Glob to leave out (repeatable); with '/' it matches the whole path.", parse_excludes,
         append=True, key="exclude", repeat=True, metavar="GLOB",
+    )  # fmt: skip
+    drop_acls: bool = setting(
+        False, "Leave POSIX ACLs out (squashfs cannot hold them) and list the paths that had them.",
+        flag=True,
     )  # fmt: skip
 
 

@@ -72,6 +72,10 @@ def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SpecError(f"cannot read the spec file: {exc.strerror}", path) from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"invalid TOML: {exc}", path) from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise SpecError(
+            f"not UTF-8 (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})", path
+        ) from None
 
 
 def load_options(path: str | os.PathLike[str]) -> BuildOptions:

@@ -150,9 +150,14 @@ def split_path(path: bytes) -> list[bytes]:
 def normalize_path(path: bytes | str, *, where: str | bytes | None = None) -> bytes:
     """Image path from any spelling: b'/usr//bin/./ls' -> b'usr/bin/ls'.
 
-    `..` is refused rather than resolved: no source may place anything outside the root.
+    `..` is refused rather than resolved: no source may place anything outside the root;
+    a NUL byte is refused (it would end the name in every reader).
     """
     raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+    if b"\0" in raw:
+        raise SourceError(
+            f"path {raw!r} has a NUL byte (no file name can hold one)", where if where is not None else raw
+        )
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     if b".." in parts:
         raise SourceError(f"path {raw!r} escapes the image root", where if where is not None else raw)

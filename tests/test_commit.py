@@ -39,7 +39,7 @@ def test_image_and_manifest_land_together(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
-        (["-o", "{d}/img.sqfs", "--manifest", "{d}/img.sqfs"], "manifest would replace the image"),
+        (["-o", "{d}/img.sqfs", "--manifest", "{d}/img.sqfs"], "manifest would overwrite the image"),
         (["-o", "{d}/img.sqfs/"], "ends in '/'"),
         (["-o", "{d}/img.sqfs", "--manifest", "{d}/nodir/m.json"], "manifest's directory does not exist"),
         (["-o", "{d}/img.sqfs", "--manifest", "{d}"], "manifest path is a directory"),

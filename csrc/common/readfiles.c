@@ -22,8 +22,10 @@ static int open_source(const char *path) {
 
 static int stamp_matches(const struct stat *st, int64_t want_size, int64_t want_mtime_ns) {
     if (want_size < 0) return 1; /* not checked: a spool file cannot change */
-    int64_t mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
-    return (int64_t)st->st_size == want_size && mtime_ns == want_mtime_ns;
+    /* Unsigned: an mtime past 2262 (beyond int64 ns) wraps modulo 2^64, as the caller's
+     * stamp does (content.BatchSources), instead of overflowing. */
+    uint64_t mtime_ns = (uint64_t)st->st_mtim.tv_sec * 1000000000u + (uint64_t)st->st_mtim.tv_nsec;
+    return (int64_t)st->st_size == want_size && mtime_ns == (uint64_t)want_mtime_ns;
 }
 
 static int unchanged(int fd, int64_t want_size, int64_t want_mtime_ns) {

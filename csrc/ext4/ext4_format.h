@@ -83,6 +83,10 @@ enum {
     E4_SB_RAID_STRIPE_WIDTH = 0x170, /* u32 */
     E4_SB_LOG_GROUPS_PER_FLEX = 0x174, /* u8 */
     E4_SB_CHECKSUM_TYPE = 0x175,     /* u8 1: crc32c */
+    E4_SB_WTIME_HI = 0x274,          /* u8: bits 32..39 of s_wtime */
+    E4_SB_MTIME_HI = 0x275,          /* u8 */
+    E4_SB_MKFS_TIME_HI = 0x276,      /* u8 */
+    E4_SB_LASTCHECK_HI = 0x277,      /* u8 */
     E4_SB_CHECKSUM = 0x3FC,          /* u32 crc32c of bytes 0 .. 0x3FB */
     E4_SB_SIZE = 0x400
 };
@@ -94,6 +98,7 @@ _Static_assert(E4_SB_JOURNAL_UUID + 16 == E4_SB_JOURNAL_INUM, "sb: journal uuid"
 _Static_assert(E4_SB_HASH_SEED + 16 == E4_SB_DEF_HASH_VERSION, "sb: the hash seed is 4 words");
 _Static_assert(E4_SB_JNL_BLOCKS + 17 * 4 == E4_SB_BLOCKS_COUNT_HI, "sb: s_jnl_blocks is 17 words");
 _Static_assert(E4_SB_MMP_BLOCK + 8 == E4_SB_RAID_STRIPE_WIDTH, "sb: s_mmp_block is 64-bit");
+_Static_assert(E4_SB_WTIME_HI + 3 == E4_SB_LASTCHECK_HI, "sb: the four time _hi bytes");
 _Static_assert(E4_SB_CHECKSUM + 4 == E4_SB_SIZE, "sb: the checksum is the last word of 1024 bytes");
 
 /* A group descriptor: 32 bytes, or 64 with the 64bit feature (s_desc_size). */

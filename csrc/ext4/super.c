@@ -50,6 +50,13 @@ static void encode_super(const pyimg_ext4 *h, uint8_t *sb, uint32_t group, const
     put_le16(sb + E4_SB_DESC_SIZE, (g->feature_incompat & E4_INCOMPAT_64BIT) ? E4_GD_SIZE_64 : 0);
     put_le32(sb + E4_SB_DEFAULT_MOUNT_OPTS, 0x000C); /* user_xattr, acl */
     put_le32(sb + E4_SB_MKFS_TIME, t);
+    /* bits 32..39 of those times (after 2106); the epoch is never negative: the
+     * options refuse it */
+    uint8_t t_hi = (uint8_t)((uint64_t)g->epoch >> 32);
+    sb[E4_SB_WTIME_HI] = t_hi;
+    sb[E4_SB_MTIME_HI] = t_hi;
+    sb[E4_SB_MKFS_TIME_HI] = t_hi;
+    sb[E4_SB_LASTCHECK_HI] = t_hi;
     put_le32(sb + E4_SB_BLOCKS_COUNT_HI, (uint32_t)(g->blocks_count >> 32));
     put_le32(sb + E4_SB_FREE_BLOCKS_HI, (uint32_t)(st->free_blocks >> 32));
     put_le16(sb + E4_SB_MIN_EXTRA_ISIZE, E4_EXTRA_ISIZE);

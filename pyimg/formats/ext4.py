@@ -46,10 +46,11 @@ from ..content import (
     ordered_map,
     read_error,
 )
-from ..errors import FormatError, LimitError, SourceError, SpecError
+from ..errors import FormatError, LimitError, SpecError
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
+from ..xattrs import ACL_NAMES, acl_to_ext4, suspect_names, xattr_problem
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 from .ext4_options import Ext4Options, parse_label
 
@@ -58,6 +59,7 @@ BLOCKS_PER_GROUP = 32768
 CHUNK = 1 << 20  # read size while hashing (a multiple of BLOCK)
 MAX_FILE_SIZE = (1 << 32) * BLOCK - BLOCK  # 2^32 logical blocks with extents
 MAX_LINKS = 65000
+MAX_MAJOR, MAX_MINOR = 1 << 12, 1 << 20  # Linux's dev_t: 12-bit major, 20-bit minor
 ROOT_INO = 2
 LOST_FOUND_INO = 11
 FIRST_INO = 11
@@ -105,9 +107,6 @@ UNSUPPORTED = {
     "ea_inode": "not supported", "orphan_file": "not supported", "metadata_csum_seed": "not needed",
 }  # fmt: skip
 
-XATTR_PREFIXES = (b"user.", b"trusted.", b"security.", b"system.")
-_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
-
 
 def resolve_features(edits: tuple[str, ...]) -> set[str]:
     """The default feature set with the user's "+name"/"-name" edits applied."""
@@ -138,20 +137,6 @@ def default_journal_blocks(blocks: int) -> int:
         if blocks < limit:
             return size
     return 262144
-
-
-def acl_to_disk(value: bytes, path: bytes) -> bytes:
-    """A POSIX ACL from its xattr form (version 2, 8-byte entries) to ext4's on-disk
-    form (version 1; user/group entries 8 bytes, the others 4)."""
-    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
-        raise SourceError("malformed POSIX ACL xattr", path)
-    out = bytearray((1).to_bytes(4, "little"))
-    for pos in range(4, len(value), 8):
-        tag = int.from_bytes(value[pos : pos + 2], "little")
-        out += value[pos : pos + 4]
-        if tag in (0x02, 0x08):  # ACL_USER, ACL_GROUP carry an id
-            out += value[pos + 4 : pos + 8]
-    return bytes(out)
 
 
 def _le(a: array[int]) -> bytes:
@@ -487,6 +472,10 @@ class _Build:
             or min(seconds) < -(1 << 31)
             or max(seconds) >= (1 << 34) - (1 << 31)
             or ("ext_attr" not in self.features and any([inode.xattrs for inode in inodes]))
+            or suspect_names([inode.xattrs for inode in inodes])
+            or any(
+                [not (0 <= inode.rdev[0] < MAX_MAJOR and 0 <= inode.rdev[1] < MAX_MINOR) for inode in inodes]
+            )
         )
 
     def inode_problem(self, ino: int, inode: Inode) -> str | None:
@@ -502,12 +491,22 @@ class _Build:
             return f"{nlink} hard links (ext4 allows {MAX_LINKS})"
         if kind is Kind.DIR and nlink > MAX_LINKS and "dir_nlink" not in self.features:
             return "more than 64998 subdirectories need the dir_nlink feature"
+        if kind in (Kind.CHAR, Kind.BLOCK) and not (
+            0 <= inode.rdev[0] < MAX_MAJOR and 0 <= inode.rdev[1] < MAX_MINOR
+        ):
+            return (
+                f"device number {inode.rdev} beyond Linux's dev_t (major < {MAX_MAJOR}, minor < {MAX_MINOR})"
+            )
         if not (0 <= inode.uid < 1 << 32 and 0 <= inode.gid < 1 << 32):
             return "uid/gid beyond 32 bits"
         if not -(1 << 31) <= inode.mtime_ns // 1_000_000_000 < (1 << 34) - (1 << 31):
             return "mtime out of ext4's range (1901..2446)"
         if inode.xattrs and "ext_attr" not in self.features:
             return "xattrs need the ext_attr feature"
+        for name, value in inode.xattrs.items():
+            problem = xattr_problem(name, value, fmt="ext4", acls=True)
+            if problem is not None:
+                return problem
         return None
 
     def path_of(self, ino: int) -> bytes:
@@ -692,8 +691,8 @@ class _Build:
             for name in sorted(inode.xattrs):
                 e, path = self.ext_ino[ino], self.path_of(ino)
                 value = inode.xattrs[name]
-                if name in _ACL_NAMES:
-                    value = acl_to_disk(value, path)
+                if name in ACL_NAMES:
+                    value = acl_to_ext4(value)  # checked valid by check_tree
                 material.update(b"%d %d %s %d %s" % (e, len(name), name, len(value), value))
                 check(lib.pyimg_ext4_add_xattr(h, e, name, len(name), value, len(value)), self.err, path)
         if self.lf_tree_ino is None:
@@ -899,7 +898,9 @@ class _Build:
     def run(self) -> WriteResult:
         self.epoch = image_epoch(self.options, self.tree)
         self.number_inodes()
-        self.check_tree()
+        self.check_tree()  # first: an inode's own time out of range is named by its path
+        if not -(1 << 31) <= self.epoch < (1 << 34) - (1 << 31):  # lost+found and the superblock get it
+            raise LimitError(f"the image time (epoch) {self.epoch} is out of ext4's range (1901..2446)")
         self.hash_contents()
         self.register()
         self.uuid, self.seed = self.identity()

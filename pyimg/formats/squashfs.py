@@ -22,6 +22,7 @@ from ..errors import LimitError
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import FrozenTree, Inode, Kind, Node
+from ..xattrs import suspect_names, xattr_problem
 from .base import PackedDigests, Progress, WriteResult, image_epoch
 from .imagefile import ImageFile
 from .squashfs_data import DataStream, Placement
@@ -33,6 +34,7 @@ NO_XATTR = 0xFFFFFFFF
 NO_TABLE = 0xFFFFFFFFFFFFFFFF
 MAX_NAME = 255  # the on-disk field allows 256, but Linux cannot look such a name up
 MAX_IDS = 65536
+MAX_SYMLINK = 4095  # Linux's squashfs refuses longer targets ("Corrupted symlink")
 PAD_TO = 4096
 
 # Superblock flags.
@@ -103,7 +105,10 @@ class SquashfsWriter:
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
         ids = _id_table(tree)
-        _check_limits(tree)
+        _check_limits(tree)  # first: an inode's own time out of range is named by its path
+        epoch = image_epoch(self.options, tree)
+        if not 0 <= epoch <= 0xFFFFFFFF:
+            raise LimitError(f"the image time (epoch) {epoch} is outside squashfs's range 0..2^32-1 (2106)")
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.sq
@@ -125,7 +130,7 @@ class SquashfsWriter:
             dict(
                 super_fields,
                 inode_count=len(tree.inodes),
-                mod_time=image_epoch(self.options, tree),
+                mod_time=epoch,
                 block_size=self.spec.block_size,
                 fragment_count=len(stream.fragment_table),
                 compressor=SQUASHFS_IDS[self.spec.name],
@@ -161,6 +166,8 @@ class SquashfsWriter:
 
 def _id_table(tree: FrozenTree) -> list[int]:
     ids = sorted({inode.uid for inode in tree.inodes} | {inode.gid for inode in tree.inodes})
+    if ids[0] < 0 or ids[-1] >= 1 << 32:
+        _raise_first(tree, _id_problem)
     if len(ids) > MAX_IDS:
         raise LimitError(f"{len(ids)} distinct uids/gids; squashfs holds at most {MAX_IDS}")
     return ids
@@ -174,7 +181,9 @@ def _check_limits(tree: FrozenTree) -> None:
         _raise_first(tree, _name_problem)
     mtimes = [inode.mtime_ns for inode in tree.inodes]
     unusual = min(mtimes) < 0 or max(mtimes) >= (0xFFFFFFFF + 1) * 1_000_000_000
-    unusual = unusual or any(inode.xattrs or inode.kind in _DEVICES for inode in tree.inodes)
+    unusual = unusual or any(inode.kind in _DEVICES for inode in tree.inodes)
+    unusual = unusual or max(len(inode.target) for inode in tree.inodes) > MAX_SYMLINK
+    unusual = unusual or suspect_names(inode.xattrs for inode in tree.inodes)
     if unusual:
         _raise_first(tree, _inode_problem)
 
@@ -184,6 +193,13 @@ def _raise_first(tree: FrozenTree, problem: Callable[[Node], str | None]) -> Non
         reason = problem(node)
         if reason is not None:
             raise LimitError(reason, node.image_path)
+
+
+def _id_problem(node: Node) -> str | None:
+    inode = node.inode
+    if not (0 <= inode.uid < 1 << 32 and 0 <= inode.gid < 1 << 32):
+        return f"uid/gid {inode.uid}:{inode.gid} beyond squashfs's 32 bits"
+    return None
 
 
 def _name_problem(node: Node) -> str | None:
@@ -196,11 +212,14 @@ def _inode_problem(node: Node) -> str | None:
     inode = node.inode
     if not 0 <= inode.mtime <= 0xFFFFFFFF:
         return f"mtime {inode.mtime} outside squashfs's range 0..2^32-1"
-    if inode.kind in _DEVICES and (inode.rdev[0] >= 1 << 12 or inode.rdev[1] >= 1 << 20):
+    if inode.kind in _DEVICES and not (0 <= inode.rdev[0] < 1 << 12 and 0 <= inode.rdev[1] < 1 << 20):
         return f"device number {inode.rdev} too large for squashfs"
-    for name in inode.xattrs:
-        if not any(name.startswith(prefix) for prefix, _ in XATTR_PREFIXES):
-            return f"xattr {name!r}: squashfs stores only user., trusted. and security."
+    if inode.kind is Kind.SYMLINK and len(inode.target) > MAX_SYMLINK:
+        return f"symlink target of {len(inode.target)} bytes (Linux's squashfs reads at most {MAX_SYMLINK})"
+    for name, value in inode.xattrs.items():
+        problem = xattr_problem(name, value, fmt="squashfs", acls=False)
+        if problem is not None:
+            return problem
     return None
 
 

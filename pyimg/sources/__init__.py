@@ -7,9 +7,9 @@ once (ownership, id maps, the epoch clamp, excludes), the xattr filter, and
 Notes for format writers:
 - Names may hold any byte except "/" and NUL.  Names longer than 255 bytes are
   *not* refused here: each format knows its own limit and raises LimitError.
-- Only xattrs in the user., trusted. and security. namespaces are kept.  system.*
-  (POSIX ACLs: system.posix_acl_access/default) is dropped for now: the formats do
-  not encode ACLs yet, and a builder's ACLs rarely belong in an image.
+- Every xattr a source carries is kept, system.* (POSIX ACLs) included: each
+  format refuses by name what it cannot hold (pyimg/xattrs.py), and the policy's
+  drop_acls leaves POSIX ACLs out, reported.  Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -27,18 +27,12 @@ from ..options import Policy
 from ..tree import NO_XATTRS, DataRef, Inode, new_dir
 from ..values import is_decimal
 
-KEPT_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
-
 # errnos meaning "this file system has no xattrs": treated as none, not as an error.
 _NO_XATTR_SUPPORT = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-def keep_xattr(name: bytes) -> bool:
-    return name.startswith(KEPT_XATTR_PREFIXES)
-
-
 def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[bytes, bytes]:
-    """The kept xattrs of `path`, sorted by name (so the dict order never depends on the
+    """Every xattr of `path`, sorted by name (so the dict order never depends on the
     file system's listing order)."""
     try:
         names = os.listxattr(path, follow_symlinks=follow_symlinks)
@@ -50,8 +44,6 @@ def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[
         return NO_XATTRS
     xattrs: dict[bytes, bytes] = {}
     for name in sorted(os.fsencode(n) for n in names):
-        if not keep_xattr(name):
-            continue
         try:
             xattrs[name] = os.getxattr(path, name, follow_symlinks=follow_symlinks)
         except OSError as exc:
@@ -168,11 +160,13 @@ _CHUNK = 1 << 20
 
 
 class Spool:
-    """One temporary file (in $TMPDIR, mode 0600) holding the data of members of
-    compressed tar archives, which cannot be pointed into.  Created on first use,
-    deleted by close()."""
+    """One temporary file (in `directory`, by default $TMPDIR; mode 0600) holding the
+    data of members of compressed tar archives, which cannot be pointed into.
+    Created on first use, deleted by close().  collect() keeps it out of every
+    directory source (collect.spool_directory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory
         self.path: str | None = None
         self._fd = -1
         self._end = 0
@@ -206,7 +200,7 @@ class Spool:
             import tempfile  # on first use: most builds never spool
 
             try:
-                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-")
+                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-", dir=self.directory)
             except OSError as exc:
                 raise OutputError(f"cannot create a temporary spool file: {exc.strerror}") from exc
         return self._fd, self.path

@@ -29,17 +29,20 @@ import bz2
 import decimal
 import gzip
 import lzma
+import math
 import os
 import tarfile
 import urllib.parse
 import zlib
-from typing import IO, BinaryIO, TypedDict, cast
+from collections.abc import Callable
+from typing import IO, BinaryIO, Protocol, TypedDict, cast
 
 import zstandard
 
 from ..errors import PyImgError, SourceError
 from ..tree import DataRef, Inode, Kind, Tree, split_path
-from . import Readable, Rules, Spool, join_image_path, keep_xattr
+from ..xattrs import ACL_ACCESS, ACL_DEFAULT, AclError, acl_from_text, mode_acl
+from . import Readable, Rules, Spool, join_image_path
 
 BLOCK = tarfile.BLOCKSIZE
 
@@ -97,6 +100,7 @@ def add_tar(tree: Tree, archive: str, dest: bytes, rules: Rules, spool: Spool) -
         raise SourceError("no such file or directory", archive) from exc
     except OSError as exc:
         raise SourceError(f"cannot open: {exc.strerror}", archive) from exc
+    reader: _ArchiveReader | None = None
     with raw:
         try:
             compression = compression_of(raw.read(6))
@@ -114,6 +118,13 @@ def add_tar(tree: Tree, archive: str, dest: bytes, rules: Rules, spool: Spool) -
                     pass
         except PyImgError:
             raise
+        except _MissingEnd:
+            last = reader.last_name if reader is not None else None
+            raise SourceError(
+                f"truncated tar archive: it ends after member {last!r} without the end-of-archive "
+                "blocks (whatever followed that member is lost)",
+                archive,
+            ) from None
         except (*_CORRUPT, _CorruptHeader) as exc:
             raise SourceError(f"corrupt or truncated tar archive: {_describe(exc)}", archive) from exc
 
@@ -153,13 +164,25 @@ class _CorruptHeader(Exception):
     for the end of the archive and would silently drop the rest; we refuse."""
 
 
+class _MissingEnd(Exception):
+    """The archive stops right after a member, without the end-of-archive blocks:
+    tarfile takes that for the end, but it is how a cut archive looks."""
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> _StrictTarInfo:
         try:
-            return super().fromtarfile(tf)
+            info = super().fromtarfile(tf)
         except _BAD_HEADER as exc:
             raise _CorruptHeader(f"bad header at offset {tf.offset}: {exc}") from None
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
+            if tf.offset > 0:  # (an empty file is tarfile's own "empty file" error)
+                raise _MissingEnd from None
+            raise
+        if info.size < 0:  # base-256 or pax numbers can be negative
+            raise _CorruptHeader(f"member {info.name!r}: negative size {info.size}")
+        return info
 
 
 class _ArchiveReader:
@@ -174,6 +197,7 @@ class _ArchiveReader:
         self.tf = tf
         self.plain_stamp: tuple[int, int] | None = None  # set for uncompressed archives
         self.excluded_inodes: dict[bytes, Inode] = {}  # excluded names a hard link may name
+        self.last_name: str | None = None  # the last member read, for errors
 
     def read_all(self) -> None:
         while True:
@@ -182,6 +206,7 @@ class _ArchiveReader:
                 return
             # We never look a member up by name again: keep tarfile from hoarding them.
             self.tf.members.clear()  # type: ignore[attr-defined]
+            self.last_name = member.name
             self.add_member(member)
 
     def fail(self, member: tarfile.TarInfo, reason: str) -> SourceError:
@@ -189,6 +214,8 @@ class _ArchiveReader:
 
     def image_path(self, member: tarfile.TarInfo, name: str, what: str = "name") -> bytes:
         raw = name.encode("utf-8", "surrogateescape")
+        if b"\0" in raw:  # a pax path record can hold one; no file system name can
+            raise self.fail(member, f"{what} with a NUL byte refused")
         if raw.startswith(b"/"):
             raise self.fail(member, f"absolute {what} refused")
         parts = [p for p in split_path(raw) if p != b"."]
@@ -230,19 +257,29 @@ class _ArchiveReader:
 
     def check_not_through_symlink(self, member: tarfile.TarInfo, path: bytes) -> None:
         # The tree keeps every entry's parents directories, so the nearest existing
-        # ancestor decides.
+        # ancestor decides: a symlink would be written through, and a member below
+        # a file has no directory to go in (GNU tar refuses both).
         parent = path
         while parent:
             parent = parent.rpartition(b"/")[0]
             existing = self.tree.get(parent)
             if existing is None:
                 continue
+            shown = parent.decode(errors="replace")
             if existing.kind is Kind.SYMLINK:
-                raise self.fail(member, f"path goes through the symlink {parent.decode(errors='replace')!r}")
+                raise self.fail(member, f"path goes through the symlink {shown!r}")
+            if existing.kind is not Kind.DIR:
+                raise self.fail(member, f"path goes below {shown!r}, which is not a directory")
             return
 
     def member_inode(self, member: tarfile.TarInfo) -> Inode:
-        inode = Inode(Kind.FILE, member.mode & 0o7777, member.uid, member.gid, _mtime_ns(member))
+        if member.uid < 0 or member.gid < 0:
+            raise self.fail(member, f"negative uid/gid {member.uid}:{member.gid}")
+        try:
+            mtime_ns = _mtime_ns(member)
+        except _BadRecord as exc:
+            raise self.fail(member, str(exc)) from None
+        inode = Inode(Kind.FILE, member.mode & 0o7777, member.uid, member.gid, mtime_ns)
         if member.isreg():
             inode.size = member.size
             if member.size:
@@ -255,6 +292,8 @@ class _ArchiveReader:
             inode.size = len(inode.target)
             if not inode.target:
                 raise self.fail(member, "symlink with an empty target")
+            if b"\0" in inode.target:
+                raise self.fail(member, "symlink target with a NUL byte refused")
         elif member.ischr() or member.isblk():
             inode.kind = Kind.CHAR if member.ischr() else Kind.BLOCK
             inode.rdev = (member.devmajor, member.devminor)
@@ -262,7 +301,10 @@ class _ArchiveReader:
             inode.kind = Kind.FIFO
         else:
             raise self.fail(member, f"unsupported member type {member.type!r}")
-        inode.xattrs = _pax_xattrs(member)
+        try:
+            inode.xattrs = _pax_xattrs(member, inode.mode)
+        except _BadRecord as exc:
+            raise self.fail(member, str(exc)) from None
         return inode
 
     def member_data(self, member: tarfile.TarInfo) -> DataRef:
@@ -282,23 +324,48 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     text = member.pax_headers.get("mtime")
     if text is not None:
         try:
-            exact = decimal.Decimal(text).scaleb(9)
-            return int(exact.to_integral_value(rounding=decimal.ROUND_FLOOR))
+            exact = decimal.Decimal(text)
         except (decimal.InvalidOperation, ValueError):
-            pass
+            exact = None
+        if exact is not None:
+            if not exact.is_finite():
+                raise _BadRecord(f"pax mtime {text!r} is not a time")
+            if (
+                exact.adjusted() >= 12
+            ):  # 10^12 s, ~31,700 years: beyond every format (1e999999 would hang int())
+                raise _BadRecord(f"pax mtime {text!r} is out of every image format's range")
+            return int(exact.scaleb(9).to_integral_value(rounding=decimal.ROUND_FLOOR))
+    if not math.isfinite(member.mtime):
+        raise _BadRecord(f"mtime {member.mtime!r} is not a time")
     return int(member.mtime) * 1_000_000_000
 
 
 _SCHILY = "SCHILY.xattr."
 _LIBARCHIVE = "LIBARCHIVE.xattr."
+# GNU tar --acls and star: POSIX ACLs in their long text form.
+_TEXT_ACLS = {"SCHILY.acl.access": ACL_ACCESS, "SCHILY.acl.default": ACL_DEFAULT}
 
 
-def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+class _BadRecord(Exception):
+    """A pax xattr record that cannot be decoded."""
+
+
+def _pax_xattrs(member: tarfile.TarInfo, mode: int) -> dict[bytes, bytes]:
     """xattrs from pax records: GNU tar/star write "SCHILY.xattr.NAME" = raw value;
-    libarchive also writes "LIBARCHIVE.xattr.URL-ENCODED-NAME" = base64 value."""
+    libarchive also writes "LIBARCHIVE.xattr.URL-ENCODED-NAME" = base64 value.
+    POSIX ACLs: the xattr form (SCHILY.xattr.system.posix_acl_*, written by
+    `tar --acls --xattrs`) when present, else the text form (SCHILY.acl.access,
+    SCHILY.acl.default: `tar --acls`).  Every name is kept; the formats refuse
+    what they cannot hold.  GNU tar writes an access ACL for every file, often
+    only the three entries the mode already says: that one is the mode (Linux
+    never stores it as an xattr) and is left out."""
     found: dict[bytes, bytes] = {}
+    texts: dict[bytes, str] = {}
     for key, value in member.pax_headers.items():
-        if key.startswith(_SCHILY):
+        if key in _TEXT_ACLS:
+            if value.strip():  # GNU tar writes an empty default ACL for every directory
+                texts[_TEXT_ACLS[key]] = value
+        elif key.startswith(_SCHILY):
             name = key[len(_SCHILY) :].encode("utf-8", "surrogateescape")
             found[name] = value.encode("utf-8", "surrogateescape")
         elif key.startswith(_LIBARCHIVE):
@@ -307,8 +374,16 @@ def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
                 padded = value + "=" * (-len(value) % 4)
                 found.setdefault(name, base64.b64decode(padded, validate=True))
             except (binascii.Error, ValueError):
-                raise SourceError(f"member {member.name!r}: bad base64 in pax record {key!r}") from None
-    return {name: found[name] for name in sorted(found) if keep_xattr(name)}
+                raise _BadRecord(f"bad base64 in pax record {key!r}") from None
+    for name, text in texts.items():
+        if name not in found:
+            try:
+                acl = acl_from_text(text)
+            except AclError as exc:
+                raise _BadRecord(f"pax record for {name.decode()}: {exc}") from None
+            if name != ACL_ACCESS or acl != mode_acl(mode):
+                found[name] = acl
+    return {name: found[name] for name in sorted(found)}
 
 
 def _decompressed(raw: BinaryIO, compression: str, *, rewind: bool) -> Readable:
@@ -317,9 +392,9 @@ def _decompressed(raw: BinaryIO, compression: str, *, rewind: bool) -> Readable:
     if compression == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression == "xz":
-        return lzma.LZMAFile(raw)
+        return _StreamsReader(raw, lzma.LZMADecompressor, b"\xfd7zXZ\x00", "xz", padding=True)
     if compression == "bz2":
-        return bz2.BZ2File(raw)
+        return _StreamsReader(raw, bz2.BZ2Decompressor, b"BZh", "bzip2")
     if compression == "zst":
         return _ZstdReader(raw)
     return raw
@@ -333,6 +408,104 @@ def _read_exactly(stream: Readable, size: int) -> bytes:
             break
         data += chunk
     return data
+
+
+class _Decompressor(Protocol):
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    @property
+    def needs_input(self) -> bool: ...
+
+    def decompress(self, data: bytes, /, max_length: int = -1) -> bytes: ...
+
+
+class _StreamsReader:
+    """xz and bzip2 streams, one after another (xz -T, pbzip2), like gzip: data after
+    the last stream that is not another stream is an error.  (lzma.LZMAFile and
+    bz2.BZ2File ignore it silently; gzip and zstd refuse it.)  xz's stream padding
+    (NUL bytes, a multiple of 4) is allowed after a stream."""
+
+    _IN = 1 << 17
+    _OUT = 1 << 20  # at most this much output per call: no decompression bomb in memory
+
+    def __init__(
+        self,
+        raw: BinaryIO,
+        make: Callable[[], _Decompressor],
+        magic: bytes,
+        name: str,
+        *,
+        padding: bool = False,
+    ) -> None:
+        self._raw, self._make, self._magic, self._name, self._padding = raw, make, magic, name, padding
+        self._dec = make()
+        self._fed = False  # the current stream got input and has not ended
+        self._pending = b""  # input after a stream's end, not yet known to be a stream
+        self._out = b""
+        self._pos = 0
+        self._eof = False
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            parts = []
+            while chunk := self.read(1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        while self._pos >= len(self._out) and not self._eof:
+            self._fill()
+        data = self._out[self._pos : self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def _fill(self) -> None:
+        if self._fed and not self._dec.eof and not self._dec.needs_input:  # output still pending
+            self._decompress(b"")
+            return
+        chunk = self._raw.read(self._IN)
+        if self._pending or (self._dec.eof and chunk):
+            self._between(chunk)
+            return
+        if not chunk:
+            if self._fed and not self._dec.eof:
+                raise EOFError(f"{self._name} stream ended before its end marker (truncated)")
+            self._eof = True
+            return
+        self._fed = True
+        self._decompress(chunk)
+
+    def _decompress(self, data: bytes) -> None:
+        self._out, self._pos = self._dec.decompress(data, self._OUT), 0
+        if self._dec.eof:
+            self._pending = self._dec.unused_data
+
+    def _between(self, chunk: bytes) -> None:
+        """After a stream's end: padding, another stream, or garbage."""
+        data = self._pending + chunk
+        if self._padding:
+            stripped = data.lstrip(b"\0")
+            if not stripped and chunk:
+                self._pending = data
+                return
+            if not stripped:  # the end: only padding followed
+                if len(data) % 4:
+                    raise OSError(
+                        f"{self._name} stream padding of {len(data)} bytes (a multiple of 4 expected)"
+                    )
+                self._pending, self._eof = b"", True
+                return
+            if (len(data) - len(stripped)) % 4:
+                raise OSError(f"{self._name} stream padding not a multiple of 4 bytes")
+            data = stripped
+        if len(data) < len(self._magic) and chunk:
+            self._pending = data  # too short to tell yet
+            return
+        if not data.startswith(self._magic):
+            raise OSError(f"trailing garbage after the {self._name} stream")
+        self._pending = b""
+        self._dec = self._make()
+        self._decompress(data)
 
 
 class _ZstdReader:

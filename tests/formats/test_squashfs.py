@@ -284,7 +284,7 @@ def test_name_too_long_is_refused(tmp_path: Path) -> None:
         (Inode(Kind.FILE, 0o644, 0, 0, (1 << 32) * 10**9), "outside squashfs's range"),
         (Inode(Kind.CHAR, 0o600, 0, 0, 0, rdev=(1 << 12, 0)), "too large for squashfs"),
         (Inode(Kind.BLOCK, 0o600, 0, 0, 0, rdev=(8, 1 << 20)), "too large for squashfs"),
-        (Inode(Kind.FILE, 0o644, 0, 0, 0, xattrs={b"system.x": b"1"}), "stores only user."),
+        (Inode(Kind.FILE, 0o644, 0, 0, 0, xattrs={b"system.x": b"1"}), "holds only user."),
     ],
     ids=["mtime-before-1970", "mtime-after-2106", "major", "minor", "xattr-namespace"],
 )

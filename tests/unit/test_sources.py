@@ -336,14 +336,14 @@ def test_pax_xattrs_and_fractional_mtime(tmp_path: Path) -> None:
     ti = info("f")
     ti.pax_headers = {
         "SCHILY.xattr.user.one": "1",
-        "SCHILY.xattr.system.posix_acl_access": "dropped",
+        "SCHILY.xattr.system.posix_acl_access": "kept",  # the formats check (and refuse) it
         "LIBARCHIVE.xattr.user.two%3Dx": "AHR3bw",  # base64 of b"\x00two", unpadded; name "user.two=x"
         "mtime": "1600000000.123456789",
     }
     archive = write_tar(tmp_path / "x.tar", [(ti, b"f")])
     with run(SourceSpec(str(archive))) as c:
         f = entry(c, b"f")
-        assert f.xattrs == {b"user.one": b"1", b"user.two=x": b"\x00two"}
+        assert f.xattrs == {b"system.posix_acl_access": b"kept", b"user.one": b"1", b"user.two=x": b"\x00two"}
         assert f.mtime_ns == 1_600_000_000_123_456_789
 
 
