@@ -167,7 +167,14 @@ def mtimes() -> st.SearchStrategy[int]:
 def names(draw: st.DrawFn) -> bytes:
     if draw(st.integers(0, 15)) == 0:  # now and then a long one (the limit is 255)
         return draw(st.sampled_from([b"L", b"\xc3\xa9"])) * draw(st.integers(100, 127))
-    return b"".join(draw(st.lists(st.sampled_from(PIECES), min_size=1, max_size=4)))
+    # One to four pieces, drawn as one number (two draws, not nine: generation costs).
+    count = draw(st.integers(1, 4))
+    number = draw(st.integers(0, len(PIECES) ** count - 1))
+    pieces = []
+    for _ in range(count):
+        number, digit = divmod(number, len(PIECES))
+        pieces.append(PIECES[digit])
+    return b"".join(pieces)
 
 
 @st.composite
@@ -206,16 +213,13 @@ def trees(draw: st.DrawFn, block: int) -> TreeModel:
     kinds = st.sampled_from(["random", "text", "zeros", "mixed", "tail"])
     pool: list[Content] = []  # contents drawn so far: a third of the files reuse one
     files: list[Entry] = []
-    # Mostly a handful of files; one tree in four has enough files (4K blocks: 60 to 160) to fill more
-    # fragment blocks than are kept in flight (what fe833c8's bug needed: > 2 x jobs
-    # batches of 8), with data blocks after them.
-    many = draw(st.integers(0, 3)) == 0
-    many_files = st.integers(60, 160) if block <= 4096 else st.integers(15, 30)
-    for _ in range(draw(many_files if many else st.integers(0, 14))):
+    for _ in range(draw(st.integers(0, 14))):
         body: Content | Sparse
         if draw(st.integers(0, 6)) == 0:
-            unit = draw(st.sampled_from(sorted({4096, block})))
-            units = draw(st.integers(1, min(12, 3 * block // unit + 1)))
+            # Holes of a 4K block, of a squashfs block, and of a whole 1 MiB task
+            # (squashfs does not compress a task that lies in a hole at all).
+            unit = draw(st.sampled_from(sorted({4096, block, 1 << 20})))
+            units = draw(st.integers(1, 3 if unit == 1 << 20 else min(12, 3 * block // unit + 1)))
             layout = tuple(draw(st.lists(st.booleans(), min_size=units, max_size=units)))
             body = Sparse(draw(st.integers(0, 99)), unit, layout, draw(st.sampled_from([0, 0, 1, 100])))
         elif pool and draw(st.integers(0, 2)) == 0:  # a duplicate of an earlier content
@@ -228,6 +232,16 @@ def trees(draw: st.DrawFn, block: int) -> TreeModel:
         files.append(Entry("file", paths, draw(st.sampled_from(FILE_MODES)), draw(mtimes()), body,
                            xattrs=draw(xattr_sets())))  # fmt: skip
     entries += files
+    # With 4K blocks, one tree in four gets many more files, drawn cheaply (a size
+    # each): enough tails to fill more fragment blocks than are kept in flight, with
+    # data blocks after them (fe833c8's bug needed > 2 x jobs batches of 8 blocks).
+    if block <= 4096 and draw(st.integers(0, 3)) == 0:
+        for i, size in enumerate(draw(st.lists(sizes(block), min_size=50, max_size=120))):
+            path = dirs[i % len(dirs)] + b"/" if dirs[i % len(dirs)] else b""
+            path += PIECES[i % len(PIECES)] + b"%d" % i
+            if path not in used:
+                used.add(path)
+                entries.append(Entry("file", [path], 0o644, EPOCH, Content("random", 1000 + i, size)))
 
     for _ in range(draw(st.integers(0, 3))):
         known = [p for e in entries for p in e.paths]
@@ -244,9 +258,11 @@ def trees(draw: st.DrawFn, block: int) -> TreeModel:
         entries.append(Entry("fifo", [new_path(draw(st.sampled_from(dirs)))],
                              draw(st.sampled_from([0o644, 0o600])), draw(mtimes())))  # fmt: skip
 
-    count = sum(len(e.paths) for e in entries)
-    order = draw(st.permutations(range(count)))
-    return TreeModel(block, entries, list(order), draw(st.sampled_from(DIR_MODES)), draw(mtimes()))
+    # The second creation order: a shuffle from one drawn seed (st.permutations costs
+    # a draw per element).
+    order = list(range(sum(len(e.paths) for e in entries)))
+    random.Random(draw(st.integers(0, 2**32 - 1))).shuffle(order)
+    return TreeModel(block, entries, order, draw(st.sampled_from(DIR_MODES)), draw(mtimes()))
 
 
 # -- putting a model on disk ------------------------------------------------------------
