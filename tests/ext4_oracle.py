@@ -43,9 +43,11 @@ def _debugfs(image: Path, commands: list[str], workdir: Path) -> list[tuple[str,
     """Run commands in one debugfs session; (command, its output) for each."""
     tool = require_tool("debugfs")
     script = workdir / "debugfs-commands"
-    script.write_text("".join(c + "\n" for c in commands))
+    # Names are bytes, not always UTF-8: they pass through as surrogate escapes, as in
+    # os.fsdecode, so that paths compare with oracles.snapshot()'s.
+    script.write_bytes("".join(c + "\n" for c in commands).encode("utf-8", "surrogateescape"))
     proc = subprocess.run(
-        [tool, "-f", str(script), str(image)], capture_output=True, text=True, errors="replace"
+        [tool, "-f", str(script), str(image)], capture_output=True, text=True, errors="surrogateescape"
     )
     assert proc.returncode == 0, proc.stderr
     chunks = re.split(r"^debugfs: ", proc.stdout, flags=re.M)[1:]
@@ -84,24 +86,52 @@ def _list_paths(image: Path, workdir: Path) -> list[str]:
     return paths
 
 
-def _xattrs(body: str) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
+def _xattrs(body: str) -> dict[str, bytes | None]:
+    """The xattrs `stat` shows.  debugfs prints a name that is not ASCII as hex bytes,
+    and leaves out values longer than a few dozen bytes: those are None here (to be
+    read with `ea_get`, see _fill_long_values)."""
+    found: dict[str, bytes | None] = {}
     lines = body.split("Extended attributes:\n", 1)
     if len(lines) < 2:
         return found
     for line in lines[1].splitlines():
-        m = re.match(r"^  (\S+) \((\d+)\)(?: = (.*))?$", line)
+        m = re.match(r"^  (\S+|(?:[0-9a-f]{2} )+) \((\d+)\)(?: = (.*))?$", line)
         if not m:
             break
-        name, size, value = m.group(1), int(m.group(2)), m.group(3) or ""
-        if value.startswith('"'):
+        name, size, value = m.group(1), int(m.group(2)), m.group(3)
+        if name.endswith(" "):  # hex bytes
+            name = bytes.fromhex(name).decode("utf-8", "surrogateescape")
+        raw: bytes | None
+        if value is None:
+            raw = None if size else b""
+        elif value.startswith('"'):
             raw = value[1:-1].encode("latin-1")
         else:
             raw = bytes.fromhex(value.replace(" ", ""))
-        assert len(raw) == size, f"{name}: {value!r}"
+        assert raw is None or len(raw) == size, f"{name}: {value!r}"
         if not name.startswith("system."):
             found[name] = raw
     return dict(sorted(found.items()))
+
+
+def _fill_long_values(image: Path, items: dict[str, list[object]], workdir: Path) -> None:
+    """Read the values `stat` left out (None) with `ea_get -f FILE`, in one session."""
+    wanted = [
+        (path, xattrs, name)
+        for path, item in items.items()
+        if isinstance(xattrs := item[-1], dict)
+        for name, value in xattrs.items()
+        if value is None
+    ]
+    if not wanted:
+        return
+    commands = []
+    for i, (path, _, name) in enumerate(wanted):
+        out = _quote(str(workdir / f"xattr-{i}"))
+        commands.append(f"ea_get -f {out} {_quote('/' + path)} {_quote(name)}")
+    _debugfs(image, commands, workdir)
+    for i, (_, xattrs, name) in enumerate(wanted):
+        xattrs[name] = (workdir / f"xattr-{i}").read_bytes()
 
 
 def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[str, tuple[object, ...]]:
@@ -137,6 +167,7 @@ def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[s
         if kind != stat.S_IFLNK:
             item.append(_xattrs(body))
         parsed[path] = item
+    _fill_long_values(image, parsed, workdir)
     return {
         path: tuple(
             ("group", min(inode_paths[x[1]])) if isinstance(x, tuple) and x[0] == "group" else x for x in item

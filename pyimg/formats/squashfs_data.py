@@ -48,7 +48,6 @@ BATCH_FILES = 256  # small files per task, at most
 FRAGMENT_BATCH = 8  # full fragment blocks compressed together
 FRAGMENT_IN_FLIGHT = 4  # batches in flight before the oldest is written: a constant, never
 # scaled by `jobs` (where fragment blocks land among data blocks must not follow the thread count)
-TINY = 64  # a block that compresses below this may be all zeros: only then compare
 
 
 @dataclass(slots=True)
@@ -173,6 +172,12 @@ class DataStream:
         self.compressors = PerThread(spec)
         self.claims = _Claims()
         self.zero_block = bytes(self.block_size)
+        # A full block of zeros compresses to exactly this many bytes (the compressor is
+        # deterministic), so only a block that compresses as small needs comparing with
+        # zeros.  It is not a constant: zstd makes ~20 bytes of 128 KiB of zeros, gzip
+        # and xz ~150, and a zero block must become a hole whichever compressor is used
+        # -- as it does when it lies in a hole of the source and is never compressed.
+        self.zero_packed_size = len(self.compressors.get().compress(self.zero_block))
         self.bytes_stored = 0
         self.fragment_table: list[tuple[int, int]] = []
 
@@ -337,7 +342,9 @@ class DataStream:
             block = view[i * bs : (i + 1) * bs]
             raw_sizes.append(len(block))
             packed = compressor.compress(block)
-            if len(packed) < TINY and block == self.zero_block[: len(block)]:
+            # A short last block (no fragments) is compared whatever its size.
+            small = len(packed) <= self.zero_packed_size or len(block) < bs
+            if small and block == self.zero_block[: len(block)]:
                 blocks.append(None)  # all zeros: a hole
             elif len(packed) < len(block):
                 blocks.append(packed)

@@ -1,0 +1,21 @@
+"""Hypothesis profiles for the property tests (tests/test_properties.py).
+
+- `ci` (the default, and what CI runs): derandomized, so every run draws the same
+  examples and a failure reproduces; 200 examples per property and format.
+- `long`: 5000 fresh random examples per property and format, for a run by hand
+  (docs/determinism.md):  HYPOTHESIS_PROFILE=long python3 -m pytest tests/test_properties.py
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# A build is ~5-50 ms and an example runs several: per-example deadlines and the
+# "too slow" health check would only report the machine's load, never a bug.
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+
+settings.register_profile("ci", derandomize=True, max_examples=200, database=None, print_blob=True, **_COMMON)
+settings.register_profile("long", max_examples=5000, print_blob=True, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
