@@ -32,13 +32,15 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import pyimg
+import pyimg.formats
 
 from .ext4_oracle import snapshot_image
 from .oracles import assert_same_tree, can_xattr, snapshot, unsquashfs_extract
 
-# Every format pyimg writes.  A new format added here is covered by both properties;
-# FORMAT_OPTIONS may give it options to draw, else it is built with its defaults.
-FORMATS = ["squashfs", "ext4"]
+# Every format pyimg writes (the registry): a new format is covered by both properties
+# (the oracle property fails until it has an oracle); FORMAT_OPTIONS may give it
+# options to draw, else it is built with its defaults.
+FORMATS = list(pyimg.formats.FORMATS)
 JOBS = (1, 2, 3, 4, 8)
 EPOCH = 1_700_000_000  # mtimes are drawn around it, so clamping to it matters
 
