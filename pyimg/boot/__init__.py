@@ -1,0 +1,1 @@
+"""pyimg boot: QEMU-side tests."""
