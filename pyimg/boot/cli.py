@@ -112,6 +112,10 @@ def boot_command(
     port: Annotated[
         int | None, typer.Option("--port", help="The guest port serving --health (forwarded from 127.0.0.1).")
     ] = None,
+    health_timeout: Annotated[
+        float | None,
+        typer.Option("--health-timeout", help="Seconds for the health check after the line (default: the rest)."),
+    ] = None,
     host_port: Annotated[
         int | None, typer.Option("--host-port", help="Host port for --port (default: a free one).")
     ] = None,
@@ -144,6 +148,7 @@ def boot_command(
             health=health,
             port=port,
             host_port=host_port,
+            health_timeout=health_timeout,
             config=config,
             config_file=config_file,
             timeout=timeout,

@@ -56,6 +56,7 @@ class BootOptions:
     drive: str = "virtio"  # virtio or nvme
     health: str | None = None  # URL path, e.g. /health
     port: int | None = None  # the guest's TCP port that serves `health`
+    health_timeout: float | None = None  # seconds after the line (default: what is left of timeout)
     host_port: int | None = None  # preferred host port (another is picked if busy)
     forwards: tuple[q.Forward, ...] = ()  # more forwards (run)
     config: tuple[tuple[str, str], ...] = ()  # KEY=VALUE for /run/pyimg/config/KEY
@@ -87,6 +88,7 @@ class BootResult:
     marker_line: str | None
     health_url: str | None  # http://127.0.0.1:PORT/PATH as the host reached it
     health_status: int | None
+    health_body: str | None  # the start of the 2xx answer (up to 4 KiB, as text)
     host_port: int | None
     guest_port: int | None
     qemu_pid: int | None
@@ -265,6 +267,8 @@ def _check_inputs(options: BootOptions) -> re.Pattern[str]:
     for port in (options.port, options.host_port):
         if port is not None and not 1 <= port <= 65535:
             raise BootError(f"port {port} is not in 1..65535")
+    if options.health_timeout is not None and options.health_timeout <= 0:
+        raise BootError("--health-timeout must be positive")
     if options.timeout <= 0:
         raise BootError("--timeout must be positive")
     if options.memory < 64:
@@ -344,6 +348,7 @@ def boot(options: BootOptions, progress: Progress | None = None) -> BootResult:
             "marker_line": None,
             "health_url": None,
             "health_status": None,
+            "health_body": None,
             "host_port": None,
             "guest_port": options.port,
             "qemu_pid": None,
@@ -440,6 +445,8 @@ def _watch(
     url = f"http://127.0.0.1:{forward.host}{options.health}"
     fields.update(health_url=url, host_port=forward.host)
     say(f"health check {url}")
+    if options.health_timeout is not None:
+        deadline = min(deadline, time.monotonic() + options.health_timeout)
     ok, last = q.wait_healthy(vm, forward.host, options.health, deadline)
     if ok is not None:
         return {
@@ -448,6 +455,7 @@ def _watch(
             "message": f"matched {marker!r}; GET {options.health} answered {ok.detail}",
             "seconds_to_health": time.monotonic() - vm.started,
             "health_status": ok.status,
+            "health_body": ok.body[:4096].decode("utf-8", "replace"),
             **fields,
         }
     rc = vm.poll()
