@@ -269,6 +269,10 @@ def _check_inputs(options: BootOptions) -> re.Pattern[str]:
             raise BootError(f"port {port} is not in 1..65535")
     if options.health_timeout is not None and options.health_timeout <= 0:
         raise BootError("--health-timeout must be positive")
+    if options.drive not in ("virtio", "nvme"):
+        raise BootError(f"unknown drive {options.drive!r} (choose virtio or nvme)")
+    if options.accel not in ("auto", "kvm", "tcg"):
+        raise BootError(f"unknown accelerator {options.accel!r} (choose auto, kvm or tcg)")
     if options.timeout <= 0:
         raise BootError("--timeout must be positive")
     if options.memory < 64:
