@@ -21,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Build reproducible, deduplicated filesystem images (squashfs, ext4) without root.",
 )
-__import__("pyimg.boot.cli").boot.cli.register(app)  # qemu branch: `pyimg boot`, `pyimg run`
+__import__("pyimg.boot.boot_cli").boot.boot_cli.register(app)  # qemu branch: `pyimg boot`, `pyimg run`
 
 
 def _fail(exc: PyImgError) -> NoReturn:

@@ -1,1 +1,0 @@
-"""pyimg boot: QEMU-side tests."""

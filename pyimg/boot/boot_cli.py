@@ -1,5 +1,5 @@
 """`pyimg boot` and `pyimg run` (typer).  The lead mounts them with `register(app)`;
-`python -m pyimg.boot.cli boot ...` works on its own too.
+`python -m pyimg.boot.boot_cli boot ...` works on its own too.
 
 Only this module prints: a progress line on a terminal, the result (or `--json`), the
 console's tail on a failure.  Exit codes: 0 passed; 10 the guest booted but failed
