@@ -55,3 +55,12 @@ def _show_path(path: str | bytes | os.PathLike[str]) -> str:
     if isinstance(path, bytes):
         return path.decode("utf-8", "backslashreplace")
     return os.fspath(path)
+
+
+class BootError(PyImgError):
+    """Boot pieces (pyimg/boot/) refused their input: a missing or wrong kernel, a
+    module tree or module that is missing or whose dependencies cannot be resolved,
+    a root format the initramfs cannot mount, an invalid config key, a failed
+    kernel fetch.  Exit code 9 (7 and 8 are taken by other branches' errors)."""
+
+    exit_code = 9
