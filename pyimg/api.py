@@ -38,6 +38,10 @@ def writer_for(options: BuildOptions) -> FormatWriter:
         from .formats.ext4 import Ext4Writer
 
         return Ext4Writer(options)
+    if options.format == "cpio":  # cpio: until the registry
+        from .formats.cpio import CpioWriter  # cpio: until the registry
+
+        return CpioWriter(options)  # cpio: until the registry
     raise SpecError(f"unknown format {options.format!r} (choose squashfs or ext4)")
 
 

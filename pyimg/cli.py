@@ -83,11 +83,13 @@ def build_command(
         ),
     ] = None,
     output: Annotated[str | None, typer.Option("-o", "--output", help="The image file to write.")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="squashfs (default) or ext4.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="squashfs (default), ext4 or cpio.")] = None,
     compression: Annotated[
         str | None,
         typer.Option(
-            "--compression", help="squashfs: zstd[:LEVEL] (default zstd:3), gzip[:LEVEL], xz[:LEVEL]."
+            "--compression",
+            help="squashfs: zstd[:LEVEL] (default zstd:3), gzip[:LEVEL], xz[:LEVEL]; "
+            "cpio: none (default), gzip[:LEVEL], zstd[:LEVEL].",  # cpio: until the registry
         ),
     ] = None,
     block_size: Annotated[

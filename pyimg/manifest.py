@@ -145,6 +145,9 @@ def options_record(options: BuildOptions) -> dict[str, Any]:
             "fragments": sq.fragments,
             "dedup": sq.dedup,
         }
+    elif options.format == "cpio":  # cpio: until the registry
+        cpio = options.cpio  # cpio: until the registry
+        record["cpio"] = {"compression": cpio.compression, "level": cpio.level}  # cpio: until the registry
     else:
         e = options.ext4
         record["ext4"] = {

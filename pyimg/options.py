@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .formats.cpio import CpioOptions  # cpio: until the registry
 
 SourceKind = Literal["auto", "dir", "tar", "file"]
 OwnerPolicy = str  # "auto" | "preserve" | "root" | "UID:GID"
@@ -77,13 +80,20 @@ class Ext4Options:
     label: str = ""
 
 
+def _cpio_options() -> CpioOptions:  # cpio: until the registry
+    from .formats.cpio import CpioOptions  # cpio: until the registry (imported late: no cycle)
+
+    return CpioOptions()  # cpio: until the registry
+
+
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
     sources: tuple[SourceSpec, ...]
     output: str
-    format: Literal["squashfs", "ext4"] = "squashfs"
+    format: Literal["squashfs", "ext4", "cpio"] = "squashfs"  # cpio: until the registry
     jobs: int = field(default_factory=default_jobs)
     policy: Policy = Policy()
     squashfs: SquashfsOptions = SquashfsOptions()
     ext4: Ext4Options = Ext4Options()
+    cpio: CpioOptions = field(default_factory=_cpio_options)  # cpio: until the registry
     manifest: str | None = None

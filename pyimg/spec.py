@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, cast
 
 from .errors import SourceError, SpecError
+from .formats.cpio import CpioOptions, parse_cpio_compression  # cpio: until the registry
 from .options import BuildOptions, Ext4Options, Policy, SourceSpec, SquashfsOptions
 from .tree import normalize_path
 
@@ -34,6 +35,7 @@ MAX_BLOCK_SIZE = 1024 * 1024
 EXT4_LABEL_MAX = 16  # bytes, s_volume_name
 
 _TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy", "squashfs", "ext4"}
+_TOP_KEYS.add("cpio")  # cpio: until the registry
 _SOURCE_KEYS = {"path", "kind", "dest", "mode", "uid", "gid"}
 _POLICY_KEYS = {"owner", "uid_map", "gid_map", "epoch", "exclude"}
 _SQUASHFS_KEYS = {"compression", "block_size", "fragments", "dedup"}
@@ -222,6 +224,8 @@ def _options_from_spec(spec: Mapping[str, Any], base_dir: str) -> BuildOptions:
     fields["policy"] = _policy(_table(spec.get("policy", {}), "policy"))
     fields["squashfs"] = _squashfs(_table(spec.get("squashfs", {}), "squashfs"))
     fields["ext4"] = _ext4(_table(spec.get("ext4", {}), "ext4"))
+    if "cpio" in spec:  # cpio: until the registry
+        fields["cpio"] = _cpio(_table(spec["cpio"], "cpio"))  # cpio: until the registry
     fields.setdefault("output", "")
     return BuildOptions(**fields)
 
@@ -299,6 +303,12 @@ def _ext4(table: Mapping[str, Any]) -> Ext4Options:
     return Ext4Options(**fields)
 
 
+def _cpio(table: Mapping[str, Any]) -> CpioOptions:  # cpio: until the registry
+    _check_keys(table, {"compression"}, "cpio")  # cpio: until the registry
+    text = _typed(table.get("compression", "none"), str, "cpio.compression")  # cpio: until the registry
+    return parse_cpio_compression(text)  # cpio: until the registry
+
+
 # ----------------------------------------------------------------------------- CLI over spec
 
 
@@ -364,7 +374,9 @@ def merge_options(
         policy = dataclasses.replace(policy, epoch=epoch)
     if excludes is not None:
         policy = dataclasses.replace(policy, excludes=policy.excludes + _excludes(excludes, "exclude"))
-    if compression is not None:
+    if compression is not None and top.get("format", base.format) == "cpio":  # cpio: until the registry
+        top["cpio"] = parse_cpio_compression(compression, "compression")  # cpio: until the registry
+    elif compression is not None:
         name, level = parse_compression(compression, "compression")
         sqfs = dataclasses.replace(sqfs, compression=name, level=level)
     if block_size is not None:
@@ -446,9 +458,10 @@ def _path(value: object, base_dir: str, key: str) -> str:
     return os.path.join(base_dir, text)  # an absolute path stays as it is
 
 
-def _format(value: object, key: str) -> Literal["squashfs", "ext4"]:
-    if value not in ("squashfs", "ext4"):
-        raise SpecError(f'{key}: expected "squashfs" or "ext4", got {value!r}')
+def _format(value: object, key: str) -> Literal["squashfs", "ext4", "cpio"]:  # cpio: until the registry
+    if value not in ("squashfs", "ext4", "cpio"):  # cpio: until the registry
+        formats = '"squashfs", "ext4" or "cpio"'  # cpio: until the registry
+        raise SpecError(f"{key}: expected {formats}, got {value!r}")
     return value
 
 
