@@ -21,7 +21,16 @@ import typer
 
 from ..errors import PyImgError
 from . import qemu as q
-from .run import DEFAULT_INIT, DEFAULT_MEMORY, DEFAULT_TIMEOUT, BootOptions, BootResult, boot, parse_config, run
+from .run import (
+    DEFAULT_INIT,
+    DEFAULT_MEMORY,
+    DEFAULT_TIMEOUT,
+    BootOptions,
+    BootResult,
+    boot,
+    parse_config,
+    run,
+)
 
 BOOT_FAILED_EXIT = 10
 
@@ -71,7 +80,8 @@ def _options(**given: Any) -> BootOptions:
 
 
 KernelOpt = Annotated[
-    str, typer.Option("--kernel", help="The kernel (vmlinuz), e.g. from `pyimg kernel fetch`.")
+    str,
+    typer.Option("--kernel", help="The kernel (vmlinuz); default: the one `pyimg kernel fetch` cached last."),
 ]
 InitrdOpt = Annotated[
     str,
@@ -98,10 +108,10 @@ CpusOpt = Annotated[int, typer.Option("--cpus", min=1, help="Guest CPUs.")]
 
 def boot_command(
     image: Annotated[str, typer.Argument(help="The image (squashfs or ext4); never modified.")],
-    kernel: KernelOpt,
     expect: Annotated[
         str, typer.Option("--expect", help="Regex: the console line that says the guest is up.")
     ],
+    kernel: KernelOpt = "",
     initrd: InitrdOpt = "auto",
     modules: ModulesOpt = None,
     append: AppendOpt = "",
@@ -114,7 +124,9 @@ def boot_command(
     ] = None,
     health_timeout: Annotated[
         float | None,
-        typer.Option("--health-timeout", help="Seconds for the health check after the line (default: the rest)."),
+        typer.Option(
+            "--health-timeout", help="Seconds for the health check after the line (default: the rest)."
+        ),
     ] = None,
     host_port: Annotated[
         int | None, typer.Option("--host-port", help="Host port for --port (default: a free one).")
@@ -202,10 +214,12 @@ def _report(result: BootResult, json_out: bool, quiet: bool) -> None:
 
 def run_command(
     image: Annotated[str, typer.Argument(help="The image (squashfs or ext4); never modified.")],
-    kernel: KernelOpt,
+    kernel: KernelOpt = "",
     forward: Annotated[
         list[str] | None,
-        typer.Option("--forward", help="HOST:GUEST TCP port on 127.0.0.1 (HOST 0: any free one; repeatable)."),
+        typer.Option(
+            "--forward", help="HOST:GUEST TCP port on 127.0.0.1 (HOST 0: any free one; repeatable)."
+        ),
     ] = None,
     initrd: InitrdOpt = "auto",
     modules: ModulesOpt = None,

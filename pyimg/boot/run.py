@@ -30,13 +30,13 @@ from . import qemu as q
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MEMORY = 512
 DEFAULT_INIT = "/sbin/init"
-CONFIG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 # Reason codes of a BootResult (docs/boot.md, "The JSON record").
 PASSED = "passed"
 TIMEOUT = "timeout"  # no line matched within the timeout
 PANIC = "panic"  # a kernel panic other than init's death
 INIT_FAILED = "init-failed"  # PID 1 exited (status in the message)
+INITRAMFS_FAILED = "initramfs-failed"  # pyimg's initramfs could not mount or switch to the root
 STOPPED = "stopped"  # the guest powered off / QEMU exited 0 before the line
 QEMU_FAILED = "qemu-failed"  # QEMU exited non-zero before the line (its stderr in the message)
 HEALTH_FAILED = "health-failed"  # the line came, the health check never answered 2xx
@@ -46,7 +46,7 @@ INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
 @dataclass(frozen=True)
 class BootOptions:
     image: str
-    kernel: str
+    kernel: str  # a bzImage; "" = the newest kernel `pyimg kernel fetch` put in the cache
     expect: str  # a regular expression (Python re) searched in each console line
     initrd: str = "auto"  # auto (pyimg's boot initramfs), none, or a file used as is
     modules: str | None = None  # the kernel's module tree (default: beside the kernel)
@@ -112,36 +112,6 @@ Progress = Callable[[str], None]
 """Called with a short stage text ("booting (tcg)", "waiting for health", ...)."""
 
 
-def parse_config(pairs: Sequence[str], files: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
-    """KEY=VALUE texts and files of KEY=VALUE lines (# comments) → ordered pairs, later wins."""
-    out: dict[str, str] = {}
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError as exc:
-            raise BootError(f"cannot read the config file: {exc.strerror}", path) from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            key, value = _split_config(line, f"{path}:{number}")
-            out[key] = value
-    for text in pairs:
-        key, value = _split_config(text, "--config")
-        out[key] = value
-    return tuple(out.items())
-
-
-def _split_config(text: str, where: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not CONFIG_KEY.fullmatch(key):
-        raise BootError(
-            f"{where}: {text!r} is not KEY=VALUE with KEY of letters, digits and _ (at most 64)"
-        )
-    return key, value
-
-
 def image_format(path: str) -> str:
     """squashfs or ext4, from the superblock's magic."""
     try:
@@ -186,67 +156,85 @@ def kernel_command_line(options: BootOptions, fmt: str) -> str:
     return " ".join(parts)
 
 
-def _newc(files: Sequence[tuple[str, int, bytes]]) -> bytes:
-    """A newc cpio of (path, mode, data) entries (directories have mode 0o040755)."""
-    out = bytearray()
-    ino = 1
-    for name, mode, data in [*files, ("TRAILER!!!", 0, b"")]:
-        encoded = name.encode() + b"\0"
-        nlink = 2 if mode & 0o040000 else 1
-        fields = [ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        out += b"070701" + b"".join(b"%08X" % v for v in fields) + encoded
-        out += b"\0" * (-len(out) % 4) + data + b"\0" * (-len(data) % 4)
-        ino += 1
-    out += b"\0" * (-len(out) % 512)
-    return bytes(out)
+def parse_config(pairs: Sequence[str], files: Sequence[str] = ()) -> tuple[tuple[str, str], ...]:
+    """--config-file FILEs then --config KEY=VALUEs (later wins), checked (pyimg.boot.config)."""
+    from .config import load_config
+
+    return tuple(load_config(pairs, files).items())
 
 
-def config_cpio(config: Sequence[tuple[str, str]]) -> bytes:
-    """The extra initrd that carries the boot config: run/pyimg/config/KEY files."""
-    files: list[tuple[str, int, bytes]] = [
-        ("run", 0o040755, b""),
-        ("run/pyimg", 0o040755, b""),
-        ("run/pyimg/config", 0o040755, b""),
-    ]
-    files += [(f"run/pyimg/config/{key}", 0o100644, value.encode()) for key, value in config]
-    return _newc(files)
+def modules_dir(options: BootOptions) -> str:
+    """The module tree for the boot initramfs: --modules, else the one beside the kernel."""
+    if options.modules is not None:
+        return options.modules
+    found = default_modules(options.kernel)
+    if found is None:
+        raise BootError(
+            "no module tree beside the kernel (ROOT/boot/vmlinuz-V -> ROOT/lib/modules/V): give --modules",
+            options.kernel,
+        )
+    return found
 
 
-def boot_initramfs(options: BootOptions, fmt: str) -> bytes:
-    """pyimg's boot initramfs for this image (loads the modules the root needs)."""
-    raise BootError("--initrd auto needs pyimg's boot initramfs builder, which is not in this build")
+def network_wanted(options: BootOptions) -> bool:
+    return options.port is not None or bool(options.forwards)
 
 
 @contextmanager
 def _initrd(options: BootOptions, fmt: str) -> Iterator[str | None]:
-    """The one initrd file QEMU gets: the boot initramfs, then the config cpio (4-byte aligned)."""
+    """The one initrd file QEMU gets: the boot initramfs (built, or --initrd FILE), then
+    the config archive, each padded to 4 bytes (pyimg.boot.config.append_initrds)."""
     if options.initrd == "none":
         if options.config:
             raise BootError("--config needs an initramfs to carry it (not --initrd none)")
         yield None
         return
-    if options.initrd == "auto":
-        base = boot_initramfs(options, fmt)
-    else:
-        try:
-            with open(options.initrd, "rb") as f:
-                base = f.read()
-        except OSError as exc:
-            raise BootError(f"cannot read the initrd: {exc.strerror}", options.initrd) from None
-        if not options.config:
-            yield options.initrd
-            return
+    if options.initrd != "auto" and not options.config:
+        if not os.path.isfile(options.initrd):
+            raise BootError("no such initrd file", options.initrd)
+        yield options.initrd
+        return
+    from .config import append_initrds, config_initrd
+
     tmp = tempfile.mkdtemp(prefix="pyimg-boot-")
     try:
+        parts: list[str | bytes] = []
+        if options.initrd == "auto":
+            from .initramfs import build_initramfs
+
+            base = os.path.join(tmp, "initramfs")
+            build_initramfs(
+                base,
+                modules_dir(options),
+                fmt,
+                root_device="nvme" if options.drive == "nvme" else "virtio-blk",
+                network=network_wanted(options),
+                kernel=options.kernel,
+            )
+            parts.append(base)
+        else:
+            if not os.path.isfile(options.initrd):
+                raise BootError("no such initrd file", options.initrd)
+            parts.append(options.initrd)
+        if options.config:
+            parts.append(config_initrd(dict(options.config)))
         path = os.path.join(tmp, "initrd")
-        with open(path, "wb") as f:
-            f.write(base)
-            if options.config:
-                f.write(b"\0" * (-len(base) % 4))
-                f.write(config_cpio(options.config))
+        append_initrds(path, parts)
         yield path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_kernel(options: BootOptions) -> BootOptions:
+    """With no kernel given: the one `pyimg kernel fetch` cached last (and its modules)."""
+    if options.kernel:
+        return options
+    from .kernel import fetch_kernel
+
+    files = fetch_kernel("cloud", offline=True)
+    return dataclasses.replace(
+        options, kernel=str(files.vmlinuz), modules=options.modules or str(files.modules)
+    )
 
 
 def _check_inputs(options: BootOptions) -> re.Pattern[str]:
@@ -299,7 +287,14 @@ def _health_forward(options: BootOptions, avoid: set[int]) -> tuple[q.Forward | 
     return q.Forward(port, options.port), note
 
 
+_INITRAMFS_ERROR = re.compile(r"pyimg-initramfs: error: (.*)")
+
+
 def _classify(vm: q.Qemu, console: q.Console, pattern: re.Pattern[str], timed_out: bool) -> tuple[str, str]:
+    for line in console.tail:
+        m = _INITRAMFS_ERROR.search(line)
+        if m:
+            return INITRAMFS_FAILED, f"the boot initramfs failed: {m.group(1).strip()}"
     if console.panic is not None:
         m = re.search(r"Attempted to kill init! exitcode=(0x[0-9a-fA-F]+)", console.panic)
         if m:
@@ -323,6 +318,7 @@ def boot(options: BootOptions, progress: Progress | None = None) -> BootResult:
     started = time.monotonic()
     deadline = started + options.timeout
     say = progress or (lambda _text: None)
+    options = resolve_kernel(options)
     pattern = _check_inputs(options)
     binary = q.find_qemu()
     fmt = image_format(options.image)
@@ -466,8 +462,13 @@ def _watch(
     if rc is not None or console.panic is not None:
         vm.wait(2.0)
         reason, message = _classify(vm, console, pattern, False)
-        return {"passed": False, "reason": reason, "message": message + " (after the line)", **fields,
-                "qemu_exit": vm.poll()}
+        return {
+            "passed": False,
+            "reason": reason,
+            "message": message + " (after the line)",
+            **fields,
+            "qemu_exit": vm.poll(),
+        }
     detail = last.detail if last is not None else "no answer"
     return {
         "passed": False,
@@ -483,6 +484,7 @@ def run(options: BootOptions, on_start: Callable[[q.Qemu], None] | None = None) 
     """The interactive form: boot with the terminal as the console and the forwards
     (`options.forwards`, host port 0 = any free one), until the guest stops or the
     user quits QEMU (Ctrl-A x).  Returns QEMU's exit status; QEMU never outlives it."""
+    options = resolve_kernel(options)
     for what, path in (("image", options.image), ("kernel", options.kernel)):
         if not os.path.isfile(path):
             raise BootError(f"no such {what} file", path)

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 import pyimg
+from pyimg.boot.kernel import KernelFiles as Kernel
 from pyimg.boot.run import BootOptions, boot
-from tests.boot.conftest import Kernel, assert_gone
+from tests.boot.qemu_support import assert_gone, kernel
+
+__all__ = ["kernel"]  # fixtures
 from tests.oracles import IN_CI, require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,9 +43,7 @@ def debian_tar() -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["ext4", "squashfs"])
-def test_debian_boots_to_multi_user(
-    tmp_path: Path, debian_tar: Path, kernel: Kernel, initrd: Path, fmt: str
-) -> None:
+def test_debian_boots_to_multi_user(tmp_path: Path, debian_tar: Path, kernel: Kernel, fmt: str) -> None:
     image = tmp_path / f"debian.{fmt}"
     pyimg.build(
         [str(debian_tar), str(REPO / "examples" / "debian" / "overlay")],
@@ -56,7 +57,6 @@ def test_debian_boots_to_multi_user(
         BootOptions(
             image=str(image),
             kernel=str(kernel.vmlinuz),
-            initrd=str(initrd),
             init="/lib/systemd/systemd",
             expect=MULTI_USER,
             config=(("GREETING", f"hello-{fmt}"),),
