@@ -18,3 +18,13 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 $PY -m pip install -q --no-build-isolation cffi setuptools wheel
 $PY -m pip install -q --no-build-isolation -e '.[test]'
+
+# Booting (pyimg boot, tests/boot): QEMU without its ~0.5 GB of recommends, busybox-static
+# and cpio for the initramfs, mmdebstrap for the Debian root of the boot tests.
+boot_pkgs=(qemu-system-x86 busybox-static cpio mmdebstrap)
+missing=()
+for p in "${boot_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

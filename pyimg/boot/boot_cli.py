@@ -81,7 +81,7 @@ def _options(**given: Any) -> BootOptions:
 
 KernelOpt = Annotated[
     str,
-    typer.Option("--kernel", help="The kernel (vmlinuz); default: the one `pyimg kernel fetch` cached last."),
+    typer.Option("--kernel", help="The kernel (vmlinuz); default: the one `pyimg kernel fetch` cached last (fetched now if none)."),
 ]
 InitrdOpt = Annotated[
     str,

@@ -226,12 +226,16 @@ def _initrd(options: BootOptions, fmt: str) -> Iterator[str | None]:
 
 
 def resolve_kernel(options: BootOptions) -> BootOptions:
-    """With no kernel given: the one `pyimg kernel fetch` cached last (and its modules)."""
+    """With no kernel given: the one `pyimg kernel fetch` cached last (and its modules),
+    else Debian's cloud kernel fetched into the cache now (apt-get download + dpkg -x)."""
     if options.kernel:
         return options
     from .kernel import fetch_kernel
 
-    files = fetch_kernel("cloud", offline=True)
+    try:
+        files = fetch_kernel("cloud", offline=True)
+    except BootError:
+        files = fetch_kernel("cloud")
     return dataclasses.replace(
         options, kernel=str(files.vmlinuz), modules=options.modules or str(files.modules)
     )
