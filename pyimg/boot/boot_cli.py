@@ -81,7 +81,10 @@ def _options(**given: Any) -> BootOptions:
 
 KernelOpt = Annotated[
     str,
-    typer.Option("--kernel", help="The kernel (vmlinuz); default: the one `pyimg kernel fetch` cached last (fetched now if none)."),
+    typer.Option(
+        "--kernel",
+        help="The kernel (vmlinuz); default: the one `pyimg kernel fetch` cached last (fetched now if none).",
+    ),
 ]
 InitrdOpt = Annotated[
     str,

@@ -354,6 +354,18 @@ class Qemu:
     def stderr(self, join: float = 0.0) -> str:
         return self._stderr.text(join) if self._stderr is not None else ""
 
+    def cpu_seconds(self) -> float | None:
+        """QEMU's CPU time so far (user + system, /proc/PID/stat): under TCG the guest's
+        own cost, whatever else the host runs (wall time is not, on a loaded machine)."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
 

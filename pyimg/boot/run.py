@@ -85,6 +85,8 @@ class BootResult:
     seconds_to_marker: float | None  # QEMU start -> the expected line
     seconds_to_health: float | None  # QEMU start -> health check passed
     seconds: float  # the whole call
+    qemu_cpu_to_marker: float | None  # QEMU's CPU seconds at the line (load-independent under TCG)
+    qemu_cpu_to_health: float | None
     marker_line: str | None
     health_url: str | None  # http://127.0.0.1:PORT/PATH as the host reached it
     health_status: int | None
@@ -102,7 +104,13 @@ class BootResult:
         out = dataclasses.asdict(self)
         out["config_keys"] = list(self.config_keys)
         out["console_tail"] = list(self.console_tail)
-        for key in ("seconds", "seconds_to_marker", "seconds_to_health"):
+        for key in (
+            "seconds",
+            "seconds_to_marker",
+            "seconds_to_health",
+            "qemu_cpu_to_marker",
+            "qemu_cpu_to_health",
+        ):
             if out[key] is not None:
                 out[key] = round(out[key], 3)
         return out
@@ -349,6 +357,8 @@ def boot(options: BootOptions, progress: Progress | None = None) -> BootResult:
             "seconds_to_marker": None,
             "seconds_to_health": None,
             "seconds": time.monotonic() - started,
+            "qemu_cpu_to_marker": None,
+            "qemu_cpu_to_health": None,
             "marker_line": None,
             "health_url": None,
             "health_status": None,
@@ -443,7 +453,12 @@ def _watch(
         }
     marker_at = time.monotonic() - vm.started
     marker = found[1]
-    fields: dict[str, Any] = {"seconds_to_marker": marker_at, "marker_line": marker, "qemu_exit": None}
+    fields: dict[str, Any] = {
+        "seconds_to_marker": marker_at,
+        "qemu_cpu_to_marker": vm.cpu_seconds(),
+        "marker_line": marker,
+        "qemu_exit": None,
+    }
     if options.health is None or forward is None:
         return {"passed": True, "reason": PASSED, "message": f"matched {marker!r}", **fields}
     url = f"http://127.0.0.1:{forward.host}{options.health}"
@@ -458,6 +473,7 @@ def _watch(
             "reason": PASSED,
             "message": f"matched {marker!r}; GET {options.health} answered {ok.detail}",
             "seconds_to_health": time.monotonic() - vm.started,
+            "qemu_cpu_to_health": vm.cpu_seconds(),
             "health_status": ok.status,
             "health_body": ok.body[:4096].decode("utf-8", "replace"),
             **fields,
@@ -504,30 +520,31 @@ def run(options: BootOptions, on_start: Callable[[q.Qemu], None] | None = None) 
         else:
             forwards.append(fwd)
     with _initrd(options, fmt) as initrd:
-        spec = q.QemuSpec(
-            kernel=options.kernel,
-            append=kernel_command_line(options, fmt),
-            initrd=initrd,
-            image=options.image,
-            drive=options.drive,
-            memory=options.memory,
-            cpus=options.cpus,
-            accel=accel,
-            forwards=tuple(forwards),
-        )
-        vm = q.Qemu(spec, interactive=True, qemu=binary)
-        with vm:
-            if on_start is not None:
-                on_start(vm)
-            rc = None
-            while rc is None:
-                rc = vm.wait(0.5)
-            if rc != 0 and accel == "kvm" and q.kvm_failed(vm.stderr(1.0)):
-                raise BootError(f"QEMU could not use KVM: {vm.stderr()}; try --accel tcg")
-            if rc != 0:
+        while True:
+            spec = q.QemuSpec(
+                kernel=options.kernel,
+                append=kernel_command_line(options, fmt),
+                initrd=initrd,
+                image=options.image,
+                drive=options.drive,
+                memory=options.memory,
+                cpus=options.cpus,
+                accel=accel,
+                forwards=tuple(forwards),
+            )
+            vm = q.Qemu(spec, interactive=True, qemu=binary)
+            with vm:
+                if on_start is not None:
+                    on_start(vm)
+                rc = None
+                while rc is None:
+                    rc = vm.wait(0.5)
                 err = vm.stderr(1.0)
-                if err:
-                    raise BootError(f"QEMU exited with status {rc}: {err}")
+            if rc != 0 and accel == "kvm" and q.kvm_failed(err):
+                accel = "tcg"  # KVM opened but QEMU cannot use it: as boot() does
+                continue
+            if rc != 0 and err:
+                raise BootError(f"QEMU exited with status {rc}: {err}")
             return rc
 
 

@@ -5,6 +5,7 @@ never outlives a boot (checked by pid); the image's digest never changes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -280,3 +281,44 @@ def test_bad_input_is_a_boot_error(tmp_path: Path, kernel: Kernel) -> None:
     config = tmp_path / "boot.conf"
     config.write_text("# comment\nA=1\n\nB=two words\n")
     assert boot_run.parse_config(["A=3"], [str(config)]) == (("A", "3"), ("B", "two words"))
+
+
+def test_run_is_interactive_forwards_and_quits(example_image: Path, kernel: Kernel) -> None:
+    """`pyimg run` on a terminal: the console is the terminal, the forward answers,
+    Ctrl-A x quits QEMU, and QEMU is gone when pyimg run returns."""
+    import pty
+    import re
+    import select
+    import urllib.request
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: pyimg run on the pty
+        os.environ["PYTHONPATH"] = str(REPO)
+        argv = [sys.executable, "-m", "pyimg.cli", "run", str(example_image), "--kernel", str(kernel.vmlinuz)]
+        os.execv(sys.executable, [*argv, "--forward", "0:80", "--config", "GREETING=tty"])
+    out = b""
+    qemu: list[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while b"example: ready" not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    break
+            qemu = qemu or _children(pid)
+        assert b"example: ready on port 80 (greeting: tty)" in out, out[-2000:]
+        port = int(re.search(rb"http://127\.0\.0\.1:(\d+)/ -> guest port 80", out).group(1))  # type: ignore[union-attr]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            assert json.loads(answer.read()) == {"status": "ok", "greeting": "tty"}
+        os.write(fd, b"\x01x")  # Ctrl-A x: QEMU's quit key
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert qemu
+    for p in qemu:
+        assert_gone(p)
