@@ -245,6 +245,11 @@ def version_command() -> None:
     typer.echo(__version__)
 
 
+from .boot.cli import register as _register_boot  # noqa: E402  # boot: until the lead mounts it
+
+_register_boot(app)  # boot: `pyimg initramfs`, `pyimg kernel fetch`; until the lead mounts it
+
+
 def _optional_values(argv: list[str]) -> list[str]:
     """`--journal` takes an optional value (`--journal` or `--journal=64M`), which
     the option parser cannot express: a bare `--journal` becomes `--journal=yes`."""

@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr)
+# boot: cpio (the cpio oracle), busybox-static (the initramfs's shell), kmod (modinfo,
+# the tests' oracle for module resolution), zstd and xz-utils (decompress and make
+# compressed modules and initramfs in tests), qemu-system-x86 (boot tests); apt and
+# dpkg (kernel fetch) are part of every Debian.
+pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr
+  cpio busybox-static kmod zstd xz-utils qemu-system-x86)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import blake3
 
-from ..errors import BootError
+from ..errors import BootError, SpecError
 from ..formats.cpio import CpioOptions, parse_cpio_compression
 from ..tree import Kind
 from .archive import ArchiveBuilder
@@ -104,9 +104,23 @@ def check_busybox(path: Path, data: bytes) -> None:
         raise BootError(
             "busybox is dynamically linked; the initramfs needs a static one (busybox-static)", path
         )
-    missing = [a for a in APPLETS if b"\0" + a.encode() + b"\0" not in data]
+    missing = [a for a in APPLETS if a not in busybox_applets(data)]
     if missing:
         raise BootError(f"busybox lacks the applets {', '.join(missing)}", path)
+
+
+def busybox_applets(data: bytes) -> set[str]:
+    """The applet names a busybox binary holds: its sorted, NUL-separated name table
+    starts with "[" and "[[" (one search instead of one per applet: 2 MB each)."""
+    start = data.find(b"\0[\0[[\0")
+    if start < 0:
+        return set()
+    names = set()
+    for raw in data[start + 1 : start + 1 + 16384].split(b"\0"):
+        if not raw or not all(33 <= c < 127 for c in raw):
+            break
+        names.add(raw.decode())
+    return names
 
 
 def _has_interpreter(data: bytes) -> bool:
@@ -170,7 +184,10 @@ def build_initramfs(
     the inputs (busybox, the modules, the options) and pyimg's version.
     """
     started = time.monotonic()
-    options = parse_cpio_compression(compression, "compression")
+    try:
+        options = parse_cpio_compression(compression, "compression")
+    except SpecError as exc:
+        raise BootError(exc.reason) from None
     requests = modules_for(root_fs, root_device, network, extra_modules)
     tree = ModuleTree.open(modules)
     resolution = tree.resolve(requests)

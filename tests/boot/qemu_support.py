@@ -10,25 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pyimg.boot.kernel import KernelFiles, fetch_kernel
-from pyimg.errors import BootError
-from tests.oracles import IN_CI, require_tool
+from pyimg.boot.kernel import KernelFiles
+from tests.oracles import require_tool
 
 
 @pytest.fixture(scope="session")
-def kernel() -> KernelFiles:
-    """Debian's cloud kernel: the cached one, else fetched (in CI never a skip)."""
+def kernel(debian_kernel: KernelFiles) -> KernelFiles:
+    """Debian's cloud kernel (conftest's debian_kernel: cached, else fetched; in CI never a
+    skip), and QEMU to boot it with."""
     require_tool("qemu-system-x86_64")
-    try:
-        return fetch_kernel("cloud", offline=True)
-    except BootError:
-        pass
-    try:
-        return fetch_kernel("cloud")
-    except BootError as exc:
-        if IN_CI:
-            pytest.fail(f"the Debian cloud kernel is required in CI: {exc}")
-        pytest.skip(f"no Debian kernel here: {exc}")
+    return debian_kernel
 
 
 def make_busybox_root(root: Path, init_script: str) -> Path:

@@ -42,9 +42,16 @@ class Entry:
 
 
 def parse_newc(raw: bytes) -> list[Entry]:
-    """Every entry up to the trailer; asserts the 4-byte alignment rules."""
+    """Every entry up to the trailer, which must end the bytes."""
+    entries, end = parse_newc_at(raw, 0)
+    assert end == len(raw), "bytes after the trailer"
+    return entries
+
+
+def parse_newc_at(raw: bytes, at: int) -> tuple[list[Entry], int]:
+    """The entries of the archive at offset `at` and where its trailer ends;
+    asserts the 4-byte alignment rules."""
     out: list[Entry] = []
-    at = 0
     while True:
         assert at % 4 == 0
         assert raw[at : at + 6] == b"070701", raw[at : at + 16]
@@ -64,8 +71,7 @@ def parse_newc(raw: bytes) -> list[Entry]:
         at += pad
         if entry.name == b"TRAILER!!!":
             assert size == 0
-            assert at == len(raw), "bytes after the trailer"
-            return out
+            return out, at
         out.append(entry)
 
 
