@@ -14,6 +14,7 @@ kernel, a bad option) is a `BootError`.  QEMU is killed on every path.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -188,6 +189,48 @@ def network_wanted(options: BootOptions) -> bool:
     return options.port is not None or bool(options.forwards)
 
 
+def cached_initramfs(options: BootOptions, fmt: str, tmp: str) -> str:
+    """pyimg's boot initramfs for this kernel, root format, drive and network, built once
+    and kept in the cache (~0.3 s saved a boot): it is reproducible, so its inputs are its
+    key (the kernel's and busybox's identity, the module tree, the init script, pyimg's
+    version).  Built into `tmp` when the cache cannot be written."""
+    from .. import __version__
+    from .initramfs import build_initramfs, find_busybox, init_script
+    from .kernel import cache_dir
+
+    modules = modules_dir(options)
+    busybox = find_busybox()
+    from . import archive, initramfs
+    from . import modules as modules_py
+
+    key_parts = [__version__, fmt, options.drive, str(network_wanted(options)), init_script().hex()]
+    for module in (initramfs, modules_py, archive):  # the builder's own code, for a development tree
+        with open(str(module.__file__), "rb") as f:
+            key_parts.append(hashlib.sha256(f.read()).hexdigest())
+    for path in (options.kernel, modules, str(busybox)):
+        st = os.stat(path)
+        key_parts += [os.path.realpath(path), str(st.st_size), str(st.st_mtime_ns)]
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:32]
+    cached = cache_dir() / "initramfs" / f"{key}.img"
+    if cached.is_file():
+        return str(cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        target = str(cached)
+    except OSError:
+        target = os.path.join(tmp, "initramfs")
+    build_initramfs(
+        target,
+        modules,
+        fmt,
+        root_device="nvme" if options.drive == "nvme" else "virtio-blk",
+        network=network_wanted(options),
+        kernel=options.kernel,
+        busybox=busybox,
+    )
+    return target
+
+
 @contextmanager
 def _initrd(options: BootOptions, fmt: str) -> Iterator[str | None]:
     """The one initrd file QEMU gets: the boot initramfs (built, or --initrd FILE), then
@@ -208,18 +251,7 @@ def _initrd(options: BootOptions, fmt: str) -> Iterator[str | None]:
     try:
         parts: list[str | bytes] = []
         if options.initrd == "auto":
-            from .initramfs import build_initramfs
-
-            base = os.path.join(tmp, "initramfs")
-            build_initramfs(
-                base,
-                modules_dir(options),
-                fmt,
-                root_device="nvme" if options.drive == "nvme" else "virtio-blk",
-                network=network_wanted(options),
-                kernel=options.kernel,
-            )
-            parts.append(base)
+            parts.append(cached_initramfs(options, fmt, tmp))
         else:
             if not os.path.isfile(options.initrd):
                 raise BootError("no such initrd file", options.initrd)
