@@ -264,6 +264,12 @@ class Console:
         self._thread.join(timeout)
 
 
+def _qemu_env() -> dict[str, str]:
+    """pyimg's environment without what was meant for pyimg itself: a sanitizer runtime
+    preloaded for the C core (scripts/sanitize.sh) has no business inside QEMU."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+
+
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -340,6 +346,7 @@ class Qemu:
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 preexec_fn=_set_pdeathsig,
+                env=_qemu_env(),
             )
         except OSError as exc:
             self._close_log()
