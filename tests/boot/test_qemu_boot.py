@@ -300,7 +300,7 @@ def test_run_is_interactive_forwards_and_quits(example_image: Path, kernel: Kern
     qemu: list[int] = []
     try:
         deadline = time.monotonic() + TIMEOUT
-        while b"example: ready" not in out and time.monotonic() < deadline:
+        while b"example: ready on port 80 (greeting: tty)" not in out and time.monotonic() < deadline:
             if select.select([fd], [], [], 0.5)[0]:
                 try:
                     out += os.read(fd, 65536)
