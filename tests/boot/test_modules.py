@@ -225,3 +225,26 @@ def test_modules_order_fast_path_and_what_it_does_not_list(tmp_path: Path) -> No
     (root / "updates/b.ko").write_bytes(fake_module("b", aliases=["newer"]))
     tree = ModuleTree.open(root)  # an updates/ directory: always walked, and it wins
     assert tree.module("b").path == root / "updates/b.ko"
+
+
+def test_alias_index_is_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import pyimg.boot.modules as modules
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    files = {f"kernel/m{i:03d}.ko": fake_module(f"m{i:03d}", aliases=[f"alias-{i}"]) for i in range(300)}
+    root = fake_tree(tmp_path, files)
+    assert ModuleTree.open(root).lookup("alias-7") == (["m007"], False)
+    assert len(list((tmp_path / "cache/pyimg/module-aliases").glob("*.json"))) == 1
+
+    def no_reading(path: Path) -> None:
+        raise AssertionError(f"read {path}: the cached index should have answered")
+
+    with monkeypatch.context() as m:
+        m.setattr(modules, "module_from_file", no_reading)
+        assert ModuleTree.open(root).lookup("alias-42") == (["m042"], False)
+    (root / "kernel/m042.ko").write_bytes(fake_module("m042", aliases=["renamed"]))
+    os.utime(root / "kernel/m042.ko", ns=(1, 1))
+    tree = ModuleTree.open(root)  # a changed module: the key changes, the index is rebuilt
+    assert tree.lookup("alias-42") == ([], False) and tree.lookup("renamed") == (["m042"], False)
