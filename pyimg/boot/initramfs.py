@@ -80,6 +80,26 @@ def modules_for(
     return list(dict.fromkeys(requests))
 
 
+def detect_root_fs(image: str | os.PathLike[str]) -> str:
+    """The root format of an image file, by its magic: "squashfs" ("hsqs" at 0) or
+    "ext4" (0xEF53 at 1080, the superblock's s_magic); a BootError naming what it is
+    otherwise (a cpio archive, a compressed file, something else)."""
+    path = Path(image)
+    try:
+        with path.open("rb") as f:
+            head = f.read(2048)
+    except OSError as exc:
+        raise BootError(f"cannot read the image: {exc.strerror}", path) from exc
+    if head[:4] == b"hsqs":
+        return "squashfs"
+    if head[1080:1082] == b"\x53\xef":
+        return "ext4"
+    what = "a cpio archive" if head[:6] in (b"070701", b"070702") else "not squashfs or ext4"
+    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
+        what = "a compressed file"
+    raise BootError(f"the initramfs cannot mount this image: {what} (it mounts squashfs or ext4)", path)
+
+
 def find_busybox(busybox: str | os.PathLike[str] | None = None) -> Path:
     """A static busybox: the one given, else Debian's busybox-static (/bin/busybox)."""
     if busybox is not None:
@@ -275,6 +295,7 @@ __all__ = [
     "InitramfsResult",
     "build_initramfs",
     "check_busybox",
+    "detect_root_fs",
     "find_busybox",
     "init_script",
     "modules_for",

@@ -162,3 +162,19 @@ def test_cli(tmp_path: Path, debian_kernel: KernelFiles) -> None:
     assert proc.returncode == 9 and "pyimg: error: config key '1X' is not a valid name" in proc.stderr
     proc = run_cli("initramfs", "--modules", str(tmp_path / "none"), "-o", str(out))
     assert proc.returncode == 9 and "no such module directory" in proc.stderr
+
+
+def test_detect_root_fs(tmp_path: Path) -> None:
+    import pyimg
+    from pyimg.boot.initramfs import detect_root_fs
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/f").write_text("x")
+    for fmt, name in (("squashfs", "r.sqfs"), ("ext4", "r.ext4"), ("cpio", "r.cpio")):
+        pyimg.build([str(tmp_path / "src")], str(tmp_path / name), format=fmt)
+    assert detect_root_fs(tmp_path / "r.sqfs") == "squashfs"
+    assert detect_root_fs(tmp_path / "r.ext4") == "ext4"
+    with pytest.raises(BootError, match=r"cannot mount this image: a cpio archive"):
+        detect_root_fs(tmp_path / "r.cpio")
+    with pytest.raises(BootError, match="cannot read the image"):
+        detect_root_fs(tmp_path / "missing")

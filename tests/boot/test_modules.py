@@ -80,15 +80,17 @@ def test_reader_agrees_with_pyelftools_and_modinfo(debian_kernel: KernelFiles) -
     """Our .modinfo reader against two other readers: pyelftools (a sample of all
     modules) and kmod's modinfo (depends= of the boot chain)."""
     tree = ModuleTree.open(debian_kernel.modules)
-    sample = random.Random(7).sample(sorted(tree.files), 40) + VIRTIO_BLK + ["squashfs", "virtio_net"]
+    sample = random.Random(7).sample(sorted(tree.all_files()), 40) + VIRTIO_BLK + ["squashfs", "virtio_net"]
     for name in sample:
-        path = Path(tree.files[name])
+        path = Path(tree.all_files()[name])
         with path.open("rb") as f:
             theirs = ELFFile(f).get_section_by_name(".modinfo").data()
         assert read_modinfo(path) == theirs, name
     modinfo = require_tool("modinfo")
     for name in [*VIRTIO_BLK, "squashfs", "virtio_net", "net_failover"]:
-        out = subprocess.run([modinfo, "-F", "depends", tree.files[name]], capture_output=True, text=True)
+        out = subprocess.run(
+            [modinfo, "-F", "depends", tree.all_files()[name]], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
         want = [d.replace("-", "_") for d in out.stdout.strip().split(",") if d]
         assert list(tree.module(name).depends) == want, name
@@ -104,7 +106,7 @@ def test_compressed_modules(tmp_path: Path, debian_kernel: KernelFiles, suffix: 
         "zstd": [require_tool("zstd"), "-q", "-c"],
     }[tool]
     for name in [*VIRTIO_BLK, "squashfs"]:
-        source = Path(real.files[name])
+        source = Path(real.all_files()[name])
         target = root / source.relative_to(real.root).parent / (source.name[:-3] + suffix)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(subprocess.run([*compress, str(source)], capture_output=True, check=True).stdout)
@@ -114,7 +116,7 @@ def test_compressed_modules(tmp_path: Path, debian_kernel: KernelFiles, suffix: 
     assert resolution.names == [*VIRTIO_BLK, "squashfs"]
     for module in resolution.modules:
         assert module.path.name.endswith(suffix)
-        assert module.read() == Path(real.files[module.name]).read_bytes()
+        assert module.read() == Path(real.all_files()[module.name]).read_bytes()
 
 
 def test_softdep_order_and_missing_softdeps(tmp_path: Path) -> None:
@@ -202,3 +204,47 @@ def test_bad_module_trees(tmp_path: Path, kind: str) -> None:
     }
     with pytest.raises(BootError, match=reason[kind]):
         ModuleTree.open(path)
+
+
+def test_modules_order_fast_path_and_what_it_does_not_list(tmp_path: Path) -> None:
+    import lzma
+
+    root = fake_tree(
+        tmp_path,
+        {
+            "kernel/a.ko.xz": lzma.compress(fake_module("a", depends=["b"])),  # the order says a.ko
+            "kernel/b.ko": fake_module("b"),
+            "kernel/unlisted.ko": fake_module("unlisted"),
+        },
+    )
+    (root / "modules.order").write_text("kernel/a.ko\nkernel/b.ko\n")
+    tree = ModuleTree.open(root)
+    assert tree.resolve(["a"]).names == ["b", "a"] and not tree._walked
+    assert tree.resolve(["unlisted"]).names == ["unlisted"] and tree._walked
+    (root / "updates").mkdir()
+    (root / "updates/b.ko").write_bytes(fake_module("b", aliases=["newer"]))
+    tree = ModuleTree.open(root)  # an updates/ directory: always walked, and it wins
+    assert tree.module("b").path == root / "updates/b.ko"
+
+
+def test_alias_index_is_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import pyimg.boot.modules as modules
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    files = {f"kernel/m{i:03d}.ko": fake_module(f"m{i:03d}", aliases=[f"alias-{i}"]) for i in range(300)}
+    root = fake_tree(tmp_path, files)
+    assert ModuleTree.open(root).lookup("alias-7") == (["m007"], False)
+    assert len(list((tmp_path / "cache/pyimg/module-aliases").glob("*.json"))) == 1
+
+    def no_reading(path: Path) -> None:
+        raise AssertionError(f"read {path}: the cached index should have answered")
+
+    with monkeypatch.context() as m:
+        m.setattr(modules, "module_from_file", no_reading)
+        assert ModuleTree.open(root).lookup("alias-42") == (["m042"], False)
+    (root / "kernel/m042.ko").write_bytes(fake_module("m042", aliases=["renamed"]))
+    os.utime(root / "kernel/m042.ko", ns=(1, 1))
+    tree = ModuleTree.open(root)  # a changed module: the key changes, the index is rebuilt
+    assert tree.lookup("alias-42") == ([], False) and tree.lookup("renamed") == (["m042"], False)

@@ -314,3 +314,35 @@ def test_ten_thousand_entries(tmp_path: Path) -> None:
     assert len(parse_newc(out.read_bytes())) == 10_001
     print(f"cpio of 10k entries: {seconds * 1000:.0f} ms")
     assert seconds < 3.0
+
+
+def test_reverse_finishing_workers_give_the_serial_bytes(
+    tmp_path: Path, varied: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyimg.content as content
+    import pyimg.formats.cpio as cpio
+
+    from ..test_determinism import _reverse_finishing
+
+    serial = build(tmp_path, varied, name="serial.cpio", jobs=1).read_bytes()
+    monkeypatch.setattr(cpio, "ordered_map", _reverse_finishing(content.ordered_map))
+    assert build(tmp_path, varied, name="parallel.cpio", jobs=4).read_bytes() == serial
+
+
+def test_spec_file_and_manifest(tmp_path: Path) -> None:
+    tree = _golden_tree(tmp_path)
+    spec = tmp_path / "image.toml"
+    spec.write_text(
+        f'format = "cpio"\noutput = "out.cpio.zst"\n[[source]]\npath = "{tree}"\n'
+        '[cpio]\ncompression = "zstd:9"\n'
+    )
+    result = pyimg.build([], None, spec=str(spec), manifest=str(tmp_path / "m.json"))
+    assert result.format == "cpio" and (tmp_path / "out.cpio.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    manifest = result.manifest
+    assert manifest["options"]["cpio"] == {"compression": "zstd", "level": 9}
+    assert manifest["format_details"]["compression"] == "zstd"
+    files = {e["path"]: e for e in manifest["entries"] if e.get("type") == "file"}
+    assert files, manifest["entries"][:3]
+    spec.write_text('format = "cpio"\n[cpio]\ncompression = "xz"\n')
+    with pytest.raises(SpecError, match="choose none, gzip"):
+        pyimg.build([str(tree)], str(tmp_path / "x.cpio"), spec=str(spec))
