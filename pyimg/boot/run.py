@@ -122,17 +122,10 @@ Progress = Callable[[str], None]
 
 
 def image_format(path: str) -> str:
-    """squashfs or ext4, from the superblock's magic."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024 + 64)
-    except OSError as exc:
-        raise BootError(f"cannot read the image: {exc.strerror}", path) from None
-    if head[:4] == b"hsqs":
-        return "squashfs"
-    if len(head) >= 1082 and head[1080:1082] == b"\x53\xef":
-        return "ext4"
-    raise BootError("not a squashfs or ext4 image (no superblock magic)", path)
+    """squashfs or ext4, from the superblock's magic (pyimg.boot.initramfs.detect_root_fs)."""
+    from .initramfs import detect_root_fs
+
+    return detect_root_fs(path)
 
 
 def default_modules(kernel: str) -> str | None:

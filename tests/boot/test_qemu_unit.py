@@ -135,7 +135,7 @@ def test_kernel_command_line_and_formats(tmp_path: Path) -> None:
     assert image_format(str(sq)) == "squashfs" and image_format(str(ext)) == "ext4"
     other = tmp_path / "x"
     other.write_bytes(bytes(4096))
-    with pytest.raises(BootError, match="not a squashfs or ext4"):
+    with pytest.raises(BootError, match="not squashfs or ext4"):
         image_format(str(other))
     root = tmp_path / "k"
     (root / "boot").mkdir(parents=True)
