@@ -107,6 +107,9 @@ MemoryOpt = Annotated[int, typer.Option("--memory", min=64, help="Guest memory, 
 AccelOpt = Annotated[str, typer.Option("--accel", help="auto (KVM where it works, else TCG), kvm, tcg.")]
 DriveOpt = Annotated[str, typer.Option("--drive", help="virtio (/dev/vda) or nvme (/dev/nvme0n1).")]
 CpusOpt = Annotated[int, typer.Option("--cpus", min=1, help="Guest CPUs.")]
+CpuOpt = Annotated[
+    str | None, typer.Option("--cpu", help="QEMU's -cpu model (default: host under KVM, max under TCG).")
+]
 
 
 def boot_command(
@@ -141,6 +144,7 @@ def boot_command(
     ] = DEFAULT_TIMEOUT,
     memory: MemoryOpt = DEFAULT_MEMORY,
     cpus: CpusOpt = 1,
+    cpu: CpuOpt = None,
     accel: AccelOpt = "auto",
     drive: DriveOpt = "virtio",
     log: Annotated[str | None, typer.Option("--log", help="Keep the whole serial console here.")] = None,
@@ -169,6 +173,7 @@ def boot_command(
             timeout=timeout,
             memory=memory,
             cpus=cpus,
+            cpu=cpu,
             accel=accel,
             drive=drive,
             log=log,
@@ -232,6 +237,7 @@ def run_command(
     config_file: ConfigFileOpt = None,
     memory: MemoryOpt = DEFAULT_MEMORY,
     cpus: CpusOpt = 1,
+    cpu: CpuOpt = None,
     accel: AccelOpt = "auto",
     drive: DriveOpt = "virtio",
 ) -> None:
@@ -258,6 +264,7 @@ def run_command(
             config_file=config_file,
             memory=memory,
             cpus=cpus,
+            cpu=cpu,
             accel=accel,
             drive=drive,
         )

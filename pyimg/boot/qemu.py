@@ -127,6 +127,7 @@ class QemuSpec:
     memory: int = 512  # MiB
     cpus: int = 1
     accel: str = "tcg"  # kvm or tcg, already decided
+    cpu: str | None = None  # QEMU's -cpu model; default host (KVM) or max (TCG)
     network: bool = False  # a virtio-net NIC on QEMU's user network (10.0.2.15, gateway 10.0.2.2)
     forwards: tuple[Forward, ...] = ()
     extra_args: tuple[str, ...] = ()
@@ -144,9 +145,9 @@ def command(spec: QemuSpec, qemu: str, *, interactive: bool = False) -> list[str
     args = [qemu, "-nodefaults", "-no-user-config", "-machine", "q35", "-m", str(spec.memory)]
     args += ["-smp", str(spec.cpus), "-no-reboot", "-display", "none"]
     if spec.accel == "kvm":
-        args += ["-accel", "kvm", "-cpu", "host"]
+        args += ["-accel", "kvm", "-cpu", spec.cpu or "host"]
     else:
-        args += ["-accel", "tcg", "-cpu", "max"]
+        args += ["-accel", "tcg", "-cpu", spec.cpu or "max"]
     if interactive:
         # The terminal is the serial console; Ctrl-A x quits, Ctrl-A c is the monitor.
         args += ["-chardev", "stdio,id=con,mux=on,signal=off", "-serial", "chardev:con"]

@@ -65,6 +65,7 @@ class BootOptions:
     memory: int = DEFAULT_MEMORY  # MiB
     cpus: int = 1
     accel: str = "auto"  # auto, kvm or tcg
+    cpu: str | None = None  # QEMU -cpu model (default: host under KVM, max under TCG)
     log: str | None = None  # the console log file
 
 
@@ -414,6 +415,7 @@ def boot(options: BootOptions, progress: Progress | None = None) -> BootResult:
                 memory=options.memory,
                 cpus=options.cpus,
                 accel=accel,
+                cpu=options.cpu,
                 forwards=((forward,) if forward else ()) + options.forwards,
             )
             vm = q.Qemu(spec, log_path=options.log, qemu=binary)
@@ -555,6 +557,7 @@ def run(options: BootOptions, on_start: Callable[[q.Qemu], None] | None = None) 
                 memory=options.memory,
                 cpus=options.cpus,
                 accel=accel,
+                cpu=options.cpu,
                 forwards=tuple(forwards),
             )
             vm = q.Qemu(spec, interactive=True, qemu=binary)
