@@ -13,6 +13,7 @@ kernel, a bad option) is a `BootError`.  QEMU is killed on every path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -442,8 +443,7 @@ def boot(options: BootOptions, progress: Progress | None = None) -> BootResult:
                     accel = "tcg"
                     accel_note = f"KVM opened but QEMU could not use it ({err.splitlines()[0]}); TCG"
                     continue
-            console_seen = outcome.pop("console_seen", None)
-            del console_seen
+            outcome.pop("console_seen", None)
             return result(
                 qemu_pid=vm.pid,
                 qemu_exit=outcome.pop("qemu_exit"),
@@ -527,6 +527,25 @@ def _watch(
     }
 
 
+@contextmanager
+def _terminal_kept() -> Iterator[None]:
+    """QEMU puts the terminal in raw mode and restores it when it quits by itself; when
+    it is killed (Ctrl-C outside the guest, SIGTERM) the terminal is restored here."""
+    import termios
+
+    fd = 0
+    try:
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def run(options: BootOptions, on_start: Callable[[q.Qemu], None] | None = None) -> int:
     """The interactive form: boot with the terminal as the console and the forwards
     (`options.forwards`, host port 0 = any free one), until the guest stops or the
@@ -561,7 +580,7 @@ def run(options: BootOptions, on_start: Callable[[q.Qemu], None] | None = None) 
                 forwards=tuple(forwards),
             )
             vm = q.Qemu(spec, interactive=True, qemu=binary)
-            with vm:
+            with _terminal_kept(), vm:
                 if on_start is not None:
                     on_start(vm)
                 rc = None
