@@ -15,24 +15,20 @@ import signal
 import sys
 import threading
 import time
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from ..errors import PyImgError
-from . import qemu as q
-from .run import (
-    DEFAULT_INIT,
-    DEFAULT_MEMORY,
-    DEFAULT_TIMEOUT,
-    BootOptions,
-    BootResult,
-    boot,
-    parse_config,
-    run,
-)
+
+if TYPE_CHECKING:  # the runner is imported by the commands only: `pyimg build` does not pay for it
+    from . import qemu as q
+    from .run import BootOptions, BootResult
 
 BOOT_FAILED_EXIT = 10
+DEFAULT_INIT = "/sbin/init"  # = run.DEFAULT_INIT (tested)
+DEFAULT_MEMORY = 512  # = run.DEFAULT_MEMORY
+DEFAULT_TIMEOUT = 60.0  # = run.DEFAULT_TIMEOUT
 
 
 def _fail(exc: PyImgError) -> NoReturn:
@@ -74,6 +70,9 @@ class _Ticker:
 
 
 def _options(**given: Any) -> BootOptions:
+    from . import qemu as q
+    from .run import BootOptions, parse_config
+
     config = parse_config(given.pop("config") or (), given.pop("config_file") or ())
     forwards = q.parse_forwards(given.pop("forward", None) or ())
     return BootOptions(config=config, forwards=forwards, **given)
@@ -178,6 +177,8 @@ def boot_command(
             drive=drive,
             log=log,
         )
+        from .run import boot
+
         result = boot(options, progress=ticker)
     except PyImgError as exc:
         ticker.close()
@@ -268,6 +269,8 @@ def run_command(
             accel=accel,
             drive=drive,
         )
+        from .run import run
+
         rc = run(options, on_start=started)
     except PyImgError as exc:
         _fail(exc)

@@ -145,3 +145,11 @@ def test_kernel_command_line_and_formats(tmp_path: Path) -> None:
         root / "lib" / "modules" / "6.1.0-x"
     )
     assert default_modules(str(root / "boot" / "bzImage")) is None
+
+
+def test_cli_defaults_match_the_library() -> None:
+    from pyimg.boot import boot_cli, run
+
+    assert boot_cli.DEFAULT_INIT == run.DEFAULT_INIT
+    assert boot_cli.DEFAULT_MEMORY == run.DEFAULT_MEMORY
+    assert boot_cli.DEFAULT_TIMEOUT == run.DEFAULT_TIMEOUT
