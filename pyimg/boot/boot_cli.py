@@ -2,7 +2,7 @@
 `python -m pyimg.boot.boot_cli boot ...` works on its own too.
 
 Only this module prints: a progress line on a terminal, the result (or `--json`), the
-console's tail on a failure.  Exit codes: 0 passed; 10 the guest booted but failed
+console's tail on a failure.  Exit codes: 0 passed; 11 the guest booted but failed
 (timeout, panic, init failed, health check); 9 `BootError` (bad input, no QEMU);
 130 interrupted.  QEMU is stopped on every path (the library sees to it; SIGTERM
 becomes the same KeyboardInterrupt as Ctrl-C).
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the runner is imported by the commands only: `pyimg build` 
     from . import qemu as q
     from .run import BootOptions, BootResult
 
-BOOT_FAILED_EXIT = 10
+BOOT_FAILED_EXIT = 11  # 7-10 are other errors (ResourceError, PromotionError, BootError, StoreError)
 DEFAULT_INIT = "/sbin/init"  # = run.DEFAULT_INIT (tested)
 DEFAULT_MEMORY = 512  # = run.DEFAULT_MEMORY
 DEFAULT_TIMEOUT = 60.0  # = run.DEFAULT_TIMEOUT

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import pyimg
+from pyimg.boot import boot_cli
 from pyimg.boot import run as boot_run
 from pyimg.boot.kernel import KernelFiles as Kernel
 from pyimg.boot.run import BootOptions, boot
@@ -192,7 +193,7 @@ def test_failures_are_clear_and_bounded(
         *extra,
     )  # fmt: skip
     elapsed = time.monotonic() - started
-    assert proc.returncode == 10, proc.stderr
+    assert proc.returncode == boot_cli.BOOT_FAILED_EXIT == 11, proc.stderr
     record = json.loads(proc.stdout)
     assert record["passed"] is False and record["reason"] == reason, record["message"]
     assert words in record["message"]
