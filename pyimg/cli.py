@@ -16,6 +16,8 @@ import typer
 
 from . import __version__
 from .api import build, digest
+from .boot.boot_cli import register as register_boot_commands
+from .boot.cli import register as register_initramfs_commands
 from .errors import Interrupted, PyImgError
 from .formats import FORMATS, all_settings
 from .options import Policy
@@ -232,6 +234,8 @@ def version_command() -> None:
     typer.echo(__version__)
 
 
+register_boot_commands(app)  # boot, run (pyimg/boot/boot_cli.py)
+register_initramfs_commands(app)  # initramfs, kernel fetch (pyimg/boot/cli.py)
 register_store_commands(app)  # push, pull, record, promote, status (pyimg/store/cli.py)
 
 

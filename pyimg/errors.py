@@ -75,6 +75,15 @@ def _show_path(path: str | bytes | os.PathLike[str]) -> str:
     return os.fspath(path)
 
 
+class BootError(PyImgError):
+    """Boot pieces (pyimg/boot/) refused their input: a missing or wrong kernel, a
+    module tree or module that is missing or whose dependencies cannot be resolved,
+    a root format the initramfs cannot mount, an invalid config key, a failed
+    kernel fetch.  Exit code 9."""
+
+    exit_code = 9
+
+
 class StoreError(PyImgError):
     """The image store (an OCI layout directory or a registry) failed or refused.
 

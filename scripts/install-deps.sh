@@ -8,7 +8,16 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr docker-registry skopeo apache2-utils)
+# boot: cpio (the cpio oracle), busybox-static (the initramfs's shell), kmod (modinfo,
+# the tests' oracle for module resolution), zstd and xz-utils (decompress and make
+# compressed modules and initramfs in tests), qemu-system-x86 (boot tests); apt and
+# dpkg (kernel fetch) are part of every Debian; mmdebstrap (the Debian root of the
+# boot tests).  QEMU without its ~0.5 GB of recommends (--no-install-recommends).  store: docker-registry (the tests'
+# real registry), skopeo (interop oracle), apache2-utils (htpasswd).  acl: setfacl and
+# getfacl for the ACL tests.
+pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr acl tar
+  cpio busybox-static kmod zstd xz-utils qemu-system-x86
+  mmdebstrap docker-registry skopeo apache2-utils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -25,3 +34,4 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 $PY -m pip install -q --no-build-isolation cffi setuptools wheel
 $PY -m pip install -q --no-build-isolation -e '.[test]'
+

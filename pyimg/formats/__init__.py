@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from ..errors import SpecError
 from ..settings import Setting, settings_of
+from .cpio_options import CpioOptions
 from .ext4_options import Ext4Options
 from .squashfs_options import SquashfsOptions
 
@@ -104,5 +105,15 @@ register(
         options=Ext4Options,
         writer="pyimg.formats.ext4:Ext4Writer",
         media_type="application/vnd.pyimg.ext4",
+    )
+)
+register(
+    FormatSpec(
+        name="cpio",
+        kind="archive",
+        summary="cpio newc, optionally gzip or zstd: what the kernel unpacks as an initramfs",
+        options=CpioOptions,
+        writer="pyimg.formats.cpio:CpioWriter",
+        media_type="application/vnd.pyimg.cpio",
     )
 )
