@@ -78,6 +78,31 @@ def _options(**given: Any) -> BootOptions:
     return BootOptions(config=config, forwards=forwards, **given)
 
 
+def _local_image(image: str, store: Any) -> str:
+    """IMAGE as a file: a store reference (oci:DIR:TAG, HOST/REPO@DIGEST…) is pulled
+    into the cache once, verified (pyimg/store: fetch_image); a path stays as it is."""
+    from ..store.ops import fetch_image, is_store_ref
+
+    if not is_store_ref(image):
+        return image
+    from .kernel import cache_dir
+
+    return fetch_image(image, str(cache_dir() / "images"), store)
+
+
+def _store_options(insecure: bool, auth_file: str | None) -> Any:
+    from ..store.ops import StoreOptions
+
+    return StoreOptions(insecure=insecure, auth_file=auth_file)
+
+
+def _record(ref: str, result: BootResult, env: str, store: Any) -> str:
+    """Attach the boot record to the image's digest in its store; the record's digest."""
+    from ..store.records import record
+
+    return record(ref, result.check_record(env), environment=env, options=store).record
+
+
 KernelOpt = Annotated[
     str,
     typer.Option(
@@ -111,8 +136,30 @@ CpuOpt = Annotated[
 ]
 
 
+StoreRecordOpt = Annotated[
+    bool,
+    typer.Option(
+        "--record", help="Attach the boot record to IMAGE (a store reference) for ENV: what promotion reads."
+    ),
+]
+EnvOpt = Annotated[str | None, typer.Option("--env", metavar="ENV", help="The environment of --record.")]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="Allow plain HTTP to a registry that is not on a loopback address.")
+]
+AuthFileOpt = Annotated[
+    str | None, typer.Option("--auth-file", metavar="FILE", help="Registry credentials (docs/store.md).")
+]
+ImageArg = Annotated[
+    str,
+    typer.Argument(
+        help="The image (squashfs or ext4), or a store reference (oci:DIR:TAG, HOST/REPO@DIGEST) "
+        "pulled and verified first; never modified."
+    ),
+]
+
+
 def boot_command(
-    image: Annotated[str, typer.Argument(help="The image (squashfs or ext4); never modified.")],
+    image: ImageArg,
     expect: Annotated[
         str, typer.Option("--expect", help="Regex: the console line that says the guest is up.")
     ],
@@ -149,14 +196,29 @@ def boot_command(
     log: Annotated[str | None, typer.Option("--log", help="Keep the whole serial console here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the boot record as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, no summary.")] = False,
+    record: StoreRecordOpt = False,
+    env: EnvOpt = None,
+    insecure: InsecureOpt = False,
+    auth_file: AuthFileOpt = None,
 ) -> None:
     """Boot IMAGE under QEMU and check it: exit 0 only when the guest prints --expect's line
     (and, with --health, the health check answers 2xx)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     ticker = _Ticker(enabled=not json_out and not quiet)
     try:
+        store = _store_options(insecure, auth_file)
+        if record:
+            from ..errors import SpecError
+            from ..store.ops import is_store_ref
+
+            if not env:
+                raise SpecError("--record needs --env ENV (the environment the boot was made in)")
+            if not is_store_ref(image):
+                raise SpecError(
+                    "--record needs IMAGE to be a store reference (oci:DIR:TAG, HOST/REPO:TAG)", image
+                )
         options = _options(
-            image=image,
+            image=_local_image(image, store),
             kernel=kernel,
             expect=expect,
             initrd=initrd,
@@ -180,6 +242,10 @@ def boot_command(
         from .run import boot
 
         result = boot(options, progress=ticker)
+        if record and env and result.reason != "interrupted":
+            recorded = _record(image, result, env, store)
+            if not json_out and not quiet:
+                typer.echo(f"{image}: boot record for {env} attached ({recorded})", err=True)
     except PyImgError as exc:
         ticker.close()
         _fail(exc)
@@ -222,7 +288,7 @@ def _report(result: BootResult, json_out: bool, quiet: bool) -> None:
 
 
 def run_command(
-    image: Annotated[str, typer.Argument(help="The image (squashfs or ext4); never modified.")],
+    image: ImageArg,
     kernel: KernelOpt = "",
     forward: Annotated[
         list[str] | None,
@@ -241,6 +307,8 @@ def run_command(
     cpu: CpuOpt = None,
     accel: AccelOpt = "auto",
     drive: DriveOpt = "virtio",
+    insecure: InsecureOpt = False,
+    auth_file: AuthFileOpt = None,
 ) -> None:
     """Boot IMAGE interactively: the terminal is the serial console (Ctrl-A x quits QEMU),
     ports forwarded from 127.0.0.1.  The image is never modified."""
@@ -253,7 +321,7 @@ def run_command(
 
     try:
         options = _options(
-            image=image,
+            image=_local_image(image, _store_options(insecure, auth_file)),
             kernel=kernel,
             expect="",
             forward=forward,

@@ -118,6 +118,22 @@ class BootResult:
                 out[key] = round(out[key], 3)
         return out
 
+    def check_record(self, environment: str) -> dict[str, Any]:
+        """This boot as a check record for the store (pyimg/store/records.py: check,
+        passed, environment, kernel, accel, timings, pyimg_version; the whole boot
+        record beside them), what `pyimg boot REF --record --env ENV` attaches."""
+        from .. import __version__
+
+        timings = {"to_marker": self.seconds_to_marker, "to_health": self.seconds_to_health}
+        return self.to_json() | {
+            "check": "boot",
+            "environment": environment,
+            "kernel": self.kernel_digest or self.kernel,
+            "timings": {k: round(v, 3) for k, v in timings.items() if v is not None}
+            | {"total": self.seconds},
+            "pyimg_version": __version__,
+        }
+
 
 Progress = Callable[[str], None]
 """Called with a short stage text ("booting (tcg)", "waiting for health", ...)."""
