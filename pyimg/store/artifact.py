@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DigestMismatchError, StoreError
+from ..formats import FORMATS
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -25,11 +26,8 @@ IMAGE_ARTIFACT = "application/vnd.pyimg.image.v1+json"
 CHECK_ARTIFACT = "application/vnd.pyimg.check.v1+json"
 PROMOTION_ARTIFACT = "application/vnd.pyimg.promotion.v1+json"
 PYIMG_MANIFEST = "application/vnd.pyimg.manifest.v1+json"
-FORMAT_MEDIA_TYPES = {
-    "squashfs": "application/vnd.pyimg.squashfs",
-    "ext4": "application/vnd.pyimg.ext4",
-    "cpio": "application/vnd.pyimg.cpio",
-}
+# An image layer's media type per format: the format registry declares it (pyimg/formats/).
+FORMAT_MEDIA_TYPES = {name: spec.media_type for name, spec in FORMATS.items()}
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX)
 
 A_TITLE = "org.opencontainers.image.title"
