@@ -6,11 +6,10 @@ import functools
 import inspect
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +17,7 @@ from . import __version__
 from .api import build, digest
 from .boot.boot_cli import register as register_boot_commands
 from .boot.cli import register as register_initramfs_commands
+from .cli_support import fail, sigterm_as_interrupt
 from .errors import Interrupted, PyImgError
 from .formats import FORMATS, all_settings
 from .options import Policy
@@ -30,11 +30,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Build reproducible, deduplicated filesystem images (squashfs, ext4) without root.",
 )
-
-
-def _fail(exc: PyImgError) -> NoReturn:
-    typer.echo(f"pyimg: error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 def _human(n: float) -> str:
@@ -74,11 +69,6 @@ class ProgressBar:
             sys.stderr.flush()
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    # Turn SIGTERM into an exception so the temp file is removed like on Ctrl-C.
-    raise KeyboardInterrupt
-
-
 def build_command(
     sources: Annotated[
         list[str] | None,
@@ -114,7 +104,7 @@ def build_command(
     the format registry, pyimg/formats/); a format option applies to the format that
     declares it, and given for another format it is an error.
     """
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sigterm_as_interrupt()
     bar = ProgressBar() if not json_out else None
     try:
         result = build(
@@ -130,7 +120,7 @@ def build_command(
     except PyImgError as exc:
         if bar:
             bar.close()
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt as exc:
         if bar:
             bar.close()
@@ -217,7 +207,7 @@ def digest_command(
     try:
         d = digest(image)
     except PyImgError as exc:
-        _fail(exc)
+        fail(exc)
     if json_out:
         typer.echo(
             json.dumps(

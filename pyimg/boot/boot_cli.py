@@ -11,14 +11,14 @@ becomes the same KeyboardInterrupt as Ctrl-C).
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..cli_support import fail, sigterm_as_interrupt
 from ..errors import PyImgError
 
 if TYPE_CHECKING:  # the runner is imported by the commands only: `pyimg build` does not pay for it
@@ -29,15 +29,6 @@ BOOT_FAILED_EXIT = 11  # 7-10 are other errors (ResourceError, PromotionError, B
 DEFAULT_INIT = "/sbin/init"  # = run.DEFAULT_INIT (tested)
 DEFAULT_MEMORY = 512  # = run.DEFAULT_MEMORY
 DEFAULT_TIMEOUT = 60.0  # = run.DEFAULT_TIMEOUT
-
-
-def _fail(exc: PyImgError) -> NoReturn:
-    typer.echo(f"pyimg: error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 class _Ticker:
@@ -203,7 +194,7 @@ def boot_command(
 ) -> None:
     """Boot IMAGE under QEMU and check it: exit 0 only when the guest prints --expect's line
     (and, with --health, the health check answers 2xx)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sigterm_as_interrupt()
     ticker = _Ticker(enabled=not json_out and not quiet)
     try:
         store = _store_options(insecure, auth_file)
@@ -248,7 +239,7 @@ def boot_command(
                 typer.echo(f"{image}: boot record for {env} attached ({recorded})", err=True)
     except PyImgError as exc:
         ticker.close()
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         ticker.close()
         typer.echo("pyimg: interrupted; QEMU stopped", err=True)
@@ -312,7 +303,7 @@ def run_command(
 ) -> None:
     """Boot IMAGE interactively: the terminal is the serial console (Ctrl-A x quits QEMU),
     ports forwarded from 127.0.0.1.  The image is never modified."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sigterm_as_interrupt()
 
     def started(vm: q.Qemu) -> None:
         for fwd in vm.spec.forwards:
@@ -341,7 +332,7 @@ def run_command(
 
         rc = run(options, on_start=started)
     except PyImgError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         typer.echo("\npyimg run: interrupted; QEMU stopped", err=True)
         raise typer.Exit(130) from None

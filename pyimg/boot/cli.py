@@ -6,10 +6,11 @@ for them."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from ..cli_support import fail
 from ..errors import PyImgError
 
 kernel_app = typer.Typer(
@@ -18,11 +19,6 @@ kernel_app = typer.Typer(
     no_args_is_help=True,
     help="Kernels to boot images with (Debian's, fetched into the cache, never installed).",
 )
-
-
-def _fail(exc: PyImgError) -> NoReturn:
-    typer.echo(f"pyimg: error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 @kernel_app.command("fetch")
@@ -47,7 +43,7 @@ def kernel_fetch_command(
     try:
         files = fetch_kernel(flavour, cache=cache, offline=offline)
     except PyImgError as exc:
-        _fail(exc)
+        fail(exc)
     if json_out:
         typer.echo(json.dumps(files.as_dict(), indent=1))
     else:
@@ -123,7 +119,7 @@ def initramfs_command(
             epoch=epoch,
         )
     except PyImgError as exc:
-        _fail(exc)
+        fail(exc)
     if json_out:
         summary = {
             "output": result.output,

@@ -7,13 +7,13 @@ Mounted into the main app with `register(app)` (pyimg/cli.py); runnable on their
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+from ..cli_support import fail, sigterm_as_interrupt
 from ..errors import PyImgError
 
 Insecure = Annotated[
@@ -32,23 +32,14 @@ T = TypeVar("T")
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
-def _fail(exc: PyImgError) -> NoReturn:
-    typer.echo(f"pyimg: error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # temp files are removed as on Ctrl-C
-
-
 def _run(fn: Callable[[], T]) -> T:
     """Call the library; its errors become a message and the exit code, Ctrl-C or
     SIGTERM exit 130 (pull leaves no file, push no tag: blobs first, manifest last)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sigterm_as_interrupt()
     try:
         return fn()
     except PyImgError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         typer.echo("pyimg: interrupted; nothing half-written", err=True)
         raise typer.Exit(130) from None
