@@ -88,8 +88,8 @@ def _list_paths(image: Path, workdir: Path) -> list[str]:
 
 def _xattrs(body: str) -> dict[str, bytes | None]:
     """The xattrs `stat` shows.  debugfs prints a name that is not ASCII as hex bytes,
-    and leaves out values longer than a few dozen bytes: those are None here (to be
-    read with `ea_get`, see _fill_long_values)."""
+    leaves out values longer than a few dozen bytes and escapes quotes in printable
+    ones: those values are None here (read with `ea_get`, see _fill_long_values)."""
     found: dict[str, bytes | None] = {}
     lines = body.split("Extended attributes:\n", 1)
     if len(lines) < 2:
@@ -102,7 +102,8 @@ def _xattrs(body: str) -> dict[str, bytes | None]:
         if name.endswith(" "):  # hex bytes
             name = bytes.fromhex(name).decode("utf-8", "surrogateescape")
         raw: bytes | None
-        if value is None:
+        if value is None or (value.startswith('"') and "\\" in value):
+            # Left out, or printed with escapes (a value holding '"' or '\\'): ask ea_get.
             raw = None if size else b""
         elif value.startswith('"'):
             raw = value[1:-1].encode("latin-1")
