@@ -3,8 +3,8 @@
 Each file pyimg writes (the image, its manifest) is first a temp file in the target's
 directory.  Where the file system has O_TMPFILE the temp file has no name at all, so a
 build killed with `kill -9` leaves nothing behind; elsewhere it is named
-`.NAME.pyimg-HOST-PID-RANDOM.tmp`, and the next build in that directory removes the
-ones whose process is gone.  `commit` makes all of a build's outputs land together:
+`.NAME.pyimg-HOST-PID-RANDOM.tmp`, locked for as long as its build runs, and the next
+build in that directory removes the ones nobody holds.  `commit` makes all of a build's outputs land together:
 every temp file is fsynced first, then they are renamed over their targets (image
 first) with SIGINT and SIGTERM held back (delivered right after), so Ctrl-C during a
 commit finishes it
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -33,7 +34,15 @@ _TEMP_RE = re.compile(r"^\..+\.pyimg-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[0-9a
 
 
 def _umask() -> int:
-    # Reading the umask means setting it; restore it at once.
+    """The process's umask: from /proc (os.umask would set it, for every thread, for
+    a moment), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -54,24 +63,23 @@ def check_target(target: str, what: str = "output") -> str:
 
 
 def remove_stale_temps(directory: str) -> None:
-    """Remove the named temp files of builds on this host whose process is gone."""
+    """Remove the named temp files of builds that are gone.  A build holds an
+    exclusive lock on its temp file for as long as it runs (the kernel drops it when
+    the process dies, even by kill -9), so a temp file that can be locked has no
+    owner: unlike a host+pid test, this holds across hosts sharing the directory
+    and across containers with their own pid namespaces."""
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            match = _TEMP_RE.match(name)
-            if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            if _TEMP_RE.match(name) is None:
                 continue
+            path = os.path.join(directory, name)
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its build runs
+                    os.unlink(path)
+                finally:
+                    os.close(fd)
 
 
 class AtomicOutput:
@@ -94,6 +102,7 @@ class AtomicOutput:
             self.tmp = self._temp_name()
             try:
                 self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)  # ours while we run (remove_stale_temps)
             except OSError as exc:
                 raise OutputError(
                     f"cannot create a file beside the target: {exc.strerror}", self.target
@@ -131,6 +140,7 @@ class AtomicOutput:
             os.fchmod(self.fd, 0o666 & ~_umask())
             os.fsync(self.fd)
             if not self.tmp:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)  # before it has a name (remove_stale_temps)
                 self.tmp = _link_anonymous(self.fd, self._temp_name())
         except OSError as exc:
             raise OutputError(f"cannot finish the {self.what}: {exc.strerror}", self.target) from exc
@@ -182,8 +192,8 @@ def commit(outputs: Sequence[AtomicOutput]) -> None:
     with _signals_held():
         for out in outputs:
             out.rename()
-    for directory in dict.fromkeys(out.directory for out in outputs):
-        _fsync_dir(directory)
+        for directory in dict.fromkeys(out.directory for out in outputs):
+            _fsync_dir(directory)
 
 
 @contextlib.contextmanager
@@ -207,7 +217,8 @@ def _signals_held() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # None: a handler installed from C, which Python cannot reinstall; the default
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if pending:
             signal.raise_signal(pending[0])
 

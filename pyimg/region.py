@@ -5,7 +5,8 @@ offset where the region starts, and the most bytes it may use), writes at offset
 relative to the region's start, and reports how many bytes it used.  It never sizes,
 truncates or seeks the file: the region's owner (AtomicOutput for a plain image, a
 container writer for its partitions) does.  So a container can place several images
-in one file, each writer unaware of the others.
+in one file, each writer unaware of the others.  A region starts as zeros (a new
+file's holes, or a container's unwritten space): writers leave zero ranges unwritten.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ class Region:
     offset: int = 0  # absolute file offset of the region's first byte
     limit: int | None = None  # the most bytes the writer may use; None: no limit
 
-    def check_fits(self, end: int) -> None:
-        """Raise OutputError unless `end` (relative) is within the region."""
-        if end < 0 or (self.limit is not None and end > self.limit):
+    def check_fits(self, end: int, start: int = 0) -> None:
+        """Raise OutputError unless [start, end) (relative) is within the region."""
+        if start < 0 or end < start:
+            raise OutputError(f"a write at {start} is outside its region (writers write at offsets >= 0)")
+        if self.limit is not None and end > self.limit:
             raise OutputError(f"the image needs {end} bytes, more than its region holds ({self.limit})")
 
     def pwritev(self, pieces: Sequence[bytes | bytearray | memoryview], at: int) -> None:
         """Write the pieces back to back at relative offset `at`, or raise OutputError."""
         views = [memoryview(p) for p in pieces if len(p)]
-        self.check_fits(at + sum(len(v) for v in views))
+        self.check_fits(at + sum(len(v) for v in views), at)
         offset = self.offset + at
         while views:
             try:
@@ -54,7 +57,9 @@ class Region:
     def sub(self, at: int, limit: int | None = None) -> Region:
         """The part of this region from relative offset `at`, at most `limit` bytes."""
         room = None if self.limit is None else self.limit - at
-        if room is not None and (at < 0 or room < 0 or (limit is not None and limit > room)):
+        if at < 0 or (limit is not None and limit < 0):
+            raise OutputError(f"a sub-region at {at} (+{limit}) starts before its region")
+        if room is not None and (room < 0 or (limit is not None and limit > room)):
             raise OutputError(f"a sub-region at {at} (+{limit}) does not fit a region of {self.limit} bytes")
         return Region(self.fd, self.offset + at, limit if limit is not None else room)
 

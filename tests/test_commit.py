@@ -3,6 +3,7 @@ commit finishes it (and says so), and no temp file survives even `kill -9`."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -88,17 +89,28 @@ def test_an_interrupted_digest_leaves_no_image(tmp_path: Path, monkeypatch: pyte
 
 
 def test_stale_named_temps_of_dead_builds_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    pid = int(dead.stdout)
-    stale = tmp_path / f".img.sqfs.pyimg-{output._HOST}-{pid}-00ff.tmp"
-    alive = tmp_path / f".img.sqfs.pyimg-{output._HOST}-{os.getpid()}-00ff.tmp"
-    other_host = tmp_path / f".img.sqfs.pyimg-elsewhere-{pid}-00ff.tmp"
-    for p in (stale, alive, other_host):
+    """A named temp file is locked by its build while it runs: one nobody holds is
+    stale (its build died, even by kill -9) and the next build removes it; one that
+    is held stays, whatever host or pid its name gives."""
+    stale = tmp_path / f".img.sqfs.pyimg-{output._HOST}-999999-00ff.tmp"
+    held = tmp_path / ".img.sqfs.pyimg-elsewhere-1-00ff.tmp"
+    unrelated = tmp_path / ".img.sqfs.tmp"
+    for p in (stale, held, unrelated):
         p.write_bytes(b"x")
-    output.remove_stale_temps(str(tmp_path))
-    assert not stale.exists() and alive.exists() and other_host.exists()
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running build holds its temp file
+        output.remove_stale_temps(str(tmp_path))
+    finally:
+        os.close(fd)
+    assert not stale.exists() and held.exists() and unrelated.exists()
+
+
+def test_a_running_builds_named_temp_is_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(output.os, "O_TMPFILE")
+    with output.AtomicOutput(str(tmp_path / "img")) as out:
+        output.remove_stale_temps(str(tmp_path))  # another build's cleanup, meanwhile
+        assert os.path.exists(out.tmp)
 
 
 def test_without_o_tmpfile_the_named_temp_is_cleaned_up(

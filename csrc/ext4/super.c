@@ -114,12 +114,19 @@ static int test_bit(const pyimg_ext4 *h, uint64_t b) {
     return b < h->bmap_bits && (h->bmap[b / 8] >> (b % 8)) & 1;
 }
 
+/* Only the part of a group's inode table that holds inode numbers up to max_ino is
+ * encoded and written: the rest is zeros, and the region starts as zeros (a new file's
+ * holes), so it is left as holes.  The bytes are the same; an image with an explicit
+ * --size of 1 TiB then costs its bitmaps, not 16 GiB of zero inode tables. */
 static int write_inode_table(pyimg_ext4 *h, const pyimg_out *out, uint32_t group, uint8_t *table, uint8_t *treebuf, size_t treecap) {
     uint32_t ipg = h->g.inodes_per_group;
-    memset(table, 0, (size_t)h->itb * E4_BS);
-    for (uint32_t k = 0; k < ipg; k++) {
-        uint64_t ino = (uint64_t)group * ipg + k + 1;
-        if (ino > h->max_ino) break;
+    uint64_t first = (uint64_t)group * ipg; /* inodes before this group */
+    if (first >= h->max_ino) return 0;      /* none of this group's inodes exist */
+    uint64_t count = h->max_ino - first < ipg ? h->max_ino - first : ipg;
+    size_t blocks = (size_t)((count * E4_INODE_SIZE + E4_BS - 1) / E4_BS);
+    memset(table, 0, blocks * E4_BS);
+    for (uint32_t k = 0; k < count; k++) {
+        uint64_t ino = first + k + 1;
         const e4_inode *in = &h->inodes[ino];
         const e4_extra *x = e4_x(in);
         uint8_t *raw = table + (size_t)k * E4_INODE_SIZE;
@@ -138,7 +145,7 @@ static int write_inode_table(pyimg_ext4 *h, const pyimg_out *out, uint32_t group
         }
         e4_inode_finish(h, (uint32_t)ino, raw);
     }
-    return e4_pwrite(h, out, table, (size_t)h->itb * E4_BS, h->it_loc[group] * E4_BS);
+    return e4_pwrite(h, out, table, blocks * E4_BS, h->it_loc[group] * E4_BS);
 }
 
 static int write_journal(pyimg_ext4 *h, const pyimg_out *out) {

@@ -69,16 +69,18 @@ def _options(**given: Any) -> BootOptions:
     return BootOptions(config=config, forwards=forwards, **given)
 
 
-def _local_image(image: str, store: Any) -> str:
-    """IMAGE as a file: a store reference (oci:DIR:TAG, HOST/REPO@DIGEST…) is pulled
-    into the cache once, verified (pyimg/store: fetch_image); a path stays as it is."""
-    from ..store.ops import fetch_image, is_store_ref
+def _local_image(image: str, store: Any) -> tuple[str, str | None]:
+    """(IMAGE as a file, the store reference pinned to its manifest digest, or None for
+    a file): a store reference (oci:DIR:TAG, HOST/REPO@DIGEST…) is pulled into the
+    cache once and verified (pyimg/store: fetch_pinned_image); a path stays as it is."""
+    from ..store.ops import fetch_pinned_image, is_store_ref
 
     if not is_store_ref(image):
-        return image
+        return image, None
     from .kernel import cache_dir
 
-    return fetch_image(image, str(cache_dir() / "images"), store)
+    path, pinned = fetch_pinned_image(image, str(cache_dir() / "images"), store)
+    return path, str(pinned)
 
 
 def _store_options(insecure: bool, auth_file: str | None) -> Any:
@@ -208,8 +210,9 @@ def boot_command(
                 raise SpecError(
                     "--record needs IMAGE to be a store reference (oci:DIR:TAG, HOST/REPO:TAG)", image
                 )
+        local, pinned = _local_image(image, store)
         options = _options(
-            image=_local_image(image, store),
+            image=local,
             kernel=kernel,
             expect=expect,
             initrd=initrd,
@@ -233,8 +236,8 @@ def boot_command(
         from .run import boot
 
         result = boot(options, progress=ticker)
-        if record and env and result.reason != "interrupted":
-            recorded = _record(image, result, env, store)
+        if record and env and pinned and result.reason != "interrupted":
+            recorded = _record(pinned, result, env, store)  # the digest that was booted
             if not json_out and not quiet:
                 typer.echo(f"{image}: boot record for {env} attached ({recorded})", err=True)
     except PyImgError as exc:
@@ -312,7 +315,7 @@ def run_command(
 
     try:
         options = _options(
-            image=_local_image(image, _store_options(insecure, auth_file)),
+            image=_local_image(image, _store_options(insecure, auth_file))[0],
             kernel=kernel,
             expect="",
             forward=forward,

@@ -30,7 +30,7 @@ import zstandard
 from ..content import ContentReader, ordered_map, read_batch_packed
 from ..errors import LimitError
 from ..region import Region
-from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind, Node
+from ..tree import IFMT_OF_KIND, NO_XATTRS, DataRef, FrozenTree, Inode, Kind, Node
 from .base import PackedDigests, Progress, WriteResult
 from .cpio_options import CompressionName, CpioOptions
 
@@ -87,6 +87,8 @@ def write_archive(
     options = options if options is not None else CpioOptions()
     level = options.resolved_level()
     check_limits(tree, options.drop_xattrs)
+    # Left out of the tree itself, so the manifest lists what the archive holds.
+    xattrs_dropped = _drop_xattrs(tree) if options.drop_xattrs else 0
     sink = _Sink(region, options.compression.name, level)
     file_inos: list[int] = []
     digests = bytearray()
@@ -142,9 +144,17 @@ def write_archive(
             level=level,
             entries=len(tree.nodes),
             archive_size=sink.raw,
-            xattrs_dropped=sum(1 for inode in tree.inodes if inode.xattrs),
+            xattrs_dropped=xattrs_dropped,
         ),
     )
+
+
+def _drop_xattrs(tree: FrozenTree) -> int:
+    """Remove every inode's xattrs (drop_xattrs); how many inodes had some."""
+    had = [inode for inode in tree.inodes if inode.xattrs]
+    for inode in had:
+        inode.xattrs = NO_XATTRS
+    return len(had)
 
 
 def _data_carriers(tree: FrozenTree) -> dict[int, int]:

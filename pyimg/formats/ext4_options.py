@@ -40,10 +40,13 @@ def parse_ext4_size(value: object, key: str = "ext4.size") -> int | None:
 
 
 def parse_features(values: object, key: str = "ext4.features") -> tuple[str, ...]:
-    """Feature edits "+name"/"-name" (a bare name means "+name"): a list, or one
-    comma-separated string (the CLI's form)."""
+    """Feature edits "+name"/"-name" (a bare name means "+name"): a list, or a
+    comma-separated string; each item of a list may hold several, comma-separated
+    (the CLI's `--features a,b --features c`)."""
     if isinstance(values, str):
-        values = [v for v in values.split(",") if v.strip()]
+        values = [values]
+    if isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values):
+        values = [part for v in values for part in v.split(",") if part.strip()]
     edits = []
     for i, item in enumerate(list_of(values, str, key)):
         text = item.strip()
@@ -94,7 +97,7 @@ class Ext4Options:
     )  # fmt: skip
     features: tuple[str, ...] = setting(
         (), "Comma-separated edits of the feature set, e.g. -metadata_csum,-64bit.", parse_features,
-        append=True, metavar="EDITS",
+        append=True, repeat=True, metavar="EDITS",
     )  # fmt: skip
     uuid: str | None = setting(
         None, "File system UUID (default: derived from the content).", parse_uuid, metavar="UUID"

@@ -391,6 +391,18 @@ def pull(
 def fetch_image(ref: Ref | str, cache_dir: str, options: StoreOptions | None = None) -> str:
     """The path of the image a reference names, pulled into cache_dir once (by manifest
     digest: a tag that moves gets a new file).  For `pyimg boot REF`."""
+    return fetch_pinned_image(ref, cache_dir, options)[0]
+
+
+def fetch_pinned_image(
+    ref: Ref | str, cache_dir: str, options: StoreOptions | None = None
+) -> tuple[str, Ref]:
+    """(the image's path, the reference pinned to the manifest digest it came from).
+
+    The tag is resolved once: what is booted and what a record is attached to are the
+    same manifest even if the tag moves meanwhile.  A file already in the cache is
+    used only when its SHA-256 is the layer's digest (a damaged or edited cache file
+    is pulled again, never booted)."""
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     store = open_store(ref, options)
     try:
@@ -399,12 +411,19 @@ def fetch_image(ref: Ref | str, cache_dir: str, options: StoreOptions | None = N
             from ..errors import StoreNotFoundError
 
             raise StoreNotFoundError(f"no manifest {ref.reference!r}", store.address)
+        pinned = ref.with_digest(digest)
         art = read_image_artifact(store, digest)
         os.makedirs(cache_dir, exist_ok=True)
         path = os.path.join(cache_dir, f"{digest.split(':', 1)[1]}.{art.format}")
-        if os.path.isfile(path) and os.path.getsize(path) == art.image.size:
-            return path
-        _pull_from(store, ref.with_digest(digest), path, None, None)
-        return path
+        if not (os.path.isfile(path) and _sha256_of(path) == art.image.digest):
+            _pull_from(store, pinned, path, None, None)
+        return path, pinned
     finally:
         store.close()
+
+
+def _sha256_of(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()

@@ -5,6 +5,7 @@ read back by a small parser written from the kernel's buffer-format.rst."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import stat
 import subprocess
@@ -22,7 +23,7 @@ from pyimg.formats.cpio_options import CpioOptions, parse_cpio_compression
 from pyimg.region import Region
 from pyimg.tree import DataRef, Inode, Kind, Tree, new_dir
 
-from ..oracles import IS_ROOT, fix_mtimes, make_varied_tree, require_tool, snapshot
+from ..oracles import IS_ROOT, can_xattr, fix_mtimes, make_varied_tree, require_tool, snapshot
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cpio.txt"
 
@@ -359,3 +360,17 @@ def test_xattrs_refused_by_path_unless_dropped(tmp_path: Path) -> None:
     assert err.value.path == "/plain/labelled"
     raw = archive_bytes(tmp_path, tree, CpioOptions(drop_xattrs=True))
     assert {e.name for e in parse_newc(raw)} == {b".", b"plain", b"plain/labelled"}
+
+
+def test_dropped_xattrs_are_not_in_the_manifest(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    if not can_xattr(src):
+        pytest.skip("no user xattrs on this file system")  # a tree-level case is tested above
+    os.setxattr(src / "f", "user.foo", b"bar")
+    manifest = tmp_path / "m.json"
+    result = pyimg.build([str(src)], str(tmp_path / "x.cpio"), format="cpio", drop_xattrs=True,
+                         manifest=str(manifest))  # fmt: skip
+    entries = {e["path"]: e for e in json.loads(manifest.read_text())["entries"]}
+    assert "xattrs" not in entries["/f"] and result.artifact.facts.xattrs_dropped == 1

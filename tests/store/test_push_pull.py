@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import pyimg
 from pyimg.errors import DigestMismatchError, SpecError, StoreNotFoundError
 from pyimg.store import ops
 from pyimg.store.artifact import (
@@ -198,6 +199,23 @@ def test_fetch_image_caches_by_digest(store_addr: str, image: Image, tmp_path: P
     assert ops.fetch_image(f"{store_addr}:boot", str(cache)) == path
     assert os.stat(path).st_mtime_ns == mtime  # not fetched again
     assert ops.is_store_ref(f"{store_addr}:boot") and not ops.is_store_ref(image.path)
+    with open(path, "r+b") as f:  # a damaged cache file is pulled again, never used
+        f.seek(100)
+        f.write(b"XXXXXXXX")
+    assert ops.fetch_image(f"{store_addr}:boot", str(cache)) == path
+    assert filecmp.cmp(path, image.path, shallow=False)
+
+
+def test_a_pinned_fetch_keeps_the_digest_when_the_tag_moves(
+    store_addr: str, image: Image, tmp_path: Path
+) -> None:
+    first = ops.push(image.path, f"{store_addr}:moving").digest
+    path, pinned = ops.fetch_pinned_image(f"{store_addr}:moving", str(tmp_path / "cache"))
+    assert pinned.digest == first and filecmp.cmp(path, image.path, shallow=False)
+    other = tmp_path / "other.sqfs"
+    pyimg.build([str(Path(image.path).parent)], str(other), epoch=1, manifest=str(tmp_path / "other.json"))
+    assert ops.push(str(other), f"{store_addr}:moving").digest != first
+    assert pinned.digest == first  # what boot --record attaches to: the digest it booted
 
 
 def test_manifest_head_skips_only_the_entries(image: Image) -> None:

@@ -79,6 +79,10 @@ def test_region_refuses_writes_past_its_limit(tmp_path: Path) -> None:
             region.pwrite(b"0123456789", 10)
         with pytest.raises(OutputError):
             region.sub(12, 8)
+        with pytest.raises(OutputError, match="outside its region"):
+            region.pwrite(b"XXXX", -4)  # would land before the region's start
+        with pytest.raises(OutputError, match="starts before"):
+            region.sub(-8)
         assert os.pread(fd, 32, 0) == b"A" * 8 + b"xy" + b"A" * 12 + b"zz" + b"A" * 8
     finally:
         os.close(fd)
