@@ -397,6 +397,26 @@ class Ext4Writer:
         return _Build(self.options, self.features, tree, region, progress, self._prescan).run()
 
 
+def _choose_dedup(opts: Ext4Options, plus_shared: bool, journal: bool) -> bool:
+    """Whether identical contents share blocks (the shared_blocks feature): --dedup,
+    else a +/-shared_blocks feature edit, else on unless the image has a journal.
+    Settings that contradict each other are refused rather than one silently winning:
+    shared blocks make an image read-only, a journal is for read-write ones."""
+    minus_shared = "-shared_blocks" in opts.features
+    by_feature = True if plus_shared else (False if minus_shared else None)
+    if opts.dedup is not None and by_feature is not None and opts.dedup != by_feature:
+        raise SpecError(
+            f"dedup={opts.dedup} contradicts the feature edit {'+' if by_feature else '-'}shared_blocks"
+        )
+    dedup = opts.dedup if opts.dedup is not None else by_feature
+    if dedup and journal:
+        raise SpecError(
+            "dedup (shared_blocks) makes an ext4 image read-only, and a journal is for read-write "
+            "images: give one of --dedup / --journal (without --dedup, a journaled image is not deduplicated)"
+        )
+    return dedup if dedup is not None else not journal
+
+
 @dataclass(frozen=True, slots=True)
 class Ext4Facts:
     """What an ext4 image is, beyond its bytes (the artifact's facts, the manifest's
@@ -430,13 +450,7 @@ class _Build:
         )
         self.progress = progress
         self.journal = self.opts.journal is not None
-        if "shared_blocks" in features:
-            self.dedup = True
-        elif any(e.strip().lstrip("-^") == "shared_blocks" and e.strip()[:1] in "-^"
-                 for edit in self.opts.features for e in edit.split(",")):  # fmt: skip
-            self.dedup = False
-        else:
-            self.dedup = self.opts.dedup if self.opts.dedup is not None else not self.journal
+        self.dedup = _choose_dedup(self.opts, "shared_blocks" in features, self.journal)
         self.features.discard("shared_blocks")  # set below only when blocks are really shared
         self._path_of: dict[int, bytes] | None = None  # see path_of()
 

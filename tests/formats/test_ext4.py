@@ -280,6 +280,14 @@ def test_journal(tmp_path: Path) -> None:
     assert "has_journal" in head and re.search(r"Total journal size:\s+8M", head), head
 
 
+def test_dedup_and_a_journal_are_refused_together(tmp_path: Path) -> None:
+    tree = Tree(new_dir(mtime_ns=T0))
+    with pytest.raises(SpecError, match="read-only"):
+        build(tmp_path, tree, journal=8 << 20, dedup=True)
+    with pytest.raises(SpecError, match="contradicts"):
+        build(tmp_path, tree, dedup=False, features=("+shared_blocks",))
+
+
 def test_dedup_shares_blocks(tmp_path: Path) -> None:
     data = blake3.blake3(b"dup").digest(length=1 << 20)
     tree = Tree(new_dir(mtime_ns=T0))
