@@ -47,14 +47,15 @@ def guest_root(base: Path) -> Path:
     return root
 
 
-def boot(kernel: KernelFiles, initrd: Path, image: Path, append: str, timeout: int = 180) -> str:
+def boot(kernel: KernelFiles, initrd: Path, image: Path | None, append: str, timeout: int = 180) -> str:
     qemu = require_tool("qemu-system-x86_64")
     command = [
         qemu, "-machine", "q35", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-nic", "none",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 quiet {append}",
-        "-drive", f"file={image},format=raw,if=virtio,readonly=on",
     ]  # fmt: skip
+    if image is not None:
+        command += ["-drive", f"file={image},format=raw,if=virtio,readonly=on"]
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -122,3 +123,23 @@ def test_failure_prints_one_line_and_powers_off(
     ]
     assert errors == ["pyimg-initramfs: error: root device /dev/vda did not appear within 1 s"], console
     assert "reboot: Power down" in console and "GUEST-UP" not in console
+
+
+def test_initramfs_only_boot_reaches_its_marker(tmp_path: Path, debian_kernel: KernelFiles) -> None:
+    """The whole tree in a cpio built by `pyimg build --format cpio`, no disk: the
+    kernel unpacks it as its initramfs and runs its /init."""
+    tree = tmp_path / "tree"
+    for d in ("bin", "dev", "proc"):
+        (tree / d).mkdir(parents=True)
+    (tree / "bin/busybox").write_bytes(find_busybox().read_bytes())
+    os.chmod(tree / "bin/busybox", 0o755)
+    (tree / "init").write_text(
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+        '/bin/busybox echo "CPIO-ONLY up: $(/bin/busybox cat /proc/cmdline | /bin/busybox wc -w) words"\n'
+        "/bin/busybox poweroff -f\n"
+    )
+    os.chmod(tree / "init", 0o755)
+    archive = tmp_path / "whole.cpio.zst"
+    pyimg.build([str(tree)], str(archive), format="cpio", compression="zstd", owner="root", epoch=0)
+    out = boot(debian_kernel, archive, None, "rdinit=/init")
+    assert "CPIO-ONLY up:" in out, out[-3000:]
