@@ -256,6 +256,8 @@ def build(
 
 def digest(image: str) -> ImageDigest:
     """The image's BLAKE3 (and SHA-256), as its manifest records them."""
+    if os.path.isdir(image):
+        raise OutputError("is a directory, not an image file", image)
     if not os.path.isfile(image):
         raise OutputError("no such image file", image)
     return digest_image(image)

@@ -146,3 +146,8 @@ def test_kill_9_leaves_the_old_image_and_no_temp_file(tmp_path: Path, delay: flo
     assert names == ["img.sqfs"], names  # the old image or the complete new one, nothing else
     data = out.read_bytes()
     assert data == b"old image" or data[:4] == b"hsqs"
+
+
+def test_digest_of_a_directory_says_so(tmp_path: Path) -> None:
+    proc = run_cli("digest", str(tmp_path))
+    assert proc.returncode == 6 and "is a directory, not an image file" in proc.stderr
