@@ -239,7 +239,8 @@ def options_for(
     if options.policy.epoch is None:
         epoch = resolve_epoch(None)
         if epoch is not None:
-            options = dataclasses.replace(options, policy=dataclasses.replace(options.policy, epoch=epoch))
+            policy = dataclasses.replace(options.policy, epoch=epoch, epoch_from="SOURCE_DATE_EPOCH")
+            options = dataclasses.replace(options, policy=policy)
     return options
 
 

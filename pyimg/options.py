@@ -84,6 +84,9 @@ class Policy:
         False, "Leave POSIX ACLs out (squashfs cannot hold them) and list the paths that had them.",
         flag=True,
     )  # fmt: skip
+    # Where `epoch` came from, for messages only (not an option, not in the record):
+    # "--epoch", "SOURCE_DATE_EPOCH", "the spec's policy.epoch".
+    epoch_from: str = ""
 
 
 @dataclass(frozen=True, slots=True)

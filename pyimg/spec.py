@@ -147,6 +147,8 @@ def _source(table: Mapping[str, Any], base_dir: str, key: str) -> SourceSpec:
 
 def _policy(table: Mapping[str, Any]) -> Policy:
     policy: Policy = settings.apply(Policy(), dict(table), "policy")
+    if "epoch" in table:
+        policy = dataclasses.replace(policy, epoch_from="the spec's policy.epoch")
     return policy
 
 
@@ -192,6 +194,8 @@ def merge_options(
     policy_keys = {name for name, _ in settings.settings_of(Policy)}
     given = {key: value for key, value in values.items() if value is not None}
     policy = settings.apply(policy, {k: v for k, v in given.items() if k in policy_keys}, "")
+    if "epoch" in given:
+        policy = dataclasses.replace(policy, epoch_from="--epoch")
     format_values = {k: v for k, v in given.items() if k not in policy_keys}
     chosen = top.get("format", base.format)
     top["format_options"] = _format_options(base.format_options, chosen, format_values)

@@ -244,3 +244,23 @@ def test_write_failure_from_the_kernel(tmp_path: Path, fmt: str) -> None:
     assert proc.returncode != 0
     assert "File too large" in proc.stderr and str(out_dir / "img") in proc.stderr, proc.stderr
     assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("fmt", ["squashfs", "ext4"])
+def test_an_epoch_too_large_names_where_it_came_from(tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"x")
+    out = str(tmp_path / "img")
+    huge = "99999999999"  # the year 5138: beyond squashfs (2106) and ext4 (2446)
+    by_flag = run_cli("build", str(src), "-o", out, "--format", fmt, "--epoch", huge)
+    assert by_flag.returncode == 4 and "from --epoch" in by_flag.stderr, by_flag.stderr
+    by_env = run_cli(
+        "build", str(src), "-o", out, "--format", fmt, env=dict(os.environ, SOURCE_DATE_EPOCH=huge)
+    )
+    assert by_env.returncode == 4 and "from SOURCE_DATE_EPOCH" in by_env.stderr, by_env.stderr
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'format = "{fmt}"\n[[source]]\npath = "{src}"\n[policy]\nepoch = {huge}\n')
+    by_spec = run_cli("build", "--spec", str(spec), "-o", out)
+    assert by_spec.returncode == 4 and "from the spec's policy.epoch" in by_spec.stderr, by_spec.stderr
+    assert not os.path.exists(out)

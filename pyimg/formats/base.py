@@ -106,3 +106,10 @@ def image_epoch(options: BuildOptions, tree: FrozenTree) -> int:
     if options.policy.epoch is not None:
         return options.policy.epoch
     return tree.newest_mtime_ns() // 1_000_000_000
+
+
+def epoch_source(options: BuildOptions) -> str:
+    """Where the image's timestamp came from, for a message that refuses it."""
+    if options.policy.epoch is None:
+        return "the newest mtime in the tree"
+    return options.policy.epoch_from or "the epoch option"

@@ -51,7 +51,7 @@ from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
 from ..xattrs import ACL_NAMES, acl_to_ext4, suspect_names, xattr_problem
-from .base import PackedDigests, Progress, WriteResult, image_epoch
+from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch
 from .ext4_options import Ext4Options, parse_label
 
 BLOCK = 4096
@@ -914,7 +914,10 @@ class _Build:
         self.number_inodes()
         self.check_tree()  # first: an inode's own time out of range is named by its path
         if not -(1 << 31) <= self.epoch < (1 << 34) - (1 << 31):  # lost+found and the superblock get it
-            raise LimitError(f"the image time (epoch) {self.epoch} is out of ext4's range (1901..2446)")
+            raise LimitError(
+                f"the image time (epoch) {self.epoch}, from {epoch_source(self.options)}, "
+                "is out of ext4's range (1901..2446)"
+            )
         self.hash_contents()
         self.register()
         self.uuid, self.seed = self.identity()

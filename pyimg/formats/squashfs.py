@@ -23,7 +23,7 @@ from ..options import BuildOptions
 from ..region import Region
 from ..tree import FrozenTree, Inode, Kind, Node
 from ..xattrs import suspect_names, xattr_problem
-from .base import PackedDigests, Progress, WriteResult, image_epoch
+from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch
 from .imagefile import ImageFile
 from .squashfs_data import DataStream, Placement
 from .squashfs_options import SquashfsOptions, parse_block_size
@@ -108,7 +108,10 @@ class SquashfsWriter:
         _check_limits(tree)  # first: an inode's own time out of range is named by its path
         epoch = image_epoch(self.options, tree)
         if not 0 <= epoch <= 0xFFFFFFFF:
-            raise LimitError(f"the image time (epoch) {epoch} is outside squashfs's range 0..2^32-1 (2106)")
+            raise LimitError(
+                f"the image time (epoch) {epoch}, from {epoch_source(self.options)}, is outside "
+                "squashfs's range 0..2^32-1 (2106)"
+            )
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.sq
