@@ -421,7 +421,31 @@ class _Decompressor(Protocol):
     def decompress(self, data: bytes, /, max_length: int = -1) -> bytes: ...
 
 
-class _StreamsReader:
+class _BufferedOutput:
+    """read() over the output a subclass's _fill() appends to _out: what both
+    decompressing readers share.  _fill sets _eof once the input is done."""
+
+    _out: bytes
+    _pos: int
+    _eof: bool
+
+    def _fill(self) -> None:
+        raise NotImplementedError
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            parts = []
+            while chunk := self.read(1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        while self._pos >= len(self._out) and not self._eof:
+            self._fill()
+        data = self._out[self._pos : self._pos + size]
+        self._pos += len(data)
+        return data
+
+
+class _StreamsReader(_BufferedOutput):
     """xz and bzip2 streams, one after another (xz -T, pbzip2), like gzip: data after
     the last stream that is not another stream is an error.  (lzma.LZMAFile and
     bz2.BZ2File ignore it silently; gzip and zstd refuse it.)  xz's stream padding
@@ -446,18 +470,6 @@ class _StreamsReader:
         self._out = b""
         self._pos = 0
         self._eof = False
-
-    def read(self, size: int = -1, /) -> bytes:
-        if size < 0:
-            parts = []
-            while chunk := self.read(1 << 20):
-                parts.append(chunk)
-            return b"".join(parts)
-        while self._pos >= len(self._out) and not self._eof:
-            self._fill()
-        data = self._out[self._pos : self._pos + size]
-        self._pos += len(data)
-        return data
 
     def _fill(self) -> None:
         if self._fed and not self._dec.eof and not self._dec.needs_input:  # output still pending
@@ -508,7 +520,7 @@ class _StreamsReader:
         self._decompress(data)
 
 
-class _ZstdReader:
+class _ZstdReader(_BufferedOutput):
     """A zstd stream reader that reports truncation.
 
     zstandard's stream_reader returns a quiet EOF when the input stops inside a
@@ -525,18 +537,6 @@ class _ZstdReader:
         self._out = b""
         self._pos = 0
         self._eof = False
-
-    def read(self, size: int = -1, /) -> bytes:
-        if size < 0:
-            parts = []
-            while chunk := self.read(1 << 20):
-                parts.append(chunk)
-            return b"".join(parts)
-        while self._pos >= len(self._out) and not self._eof:
-            self._fill()
-        data = self._out[self._pos : self._pos + size]
-        self._pos += len(data)
-        return data
 
     def _fill(self) -> None:
         chunk = self._raw.read(self._IN)
