@@ -10,80 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-import blake3
 import zstandard
 
 from . import settings
-from .content import data_ranges, hash_in_place, hash_zeros
-from .errors import OutputError
 from .formats import format_spec
 from .formats.base import WriteResult
+from .imagehash import ImageDigest
 from .options import BuildOptions
 from .tree import FrozenTree, Kind
 
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ImageDigest:
-    blake3: str
-    sha256: str | None  # None when not asked for
-    size: int
-
-
-def digest_image(path: str | int, *, sha256: bool = True) -> ImageDigest:
-    """BLAKE3 (and SHA-256) of a file, both hashes fed from the same pages, on
-    separate threads.
-
-    Data is hashed in place from a mapped window at a time (content.hash_in_place:
-    no copy into Python buffers, which was half the time on a 1.3 GB image; bounded
-    memory).  Holes (an ext4 image is sparse) are never mapped or read: they are
-    hashed as the zeros they are.  SHA-256 runs at ~1.6 GB/s here against ~7 GB/s for
-    BLAKE3: on an 800 MB image it is half a second of a build, so it is computed only
-    when asked for (manifest, --json, `pyimg digest --sha256`)."""
-    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    sha = None
-    if sha256:
-        import hashlib  # on use: it maps OpenSSL's libcrypto, ~3.5 MB of every run's RSS
-
-        sha = hashlib.sha256()
-
-    def feed(data: memoryview) -> None:
-        if sha is None:
-            b3.update(data)
-            return
-        # Both release the GIL on large buffers: hash in parallel.
-        t = threading.Thread(target=sha.update, args=(data,))
-        t.start()
-        b3.update(data)
-        t.join()
-
-    try:
-        if isinstance(path, int):  # an open file (a build's temp file, before it is committed)
-            size = _feed_file(path, feed)
-        else:
-            with open(path, "rb", buffering=0) as f:
-                size = _feed_file(f.fileno(), feed)
-    except OSError as exc:
-        raise OutputError(f"cannot read the image: {exc.strerror}", str(path)) from exc
-    return ImageDigest(b3.hexdigest(), sha.hexdigest() if sha is not None else None, size)
-
-
-def _feed_file(fd: int, feed: Callable[[memoryview], None]) -> int:
-    """Feed the whole file to `feed`, its holes as zeros (never read); its size."""
-    size = os.fstat(fd).st_size
-    pos = 0
-    for start, end in data_ranges(fd, size):
-        hash_zeros(start - pos, feed)
-        hash_in_place(fd, start, end, feed)
-        pos = end
-    hash_zeros(size - pos, feed)
-    return size
+MANIFEST_VERSION = 2  # 2: image.blake3 is the segment digest (imagehash.py), not BLAKE3 of the bytes
 
 
 def versions() -> dict[str, str]:

@@ -34,6 +34,31 @@ class Region:
         if self.limit is not None and end > self.limit:
             raise OutputError(f"the image needs {end} bytes, more than its region holds ({self.limit})")
 
+    def check_room(self, end: int, written: int) -> None:
+        """Before any byte is written: raise OutputError unless the region holds `end`
+        bytes, the file may grow that large (EFBIG: the file system's or RLIMIT_FSIZE's
+        limit) and its file system has room for the `written` bytes that are not holes
+        (statvfs): a size that cannot land is refused up front, not after a full disk."""
+        self.check_fits(end)
+        try:
+            current = os.fstat(self.fd).st_size
+            if self.offset + end > current:  # probe: grow and shrink back (holes only)
+                os.ftruncate(self.fd, self.offset + end)
+                os.ftruncate(self.fd, current)
+            vfs = os.fstatvfs(self.fd)
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                raise OutputError(
+                    f"the image needs a file of {self.offset + end} bytes, larger than this file system "
+                    "(or the file size limit) allows"
+                ) from exc
+            raise write_error(exc) from exc
+        free = vfs.f_bavail * vfs.f_frsize
+        if written > free:
+            raise OutputError(
+                f"the image needs about {written} bytes of space, and its file system has {free} free"
+            )
+
     def pwritev(self, pieces: Sequence[bytes | bytearray | memoryview], at: int) -> None:
         """Write the pieces back to back at relative offset `at`, or raise OutputError."""
         views = [memoryview(p) for p in pieces if len(p)]

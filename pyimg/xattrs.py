@@ -107,6 +107,32 @@ def acl_xattr(entries: Iterable[AclEntry]) -> bytes:
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in ordered)
 
 
+def map_acl_ids(value: bytes, uid_map: Mapping[int, int], gid_map: Mapping[int, int]) -> bytes:
+    """An ACL (xattr form) with its named user and group entries renamed by the id
+    maps, as the owners are (--uid-map/--gid-map), re-sorted.  Not validated here: a
+    value that was malformed stays as it was, and two ids mapped onto one make a
+    repeated entry, which the format's check refuses by path like any malformed ACL."""
+    if len(value) < 4 or (len(value) - 4) % 8:
+        return value
+    entries = [struct.unpack_from("<HHI", value, pos) for pos in range(4, len(value), 8)]
+    mapped = [
+        (
+            tag,
+            perm,
+            uid_map.get(ident, ident)
+            if tag == USER
+            else gid_map.get(ident, ident)
+            if tag == GROUP
+            else ident,
+        )
+        for tag, perm, ident in entries
+    ]
+    if mapped == entries:
+        return value
+    mapped.sort(key=lambda e: (_TAGS.index(e[0]) if e[0] in _TAGS else 99, e[2] if e[0] in _WITH_ID else -1))
+    return value[:4] + b"".join(struct.pack("<HHI", *entry) for entry in mapped)
+
+
 def acl_to_ext4(value: bytes) -> bytes:
     """An ACL from its xattr form to ext4's on-disk form (fs/ext4/acl.c)."""
     out = bytearray(struct.pack("<I", 1))

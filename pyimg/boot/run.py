@@ -324,7 +324,7 @@ def _check_inputs(options: BootOptions) -> re.Pattern[str]:
 
 
 def _file_digest(path: str) -> str:
-    from ..manifest import digest_image
+    from ..imagehash import digest_image
 
     return digest_image(path).blake3
 

@@ -923,7 +923,11 @@ class _Build:
         self.uuid, self.seed = self.identity()
         geom, stats = self.lay_out()
         size = int(geom.blocks_count) * BLOCK  # the image, its holes at the end included
-        self.region.check_fits(size)  # before any byte is written
+        # Before any byte is written: what is not a hole is the data and the
+        # metadata (bitmaps, used inode tables, directories); unused inode tables,
+        # free space and a journal's unwritten blocks stay holes.
+        metadata = int(stats.groups) * 2 * BLOCK + (int(stats.inodes_count) - int(stats.free_inodes)) * 256
+        self.region.check_room(size, self.data_blocks * BLOCK + metadata)
         self.stream()
         h = self.h
         check(lib.pyimg_ext4_finalize(h, self.out), lambda: lib.pyimg_ext4_error(h))

@@ -26,6 +26,7 @@ from ..errors import OutputError, SourceError, SpecError
 from ..options import Policy
 from ..tree import NO_XATTRS, DataRef, Inode, new_dir
 from ..values import is_decimal
+from ..xattrs import acl_names, map_acl_ids
 
 # errnos meaning "this file system has no xattrs": treated as none, not as an error.
 _NO_XATTR_SUPPORT = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -105,8 +106,21 @@ class Rules:
             inode.uid, inode.gid = 0, 0
         inode.uid = self._uid_map.get(inode.uid, inode.uid)
         inode.gid = self._gid_map.get(inode.gid, inode.gid)
+        if (self._uid_map or self._gid_map) and inode.xattrs:
+            self._map_acls(inode)
         inode.mtime_ns = self.clamp(inode.mtime_ns)
         return inode
+
+    def _map_acls(self, inode: Inode) -> None:
+        """Named ACL entries name uids and gids too: the maps rename them as they
+        rename owners (an idmapped mount does the same), or a mapped tree's ACLs
+        would grant rights to the ids it was mapped away from."""
+        names = acl_names(inode.xattrs)
+        if names:
+            xattrs = dict(inode.xattrs)
+            for name in names:
+                xattrs[name] = map_acl_ids(xattrs[name], self._uid_map, self._gid_map)
+            inode.xattrs = xattrs
 
     def clamp(self, mtime_ns: int) -> int:
         if self.epoch_ns is not None and mtime_ns > self.epoch_ns:

@@ -9,10 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
-
 from ..errors import DigestMismatchError, OutputError, SpecError, StoreError
-from ..manifest import digest_image
+from ..imagehash import ImageHasher, digest_image
 from ..output import AtomicOutput, write_file_atomically
 from .artifact import (
     A_BLAKE3,
@@ -339,7 +337,7 @@ def _pull_from(
     started = time.monotonic()
     art = read_image_artifact(store, ref.reference)
     meta = fetch_bytes(store, art.pyimg_manifest) if manifest_output and art.pyimg_manifest else None
-    b3 = blake3.blake3()
+    b3 = ImageHasher()
     with AtomicOutput(output) as out:
 
         def sink(data: bytes) -> None:
@@ -352,9 +350,10 @@ def _pull_from(
                     raise OutputError(f"write failed: {exc.strerror}", output) from exc
 
         store.fetch_blob(art.image, sink, progress)
-        if art.blake3 is not None and b3.hexdigest() != art.blake3:
+        got = b3.hexdigest()
+        if art.blake3 is not None and got != art.blake3:
             raise DigestMismatchError(
-                f"the image's BLAKE3 is {b3.hexdigest()}, its manifest says {art.blake3}: refused",
+                f"the image's digest is {got}, its manifest says {art.blake3}: refused",
                 store.address,
             )
         out.commit()

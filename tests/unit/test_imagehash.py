@@ -1,0 +1,124 @@
+"""The image digest (pyimg/imagehash.py), checked against its definition written
+out here from docs/manifest.md; the SHA-256 is that of every byte, holes included.
+Neither reads (or allocates) the holes of a sparse image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import blake3
+import pytest
+
+from pyimg.errors import OutputError
+from pyimg.imagehash import ImageHasher, digest_image
+
+MiB = 1 << 20
+HEADER = b"pyimg image digest 1: (index, BLAKE3) of the non-zero 1 MiB segments, then the size\n"
+
+
+def reference_digest(content: bytes) -> str:
+    """The definition, byte by byte: BLAKE3 of the header, (u64le index, BLAKE3)
+    of every 1 MiB segment holding a non-zero byte, then u64le(size)."""
+    outer = blake3.blake3(HEADER)
+    for index, at in enumerate(range(0, len(content), MiB)):
+        segment = content[at : at + MiB]
+        if segment.count(0) != len(segment):
+            outer.update(index.to_bytes(8, "little") + blake3.blake3(segment).digest())
+    outer.update(len(content).to_bytes(8, "little"))
+    return outer.hexdigest()
+
+
+def _sparse_file(path: Path) -> bytes:
+    """A file with data, holes (leading, inner, trailing) and an unaligned tail;
+    returns its full content."""
+    pieces = [(3 * MiB, os.urandom(5000)), (40 * MiB + 123, os.urandom(33 * MiB + 7))]
+    size = 80 * MiB + 11
+    with open(path, "wb") as f:
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+    content = bytearray(size)
+    for offset, data in pieces:
+        content[offset : offset + len(data)] = data
+    return bytes(content)
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+def test_digest_of_a_sparse_image(tmp_path: Path, where: str) -> None:
+    # /dev/shm is tmpfs, where mapping a hole would allocate it.
+    base = tmp_path if where == "tmp" else Path("/dev/shm")
+    path = base / f"pyimg-test-sparse-{os.getpid()}.img"
+    try:
+        content = _sparse_file(path)
+        blocks = os.stat(path).st_blocks
+        digest = digest_image(str(path))
+        assert digest.blake3 == reference_digest(content)
+        assert digest.sha256 == hashlib.sha256(content).hexdigest()
+        assert digest.size == len(content)
+        assert os.stat(path).st_blocks == blocks, "hashing allocated the holes"
+        assert digest_image(str(path), sha256=False).blake3 == digest.blake3
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_digest_of_an_empty_file_and_a_missing_one(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert digest_image(str(empty)).blake3 == reference_digest(b"")
+    with pytest.raises(OutputError, match="cannot read the image"):
+        digest_image(str(tmp_path / "missing"))
+
+
+def test_holes_and_written_zeros_give_one_digest(tmp_path: Path) -> None:
+    """Copying an image with its holes filled (or made) keeps its digest."""
+    sparse = tmp_path / "sparse"
+    content = _sparse_file(sparse)
+    dense = tmp_path / "dense"
+    dense.write_bytes(content)
+    assert digest_image(str(dense)) == digest_image(str(sparse))
+
+
+@pytest.mark.parametrize("size", [0, 1, MiB - 1, MiB, MiB + 1, 3 * MiB + 17, 9 * MiB])
+def test_streamed_pieces_give_the_files_digest(tmp_path: Path, size: int) -> None:
+    """ImageHasher.update (a pull from a registry) equals digest_image, whatever
+    the pieces, for sizes on and off segment boundaries, zeros and data mixed."""
+    content = bytearray(os.urandom(size))
+    content[MiB : 2 * MiB] = bytes(len(content[MiB : 2 * MiB]))  # one zero segment
+    path = tmp_path / "img"
+    path.write_bytes(content)
+    expected = reference_digest(bytes(content))
+    assert digest_image(str(path)).blake3 == expected
+    for piece in (1 if size <= MiB + 1 else 4093, 4096, 65536 + 3, MiB, 5 * MiB):
+        hasher = ImageHasher()
+        for at in range(0, size, piece):
+            hasher.update(content[at : at + piece])
+        assert hasher.size == size
+        assert hasher.hexdigest() == expected
+
+
+def test_a_terabyte_hole_costs_nothing(tmp_path: Path) -> None:
+    """The point of the definition: a 1 TiB sparse file is digested without
+    hashing its zeros (a plain BLAKE3 of it takes minutes)."""
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.seek(512 << 30)
+        f.write(b"data")
+        f.truncate(1 << 40)
+    got = digest_image(str(path), sha256=False)
+    outer = blake3.blake3(HEADER)
+    segment = (512 << 30) // MiB
+    outer.update(segment.to_bytes(8, "little") + blake3.blake3(b"data" + bytes(MiB - 4)).digest())
+    outer.update((1 << 40).to_bytes(8, "little"))
+    assert got.blake3 == outer.hexdigest()
+    assert got.size == 1 << 40
+
+
+def test_the_definition_is_fixed() -> None:
+    """A golden value: the digest's definition is part of the contract (every
+    recorded and promoted image names its digest); change it only on purpose,
+    with a new HEADER."""
+    content = bytes(range(256)) * 4096 * 3 + bytes(2 * MiB) + b"tail"
+    assert reference_digest(content) == "0890dc6ab51f9418a6daae066d0b90c5a83b59be1138bc7d2eb16345fd44869c"
