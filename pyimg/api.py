@@ -83,7 +83,9 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def build_with(options: BuildOptions, progress: ProgressCallback | None = None) -> BuildResult:
-    """Build the image that `options` describes."""
+    """Build the image that `options` describes, exactly: the environment is not
+    read here (SOURCE_DATE_EPOCH is applied by options_for and the spec loader, which
+    make BuildOptions), so options built by hand give the same image anywhere."""
     with gc_paused():
         return _build(options, progress)
 

@@ -77,6 +77,16 @@ class ContentReader:
             raise SourceError("file shrank while the image was built", self.ref.path)
         return data
 
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        """Fill `buffer` with the content's bytes at `offset`; len(buffer)."""
+        try:
+            n = os.preadv(self.fd, [buffer], self.ref.offset + offset)
+        except OSError as exc:
+            raise SourceError(f"read failed: {exc.strerror}", self.ref.path) from exc
+        if n != len(buffer):
+            raise SourceError("file shrank while the image was built", self.ref.path)
+        return n
+
     def data_ranges(self) -> list[tuple[int, int]]:
         """(start, end) byte ranges that may hold data, found with SEEK_DATA/SEEK_HOLE.
 

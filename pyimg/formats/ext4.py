@@ -21,7 +21,6 @@ Pipeline (each stage a method of `_Build`):
 
 from __future__ import annotations
 
-import collections
 import itertools
 import stat
 import sys
@@ -29,12 +28,12 @@ import threading
 import uuid as uuid_mod
 from array import array
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import blake3
 
+from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib, new_err
 from ..content import (
     C_HASH_MAX,
@@ -47,6 +46,7 @@ from ..content import (
     read_error,
 )
 from ..errors import FormatError, LimitError, SpecError
+from ..hashpass import GroupCutter, ScanStopped
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
@@ -205,10 +205,6 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
     return _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
 
 
-class ScanStopped(Exception):
-    """A prescan was stopped in the middle of a big file (its result is not used)."""
-
-
 def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
     """Read a big content once: its BLAKE3 digest and its non-zero 4 KiB blocks;
     holes of sparse files are not read.  `threads`: blake3's own, for a file
@@ -246,40 +242,14 @@ def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None
     return _Scanned(bytearray(hasher.digest()), array("I", [len(first)]), first, count, array("Q", [stored]))
 
 
-class _SpanCutter:
-    """Cuts a sequence of file sizes, one at a time, into scan groups [start, end):
-    small files up to BATCH_BYTES or BATCH_FILES (one thread-pool task and one C
-    call per group keep the per-file overhead down), a big file alone.  The same
-    cuts whether the sizes come all at once (spans) or while files are still being
-    collected (Prescan): that is what lets the hash pass use a prescan's groups."""
-
-    def __init__(self) -> None:
-        self.start = self.count = self.total = 0
-
-    def push(self, size: int) -> list[tuple[int, int]]:
-        """The groups that file number `self.count` (of `size` bytes) closes."""
-        i, self.count = self.count, self.count + 1
-        if size > SMALL_FILE:
-            done = [(self.start, i)] if self.start < i else []
-            self.start, self.total = i + 1, 0
-            return [*done, (i, i + 1)]
-        self.total += size
-        if self.total >= BATCH_BYTES or i + 1 - self.start >= BATCH_FILES:
-            done = [(self.start, i + 1)]
-            self.start, self.total = i + 1, 0
-            return done
-        return []
-
-    def end(self) -> list[tuple[int, int]]:
-        return [(self.start, self.count)] if self.start < self.count else []
+def _cutter() -> GroupCutter:
+    """ext4's groups: files up to SMALL_FILE batched up to BATCH_BYTES or BATCH_FILES."""
+    return GroupCutter(SMALL_FILE, BATCH_BYTES, BATCH_FILES)
 
 
-def spans(sizes: list[int]) -> Iterator[tuple[int, int]]:
-    """The scan groups of files of these sizes (see _SpanCutter)."""
-    cutter = _SpanCutter()
-    for size in sizes:
-        yield from cutter.push(size)
-    yield from cutter.end()
+def spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """The scan groups of files of these sizes."""
+    return _cutter().groups(sizes)
 
 
 def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
@@ -289,83 +259,24 @@ def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = 
     return scan_small(refs)
 
 
-class Prescan:
-    """The hash pass started while the tree is still being collected.
-
-    A directory source's walk reports each regular file as it collects it, in the
-    tree's order (sources/directory.py); this cuts them into the hash pass's own
-    groups and scans them, in order, on one thread: the walk (then freeze) is
-    Python and holds one core, scanning (C, GIL released) takes another.  More
-    threads measured slower: they took the walk's core and the GIL from it.  When
-    the hash pass starts it stops the prescan (`stop`: groups not started are left
-    to it, on all `jobs` threads), takes the prescanned groups in order while they
-    are exactly its own, and scans the rest itself: the image does not depend on
-    whether a prescan ran.
+class Prescan(hashpass.Prescan[_Scanned]):
+    """ext4's hash pass started while the tree is collected (hashpass.Prescan).
 
     Results keep no file bytes: the stream reads every file again, and checks
     again that it did not change since it was collected (bytes kept from this
     early would skip that check for the whole time the tree is frozen and laid out).
+    One thread even for a big file: the hash pass's threads soon run beside this
+    one (blake3's threads here made the large workload 1.26 -> 1.41 s).
     """
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        super().__init__(_prescanned, _cutter())
 
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pyimg-prescan")
-        self.cutter = _SpanCutter()
-        self.refs: list[DataRef] = []  # files reported and not yet in a group
-        self.groups: collections.deque[tuple[list[DataRef], Future[_Scanned]]] = collections.deque()
-        self.stopping = threading.Event()  # ends a big file's scan early (close)
 
-    def add(self, ref: DataRef) -> None:
-        self.refs.append(ref)
-        for start, end in self.cutter.push(ref.size):
-            self._submit(start, end)
-
-    def finish(self) -> None:
-        """Every file was reported: the last group is complete."""
-        for start, end in self.cutter.end():
-            self._submit(start, end)
-
-    def _submit(self, start: int, end: int) -> None:
-        # Groups are consecutive: this one is the first end - start files waiting.
-        refs = self.refs[: end - start]
-        del self.refs[: end - start]
-        self.groups.append((refs, self.pool.submit(self._run, refs)))
-
-    def _run(self, refs: list[DataRef]) -> _Scanned:
-        # One thread even for a big file: the hash pass's threads soon run beside
-        # this one (blake3's threads here made the large workload 1.26 -> 1.41 s).
-        scanned = _scan(refs, 1, self.stopping)
-        scanned.buffer = None  # see the class docstring
-        return scanned
-
-    def stop(self) -> None:
-        """Scan no more: the groups not started yet are cancelled.  (The one
-        running may finish after a later one was cancelled: take() uses neither a
-        cancelled group nor any after it.)"""
-        for _, future in self.groups:
-            future.cancel()
-
-    def take(self, refs: list[DataRef]) -> _Scanned | None:
-        """The scan of exactly these files if the prescan's next group is them and
-        was not cancelled (waiting for it), else None; after a miss the prescan is
-        closed."""
-        if self.groups:
-            group, future = self.groups[0]
-            same = len(group) == len(refs) and all(a is b for a, b in zip(group, refs, strict=True))
-            if same and not future.cancelled():
-                self.groups.popleft()
-                return future.result()
-        self.close()
-        return None
-
-    def close(self) -> None:
-        """Stop: pending groups are cancelled, a running one ended at its next
-        chunk (a big file) or batch and waited for; no thread is left behind."""
-        self.stopping.set()
-        self.stop()
-        self.groups.clear()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+def _prescanned(refs: list[DataRef], stop: threading.Event | None) -> _Scanned:
+    scanned = _scan(refs, 1, stop)
+    scanned.buffer = None  # see Prescan
+    return scanned
 
 
 @dataclass(slots=True)
@@ -575,11 +486,10 @@ class _Build:
         # given by the C core's dedup table (one call per batch, no object per file).
         self.packed = bytearray(32 * len(self.inos))
         self.file_contents = _u32(len(self.inos))
-        self.dedup_table = ffi.gc(check_handle(lib.pyimg_dedup_new(), "dedup table"), lib.pyimg_dedup_free)
+        self.dedup_table = hashpass.DedupTable()
         self.shared = False
         self.bytes_unique = self.bytes_stored = self.data_blocks = 0
         self.budget = CACHE_BUDGET
-        self.next_content = 0  # the id the C core gives the next new content
         self.writes: list[_Writes] = []
 
         for start, scanned in self.scanned_groups():
@@ -588,27 +498,14 @@ class _Build:
             self.features.add("shared_blocks")
 
     def scanned_groups(self) -> Iterator[tuple[int, _Scanned]]:
-        """(first file, scan) of every group, in order: from the prescan while it
-        scanned the same groups, then scanned here on `jobs` threads."""
-        groups = list(spans([ref.size for ref in self.refs]))
-        taken = 0
-        if self.prescan is not None:
-            self.prescan.stop()
-            for start, end in groups:
-                scanned = self.prescan.take(self.refs[start:end])
-                if scanned is None:
-                    break
-                taken += 1
-                yield start, scanned
-            self.prescan.close()
-        rest = groups[taken:]
-        # A big file scanned alone may use blake3's threads; several share the jobs.
-        threads = blake3.blake3.AUTO if len(rest) == 1 and self.options.jobs > 1 else 1
-        work = ordered_map(
-            lambda span: _scan(self.refs[span[0] : span[1]], threads), rest, max(1, self.options.jobs)
+        """(first file, scan) of every group, in order (hashpass.scan_groups)."""
+        return hashpass.scan_groups(
+            self.refs,
+            spans([ref.size for ref in self.refs]),
+            lambda refs, alone: _scan(refs, blake3.blake3.AUTO if alone else 1),
+            self.options.jobs,
+            self.prescan,
         )
-        for (start, _), scanned in zip(rest, work, strict=True):
-            yield start, scanned
 
     def new_handle(self) -> None:
         self.h = ffi.gc(check_handle(lib.pyimg_ext4_new(self.max_ino), "ext4 writer"), lib.pyimg_ext4_free)
@@ -620,11 +517,9 @@ class _Build:
         n = len(stored)
         self.packed[32 * start : 32 * (start + n)] = scanned.digests
         is_new = bytearray(n)
-        next_id = ffi.new("uint32_t *", self.next_content)
+        first_new = self.dedup_table.next_id
         ids, packed = _c("uint32_t[]", self.file_contents), _c("uint8_t[]", self.packed)
-        rc = lib.pyimg_dedup_assign(self.dedup_table, packed, start, n, int(self.dedup), next_id, ids,
-                                    _c("uint8_t[]", is_new))  # fmt: skip
-        check(rc, lambda: lib.pyimg_dedup_error(self.dedup_table))
+        self.dedup_table.assign(packed, start, n, ids, is_new, dedup=self.dedup)
         # A duplicate with blocks of its own would need them: it shares its original's.
         self.shared = self.shared or any(size and not new for size, new in zip(stored, is_new, strict=True))
         self.progress(sum(ref.size for ref in refs[start : start + n]))
@@ -633,9 +528,8 @@ class _Build:
         first_id = lib.pyimg_ext4_add_contents(self.h, n, _c("uint8_t[]", is_new), *runs, failed)
         if first_id < 0:
             check(first_id, self.err, refs[start + failed[0]].path)
-        if first_id != self.next_content:  # a bug, reported as the C core's are
-            raise FormatError(f"content ids out of step with the C core ({first_id} != {self.next_content})")
-        self.next_content = next_id[0]
+        if first_id != first_new:  # a bug, reported as the C core's are
+            raise FormatError(f"content ids out of step with the C core ({first_id} != {first_new})")
         self.plan_writes(start, scanned, [i for i in range(n) if is_new[i]])
 
     def plan_writes(self, start: int, scanned: _Scanned, kept: list[int]) -> None:

@@ -13,8 +13,11 @@ the same for every `jobs`.  Tasks are:
 
 Dedup: a content that fits in one task is hashed before it is compressed; if an
 earlier content (in plan order) already claimed the same digest, compression is
-skipped.  A content spread over several tasks is hashed by the committer as its
-chunks arrive; if it turns out to be a duplicate its blocks are rewound.  Tails
+skipped (a claim that loses the race in plan order is rewound by the committer).
+A content spread over several tasks (a large one) is hashed first by the shared
+hash pass (pyimg/hashpass.py), running ahead of the stream on its own threads: the
+first large content of a digest (in plan order) stores it, later ones are never
+read or compressed, and the committer computes no digest.  Tails
 (the last partial block, or whole small files) are packed into fragment blocks;
 identical tails are stored once.  Full blocks of zeros are stored as holes.
 
@@ -34,6 +37,7 @@ from typing import Any
 
 import blake3
 
+from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib
 from ..compression import CompressionSpec, PerThread
 from ..content import ContentReader, ordered_map, read_batch, read_batch_packed
@@ -74,6 +78,8 @@ class _Piece:
     first: bool
     last: bool
     reader: ContentReader | None  # shared by the chunks of a large content
+    digest: bytes | None = None  # a large content's, from the hash pass
+    duplicate: bool = False  # a large content an earlier one stores: nothing to read
 
 
 @dataclass(slots=True)
@@ -83,8 +89,7 @@ class _Done:
     raw_sizes: list[int]
     tail: bytes | memoryview  # the content's last partial block (last piece only)
     tail_key: bytes | None  # BLAKE3 of the tail, for tail dedup
-    digest: bytes | None  # whole-content digest when known (single-piece contents)
-    raw: bytes | None  # chunks of a large content: the bytes, for the committer's hasher
+    digest: bytes | None  # the whole content's digest (on its last piece)
     duplicate: bool  # an earlier content has the same digest: nothing compressed
 
 
@@ -186,7 +191,14 @@ class DataStream:
     def _all_tail(self, inode: Inode) -> bool:
         return self.fragments and inode.size < self.block_size
 
-    def _tasks(self, files: list[Inode]) -> Iterator[_SmallBatch | list[_Piece]]:
+    def _tasks(
+        self, files: list[Inode], large: hashpass.DigestsAhead
+    ) -> Iterator[_SmallBatch | list[_Piece]]:
+        """The tasks, in plan order.  `large`: the digests of the contents spread over
+        several tasks, from the shared hash pass running ahead of the stream on its
+        own threads: known before their blocks are compressed, a duplicate is never
+        read or compressed, and no digest is computed on the committer."""
+        large_owner: dict[bytes, int] = {}  # digest -> the first large content with it
         small: list[Inode] = []
         small_first = small_bytes = 0
         batch: list[_Piece] = []
@@ -217,12 +229,16 @@ class DataStream:
             if batch:
                 yield batch
                 batch, batch_bytes = [], 0
+            digest = large.next()
+            if self.dedup and large_owner.setdefault(digest, index) != index:
+                yield [_Piece(index, inode, 0, inode.size, True, True, None, digest, duplicate=True)]
+                continue
             reader = ContentReader(inode.data)
             for offset in range(0, inode.size, self.chunk):
                 length = min(self.chunk, inode.size - offset)
-                yield [
-                    _Piece(index, inode, offset, length, offset == 0, offset + length == inode.size, reader)
-                ]
+                last = offset + length == inode.size
+                digest_if_last = digest if last else None
+                yield [_Piece(index, inode, offset, length, offset == 0, last, reader, digest_if_last)]
         if small:
             yield _SmallBatch(small_first, small)
         if batch:
@@ -241,6 +257,8 @@ class DataStream:
         return _SmallDone(batch, sizes, data, digests, len(data))
 
     def _run(self, task: list[_Piece]) -> list[_Done]:
+        if len(task) == 1 and task[0].duplicate:
+            return [_Done(task[0], [], [], b"", None, task[0].digest, True)]
         if len(task) == 1 and task[0].reader is not None:
             return [self._run_chunk(task[0])]
         # A batch of whole contents: read and hash them all in one C call, claim
@@ -259,7 +277,7 @@ class DataStream:
         for piece in task:
             digest = digest_of.get(id(piece))
             if digest is None:
-                done.append(_Done(piece, [], [], b"", None, _EMPTY_DIGEST, None, False))
+                done.append(_Done(piece, [], [], b"", None, _EMPTY_DIGEST, False))
                 continue
             data = view[at : at + piece.length]
             at += piece.length
@@ -269,12 +287,12 @@ class DataStream:
 
     def _whole(self, piece: _Piece, data: memoryview, digest: bytes, duplicate: bool) -> _Done:
         if duplicate:
-            return _Done(piece, [], [], b"", None, digest, None, True)
+            return _Done(piece, [], [], b"", None, digest, True)
         blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
         tail_key = None
         if tail and self.dedup:
             tail_key = digest if len(tail) == len(data) else blake3.blake3(tail).digest()
-        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, None, False)
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False)
 
     def _run_chunk(self, piece: _Piece) -> _Done:
         assert piece.reader is not None
@@ -290,7 +308,7 @@ class DataStream:
         tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
         if piece.last:
             piece.reader.check_unchanged()
-        return _Done(piece, blocks, raw_sizes, tail, tail_key, None, data, False)
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, piece.digest, False)
 
     def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
         """Read a range, skipping the holes of sparse files (they read as zeros).
@@ -359,10 +377,11 @@ class DataStream:
         placement = Placement(len(files))
         packer = _FragmentPacker(self, image)
         by_digest: dict[bytes, FileData] = {}
-        hasher: blake3.blake3 | None = None
         current = FileData(b"", 0)
+        large = [inode.data for inode in files if inode.data is not None and inode.size > self.chunk]
+        ahead = hashpass.DigestsAhead(large, self.jobs)
         try:
-            for results in ordered_map(self._run_task, self._tasks(files), self.jobs):
+            for results in ordered_map(self._run_task, self._tasks(files, ahead), self.jobs):
                 if isinstance(results, _SmallDone):
                     progress(results.length)
                     self._place_small_batch(results, packer, placement)
@@ -379,19 +398,17 @@ class DataStream:
                         continue
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
-                        hasher = blake3.blake3() if done.raw is not None else None
-                    if hasher is not None and done.raw is not None:
-                        hasher.update(done.raw)
                     self._write_blocks(current, done, image)
                     if piece.last:
-                        assert done.digest is not None or hasher is not None
-                        current.digest = done.digest if done.digest is not None else hasher.digest()  # type: ignore[union-attr]
+                        assert done.digest is not None  # the last piece carries it
+                        current.digest = done.digest
                         data = self._finish_content(current, done, image, packer, by_digest)
                         if data is current:
                             placement.count_unique(data)
                         placement.place(piece.content, data)
             packer.flush_all()
         finally:
+            ahead.close()
             packer.close()
         self.fragment_table = packer.table
         return placement
