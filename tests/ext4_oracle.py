@@ -60,7 +60,9 @@ def _debugfs(image: Path, commands: list[str], workdir: Path) -> list[tuple[str,
 
 
 def _quote(path: str) -> str:
-    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """An argument as debugfs's parser (libss) reads it: inside double quotes a
+    backslash is an ordinary byte and a quote is written twice."""
+    return '"' + path.replace('"', '""') + '"'
 
 
 def _list_paths(image: Path, workdir: Path) -> list[str]:
