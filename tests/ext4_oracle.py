@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
-from .oracles import require_tool
+from .oracles import ACL_XATTRS, content_item, require_tool, xattr_item
 
 TYPES = {
     "regular": stat.S_IFREG,
@@ -88,10 +89,31 @@ def _list_paths(image: Path, workdir: Path) -> list[str]:
     return paths
 
 
-def _xattrs(body: str) -> dict[str, bytes | None]:
-    """The xattrs `stat` shows.  debugfs prints a name that is not ASCII as hex bytes,
-    leaves out values longer than a few dozen bytes and escapes quotes in printable
-    ones: those values are None here (read with `ea_get`, see _fill_long_values)."""
+def decode_ext4_acl(raw: bytes) -> list[tuple[int, int, int]]:
+    """fs/ext4/acl.c's format, read here without pyimg: version 1, 4-byte entries
+    for USER_OBJ/GROUP_OBJ/MASK/OTHER, 8-byte ones (with the id) for USER/GROUP;
+    the entries as oracles.decode_xattr_acl gives them (id 0xFFFFFFFF when none)."""
+    assert struct.unpack_from("<I", raw)[0] == 1
+    pos, out = 4, []
+    while pos < len(raw):
+        tag, perm = struct.unpack_from("<HH", raw, pos)
+        if tag in (2, 8):
+            out.append((tag, perm, struct.unpack_from("<I", raw, pos + 4)[0]))
+            pos += 8
+        else:
+            assert tag in (1, 4, 0x10, 0x20), tag
+            out.append((tag, perm, 0xFFFFFFFF))
+            pos += 4
+    assert pos == len(raw)
+    return out
+
+
+def _xattrs(body: str, *, acls: bool = False) -> dict[str, bytes | None]:
+    """The xattrs `stat` shows (raw: an ACL in ext4's own form).  debugfs prints a
+    name that is not ASCII as hex bytes, leaves out values of 40 bytes or more and
+    escapes quotes in printable ones: those values are None here (read with
+    `ea_get`, see _fill_long_values).  system.* is left out, but for the POSIX ACLs
+    with acls=True."""
     found: dict[str, bytes | None] = {}
     lines = body.split("Extended attributes:\n", 1)
     if len(lines) < 2:
@@ -112,13 +134,14 @@ def _xattrs(body: str) -> dict[str, bytes | None]:
         else:
             raw = bytes.fromhex(value.replace(" ", ""))
         assert raw is None or len(raw) == size, f"{name}: {value!r}"
-        if not name.startswith("system."):
+        if not name.startswith("system.") or (acls and name in ACL_XATTRS):
             found[name] = raw
     return dict(sorted(found.items()))
 
 
 def _fill_long_values(image: Path, items: dict[str, list[object]], workdir: Path) -> None:
-    """Read the values `stat` left out (None) with `ea_get -f FILE`, in one session."""
+    """Read the values `stat` left out (None) with `ea_get -f FILE`, in one session
+    (`-r`: raw, an ACL in ext4's form as `stat` shows it, not translated)."""
     wanted = [
         (path, xattrs, name)
         for path, item in items.items()
@@ -131,13 +154,16 @@ def _fill_long_values(image: Path, items: dict[str, list[object]], workdir: Path
     commands = []
     for i, (path, _, name) in enumerate(wanted):
         out = _quote(str(workdir / f"xattr-{i}"))
-        commands.append(f"ea_get -f {out} {_quote('/' + path)} {_quote(name)}")
+        commands.append(f"ea_get -r -f {out} {_quote('/' + path)} {_quote(name)}")
     _debugfs(image, commands, workdir)
     for i, (_, xattrs, name) in enumerate(wanted):
         xattrs[name] = (workdir / f"xattr-{i}").read_bytes()
 
 
-def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[str, tuple[object, ...]]:
+def snapshot_image(
+    image: Path, workdir: Path, *, owners: bool = True, acls: bool = False, hash_content: bool = False
+) -> dict[str, tuple[object, ...]]:
+    """oracles.snapshot() of the image, as e2fsprogs reads it (the same options)."""
     e2fsck_clean(image)
     dump = workdir / "rdump"
     dump.mkdir()
@@ -158,7 +184,7 @@ def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[s
             item += [uid, gid]
         local = dump / path if path != "." else dump
         if kind == stat.S_IFREG:
-            item.append(local.read_bytes())
+            item.append(content_item(local.read_bytes(), hash_content=hash_content))
             if links > 1:
                 inode_paths.setdefault(ino, []).append(path)
                 item.append(("group", ino))
@@ -168,9 +194,12 @@ def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[s
             dev = re.search(r"Device major/minor number: (\d+):(\d+)", body)
             item.append((int(dev.group(1)), int(dev.group(2))))  # type: ignore[union-attr]
         if kind != stat.S_IFLNK:
-            item.append(_xattrs(body))
+            item.append(_xattrs(body, acls=acls))
         parsed[path] = item
     _fill_long_values(image, parsed, workdir)
+    for item in parsed.values():
+        if isinstance(xattrs := item[-1], dict) and any(n in ACL_XATTRS for n in xattrs):
+            item[-1] = {n: xattr_item(n, v, decode_acl=decode_ext4_acl) for n, v in xattrs.items()}
     return {
         path: tuple(
             ("group", min(inode_paths[x[1]])) if isinstance(x, tuple) and x[0] == "group" else x for x in item
