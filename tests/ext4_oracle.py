@@ -11,9 +11,12 @@ import re
 import stat
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from .oracles import ACL_XATTRS, content_item, require_tool, xattr_item
+
+PATH_MAX = 4096  # Linux refuses longer paths whole (ENAMETOOLONG)
 
 TYPES = {
     "regular": stat.S_IFREG,
@@ -66,14 +69,55 @@ def _quote(path: str) -> str:
     return '"' + path.replace('"', '""') + '"'
 
 
+# The longest image path given to one debugfs command: it reads each line of its
+# command file into a BUFSIZ (8 KiB) buffer, and a longer line is cut in two.
+_COMMAND_PATH_MAX = 2048
+
+Command = Callable[[str], str]  # the command for an image path (quoted)
+
+
+def _at(path: str, command: Command) -> list[str]:
+    """The debugfs commands that run command(path) for the image path `path` ("/a/b"):
+    that one command when the path is short; else `cd` down to its directory a piece
+    (whole components, shorter than _COMMAND_PATH_MAX) at a time, the command on the
+    last name, and `cd /` back."""
+    if len(path.encode("utf-8", "surrogateescape")) < _COMMAND_PATH_MAX:
+        return [command(_quote(path))]
+    parent, _, name = path.rpartition("/")
+    steps, piece = ["cd /"], ""
+    for part in parent.split("/"):
+        if not part:
+            continue
+        if piece and len(f"{piece}/{part}".encode("utf-8", "surrogateescape")) >= _COMMAND_PATH_MAX:
+            steps.append(f"cd {_quote(piece)}")
+            piece = ""
+        piece = f"{piece}/{part}" if piece else part
+    if piece:
+        steps.append(f"cd {_quote(piece)}")
+    return [*steps, command(_quote(name)), "cd /"]
+
+
+def _debugfs_at(image: Path, queries: list[tuple[str, Command]], workdir: Path) -> list[str]:
+    """Run command(path) for every (path, command) in one debugfs session (paths of
+    any length, see _at); the output of each."""
+    commands: list[str] = []
+    answer_at = []
+    for path, command in queries:
+        steps = _at(path, command)
+        answer_at.append(len(commands) + (0 if len(steps) == 1 else len(steps) - 2))
+        commands += steps
+    outputs = _debugfs(image, commands, workdir)
+    return [outputs[i][1] for i in answer_at]
+
+
 def _list_paths(image: Path, workdir: Path) -> list[str]:
     """Every path in the image, walking directories with `ls -p`, one level per session."""
     paths: list[str] = []
     level = [""]
     while level:
-        answers = _debugfs(image, [f"ls -p {_quote('/' + d)}" for d in level], workdir)
+        answers = _debugfs_at(image, [("/" + d, lambda q: f"ls -p {q}") for d in level], workdir)
         next_level = []
-        for directory, (_, body) in zip(level, answers, strict=True):
+        for directory, body in zip(level, answers, strict=True):
             for line in body.splitlines():
                 fields = line.split("/")
                 if len(fields) < 7:
@@ -151,30 +195,51 @@ def _fill_long_values(image: Path, items: dict[str, list[object]], workdir: Path
     ]
     if not wanted:
         return
-    commands = []
+    queries: list[tuple[str, Command]] = []
     for i, (path, _, name) in enumerate(wanted):
         out = _quote(str(workdir / f"xattr-{i}"))
-        commands.append(f"ea_get -r -f {out} {_quote('/' + path)} {_quote(name)}")
-    _debugfs(image, commands, workdir)
+        queries.append(("/" + path, lambda q, out=out, name=name: f"ea_get -r -f {out} {q} {_quote(name)}"))
+    _debugfs_at(image, queries, workdir)
     for i, (_, xattrs, name) in enumerate(wanted):
         xattrs[name] = (workdir / f"xattr-{i}").read_bytes()
+
+
+def _kind(stat_output: str) -> int:
+    """The file type (S_IFREG...) in the output of debugfs's `stat`."""
+    found = re.search(r"Type: ([\w ]+?)\s+Mode:", stat_output)
+    assert found is not None, stat_output[:300]
+    return TYPES[found.group(1)]
 
 
 def snapshot_image(
     image: Path, workdir: Path, *, owners: bool = True, acls: bool = False, hash_content: bool = False
 ) -> dict[str, tuple[object, ...]]:
-    """oracles.snapshot() of the image, as e2fsprogs reads it (the same options)."""
+    """oracles.snapshot() of the image, as e2fsprogs reads it (the same options).
+    Paths of any length: rdump cannot create what lies deeper than PATH_MAX below
+    its target, so each file and symlink whose dumped path would be that long is
+    dumped on its own (`rdump NAME DIR` from its directory, see _at)."""
     e2fsck_clean(image)
     dump = workdir / "rdump"
     dump.mkdir()
-    _debugfs(image, [f"rdump / {dump}"], workdir)
+    _debugfs(image, [f"rdump / {dump}"], workdir)  # what it cannot create, it reports and skips
     paths = [p for p in _list_paths(image, workdir) if p != "lost+found" and not p.startswith("lost+found/")]
-    stats = _debugfs(image, [f"stat {_quote('/' + p)}" for p in ["", *paths]], workdir)
+    stats = _debugfs_at(image, [("/" + p, lambda q: f"stat {q}") for p in ["", *paths]], workdir)
+    local_of = {p: dump / p for p in paths}
+    deep = [
+        p
+        for p, body in zip(paths, stats[1:], strict=True)
+        if _kind(body) in (stat.S_IFREG, stat.S_IFLNK) and len(os.fsencode(local_of[p])) >= PATH_MAX
+    ]
+    for i, path in enumerate(deep):
+        (workdir / f"deep-{i}").mkdir()
+        local_of[path] = workdir / f"deep-{i}" / os.path.basename(path)
+    into = {path: _quote(str(workdir / f"deep-{i}")) for i, path in enumerate(deep)}
+    _debugfs_at(image, [("/" + p, lambda q, to=into[p]: f"rdump {q} {to}") for p in deep], workdir)
     inode_paths: dict[int, list[str]] = {}
     parsed = {}
-    for path, (_, body) in zip([".", *paths], stats, strict=True):
+    for path, body in zip([".", *paths], stats, strict=True):
         ino = int(re.search(r"Inode: (\d+)", body).group(1))  # type: ignore[union-attr]
-        kind = TYPES[re.search(r"Type: ([\w ]+?)\s+Mode:", body).group(1)]  # type: ignore[union-attr]
+        kind = _kind(body)
         mode = int(re.search(r"Mode:\s+(\d+)", body).group(1), 8) & 0o7777  # type: ignore[union-attr]
         uid, gid = map(int, re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", body).groups())  # type: ignore[union-attr]
         mtime = int(re.search(r"mtime: 0x([0-9a-f]+)", body).group(1), 16)  # type: ignore[union-attr]
@@ -182,7 +247,7 @@ def snapshot_image(
         item: list[object] = [kind, mode, mtime]
         if owners:
             item += [uid, gid]
-        local = dump / path if path != "." else dump
+        local = local_of.get(path, dump)
         if kind == stat.S_IFREG:
             item.append(content_item(local.read_bytes(), hash_content=hash_content))
             if links > 1:

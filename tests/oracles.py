@@ -220,13 +220,15 @@ def xattr_item(name: str, value: bytes, *, decode_acl: AclDecoder) -> object:
     return ("acl", tuple(decode_acl(value))) if name in ACL_XATTRS else value
 
 
-def _xattrs(path: str, *, acls: bool = False) -> dict[str, object]:
+def _xattrs(path: str | int, *, acls: bool = False) -> dict[str, object]:
+    """The xattrs of `path` (not followed), or of the open file `path`."""
+    follow = {} if isinstance(path, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, **follow)
     except OSError:
         return {}
     return {
-        n: xattr_item(n, os.getxattr(path, n, follow_symlinks=False), decode_acl=decode_xattr_acl)
+        n: xattr_item(n, os.getxattr(path, n, **follow), decode_acl=decode_xattr_acl)
         for n in sorted(names)
         if not n.startswith("system.") or (acls and n in ACL_XATTRS)
     }
@@ -249,31 +251,33 @@ def snapshot(
     """Everything the image must keep, per path; hard links as groups.  Directories
     named in skip_parts are left out with their subtrees (what --exclude removed).
     system.* xattrs are left out, but with acls=True the POSIX ACLs are kept (their
-    entries decoded); hash_content: content by SHA-256 (content_item)."""
+    entries decoded); hash_content: content by SHA-256 (content_item).  Every entry
+    is read relative to its directory's descriptor (os.fwalk; xattrs through
+    /proc/self/fd), so paths longer than PATH_MAX (4096 bytes) are read too."""
     out: dict[str, tuple[object, ...]] = {}
     groups: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    top = os.path.realpath(root) if os.path.islink(root) else os.fspath(root)
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(top):
         dirnames[:] = [d for d in dirnames if d not in skip_parts]
-        for name in [".", *dirnames, *filenames] if dirpath == str(root) else [*dirnames, *filenames]:
-            full = os.path.join(dirpath, name) if name != "." else dirpath
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
+        for name in [".", *dirnames, *filenames] if dirpath == top else [*dirnames, *filenames]:
+            rel = os.path.relpath(os.path.join(dirpath, name), top) if name != "." else "."
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False) if name != "." else os.fstat(dirfd)
             kind = stat.S_IFMT(st.st_mode)
             item: list[object] = [kind, stat.S_IMODE(st.st_mode), int(st.st_mtime)]
             if owners:
                 item += [st.st_uid, st.st_gid]
             if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
+                with open(os.open(name, os.O_RDONLY, dir_fd=dirfd), "rb") as f:
                     item.append(content_item(f.read(), hash_content=hash_content))
                 if st.st_nlink > 1:
                     groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
                     item.append(("group", (st.st_dev, st.st_ino)))
             elif stat.S_ISLNK(st.st_mode):
-                item.append(os.readlink(full))
+                item.append(os.readlink(name, dir_fd=dirfd))
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 item.append((os.major(st.st_rdev), os.minor(st.st_rdev)))
             if not stat.S_ISLNK(st.st_mode):
-                item.append(_xattrs(full, acls=acls))
+                item.append(_xattrs(dirfd if name == "." else f"/proc/self/fd/{dirfd}/{name}", acls=acls))
             out[rel] = tuple(item)
     return {rel: _name_group(item, groups) for rel, item in out.items()}
 
