@@ -26,7 +26,7 @@ targets, hard-link groups, device numbers, xattrs (security.* included) and ACLs
   the archive's: GNU tar sets each directory's after its content), so the images of
   one format built from either must be the same bytes (`pyimg digest`).
 
-Marked slow: ~40 s on this 2-core machine with the tarball cached (building the root
+Marked slow: ~70-80 s on this 2-core machine with the tarball cached (building the root
 with mmdebstrap adds ~35 s once).  Never skipped in CI (oracles.debian_root_tarball).
 """
 
