@@ -241,11 +241,11 @@ def test_id_maps_rename_acl_entries_too(tmp_path: Path) -> None:
     image = tmp_path / "img.ext4"
     pyimg.build([str(src)], str(image), format="ext4", uid_map={1234: 5, 99: 2000}, gid_map={77: 1})
     e2fsck_clean(image)
-    d = _decode_ext4_acl(_ea_list(image, "/d")[ACCESS])
+    d = decode_ext4_acl(_ea_list(image, "/d")[ACCESS])
     assert [(tag, ident) for tag, _, ident in d if tag == 0x02] == [(0x02, 5), (0x02, 2000)]
-    f = _decode_ext4_acl(_ea_list(image, "/f")[ACCESS])
+    f = decode_ext4_acl(_ea_list(image, "/f")[ACCESS])
     assert (0x02, 6, 5) in f and (0x08, 4, 55) in f  # u:1234:rw -> u:5:rw, g:55 untouched
-    sub = _decode_ext4_acl(_ea_list(image, "/d/sub")[DEFAULT])
+    sub = decode_ext4_acl(_ea_list(image, "/d/sub")[DEFAULT])
     assert [ident for tag, _, ident in sub if tag == 0x08] == [1]
     with pytest.raises(LimitError, match="repeated"):
         pyimg.build([str(src)], str(tmp_path / "bad.ext4"), format="ext4", uid_map={1234: 99})
