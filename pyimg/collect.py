@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Literal
 
 from .errors import OutputError, SourceError, SpecError
+from .longpath import stat_long
 from .options import BuildOptions, SourceSpec
 from .sources import Rules, Spool
 from .sources.directory import FileCallback, add_directory
@@ -139,7 +140,7 @@ def resolve_kind(spec: SourceSpec) -> ResolvedKind:
     "tar"; any other regular file is "file".
     """
     try:
-        st = os.stat(spec.path)
+        st = stat_long(spec.path)  # a directory source may be named by a path of any length
     except FileNotFoundError as exc:
         raise SourceError("no such file or directory", spec.path) from exc
     except OSError as exc:

@@ -23,6 +23,7 @@ import blake3
 
 from ._ffi import ffi, lib
 from .errors import SourceError
+from .longpath import open_long
 from .tree import DataRef
 
 T = TypeVar("T")
@@ -36,11 +37,11 @@ class ContentReader:
         self.ref = ref
         self._ranges: list[tuple[int, int]] | None = None
         try:
-            self.fd = os.open(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+            self.fd = open_long(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
         except PermissionError:
             # O_NOATIME needs ownership; retry without it.
             try:
-                self.fd = os.open(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC)
+                self.fd = open_long(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise SourceError(f"cannot open: {exc.strerror}", ref.path) from exc
         except OSError as exc:

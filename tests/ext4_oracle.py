@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from .oracles import require_tool
+from .oracles import ACL_XATTRS, content_item, require_tool, xattr_item
+
+PATH_MAX = 4096  # Linux refuses longer paths whole (ENAMETOOLONG)
 
 TYPES = {
     "regular": stat.S_IFREG,
@@ -60,7 +64,50 @@ def _debugfs(image: Path, commands: list[str], workdir: Path) -> list[tuple[str,
 
 
 def _quote(path: str) -> str:
-    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """An argument as debugfs's parser (libss) reads it: inside double quotes a
+    backslash is an ordinary byte and a quote is written twice."""
+    return '"' + path.replace('"', '""') + '"'
+
+
+# The longest image path given to one debugfs command: it reads each line of its
+# command file into a BUFSIZ (8 KiB) buffer, and a longer line is cut in two.
+_COMMAND_PATH_MAX = 2048
+
+Command = Callable[[str], str]  # the command for an image path (quoted)
+
+
+def _at(path: str, command: Command) -> list[str]:
+    """The debugfs commands that run command(path) for the image path `path` ("/a/b"):
+    that one command when the path is short; else `cd` down to its directory a piece
+    (whole components, shorter than _COMMAND_PATH_MAX) at a time, the command on the
+    last name, and `cd /` back."""
+    if len(path.encode("utf-8", "surrogateescape")) < _COMMAND_PATH_MAX:
+        return [command(_quote(path))]
+    parent, _, name = path.rpartition("/")
+    steps, piece = ["cd /"], ""
+    for part in parent.split("/"):
+        if not part:
+            continue
+        if piece and len(f"{piece}/{part}".encode("utf-8", "surrogateescape")) >= _COMMAND_PATH_MAX:
+            steps.append(f"cd {_quote(piece)}")
+            piece = ""
+        piece = f"{piece}/{part}" if piece else part
+    if piece:
+        steps.append(f"cd {_quote(piece)}")
+    return [*steps, command(_quote(name)), "cd /"]
+
+
+def _debugfs_at(image: Path, queries: list[tuple[str, Command]], workdir: Path) -> list[str]:
+    """Run command(path) for every (path, command) in one debugfs session (paths of
+    any length, see _at); the output of each."""
+    commands: list[str] = []
+    answer_at = []
+    for path, command in queries:
+        steps = _at(path, command)
+        answer_at.append(len(commands) + (0 if len(steps) == 1 else len(steps) - 2))
+        commands += steps
+    outputs = _debugfs(image, commands, workdir)
+    return [outputs[i][1] for i in answer_at]
 
 
 def _list_paths(image: Path, workdir: Path) -> list[str]:
@@ -68,9 +115,9 @@ def _list_paths(image: Path, workdir: Path) -> list[str]:
     paths: list[str] = []
     level = [""]
     while level:
-        answers = _debugfs(image, [f"ls -p {_quote('/' + d)}" for d in level], workdir)
+        answers = _debugfs_at(image, [("/" + d, lambda q: f"ls -p {q}") for d in level], workdir)
         next_level = []
-        for directory, (_, body) in zip(level, answers, strict=True):
+        for directory, body in zip(level, answers, strict=True):
             for line in body.splitlines():
                 fields = line.split("/")
                 if len(fields) < 7:
@@ -86,10 +133,31 @@ def _list_paths(image: Path, workdir: Path) -> list[str]:
     return paths
 
 
-def _xattrs(body: str) -> dict[str, bytes | None]:
-    """The xattrs `stat` shows.  debugfs prints a name that is not ASCII as hex bytes,
-    leaves out values longer than a few dozen bytes and escapes quotes in printable
-    ones: those values are None here (read with `ea_get`, see _fill_long_values)."""
+def decode_ext4_acl(raw: bytes) -> list[tuple[int, int, int]]:
+    """fs/ext4/acl.c's format, read here without pyimg: version 1, 4-byte entries
+    for USER_OBJ/GROUP_OBJ/MASK/OTHER, 8-byte ones (with the id) for USER/GROUP;
+    the entries as oracles.decode_xattr_acl gives them (id 0xFFFFFFFF when none)."""
+    assert struct.unpack_from("<I", raw)[0] == 1
+    pos, out = 4, []
+    while pos < len(raw):
+        tag, perm = struct.unpack_from("<HH", raw, pos)
+        if tag in (2, 8):
+            out.append((tag, perm, struct.unpack_from("<I", raw, pos + 4)[0]))
+            pos += 8
+        else:
+            assert tag in (1, 4, 0x10, 0x20), tag
+            out.append((tag, perm, 0xFFFFFFFF))
+            pos += 4
+    assert pos == len(raw)
+    return out
+
+
+def _xattrs(body: str, *, acls: bool = False) -> dict[str, bytes | None]:
+    """The xattrs `stat` shows (raw: an ACL in ext4's own form).  debugfs prints a
+    name that is not ASCII as hex bytes, leaves out values of 40 bytes or more and
+    escapes quotes in printable ones: those values are None here (read with
+    `ea_get`, see _fill_long_values).  system.* is left out, but for the POSIX ACLs
+    with acls=True."""
     found: dict[str, bytes | None] = {}
     lines = body.split("Extended attributes:\n", 1)
     if len(lines) < 2:
@@ -110,13 +178,14 @@ def _xattrs(body: str) -> dict[str, bytes | None]:
         else:
             raw = bytes.fromhex(value.replace(" ", ""))
         assert raw is None or len(raw) == size, f"{name}: {value!r}"
-        if not name.startswith("system."):
+        if not name.startswith("system.") or (acls and name in ACL_XATTRS):
             found[name] = raw
     return dict(sorted(found.items()))
 
 
 def _fill_long_values(image: Path, items: dict[str, list[object]], workdir: Path) -> None:
-    """Read the values `stat` left out (None) with `ea_get -f FILE`, in one session."""
+    """Read the values `stat` left out (None) with `ea_get -f FILE`, in one session
+    (`-r`: raw, an ACL in ext4's form as `stat` shows it, not translated)."""
     wanted = [
         (path, xattrs, name)
         for path, item in items.items()
@@ -126,27 +195,51 @@ def _fill_long_values(image: Path, items: dict[str, list[object]], workdir: Path
     ]
     if not wanted:
         return
-    commands = []
+    queries: list[tuple[str, Command]] = []
     for i, (path, _, name) in enumerate(wanted):
         out = _quote(str(workdir / f"xattr-{i}"))
-        commands.append(f"ea_get -f {out} {_quote('/' + path)} {_quote(name)}")
-    _debugfs(image, commands, workdir)
+        queries.append(("/" + path, lambda q, out=out, name=name: f"ea_get -r -f {out} {q} {_quote(name)}"))
+    _debugfs_at(image, queries, workdir)
     for i, (_, xattrs, name) in enumerate(wanted):
         xattrs[name] = (workdir / f"xattr-{i}").read_bytes()
 
 
-def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[str, tuple[object, ...]]:
+def _kind(stat_output: str) -> int:
+    """The file type (S_IFREG...) in the output of debugfs's `stat`."""
+    found = re.search(r"Type: ([\w ]+?)\s+Mode:", stat_output)
+    assert found is not None, stat_output[:300]
+    return TYPES[found.group(1)]
+
+
+def snapshot_image(
+    image: Path, workdir: Path, *, owners: bool = True, acls: bool = False, hash_content: bool = False
+) -> dict[str, tuple[object, ...]]:
+    """oracles.snapshot() of the image, as e2fsprogs reads it (the same options).
+    Paths of any length: rdump cannot create what lies deeper than PATH_MAX below
+    its target, so each file and symlink whose dumped path would be that long is
+    dumped on its own (`rdump NAME DIR` from its directory, see _at)."""
     e2fsck_clean(image)
     dump = workdir / "rdump"
     dump.mkdir()
-    _debugfs(image, [f"rdump / {dump}"], workdir)
+    _debugfs(image, [f"rdump / {dump}"], workdir)  # what it cannot create, it reports and skips
     paths = [p for p in _list_paths(image, workdir) if p != "lost+found" and not p.startswith("lost+found/")]
-    stats = _debugfs(image, [f"stat {_quote('/' + p)}" for p in ["", *paths]], workdir)
+    stats = _debugfs_at(image, [("/" + p, lambda q: f"stat {q}") for p in ["", *paths]], workdir)
+    local_of = {p: dump / p for p in paths}
+    deep = [
+        p
+        for p, body in zip(paths, stats[1:], strict=True)
+        if _kind(body) in (stat.S_IFREG, stat.S_IFLNK) and len(os.fsencode(local_of[p])) >= PATH_MAX
+    ]
+    for i, path in enumerate(deep):
+        (workdir / f"deep-{i}").mkdir()
+        local_of[path] = workdir / f"deep-{i}" / os.path.basename(path)
+    into = {path: _quote(str(workdir / f"deep-{i}")) for i, path in enumerate(deep)}
+    _debugfs_at(image, [("/" + p, lambda q, to=into[p]: f"rdump {q} {to}") for p in deep], workdir)
     inode_paths: dict[int, list[str]] = {}
     parsed = {}
-    for path, (_, body) in zip([".", *paths], stats, strict=True):
+    for path, body in zip([".", *paths], stats, strict=True):
         ino = int(re.search(r"Inode: (\d+)", body).group(1))  # type: ignore[union-attr]
-        kind = TYPES[re.search(r"Type: ([\w ]+?)\s+Mode:", body).group(1)]  # type: ignore[union-attr]
+        kind = _kind(body)
         mode = int(re.search(r"Mode:\s+(\d+)", body).group(1), 8) & 0o7777  # type: ignore[union-attr]
         uid, gid = map(int, re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", body).groups())  # type: ignore[union-attr]
         mtime = int(re.search(r"mtime: 0x([0-9a-f]+)", body).group(1), 16)  # type: ignore[union-attr]
@@ -154,9 +247,9 @@ def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[s
         item: list[object] = [kind, mode, mtime]
         if owners:
             item += [uid, gid]
-        local = dump / path if path != "." else dump
+        local = local_of.get(path, dump)
         if kind == stat.S_IFREG:
-            item.append(local.read_bytes())
+            item.append(content_item(local.read_bytes(), hash_content=hash_content))
             if links > 1:
                 inode_paths.setdefault(ino, []).append(path)
                 item.append(("group", ino))
@@ -166,9 +259,12 @@ def snapshot_image(image: Path, workdir: Path, *, owners: bool = True) -> dict[s
             dev = re.search(r"Device major/minor number: (\d+):(\d+)", body)
             item.append((int(dev.group(1)), int(dev.group(2))))  # type: ignore[union-attr]
         if kind != stat.S_IFLNK:
-            item.append(_xattrs(body))
+            item.append(_xattrs(body, acls=acls))
         parsed[path] = item
     _fill_long_values(image, parsed, workdir)
+    for item in parsed.values():
+        if isinstance(xattrs := item[-1], dict) and any(n in ACL_XATTRS for n in xattrs):
+            item[-1] = {n: xattr_item(n, v, decode_acl=decode_ext4_acl) for n, v in xattrs.items()}
     return {
         path: tuple(
             ("group", min(inode_paths[x[1]])) if isinstance(x, tuple) and x[0] == "group" else x for x in item

@@ -3,14 +3,18 @@ tool extracted from an image (content, mode, owner, mtime, links, xattrs, device
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
+import tarfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,30 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI (the oracle must run)")
         pytest.skip(f"{name} not installed")
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def debian_root_tarball() -> Path:
+    """The minimal Debian root tarball (mmdebstrap --variant=minbase, systemd and udev),
+    made by scripts/debian-root.sh or taken from its cache (keyed by
+    tests/boot/debian-packages.txt).  Without mmdebstrap: a skip here, a failure in
+    CI; in CI a root that cannot be made is a failure, never a skip."""
+    require_tool("mmdebstrap")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "debian-root.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        message = f"cannot make the Debian root: {proc.stderr.strip()[-2000:]}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(proc.stdout.strip())
 
 
 def run_unprivileged(code: str, *args: str) -> Any:
@@ -171,47 +199,172 @@ def fix_mtimes(root: Path) -> None:
     os.utime(root, (FIXED_MTIME, FIXED_MTIME))
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def decode_xattr_acl(raw: bytes) -> list[tuple[int, int, int]]:
+    """A POSIX ACL in the kernel's xattr form (what getxattr and tar's SCHILY.xattr
+    records hold), decoded here without pyimg: a u32 version 2, then (u16 tag, u16
+    perm, u32 id) entries, the id 0xFFFFFFFF for the entries without one."""
+    assert len(raw) >= 4 and (len(raw) - 4) % 8 == 0, raw
+    assert struct.unpack_from("<I", raw)[0] == 2, raw
+    return [struct.unpack_from("<HHI", raw, pos) for pos in range(4, len(raw), 8)]
+
+
+AclDecoder = Callable[[bytes], list[tuple[int, int, int]]]
+
+
+def xattr_item(name: str, value: bytes, *, decode_acl: AclDecoder) -> object:
+    """What a snapshot keeps of one xattr: its value, or an ACL's entries (decoded
+    from whichever form the reader has: the xattr form, or ext4's own)."""
+    return ("acl", tuple(decode_acl(value))) if name in ACL_XATTRS else value
+
+
+def _xattrs(path: str | int, *, acls: bool = False) -> dict[str, object]:
+    """The xattrs of `path` (not followed), or of the open file `path`."""
+    follow = {} if isinstance(path, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, **follow)
     except OSError:
         return {}
     return {
-        n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names) if not n.startswith("system.")
+        n: xattr_item(n, os.getxattr(path, n, **follow), decode_acl=decode_xattr_acl)
+        for n in sorted(names)
+        if not n.startswith("system.") or (acls and n in ACL_XATTRS)
     }
 
 
+def content_item(data: bytes, *, hash_content: bool) -> object:
+    """A regular file's content as a snapshot keeps it: the bytes, or (for trees too
+    big to hold twice in memory) their SHA-256."""
+    return ("sha256", hashlib.sha256(data).hexdigest()) if hash_content else data
+
+
 def snapshot(
-    root: Path, *, owners: bool = True, skip_parts: set[str] = frozenset()
+    root: Path,
+    *,
+    owners: bool = True,
+    skip_parts: set[str] = frozenset(),
+    acls: bool = False,
+    hash_content: bool = False,
 ) -> dict[str, tuple[object, ...]]:
     """Everything the image must keep, per path; hard links as groups.  Directories
-    named in skip_parts are left out with their subtrees (what --exclude removed)."""
+    named in skip_parts are left out with their subtrees (what --exclude removed).
+    system.* xattrs are left out, but with acls=True the POSIX ACLs are kept (their
+    entries decoded); hash_content: content by SHA-256 (content_item).  Every entry
+    is read relative to its directory's descriptor (os.fwalk; xattrs through
+    /proc/self/fd), so paths longer than PATH_MAX (4096 bytes) are read too."""
     out: dict[str, tuple[object, ...]] = {}
     groups: dict[tuple[int, int], list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    top = os.path.realpath(root) if os.path.islink(root) else os.fspath(root)
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(top):
         dirnames[:] = [d for d in dirnames if d not in skip_parts]
-        for name in [".", *dirnames, *filenames] if dirpath == str(root) else [*dirnames, *filenames]:
-            full = os.path.join(dirpath, name) if name != "." else dirpath
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
+        for name in [".", *dirnames, *filenames] if dirpath == top else [*dirnames, *filenames]:
+            rel = os.path.relpath(os.path.join(dirpath, name), top) if name != "." else "."
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False) if name != "." else os.fstat(dirfd)
             kind = stat.S_IFMT(st.st_mode)
             item: list[object] = [kind, stat.S_IMODE(st.st_mode), int(st.st_mtime)]
             if owners:
                 item += [st.st_uid, st.st_gid]
             if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    item.append(f.read())
+                with open(os.open(name, os.O_RDONLY, dir_fd=dirfd), "rb") as f:
+                    item.append(content_item(f.read(), hash_content=hash_content))
                 if st.st_nlink > 1:
                     groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
                     item.append(("group", (st.st_dev, st.st_ino)))
             elif stat.S_ISLNK(st.st_mode):
-                item.append(os.readlink(full))
+                item.append(os.readlink(name, dir_fd=dirfd))
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 item.append((os.major(st.st_rdev), os.minor(st.st_rdev)))
             if not stat.S_ISLNK(st.st_mode):
-                item.append(_xattrs(full))
+                item.append(_xattrs(dirfd if name == "." else f"/proc/self/fd/{dirfd}/{name}", acls=acls))
             out[rel] = tuple(item)
     return {rel: _name_group(item, groups) for rel, item in out.items()}
+
+
+_TAR_KINDS = {
+    tarfile.REGTYPE: stat.S_IFREG,
+    tarfile.AREGTYPE: stat.S_IFREG,
+    tarfile.CONTTYPE: stat.S_IFREG,
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+_SCHILY_XATTR = "SCHILY.xattr."
+
+
+def tar_snapshot(
+    archive: Path, *, owners: bool = True, acls: bool = False, hash_content: bool = False
+) -> dict[str, tuple[object, ...]]:
+    """What snapshot() says of a faithful extraction of the archive, read straight
+    from it with Python's tarfile (nothing is extracted, so the reference does not
+    depend on an extracting tool): "./usr/bin" is "usr/bin", the root is "."; a hard
+    link is its target's item, in a group; xattrs from the SCHILY.xattr.* records
+    (the binary values GNU tar and mmdebstrap write), system.* left out but for the
+    POSIX ACLs with acls=True.  Only what this oracle understands is accepted: other
+    member types, text ACL records (SCHILY.acl.*), a member whose parent directory
+    the archive does not hold fail the assertion rather than being guessed."""
+    items: dict[str, list[object]] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            tar.members.clear()  # one item per member in memory, not a TarInfo too
+            name = tar_member_path(member.name)
+            assert not any(k.startswith("SCHILY.acl.") for k in member.pax_headers), (name, "text ACL")
+            if member.islnk():
+                target = items[tar_member_path(member.linkname)]
+                assert target[0] == stat.S_IFREG, f"{name}: a hard link to a {target[0]:o}"
+                items[name] = target  # one file: the very same item
+                continue
+            kind = _TAR_KINDS.get(member.type)
+            assert kind is not None, f"{name}: member type {member.type!r}"
+            item: list[object] = [kind, member.mode & 0o7777, int(member.mtime)]
+            if owners:
+                item += [member.uid, member.gid]
+            if kind == stat.S_IFREG:
+                f = tar.extractfile(member)
+                assert f is not None
+                item.append(content_item(f.read(), hash_content=hash_content))
+            elif kind == stat.S_IFLNK:
+                item.append(member.linkname)
+            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+                item.append((member.devmajor, member.devminor))
+            if kind != stat.S_IFLNK:
+                xattrs = {
+                    key[len(_SCHILY_XATTR) :]: value.encode("utf-8", "surrogateescape")
+                    for key, value in member.pax_headers.items()
+                    if key.startswith(_SCHILY_XATTR)
+                }
+                item.append(
+                    {
+                        n: xattr_item(n, v, decode_acl=decode_xattr_acl)
+                        for n, v in sorted(xattrs.items())
+                        if not n.startswith("system.") or (acls and n in ACL_XATTRS)
+                    }
+                )
+            items[name] = item
+    for name in items:  # in any order: mmdebstrap's root "." comes after ./dev
+        parent = os.path.dirname(name) or "."
+        assert parent in items and items[parent][0] == stat.S_IFDIR, f"{name}: no parent directory in it"
+    names_of: dict[int, list[str]] = {}
+    for name, item in items.items():
+        names_of.setdefault(id(item), []).append(name)
+    out = {}
+    for name, item in items.items():
+        members = names_of[id(item)]
+        if len(members) > 1:  # where snapshot() puts the group: after the content, before the xattrs
+            out[name] = (*item[:-1], ("group", min(members)), item[-1])
+        else:
+            out[name] = tuple(item)
+    return out
+
+
+def tar_member_path(name: str) -> str:
+    """A member name as a snapshot path: "./usr/bin/" -> "usr/bin", "./" -> "."."""
+    path = os.path.normpath("./" + name.lstrip("/"))
+    assert path != ".." and not path.startswith("../"), name
+    return path
 
 
 def _name_group(item: tuple[object, ...], groups: dict[tuple[int, int], list[str]]) -> tuple[object, ...]:
@@ -241,14 +394,27 @@ def assert_same_tree(
         k: v for k, v in snapshot(source, owners=owners, skip_parts=skip_parts).items() if k not in ignore
     }
     got = {k: v for k, v in snapshot(extracted, owners=owners).items() if k not in ignore}
-    only_source, only_image = sorted(set(want) - set(got))[:10], sorted(set(got) - set(want))[:10]
-    assert not only_source and not only_image, f"only in source {only_source}, only in image {only_image}"
-    bad = [k for k in want if want[k] != got[k]]
+    assert_same_snapshot(want, got)
+
+
+def assert_same_snapshot(
+    want: dict[str, tuple[object, ...]],
+    got: dict[str, tuple[object, ...]],
+    *,
+    names: tuple[str, str] = ("source", "image"),
+) -> None:
+    """Two snapshots are equal; else say which paths are missing or differ (the
+    first few of each, and how many)."""
+    a, b = names
+    only_want, only_got = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    assert not only_want and not only_got, (
+        f"{len(only_want)} only in {a}, e.g. {only_want[:10]}; "
+        f"{len(only_got)} only in {b}, e.g. {only_got[:10]}"
+    )
+    bad = sorted(k for k in want if want[k] != got[k])
     if bad:
-        first = bad[0]
-        raise AssertionError(
-            f"{len(bad)} entries differ, e.g. {first}: source {want[first]!s:.300} image {got[first]!s:.300}"
-        )
+        shown = "; ".join(f"{k}: {a} {want[k]!s:.300} {b} {got[k]!s:.300}" for k in bad[:3])
+        raise AssertionError(f"{len(bad)} entries differ, e.g. {shown}")
 
 
 def unsquashfs_extract(image: Path, dest: Path) -> None:

@@ -20,8 +20,8 @@ import pyimg
 from pyimg.errors import LimitError, SourceError
 from pyimg.xattrs import AclError, acl_from_text, acl_to_ext4, parse_acl
 
-from .ext4_oracle import e2fsck_clean
-from .oracles import IN_CI, require_tool, run_cli
+from .ext4_oracle import decode_ext4_acl, e2fsck_clean
+from .oracles import IN_CI, decode_xattr_acl, require_tool, run_cli
 
 ACCESS = "system.posix_acl_access"
 DEFAULT = "system.posix_acl_default"
@@ -69,36 +69,13 @@ def _ea_list(image: Path, path: str) -> dict[str, bytes]:
     return found
 
 
-def _decode_ext4_acl(raw: bytes) -> list[tuple[int, int, int]]:
-    """fs/ext4/acl.c's format, read here without pyimg: version 1, 4-byte entries
-    for USER_OBJ/GROUP_OBJ/MASK/OTHER, 8-byte ones (with the id) for USER/GROUP."""
-    assert struct.unpack_from("<I", raw)[0] == 1
-    pos, out = 4, []
-    while pos < len(raw):
-        tag, perm = struct.unpack_from("<HH", raw, pos)
-        if tag in (2, 8):
-            out.append((tag, perm, struct.unpack_from("<I", raw, pos + 4)[0]))
-            pos += 8
-        else:
-            assert tag in (1, 4, 0x10, 0x20), tag
-            out.append((tag, perm, 0xFFFFFFFF))
-            pos += 4
-    assert pos == len(raw)
-    return out
-
-
-def _decode_xattr_acl(raw: bytes) -> list[tuple[int, int, int]]:
-    assert struct.unpack_from("<I", raw)[0] == 2
-    return [struct.unpack_from("<HHI", raw, pos) for pos in range(4, len(raw), 8)]
-
-
 def _source_acls(root: Path) -> dict[str, dict[str, list[tuple[int, int, int]]]]:
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
             full = os.path.join(dirpath, name)
             acls = {
-                n: _decode_xattr_acl(os.getxattr(full, n))
+                n: decode_xattr_acl(os.getxattr(full, n))
                 for n in os.listxattr(full)
                 if n in (ACCESS, DEFAULT)
             }
@@ -116,7 +93,7 @@ def test_directory_acls_into_ext4(tmp_path: Path) -> None:
     e2fsck_clean(image)
     for path, acls in want.items():
         got = _ea_list(image, path)
-        assert {n: _decode_ext4_acl(v) for n, v in got.items() if n.startswith("system.")} == acls, path
+        assert {n: decode_ext4_acl(v) for n, v in got.items() if n.startswith("system.")} == acls, path
     assert _ea_list(image, "/plain") == {}
     # The very bytes mke2fs -d writes for the same ACLs.
     mke2fs = tmp_path / "ref.ext4"
@@ -176,7 +153,7 @@ def test_gnu_tar_acls_into_ext4(tmp_path: Path, xattrs: bool) -> None:
     e2fsck_clean(image)
     for path, acls in want.items():
         got = _ea_list(image, path)
-        assert {n: _decode_ext4_acl(v) for n, v in got.items()} == acls, path
+        assert {n: decode_ext4_acl(v) for n, v in got.items()} == acls, path
     proc = run_cli("build", str(archive), "-o", str(tmp_path / "img.sqfs"))
     assert proc.returncode == LimitError.exit_code and "/d:" in proc.stderr, proc.stderr
 
@@ -209,7 +186,7 @@ def test_star_acl_with_ids(tmp_path: Path) -> None:
     )
     image = tmp_path / "o.ext4"
     pyimg.build([str(archive)], str(image), format="ext4")
-    assert _decode_ext4_acl(_ea_list(image, "/f")[ACCESS]) == [
+    assert decode_ext4_acl(_ea_list(image, "/f")[ACCESS]) == [
         (1, 6, 0xFFFFFFFF), (2, 4, 1), (4, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)
     ]  # fmt: skip
 
@@ -244,7 +221,7 @@ def test_acl_codecs() -> None:
         "u::rwx,g::r-x,o::---"
     )
     disk = acl_to_ext4(value)
-    assert len(disk) == 4 + 4 * 4 + 2 * 8 and _decode_ext4_acl(disk) == parse_acl(value)
+    assert len(disk) == 4 + 4 * 4 + 2 * 8 and decode_ext4_acl(disk) == parse_acl(value)
     bad = [
         "user::rw-",  # no group::, other::
         "user::rw-\ngroup::r--\nuser:1:r--\nother::r--",  # no mask:: for user:1
@@ -264,11 +241,11 @@ def test_id_maps_rename_acl_entries_too(tmp_path: Path) -> None:
     image = tmp_path / "img.ext4"
     pyimg.build([str(src)], str(image), format="ext4", uid_map={1234: 5, 99: 2000}, gid_map={77: 1})
     e2fsck_clean(image)
-    d = _decode_ext4_acl(_ea_list(image, "/d")[ACCESS])
+    d = decode_ext4_acl(_ea_list(image, "/d")[ACCESS])
     assert [(tag, ident) for tag, _, ident in d if tag == 0x02] == [(0x02, 5), (0x02, 2000)]
-    f = _decode_ext4_acl(_ea_list(image, "/f")[ACCESS])
+    f = decode_ext4_acl(_ea_list(image, "/f")[ACCESS])
     assert (0x02, 6, 5) in f and (0x08, 4, 55) in f  # u:1234:rw -> u:5:rw, g:55 untouched
-    sub = _decode_ext4_acl(_ea_list(image, "/d/sub")[DEFAULT])
+    sub = decode_ext4_acl(_ea_list(image, "/d/sub")[DEFAULT])
     assert [ident for tag, _, ident in sub if tag == 0x08] == [1]
     with pytest.raises(LimitError, match="repeated"):
         pyimg.build([str(src)], str(tmp_path / "bad.ext4"), format="ext4", uid_map={1234: 99})

@@ -118,6 +118,15 @@ int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t st
  * and kept: PYIMG_READ_OK, _CHANGED, or _OPEN when it cannot be stat'ed (*err). */
 int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err);
 
+/* A path for the *at calls (longpath.c): *dirfd = AT_FDCWD and *rest = path when
+ * the path is shorter than PATH_MAX (no call made); else the directory reached by
+ * opening the path's leading components a piece at a time (each shorter than
+ * PATH_MAX) and, in *rest, the rest of the path relative to it ("." when nothing
+ * is left).  Returns 0, or an errno (nothing left open).  pyimg_path_done(*dirfd)
+ * closes it (errno kept). */
+int pyimg_path_at(const char *path, int *dirfd, const char **rest);
+void pyimg_path_done(int dirfd);
+
 /* Sets e (code > 0, a printf message) and returns -code: every fail helper of
  * the core ends in this one, so all of them take a positive code. */
 int pyimg_err_set(pyimg_err *e, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

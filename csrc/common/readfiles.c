@@ -14,9 +14,19 @@
 
 #include "common.h"
 
+/* A path of PATH_MAX bytes or more is opened a piece at a time (pyimg_path_at);
+ * any other takes the one openat(AT_FDCWD, ...) that open() is. */
 static int open_source(const char *path) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOATIME);
-    if (fd < 0 && errno == EPERM) fd = open(path, O_RDONLY | O_CLOEXEC); /* O_NOATIME needs ownership */
+    int at;
+    const char *rel;
+    int rc = pyimg_path_at(path, &at, &rel);
+    if (rc) {
+        errno = rc;
+        return -1;
+    }
+    int fd = openat(at, rel, O_RDONLY | O_CLOEXEC | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = openat(at, rel, O_RDONLY | O_CLOEXEC); /* O_NOATIME needs ownership */
+    pyimg_path_done(at);
     return fd;
 }
 
@@ -36,10 +46,17 @@ static int unchanged(int fd, int64_t want_size, int64_t want_mtime_ns) {
 int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err) {
     if (stamp_size < 0) return PYIMG_READ_OK;
     struct stat st;
-    if (stat(path, &st) != 0) {
-        *err = errno;
+    int at;
+    const char *rel;
+    int rc = pyimg_path_at(path, &at, &rel);
+    if (rc) {
+        *err = rc;
         return PYIMG_READ_OPEN;
     }
+    rc = fstatat(at, rel, &st, 0);
+    if (rc != 0) *err = errno;
+    pyimg_path_done(at);
+    if (rc != 0) return PYIMG_READ_OPEN;
     return stamp_matches(&st, stamp_size, stamp_mtime) ? PYIMG_READ_OK : PYIMG_READ_CHANGED;
 }
 

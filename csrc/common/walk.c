@@ -17,6 +17,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -205,10 +206,22 @@ static int describe(pyimg_walk *w, int dirfd, size_t prefix_len, size_t i, const
             goto done;
         }
     }
-    /* There is no llistxattrat: the path is dir + "/" + name. */
-    w->path.len = prefix_len;
-    if (pyimg_buf_append(&w->path, name, strlen(name) + 1)) return -PYIMG_ENOMEM;
-    ssize_t listed = llistxattr((const char *)w->path.data, NULL, 0);
+    /* There is no llistxattrat: the path is dir + "/" + name, or where that is too
+     * long for the kernel (PATH_MAX), the name within the directory's descriptor
+     * through /proc/self/fd (the name itself is still not followed). */
+    size_t name_len = strlen(name);
+    char via_fd[32 + NAME_MAX + 1];
+    const char *xattr_path = via_fd;
+    if (prefix_len + name_len < PATH_MAX) {
+        w->path.len = prefix_len;
+        if (pyimg_buf_append(&w->path, name, name_len + 1)) return -PYIMG_ENOMEM;
+        xattr_path = (const char *)w->path.data;
+    } else if (snprintf(via_fd, sizeof via_fd, "/proc/self/fd/%d/%s", dirfd, name) >= (int)sizeof via_fd) {
+        flags |= PYIMG_WALK_XATTRS; /* not reached: readdir gives names of at most NAME_MAX bytes */
+        err = ENAMETOOLONG;
+        goto done;
+    }
+    ssize_t listed = llistxattr(xattr_path, NULL, 0);
     if (listed > 0) {
         flags |= PYIMG_WALK_HAS_XATTRS;
     } else if (listed < 0 && errno != ENOTSUP && errno != EOPNOTSUPP && errno != ENOSYS) {
@@ -255,7 +268,15 @@ int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out
     pyimg_buf_append(&w->path, path, path_len);
     if (path_len && path[path_len - 1] != '/') pyimg_buf_append(&w->path, "/", 1);
 
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int at;
+    const char *rel;
+    int rc = pyimg_path_at(path, &at, &rel); /* a path of PATH_MAX bytes or more: in pieces */
+    if (rc) {
+        out->dir_errno = rc;
+        return fail(w, PYIMG_ESOURCE, "cannot open the directory");
+    }
+    int fd = openat(at, rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    pyimg_path_done(at);
     DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
     if (!dir) {
         out->dir_errno = errno;

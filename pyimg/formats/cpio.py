@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 MAGIC = b"070701"
 TRAILER = b"TRAILER!!!"
 FIELD_MAX = 0xFFFFFFFF  # every header field is 8 hex digits
+# The kernel's unpacker (init/initramfs.c do_header) skips, without a word, an entry
+# whose name with its NUL is longer than PATH_MAX, or a symlink whose target is; and
+# creates nothing for a name component over NAME_MAX.  Refused here instead.
+PATH_MAX = 4096
+NAME_MAX = 255
 CHUNK = 1 << 20  # bytes handed to the compressor / written at once
 BATCH_BYTES = 1 << 20  # small files read by one C call, up to this many bytes
 BIG_FILE = 256 << 10  # files above this are streamed in CHUNKs, not batched
@@ -207,9 +212,23 @@ def _trailer() -> bytes:
 
 def check_limits(tree: FrozenTree, drop_xattrs: bool = False) -> None:
     """Refuse what newc cannot hold (every number is 32 bits; no xattrs, unless they
-    are to be dropped), before any data is read."""
+    are to be dropped) or the kernel would not unpack (names and symlink targets
+    longer than Linux allows), before any data is read."""
     for node in tree.nodes:
         inode = node.inode
+        path = node.path
+        if len(path) >= PATH_MAX:
+            raise LimitError(
+                f"path of {len(path)} bytes: the kernel unpacks cpio names of at most {PATH_MAX - 1} "
+                "(it skips longer ones silently)",
+                node.image_path,
+            )
+        if len(path) > NAME_MAX and len(node.name) > NAME_MAX:  # only a long path holds a long name
+            raise LimitError(f"name of {len(node.name)} bytes (Linux allows {NAME_MAX})", node.image_path)
+        if inode.kind is Kind.SYMLINK and len(inode.target) >= PATH_MAX:
+            raise LimitError(
+                f"symlink target of {len(inode.target)} bytes (Linux allows {PATH_MAX - 1})", node.image_path
+            )
         if inode.xattrs and not drop_xattrs:
             name = sorted(inode.xattrs)[0].decode("utf-8", "backslashreplace")
             raise LimitError(

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from ..errors import OutputError, SourceError, SpecError
+from ..longpath import in_directory, is_long, via_fd
 from ..options import Policy
 from ..tree import NO_XATTRS, DataRef, Inode, new_dir
 from ..values import is_decimal
@@ -34,13 +35,23 @@ _NO_XATTR_SUPPORT = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[bytes, bytes]:
     """Every xattr of `path`, sorted by name (so the dict order never depends on the
-    file system's listing order)."""
+    file system's listing order).  A path of PATH_MAX bytes or more is read within
+    its directory (pyimg/longpath.py)."""
+    if is_long(path):
+        try:
+            return in_directory(path, lambda fd, name: _read_xattrs(via_fd(fd, name), follow_symlinks, path))
+        except OSError as exc:  # the directory could not be opened
+            raise SourceError(f"cannot list xattrs: {exc.strerror}", path) from exc
+    return _read_xattrs(path, follow_symlinks, path)
+
+
+def _read_xattrs(path: str | bytes, follow_symlinks: bool, shown: str | bytes) -> Mapping[bytes, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=follow_symlinks)
     except OSError as exc:
         if exc.errno in _NO_XATTR_SUPPORT:
             return NO_XATTRS
-        raise SourceError(f"cannot list xattrs: {exc.strerror}", path) from exc
+        raise SourceError(f"cannot list xattrs: {exc.strerror}", shown) from exc
     if not names:  # the common case: keep it cheap
         return NO_XATTRS
     xattrs: dict[bytes, bytes] = {}
@@ -50,7 +61,7 @@ def read_xattrs(path: str | bytes, *, follow_symlinks: bool = False) -> Mapping[
         except OSError as exc:
             if exc.errno == errno.ENODATA:  # removed between list and get
                 continue
-            raise SourceError(f"cannot read xattr {name!r}: {exc.strerror}", path) from exc
+            raise SourceError(f"cannot read xattr {name!r}: {exc.strerror}", shown) from exc
     return xattrs
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 from .._ffi import check, check_handle, ffi, lib
 from ..errors import SourceError
+from ..longpath import stat_long
 from ..tree import NO_XATTRS, DataRef, Inode, Kind, Tree, kind_from_mode
 from . import Rules, read_xattrs
 
@@ -62,7 +63,7 @@ def add_directory(
     # DataRef wants str anyway; the C walker gets them back as bytes (os.fsencode).
     top = os.fsdecode(path)
     try:
-        st = os.stat(top)  # the source itself may be a symlink to a directory: follow that one
+        st = stat_long(top)  # the source itself may be a symlink to a directory: follow that one
     except FileNotFoundError as exc:
         raise SourceError("no such file or directory", path) from exc
     except OSError as exc:

@@ -6,9 +6,11 @@ is the minimum to prove the initramfs.)"""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,44 @@ def test_initramfs_only_boot_reaches_its_marker(tmp_path: Path, debian_kernel: K
     pyimg.build([str(tree)], str(archive), format="cpio", compression="zstd", owner="root", epoch=0)
     out = boot(debian_kernel, archive, None, "rdinit=/init")
     assert "CPIO-ONLY up:" in out, out[-3000:]
+
+
+def test_the_longest_cpio_path_pyimg_writes_is_unpacked(tmp_path: Path, debian_kernel: KernelFiles) -> None:
+    """pyimg refuses cpio names of 4096 bytes or more (with their NUL, more than
+    PATH_MAX): the kernel's unpacker skips them without a word — an archive made
+    before that check, with a file at 6 KiB of path, booted with its 20 levels below
+    4096 bytes and nothing deeper.  The longest name it lets through, 4095 bytes, is
+    unpacked: the guest finds the file."""
+    levels = [f"{i:02d}-" + "d" * 197 for i in range(20)]
+    deep = "deep/" + "/".join(levels)
+    leaf = "f" * (4095 - len(deep) - 1)
+    assert len(f"{deep}/{leaf}") == 4095
+    archive_tar = tmp_path / "tree.tar"
+    with tarfile.open(archive_tar, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode in (("bin", 0o755), ("proc", 0o755), ("dev", 0o755)):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, mode
+            tar.addfile(info)
+        tar.add(find_busybox(), arcname="bin/busybox")
+        init = (
+            "#!/bin/busybox sh\nB=/bin/busybox\ncd /deep\n"
+            + "".join(f"cd {level} || $B echo LEVEL-MISSING\n" for level in levels)
+            + f'[ -f {leaf} ] && $B echo "DEEPEST $($B cat {leaf})" || $B echo DEEPEST-MISSING\n'
+            + "$B poweroff -f\n"
+        ).encode()
+        info = tarfile.TarInfo("init")
+        info.mode, info.size = 0o755, len(init)
+        tar.addfile(info, io.BytesIO(init))
+        path = "deep"
+        for level in ["", *levels]:
+            path = f"{path}/{level}" if level else path
+            info = tarfile.TarInfo(path)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        info = tarfile.TarInfo(f"{deep}/{leaf}")
+        info.size = 9
+        tar.addfile(info, io.BytesIO(b"4095-byte"))
+    archive = tmp_path / "deep.cpio"
+    pyimg.build([str(archive_tar)], str(archive), format="cpio", owner="root", epoch=0)
+    out = boot(debian_kernel, archive, None, "rdinit=/init")
+    assert "DEEPEST 4095-byte" in out and "MISSING" not in out, out[-3000:]

@@ -9,7 +9,6 @@ CI=true); the tarball is cached by scripts/debian-root.sh."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from pyimg.boot.run import BootOptions, boot
 from tests.boot.qemu_support import assert_gone, kernel
 
 __all__ = ["kernel"]  # fixtures
-from tests.oracles import IN_CI, require_tool
+from tests.oracles import debian_root_tarball
 
 REPO = Path(__file__).resolve().parents[2]
 MULTI_USER = r"Reached target .*Multi-User System"
@@ -38,16 +37,7 @@ def _policy_fields() -> set[str]:
 
 @pytest.fixture(scope="module")
 def debian_tar() -> Path:
-    require_tool("mmdebstrap")
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "debian-root.sh")], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        message = f"cannot make the Debian root: {proc.stderr.strip()[-2000:]}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return Path(proc.stdout.strip())
+    return debian_root_tarball()
 
 
 @pytest.mark.parametrize("fmt", ["ext4", "squashfs"])

@@ -287,6 +287,33 @@ def test_limits_refused_before_any_data(tmp_path: Path, bad: Inode, reason: str)
     assert reason in str(err.value) and "/x" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("path", "bad", "reason"),
+    [
+        # The kernel's unpacker skips a name longer than PATH_MAX with its NUL, silently.
+        (b"/".join([b"d" * 200] * 20) + b"/" + b"f" * 76, Inode(Kind.FILE, 0o644, 0, 0, 0), "of 4096 bytes"),
+        (b"d/" + b"n" * 256, Inode(Kind.DIR, 0o755, 0, 0, 0), "name of 256 bytes"),
+        (b"l", Inode(Kind.SYMLINK, 0o777, 0, 0, 0, 4096, b"t" * 4096), "symlink target of 4096 bytes"),
+    ],
+    ids=["path-over-4095", "name-over-255", "symlink-target-over-4095"],
+)
+def test_what_linux_cannot_unpack_is_refused(tmp_path: Path, path: bytes, bad: Inode, reason: str) -> None:
+    tree = Tree(new_dir())
+    tree.add(path, bad)
+    with pytest.raises(LimitError) as err:
+        archive_bytes(tmp_path, tree)
+    assert reason in str(err.value) and err.value.path == "/" + path.decode(), err.value
+
+
+def test_longest_path_the_kernel_unpacks(tmp_path: Path) -> None:
+    """A name of 4095 bytes (4096 with its NUL, PATH_MAX) is still written."""
+    path = b"/".join([b"d" * 200] * 20) + b"/" + b"f" * 75
+    assert len(path) == 4095
+    tree = Tree(new_dir())
+    tree.add(path, Inode(Kind.FILE, 0o644, 0, 0, 0))
+    assert path + b"\0" in archive_bytes(tmp_path, tree)
+
+
 @pytest.mark.parametrize("text", ["xz", "gzip:0", "gzip:10", "zstd:20", "none:3", "zstd:fast"])
 def test_bad_compression_is_refused(text: str) -> None:
     with pytest.raises(SpecError):

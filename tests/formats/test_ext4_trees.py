@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import pyimg
 
 from ..ext4_oracle import e2fsck_clean, snapshot_image
-from ..oracles import fix_mtimes, make_varied_tree, run_cli, snapshot
+from ..oracles import assert_same_snapshot, fix_mtimes, make_varied_tree, run_cli, snapshot
 
 
 def build(
@@ -58,6 +59,29 @@ def test_real_tree_round_trip(tmp_path: Path) -> None:
     image, result = build(tmp_path, stdlib, exclude=["site-packages", "__pycache__"])
     assert result.entries > 1000
     assert_image_is(stdlib, image, tmp_path, skip_parts={"site-packages", "__pycache__"})
+
+
+def test_oracle_reads_awkward_names_and_acls(tmp_path: Path) -> None:
+    """The debugfs oracle itself: names with a backslash (systemd's "\\x2d" unit
+    names) and a double quote reach debugfs as they are (libss quoting), and an ACL
+    too long for `stat` to print is read raw (`ea_get -r`) and decoded from ext4's
+    form like a short one."""
+    src = tmp_path / "src"
+    (src / 'dir "quoted"').mkdir(parents=True)
+    (src / "system-systemd\\x2dcryptsetup.slice").write_bytes(b"[Unit]\n")
+    (src / 'dir "quoted"/back\\slash').write_bytes(b"x")
+    named = [(0x02, 4, uid) for uid in (1000, 1001, 1002)]  # 44 bytes in ext4's form
+    none = 0xFFFFFFFF
+    entries = [(0x01, 6, none), *named, (0x04, 4, none), (0x10, 4, none), (0x20, 4, none)]
+    long_acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(src / 'dir "quoted"/back\\slash', "system.posix_acl_access", long_acl)
+    os.setxattr(src / 'dir "quoted"', "user.quoted", b'say "hi"')
+    fix_mtimes(src)
+    image, _ = build(tmp_path, src)
+    want = snapshot(src, acls=True)
+    assert want['dir "quoted"/back\\slash'][-1] == {"system.posix_acl_access": ("acl", tuple(entries))}
+    (tmp_path / "debugfs").mkdir()
+    assert_same_snapshot(want, snapshot_image(image, tmp_path / "debugfs", acls=True))
 
 
 @pytest.mark.slow
