@@ -187,12 +187,17 @@ _CHUNK = 1 << 20
 class Spool:
     """One temporary file (in `directory`, by default $TMPDIR; mode 0600) holding the
     data of members of compressed tar archives, which cannot be pointed into.
-    Created on first use, deleted by close().  collect() keeps it out of every
-    directory source (collect.spool_directory)."""
+    Created on first use, closed by close().  It has no name in any directory: the
+    tree's DataRefs reach it as /proc/self/fd/N (_unnamed_temp), so a build killed
+    even by `kill -9` leaves nothing behind, and no source can read it.  collect()
+    keeps it out of every directory source all the same (collect.spool_directory),
+    for the last resort of a named file."""
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = directory
-        self.path: str | None = None
+        self.path: str | None = None  # what DataRefs name: /proc/self/fd/N, or the file's name
+        self._name: str | None = None  # a name to remove on close (the last resort only)
+        self._shown = ""  # what its errors name: its directory, or its name
         self._fd = -1
         self._end = 0
 
@@ -217,7 +222,7 @@ class Spool:
             if os.fstat(fd).st_size < self._end:  # the member ended in a hole
                 os.ftruncate(fd, self._end)
         except OSError as exc:
-            raise OutputError(f"cannot extend the temporary spool file: {exc.strerror}", path) from exc
+            raise OutputError(f"cannot extend the temporary spool file: {exc.strerror}", self._shown) from exc
         return DataRef.at(path, offset, size)
 
     def _open(self) -> tuple[int, str]:
@@ -225,9 +230,11 @@ class Spool:
             import tempfile  # on first use: most builds never spool
 
             try:
-                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-", dir=self.directory)
-            except OSError as exc:
-                raise OutputError(f"cannot create a temporary spool file: {exc.strerror}") from exc
+                where = self.directory if self.directory is not None else tempfile.gettempdir()
+            except OSError as exc:  # FileNotFoundError: no usable temporary directory
+                raise OutputError(f"cannot create a temporary spool file: {exc}") from exc
+            self._fd, self.path, self._name = _unnamed_temp(where)
+            self._shown = self._name or where
         return self._fd, self.path
 
     def _write(self, fd: int, data: bytes, offset: int) -> None:
@@ -238,13 +245,47 @@ class Spool:
                 view = view[written:]
                 offset += written
         except OSError as exc:
-            raise OutputError(f"cannot write the temporary spool file: {exc.strerror}", self.path) from exc
+            raise OutputError(f"cannot write the temporary spool file: {exc.strerror}", self._shown) from exc
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self.path is not None:
+        if self._name is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            self.path = None
+                os.unlink(self._name)
+            self._name = None
+        self.path = None
+
+
+def _unnamed_temp(where: str) -> tuple[int, str, str | None]:
+    """A temp file in `where` that no directory lists, as (fd, path, None); the path,
+    /proc/self/fd/N, reopens it in this process only.  With O_TMPFILE where the file
+    system has it, else a named file unlinked at once.  Where /proc cannot reopen
+    it: a named file, (fd, name, name), removed by Spool.close()."""
+    import tempfile
+
+    def named(where: str) -> tuple[int, str]:
+        try:
+            return tempfile.mkstemp(prefix="pyimg-spool-", dir=where)
+        except OSError as exc:
+            raise OutputError(f"cannot create a temporary spool file: {exc.strerror}", where) from exc
+
+    name: str | None = None
+    try:
+        fd = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except (AttributeError, OSError):  # no O_TMPFILE here
+        fd, name = named(where)
+    path = f"/proc/self/fd/{fd}"
+    try:
+        reachable = os.path.samestat(os.stat(path), os.fstat(fd))
+    except OSError:
+        reachable = False
+    if not reachable:  # no /proc: only a name reaches the file
+        if name is None:
+            os.close(fd)
+            fd, name = named(where)
+        return fd, name, name
+    if name is not None:
+        os.unlink(name)
+    return fd, path, None

@@ -555,3 +555,24 @@ def test_undecodable_names_round_trip(tmp_path: Path) -> None:
         assert content(entry(c, raw_name).data) == b"x"
         assert entry(c, b"link").target == b"target-\xfe"
         assert content(entry(c, b"t/" + raw_name).data) == b"y"
+
+
+@pytest.mark.parametrize("o_tmpfile", [True, False])
+def test_the_spool_has_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o_tmpfile: bool) -> None:
+    """The spool is reached as /proc/self/fd/N and listed in no directory, with
+    O_TMPFILE or without (a named file unlinked at once): a build killed by kill -9
+    leaves no spool file behind (it left pyimg-spool-* in $TMPDIR, or beside the
+    output when TMPDIR lies in a source)."""
+    from pyimg.sources import Spool
+
+    if not o_tmpfile:
+        monkeypatch.delattr(os, "O_TMPFILE")
+    spool = Spool(str(tmp_path))
+    try:
+        ref = spool.store(io.BytesIO(b"member data"), 11, "a.tar.gz:m")
+        assert os.listdir(tmp_path) == []
+        assert ref.path == spool.path and ref.path.startswith("/proc/self/fd/")
+        assert content(ref) == b"member data"
+    finally:
+        spool.close()
+    assert spool.path is None and os.listdir(tmp_path) == []
