@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,31 @@ def test_a_signal_during_the_commit_completes_it(tmp_path: Path, monkeypatch: py
     assert caught.value.committed
     assert out.exists() and manifest.exists()
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_a_signal_after_the_commit_says_the_image_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in build()'s cleanup after the commit (here as the GC pause ends) is
+    Interrupted(committed=True): it was a bare KeyboardInterrupt, and the CLI said
+    "no image written" over the new image."""
+    import contextlib
+
+    import pyimg.api
+
+    src = _tree(tmp_path)
+    out, manifest = tmp_path / "img.sqfs", tmp_path / "img.json"
+
+    @contextlib.contextmanager
+    def paused_then_interrupted() -> Iterator[None]:
+        yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyimg.api, "gc_paused", paused_then_interrupted)
+    with pytest.raises(Interrupted) as caught:
+        pyimg.build([str(src)], str(out), manifest=str(manifest), epoch=0)
+    assert caught.value.committed
+    assert out.read_bytes()[:4] == b"hsqs" and manifest.exists()
 
 
 def test_an_interrupted_digest_leaves_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
