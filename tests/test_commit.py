@@ -114,6 +114,28 @@ def test_an_interrupted_digest_leaves_no_image(tmp_path: Path, monkeypatch: pyte
     assert os.listdir(tmp_path) == ["src"]
 
 
+def test_the_temp_files_are_named_only_after_every_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With O_TMPFILE a temp file gets its name just before its rename, after all
+    the fsyncs: a kill -9 during the manifest's fsync left the image's named temp."""
+    src = _tree(tmp_path)
+    d = tmp_path / "o"
+    d.mkdir()
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(sorted(os.listdir(d)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(output.os, "fsync", fsync)
+    pyimg.build([str(src)], str(d / "img.sqfs"), manifest=str(d / "img.json"), epoch=0)
+    # The image's fsync and the manifest's (the directory's comes after the renames): no name yet.
+    assert seen[:2] == [[], []]
+    assert sorted(os.listdir(d)) == ["img.json", "img.sqfs"]
+
+
 def test_stale_named_temps_of_dead_builds_are_removed(tmp_path: Path) -> None:
     """A named temp file is locked by its build while it runs: one nobody holds is
     stale (its build died, even by kill -9) and the next build removes it; one that
