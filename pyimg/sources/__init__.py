@@ -227,14 +227,7 @@ class Spool:
 
     def _open(self) -> tuple[int, str]:
         if self._fd < 0 or self.path is None:
-            import tempfile  # on first use: most builds never spool
-
-            try:
-                where = self.directory if self.directory is not None else tempfile.gettempdir()
-            except OSError as exc:  # FileNotFoundError: no usable temporary directory
-                raise OutputError(f"cannot create a temporary spool file: {exc}") from exc
-            self._fd, self.path, self._name = _unnamed_temp(where)
-            self._shown = self._name or where
+            self._fd, self.path, self._name, self._shown = _spool_file(self.directory)
         return self._fd, self.path
 
     def _write(self, fd: int, data: bytes, offset: int) -> None:
@@ -258,34 +251,49 @@ class Spool:
         self.path = None
 
 
-def _unnamed_temp(where: str) -> tuple[int, str, str | None]:
-    """A temp file in `where` that no directory lists, as (fd, path, None); the path,
-    /proc/self/fd/N, reopens it in this process only.  With O_TMPFILE where the file
-    system has it, else a named file unlinked at once.  Where /proc cannot reopen
-    it: a named file, (fd, name, name), removed by Spool.close()."""
-    import tempfile
+def _temp_directories() -> list[str]:
+    """Where tempfile looks, in its order ($TMPDIR, $TEMP, $TMP, /tmp, /var/tmp,
+    /usr/tmp), without its probe: tempfile.gettempdir() creates and removes a file
+    in the directory it picks, and a kill -9 at that moment left the file there."""
+    found = [os.environ[var] for var in ("TMPDIR", "TEMP", "TMP") if os.environ.get(var)]
+    return [*found, "/tmp", "/var/tmp", "/usr/tmp"]
 
-    def named(where: str) -> tuple[int, str]:
+
+def _spool_file(directory: str | None) -> tuple[int, str, str | None, str]:
+    """A temp file in `directory` (else the first usable temp directory) that no
+    directory lists: (fd, /proc/self/fd/N, None, the directory); the path reopens
+    it in this process only.  With O_TMPFILE where the file system has it, else a
+    named file unlinked at once.  Where /proc cannot reopen it, the last resort: a
+    named file, (fd, name, name, name), removed by Spool.close()."""
+    error: OSError | None = None
+    for where in [directory] if directory is not None else _temp_directories():
         try:
-            return tempfile.mkstemp(prefix="pyimg-spool-", dir=where)
+            fd = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            if _reopenable(fd):
+                return fd, f"/proc/self/fd/{fd}", None, where
+            os.close(fd)  # no /proc: a name is the only way back to it
+        except AttributeError:  # no O_TMPFILE on this system
+            pass
         except OSError as exc:
-            raise OutputError(f"cannot create a temporary spool file: {exc.strerror}", where) from exc
+            error = exc  # EOPNOTSUPP on a file system without it, EISDIR on an old kernel...
+        import tempfile  # only here: the file system has no O_TMPFILE
 
-    name: str | None = None
-    try:
-        fd = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except (AttributeError, OSError):  # no O_TMPFILE here
-        fd, name = named(where)
-    path = f"/proc/self/fd/{fd}"
-    try:
-        reachable = os.path.samestat(os.stat(path), os.fstat(fd))
-    except OSError:
-        reachable = False
-    if not reachable:  # no /proc: only a name reaches the file
-        if name is None:
-            os.close(fd)
-            fd, name = named(where)
-        return fd, name, name
-    if name is not None:
+        try:
+            fd, name = tempfile.mkstemp(prefix="pyimg-spool-", dir=where)  # dir given: no probe
+        except OSError as exc:
+            error = exc
+            continue  # not a usable directory (missing, read-only): the next one
+        if not _reopenable(fd):
+            return fd, name, name, name
         os.unlink(name)
-    return fd, path, None
+        return fd, f"/proc/self/fd/{fd}", None, where
+    reason = error.strerror if error is not None else "no temporary directory"
+    raise OutputError(f"cannot create a temporary spool file: {reason}", directory)
+
+
+def _reopenable(fd: int) -> bool:
+    """Whether /proc/self/fd/N opens this very file (no /proc: it does not)."""
+    try:
+        return os.path.samestat(os.stat(f"/proc/self/fd/{fd}"), os.fstat(fd))
+    except OSError:
+        return False

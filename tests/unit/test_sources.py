@@ -576,3 +576,27 @@ def test_the_spool_has_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     finally:
         spool.close()
     assert spool.path is None and os.listdir(tmp_path) == []
+
+
+def test_the_spool_goes_to_tmpdir_without_tempfiles_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$TMPDIR (a missing one skipped, as tempfile does), found without
+    tempfile.gettempdir(), whose probe file a kill -9 could leave behind."""
+    import tempfile
+
+    from pyimg.sources import Spool
+
+    def no_probe() -> str:
+        raise AssertionError("tempfile.gettempdir() probes the directory with a file of its own")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_probe)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    monkeypatch.setenv("TEMP", str(tmp_path))
+    spool = Spool()
+    try:
+        ref = spool.store(io.BytesIO(b"x" * 100), 100, "a.tar.gz:m")
+        assert os.readlink(ref.path).startswith(f"{tmp_path}/")  # "DIR/#INODE (deleted)"
+        assert os.listdir(tmp_path) == []
+    finally:
+        spool.close()
