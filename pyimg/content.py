@@ -14,7 +14,7 @@ import errno
 import mmap
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -163,12 +163,17 @@ def ordered_map(
     items: Iterable[T],
     jobs: int,
     window: int | None = None,
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """Yield fn(item) for every item, in the order of `items`, computing up to
     `window` (default 4 x jobs) of them ahead on `jobs` threads.
 
     Exceptions surface in order too: the first failing item's exception is raised
     when its turn comes, and the pending work is cancelled.
+
+    A consumer that may stop before the end closes it (contextlib.closing): left
+    to the garbage collector, its close runs where an exception cannot propagate,
+    and a Ctrl-C while it waits for the threads was printed as "Exception ignored"
+    and lost (the build went on to exit 0).
     """
     if jobs <= 1:
         for item in items:
@@ -194,7 +199,21 @@ def ordered_map(
     finally:
         for future in pending:
             future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        _shut_down(pool)
+
+
+def _shut_down(pool: ThreadPoolExecutor) -> None:
+    """Cancel the pool's queued work and wait for its threads, even through Ctrl-C
+    (raised once they have ended: they may be using buffers their caller frees)."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 _READ_REASONS = {
