@@ -14,10 +14,10 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .api import build, digest
+from .api import BuildResult, build, digest
 from .boot.boot_cli import register as register_boot_commands
 from .boot.cli import register as register_initramfs_commands
-from .cli_support import fail, sigterm_as_interrupt
+from .cli_support import after_commit, fail, interrupted, landed, sigterm_as_interrupt
 from .errors import Interrupted, PyImgError
 from .formats import FORMATS, all_settings
 from .options import Policy
@@ -106,6 +106,7 @@ def build_command(
     """
     sigterm_as_interrupt()
     bar = ProgressBar() if not json_out else None
+    result: BuildResult | None = None
     try:
         result = build(
             sources or [],
@@ -117,6 +118,10 @@ def build_command(
             progress=bar,
             **values,
         )
+        landed(result.output)
+        if bar:
+            bar.close()
+        _report(result, json_out, quiet)
     except PyImgError as exc:
         if bar:
             bar.close()
@@ -124,13 +129,14 @@ def build_command(
     except KeyboardInterrupt as exc:
         if bar:
             bar.close()
-        if isinstance(exc, Interrupted) and exc.committed:
-            typer.echo(f"pyimg: interrupted after the commit: {exc.output} is complete", err=True)
-        else:
-            typer.echo("pyimg: interrupted; no image written", err=True)
-        raise typer.Exit(130) from None
-    if bar:
-        bar.close()
+        if result is not None:  # build() had returned: the image is complete
+            interrupted(after_commit(result.output))
+        if isinstance(exc, Interrupted) and exc.committed:  # a commit, once begun, completes
+            interrupted(after_commit(exc.output))
+        interrupted("pyimg: interrupted; no image written")
+
+
+def _report(result: BuildResult, json_out: bool, quiet: bool) -> None:
     if json_out:
         typer.echo(json.dumps(result.summary(), indent=1))
     elif not quiet:
