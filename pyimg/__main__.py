@@ -1,14 +1,14 @@
 """The `pyimg` command's entry point: `python -m pyimg …` and the console script
 (pyproject.toml).
 
-A Ctrl-C at any moment ends the command with one line and exit 130, never a
-traceback: also while the command's modules are still being imported (some 0.15 s
-of every run), and before or after a command's own handler, where Python would
-print a traceback or the CLI framework would exit 130 without a word.  So this
-module imports only sys at its top, the package's __init__ imports nothing
-eagerly, and the whole command, imports included, runs inside the `try` below.
-(A signal can still come before this module runs, while the interpreter starts:
-docs/errors.md.)
+A Ctrl-C (or SIGTERM, the same here) at any moment ends the command with one
+line and exit 130, never a traceback: also while the command's modules are still
+being imported (some 0.15 s of every run), and before or after a command's own
+handler, where Python would print a traceback or the CLI framework would exit
+130 without a word.  So this module imports only sys at its top, the package's
+__init__ imports nothing eagerly, and the whole command, imports included, runs
+inside the `try` below.  (A signal can still come before this module runs, while
+the interpreter starts: docs/errors.md.)
 """
 
 import sys
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 def main() -> None:
     try:
+        import signal
+
+        signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c)  # from the first line (as cli_support does)
         from .cli import main as command
 
         command()
@@ -28,7 +31,24 @@ def main() -> None:
     except SystemExit as exc:
         if exc.code == 130:
             _interrupted(reported=not _unreported(exc))
+        _ended()
         raise
+    _ended()
+
+
+def _ended() -> None:
+    """The command has ended by itself, and its exit code stands: SIGINT and SIGTERM
+    are ignored for what is left, the interpreter's exit (some 40 ms after a build),
+    where Python has put their default actions back and a late Ctrl-C killed the
+    process after its work was done (no message, exit -2 instead of its code)."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _sigterm_is_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _unreported(exc: SystemExit) -> bool:
