@@ -130,24 +130,11 @@ def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-HASH_WINDOW = 4 << 20  # bytes of a file mapped at a time while hashing it (counted in RSS)
+ZEROS_SIZE = 4 << 20  # zeros fed to a hasher at a time for a hole
 # Zeros to hash holes with, as pages that are never written: they all map the
 # kernel's zero page and cost no memory (bytes(n) would be 4 MB of RSS once the CLI
 # has malloc serve large blocks from its heap, see csrc/common/malloc_tune.c).
-_ZEROS = mmap.mmap(-1, HASH_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-
-
-def hash_in_place(fd: int, start: int, end: int, feed: Callable[[memoryview], object]) -> None:
-    """Feed bytes start..end of a file to `feed`, a mapped window at a time: no copy
-    into Python buffers, and one window of memory at most.  Only for ranges that
-    hold data: mapping a hole of a tmpfs file allocates it."""
-    while start < end:
-        base = start - start % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
-        length = min(end - base, HASH_WINDOW)
-        window = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
-        with window, memoryview(window) as view:
-            feed(view[start - base :])
-        start = base + length
+_ZEROS = mmap.mmap(-1, ZEROS_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
 
 
 def hash_zeros(count: int, feed: Callable[[memoryview], object]) -> None:
