@@ -42,7 +42,7 @@ def writer_for(options: BuildOptions) -> FormatWriter:
 class BuildResult:
     output: str
     format: str
-    digest: str  # BLAKE3 of the image, hex: what `pyimg digest` prints
+    digest: str  # the image digest (imagehash.py), hex: what `pyimg digest` prints
     image_size: int
     entries: int
     bytes_in: int

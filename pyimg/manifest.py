@@ -1,7 +1,7 @@
 """The manifest: what is in an image, and what made it.
 
 Every entry (path, type, mode, owner, mtime, size, BLAKE3 of content, link
-target), the image's BLAKE3 and SHA-256, the options and the versions of pyimg and
+target), the image digest (imagehash.py) and SHA-256, the options and the versions of pyimg and
 its libraries.  It depends only on the image's inputs: no time, host or thread
 count, so a manifest is as reproducible as the image.
 """

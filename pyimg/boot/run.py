@@ -78,7 +78,7 @@ class BootResult:
     reason: str  # one of the reason codes above
     message: str  # a sentence for people
     image: str
-    image_digest: str  # BLAKE3 of the image, as `pyimg digest` prints it
+    image_digest: str  # the image digest (imagehash.py), as `pyimg digest` prints it
     image_format: str
     kernel: str
     kernel_digest: str
