@@ -34,7 +34,8 @@ def test_a_terabyte_image_of_a_small_tree_costs_megabytes(tmp_path: Path) -> Non
     result = pyimg.build([str(_tree(tmp_path))], str(out), format="ext4", size="1T")
     assert out.stat().st_size == 1 << 40 == result.image_size
     allocated = out.stat().st_blocks * 512
-    assert allocated < 200 << 20, f"{allocated} bytes allocated for a 1 TiB image of 150 kB"
+    # 8192 groups: descriptors and their backups, the used groups' bitmaps (measured 17 MB)
+    assert allocated < 40 << 20, f"{allocated} bytes allocated for a 1 TiB image of 150 kB"
     assert result.digest == pyimg.digest(str(out), sha256=False).blake3
     e2fsck_clean(out)
 

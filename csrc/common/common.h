@@ -82,6 +82,8 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
  * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
  * numbered from first_block.  cap: room in the two arrays (ceil(size / block)
  * always suffices).  Returns the number of runs, -PYIMG_EINVAL if cap is too small. */
+/* Whether len bytes at p are all zero. */
+int pyimg_all_zero(const uint8_t *p, size_t len);
 int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t first_block,
                          uint32_t *run_first, uint32_t *run_count, size_t cap);
 /* pyimg_read_batch, and for each file read its non-zero block runs (as

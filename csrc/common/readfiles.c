@@ -120,7 +120,7 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
 
 /* A block of zeros (len may be short: the file's last block): the first byte is
  * zero and every byte equals the next one. */
-static int all_zero(const uint8_t *p, size_t len) { return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0); }
+int pyimg_all_zero(const uint8_t *p, size_t len) { return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0); }
 
 int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_t first_block,
                          uint32_t *run_first, uint32_t *run_count, size_t cap) {
@@ -129,7 +129,7 @@ int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uin
     for (uint64_t b = 0; b < blocks; b++) {
         uint64_t off = b * block;
         size_t len = size - off < block ? (size_t)(size - off) : block;
-        if (all_zero(data + off, len)) continue;
+        if (pyimg_all_zero(data + off, len)) continue;
         uint32_t lblk = (uint32_t)(first_block + b);
         if (nruns && run_first[nruns - 1] + run_count[nruns - 1] == lblk) {
             run_count[nruns - 1]++;

@@ -75,7 +75,7 @@ static void encode_super(const pyimg_ext4 *h, uint8_t *sb, uint32_t group, const
 }
 
 static void encode_desc(const pyimg_ext4 *h, uint8_t *d, uint32_t group, uint32_t free_blocks, uint32_t free_inodes,
-                        uint32_t dirs, uint32_t bb_csum, uint32_t ib_csum) {
+                        uint32_t dirs, uint32_t bb_csum, uint32_t ib_csum, uint16_t flags) {
     memset(d, 0, h->desc_size);
     uint32_t unused = h->csum ? free_inodes : 0; /* the used inodes are a prefix of every group */
     put_le32(d + E4_GD_BLOCK_BITMAP_LO, (uint32_t)h->bb_loc[group]);
@@ -84,7 +84,7 @@ static void encode_desc(const pyimg_ext4 *h, uint8_t *d, uint32_t group, uint32_
     put_le16(d + E4_GD_FREE_BLOCKS_LO, (uint16_t)free_blocks);
     put_le16(d + E4_GD_FREE_INODES_LO, (uint16_t)free_inodes);
     put_le16(d + E4_GD_USED_DIRS_LO, (uint16_t)dirs);
-    put_le16(d + E4_GD_FLAGS, h->csum ? 0x0004 : 0); /* EXT4_BG_INODE_ZEROED: tables are written whole */
+    put_le16(d + E4_GD_FLAGS, flags);
     put_le16(d + E4_GD_BLOCK_BITMAP_CSUM_LO, h->csum ? (uint16_t)bb_csum : 0);
     put_le16(d + E4_GD_INODE_BITMAP_CSUM_LO, h->csum ? (uint16_t)ib_csum : 0);
     put_le16(d + E4_GD_ITABLE_UNUSED_LO, (uint16_t)unused);
@@ -201,7 +201,9 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, const pyimg_out *out) {
             else free_blocks++;
         }
         uint32_t bb_csum = pyimg_crc32c(h->csum_seed, bmp, bpg / 8);
-        if ((rc = e4_pwrite(h, out, bmp, E4_BS, h->bb_loc[g] * E4_BS))) goto done;
+        /* A bitmap of zeros is left unwritten: the region starts as zeros (the same
+         * bytes, as a hole: most groups of a large --size image are empty). */
+        if (!pyimg_all_zero(bmp, E4_BS) && (rc = e4_pwrite(h, out, bmp, E4_BS, h->bb_loc[g] * E4_BS))) goto done;
         /* inode bitmap: inodes 1..max_ino are in use; bits past ipg are padding (set) */
         memset(bmp, 0, E4_BS);
         uint32_t used_inodes = 0, dirs = 0;
@@ -212,10 +214,20 @@ int pyimg_ext4_finalize(pyimg_ext4 *h, const pyimg_out *out) {
             used_inodes++;
             if (h->inodes[ino].used && S_ISDIR(h->inodes[ino].mode)) dirs++;
         }
-        for (uint32_t k = ipg; k < E4_BS * 8; k++) bmp[k / 8] |= (uint8_t)(1u << (k % 8));
-        uint32_t ib_csum = pyimg_crc32c(h->csum_seed, bmp, ipg / 8);
-        if ((rc = e4_pwrite(h, out, bmp, E4_BS, h->ib_loc[g] * E4_BS))) goto done;
-        encode_desc(h, gdt + (size_t)g * h->desc_size, g, free_blocks, ipg - used_inodes, dirs, bb_csum, ib_csum);
+        uint16_t flags = h->csum ? 0x0004 : 0; /* EXT4_BG_INODE_ZEROED: the table reads as zeros past its inodes */
+        uint32_t ib_csum = 0;
+        if (h->csum && !used_inodes) {
+            /* EXT4_BG_INODE_UNINIT: a group without inodes in use has no inode bitmap
+             * on disk (kernel and e2fsck take it as zeros), so it is not written: its
+             * padding bits would make it the one non-zero block of an empty group. */
+            flags |= 0x0001;
+        } else {
+            for (uint32_t k = ipg; k < E4_BS * 8; k++) bmp[k / 8] |= (uint8_t)(1u << (k % 8));
+            ib_csum = pyimg_crc32c(h->csum_seed, bmp, ipg / 8);
+            if ((rc = e4_pwrite(h, out, bmp, E4_BS, h->ib_loc[g] * E4_BS))) goto done;
+        }
+        encode_desc(h, gdt + (size_t)g * h->desc_size, g, free_blocks, ipg - used_inodes, dirs, bb_csum, ib_csum,
+                    flags);
         if ((rc = write_inode_table(h, out, g, table, treebuf, treecap))) goto done;
     }
     for (uint32_t i = 1; i <= h->max_ino; i++) {
