@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._ffi import Callback, check, check_handle, ffi, lib
+from ..cache import BuildCache
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError
 from ..options import BuildOptions
@@ -116,8 +117,14 @@ class SquashfsWriter:
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.sq
         image = ImageFile(region, start=SUPERBLOCK_SIZE)
-        stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
-        placement = stream.write(files, image, progress)
+        cache_options = self.options.cache
+        cache = BuildCache(cache_options.cache, cache_options.cache_max) if cache_options.cache else None
+        try:
+            stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup, cache)
+            placement = stream.write(files, image, progress)
+        finally:
+            if cache is not None:
+                cache.close()
 
         tables = _Tables(self.spec, tree, ids, placement, file_inos)
         super_fields = tables.write(image, stream.fragment_table)
@@ -164,6 +171,8 @@ class SquashfsWriter:
                 bytes_used=bytes_used,
                 compressed_data=stream.bytes_stored,
             ),
+            warnings=list(cache.warnings) if cache is not None else [],
+            cache=cache.stats if cache is not None else None,
         )
 
 
