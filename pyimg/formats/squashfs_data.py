@@ -325,7 +325,7 @@ class DataStream:
         else:  # entirely inside a hole: nothing to compress
             full = self._full_blocks(len(data), piece.last)
             blocks, raw_sizes = [None] * full, [self.block_size] * full
-            if full * self.block_size < len(data) and not (self.fragments and piece.last):
+            if full * self.block_size > len(data):  # a short last block (no fragments): its own size
                 raw_sizes[-1] = len(data) - (full - 1) * self.block_size
             tail = memoryview(data)[full * self.block_size :]
         tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
