@@ -118,7 +118,11 @@ class EntryWriter:
         self.fd, self.tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=cache.directory)
         self.hasher = blake3.blake3()
         self.words: list[int] = []
-        self._write(HEADER.pack(MAGIC, FORMAT_VERSION, key), hashed=False)
+        try:
+            self._write(HEADER.pack(MAGIC, FORMAT_VERSION, key), hashed=False)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, data: bytes, hashed: bool = True) -> None:
         view = memoryview(data)
@@ -278,9 +282,9 @@ class BuildCache:
             entry = None
         if entry is None:
             os.close(fd)
-            with self._lock:
-                self.stats.bad_entries += 1
-            _unlink(path)
+            if _unlink(path):  # (two lookups of one key may both find it bad: counted once)
+                with self._lock:
+                    self.stats.bad_entries += 1
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # least recently used: the mtime is the last use
