@@ -94,6 +94,7 @@ class _Done:
     tail_key: bytes | None  # BLAKE3 of the tail, for tail dedup
     digest: bytes | None  # the whole content's digest (on its last piece)
     duplicate: bool  # an earlier content has the same digest: nothing compressed
+    cache_key: bytes | None = None  # a whole content to store in the build cache (a miss)
 
 
 @dataclass(slots=True)
@@ -311,11 +312,36 @@ class DataStream:
     def _whole(self, piece: _Piece, data: memoryview, digest: bytes, duplicate: bool) -> _Done:
         if duplicate:
             return _Done(piece, [], [], b"", None, digest, True)
-        blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
+        cached, key = self._cached_whole(data, digest)
+        if cached is not None:
+            blocks, raw_sizes, tail = cached
+        else:
+            blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
         tail_key = None
         if tail and self.dedup:
             tail_key = digest if len(tail) == len(data) else blake3.blake3(tail).digest()
-        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False)
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False, key)
+
+    def _cached_whole(
+        self, data: memoryview, digest: bytes
+    ) -> tuple[tuple[list[bytes | None], list[int], memoryview] | None, bytes | None]:
+        """A content with full blocks that fits one task: its stored blocks from the
+        build cache (the data is read anyway: it was hashed with its batch), or None
+        and the key to store it under."""
+        if self.cache is None or len(data) < self.block_size:
+            return None, None
+        bs, size = self.block_size, len(data)
+        full = self._full_blocks(size, True)
+        key = BuildCache.content_key(digest, self.shape)
+        entry = self.cache.lookup(key, size, bs, full)
+        if entry is None:
+            return None, key
+        try:
+            blocks = entry.read(0, full, UNCOMPRESSED)
+        finally:
+            entry.close()
+        raw_sizes = [min(bs, size - i * bs) for i in range(full)]
+        return (blocks, raw_sizes, data[full * bs :]), None
 
     def _run_chunk(self, piece: _Piece) -> _Done:
         assert piece.reader is not None
@@ -442,6 +468,8 @@ class DataStream:
                     if not done.blocks and piece.first and piece.last:
                         placement.place(piece.content, self._place_empty(done, placement, by_digest))
                         continue
+                    if done.cache_key is not None:  # a whole content, compressed: stored when placed
+                        writer = cache.writer(done.cache_key, piece.inode.size) if cache else None
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
                         if cache is not None and piece.cache_key is not None:
