@@ -196,12 +196,18 @@ class BuildCache:
         return bool(ref.rel) and ref.offset == 0 and ref.stamp_size == ref.size
 
     def identity(self, ref: DataRef) -> Identity | None:
+        """The file's identity now, if it is still as collected.  Opened, not only
+        stat'ed: a file the build could not read is never served from the cache."""
         if not self.enabled or not self.eligible(ref):
             return None
         try:
-            st = os.stat(ref.fs_path, follow_symlinks=False)
+            fd = os.open(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
-            return None
+            return None  # (a path too long for open(2), too: the reader's way then)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         if st.st_size != ref.stamp_size or st.st_mtime_ns != ref.stamp_mtime_ns:
             return None  # changed since it was collected: the reader will say so
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -214,11 +220,12 @@ class BuildCache:
                 self.stats.stat_hits += 1
             return digest
 
-    def learn(self, ident: Identity, ref: DataRef, digest: bytes) -> None:
-        """Record a digest just computed, unless the identity could be racily clean or
-        the file changed while it was hashed."""
-        now = self.clock()
-        if max(ident[3], ident[4]) >= now - RACY_NS:
+    def learn(self, ident: Identity, ref: DataRef, digest: bytes, since: int) -> None:
+        """Record a digest just computed from a file whose identity was taken at
+        `since` (self.clock(), before it was read), unless that identity could be
+        racily clean -- a write in the same timestamp tick, during or after the read,
+        would not change it -- or the file changed while it was hashed."""
+        if max(ident[3], ident[4]) >= since - RACY_NS:
             return
         if self.identity(ref) != ident:
             return

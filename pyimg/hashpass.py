@@ -215,12 +215,13 @@ class DigestsAhead:
 
     def _one(self, ref: DataRef, threads: int) -> tuple[bytes, Any]:
         cache = self._cache
+        since = cache.clock() if cache is not None else 0
         ident = cache.identity(ref) if cache is not None else None
         digest = cache.digest_of(ident) if cache is not None and ident is not None else None
         if digest is None:
             digest = hash_big(ref, threads)
             if cache is not None and ident is not None:
-                cache.learn(ident, ref, digest)
+                cache.learn(ident, ref, digest, since)
         return digest, (self._then(ref, digest) if self._then is not None else None)
 
     def next(self) -> bytes:
