@@ -90,23 +90,35 @@ ProgressCallback = Callable[[int, int], None]
 def build_with(options: BuildOptions, progress: ProgressCallback | None = None) -> BuildResult:
     """Build the image that `options` describes, exactly: the environment is not
     read here (SOURCE_DATE_EPOCH is applied by options_for and the spec loader, which
-    make BuildOptions), so options built by hand give the same image anywhere."""
-    with gc_paused():
-        return _build(options, progress)
+    make BuildOptions), so options built by hand give the same image anywhere.
 
-
-def _build(options: BuildOptions, progress: ProgressCallback | None) -> BuildResult:
+    Ctrl-C (KeyboardInterrupt) raises Interrupted, whose `committed` is whether the
+    outputs had landed when it came: asked of the outputs themselves, at the last
+    moment before this returns, so a signal in any cleanup after the commit (the
+    prescan's, the spool's, the GC's) is still reported as after the commit."""
     started = time.monotonic()
-    writer = writer_for(options)  # validates format options before any work
-    check_output_not_input(options)
-    targets = _Targets(options)  # every output path checked before any work
+    targets: _Targets | None = None
+    try:
+        writer = writer_for(options)  # validates format options before any work
+        check_output_not_input(options)
+        targets = _Targets(options)  # every output path checked before any work
+        with gc_paused():
+            return _build(options, writer, targets, progress, started)
+    except KeyboardInterrupt as exc:
+        committed = targets is not None and targets.committed()
+        raise Interrupted(options.output, committed=committed) from exc
+
+
+def _build(
+    options: BuildOptions,
+    writer: FormatWriter,
+    targets: _Targets,
+    progress: ProgressCallback | None,
+    started: float,
+) -> BuildResult:
     prescan = writer.prescan()  # the writer's work on files that can start now
     try:
         return _collect_and_write(options, writer, prescan, targets, progress, started)
-    except KeyboardInterrupt as exc:
-        if targets.committed():
-            raise Interrupted(options.output, committed=True) from exc
-        raise Interrupted(options.output, committed=False) from exc
     finally:
         if prescan is not None:
             prescan.close()

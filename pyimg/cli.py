@@ -15,11 +15,11 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .api import build_with, digest, options_for
+from .api import BuildResult, build_with, digest, options_for
 from .boot.boot_cli import register as register_boot_commands
 from .boot.cli import register as register_initramfs_commands
 from .cache import default_dir as cache_default_dir
-from .cli_support import fail, sigterm_as_interrupt
+from .cli_support import after_commit, fail, interrupted, landed, sigterm_as_interrupt
 from .errors import Interrupted, PyImgError, SpecError
 from .formats import FORMATS, all_settings
 from .options import CacheOptions, Policy
@@ -111,6 +111,7 @@ def build_command(
     """
     sigterm_as_interrupt()
     bar = ProgressBar() if not json_out else None
+    result: BuildResult | None = None
     try:
         if no_cache and values.get("cache") is not None:
             raise SpecError("--cache and --no-cache: give one")
@@ -122,6 +123,10 @@ def build_command(
             where = None if no_cache else cache_default_dir()
             options = dataclasses.replace(options, cache=dataclasses.replace(options.cache, cache=where))
         result = build_with(options, progress=bar)
+        landed(result.output)
+        if bar:
+            bar.close()
+        _report(result, json_out, quiet)
     except PyImgError as exc:
         if bar:
             bar.close()
@@ -129,13 +134,14 @@ def build_command(
     except KeyboardInterrupt as exc:
         if bar:
             bar.close()
-        if isinstance(exc, Interrupted) and exc.committed:
-            typer.echo(f"pyimg: interrupted after the commit: {exc.output} is complete", err=True)
-        else:
-            typer.echo("pyimg: interrupted; no image written", err=True)
-        raise typer.Exit(130) from None
-    if bar:
-        bar.close()
+        if result is not None:  # build() had returned: the image is complete
+            interrupted(after_commit(result.output))
+        if isinstance(exc, Interrupted) and exc.committed:  # a commit, once begun, completes
+            interrupted(after_commit(exc.output))
+        interrupted("pyimg: interrupted; no image written")
+
+
+def _report(result: BuildResult, json_out: bool, quiet: bool) -> None:
     for warning in result.warnings:
         typer.echo(f"pyimg: warning: {warning}", err=True)
     if json_out:

@@ -10,12 +10,13 @@ timing and memory stays bounded.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import mmap
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -163,12 +164,17 @@ def ordered_map(
     items: Iterable[T],
     jobs: int,
     window: int | None = None,
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """Yield fn(item) for every item, in the order of `items`, computing up to
     `window` (default 4 x jobs) of them ahead on `jobs` threads.
 
     Exceptions surface in order too: the first failing item's exception is raised
     when its turn comes, and the pending work is cancelled.
+
+    A consumer that may stop before the end closes it (contextlib.closing): left
+    to the garbage collector, its close runs where an exception cannot propagate,
+    and a Ctrl-C while it waits for the threads was printed as "Exception ignored"
+    and lost (the build went on to exit 0).
     """
     if jobs <= 1:
         for item in items:
@@ -190,11 +196,57 @@ def ordered_map(
                 pending.append(pool.submit(fn, item))
             if not pending:
                 return
-            yield pending.popleft().result()
+            result = pending[0].result()  # still pending while waited for: a Ctrl-C here waits for it
+            pending.popleft()
+            yield result
     finally:
-        for future in pending:
+        _shut_down(pool, pending)
+
+
+def _shut_down(pool: ThreadPoolExecutor, pending: Iterable[Future[Any]]) -> None:
+    """Cancel the queued tasks, wait for the running ones, then for the threads, each
+    step through a Ctrl-C (raised once all are done: the tasks may use buffers the
+    caller frees next).  The tasks are waited for by their futures, not by joining
+    the threads: in Python 3.11 a join that a Ctrl-C interrupts can take a running
+    thread for ended (bpo-45274)."""
+    futures = list(pending)
+
+    def cancel() -> None:
+        for future in futures:
             future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def finish() -> None:
+        # Not concurrent.futures.wait: it waits for cancelled futures to be "notified",
+        # which those cancelled in the queue never are (it hung).
+        for future in futures:
+            with contextlib.suppress(CancelledError):
+                future.exception()  # returns once the task has ended (its error is its consumer's)
+
+    interrupted: BaseException | None = None
+    for step in (cancel, finish, lambda: pool.shutdown(wait=True)):
+        try:
+            uninterrupted(step)
+        except KeyboardInterrupt as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def uninterrupted(wait: Callable[[], object]) -> None:
+    """Call `wait` until it returns, through Ctrl-C: a KeyboardInterrupt that came
+    meanwhile is raised once it has.  For waiting on work that uses buffers the
+    caller frees next (a mapped window, a pool's tasks); `wait` must be safe to
+    call again after an interruption (an Event's or a future's wait is)."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait()
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 _READ_REASONS = {

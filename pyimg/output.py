@@ -1,15 +1,18 @@
 """Atomic output: nothing partial is ever visible, and nothing piles up.
 
 Each file pyimg writes (the image, its manifest) is first a temp file in the target's
-directory.  Where the file system has O_TMPFILE the temp file has no name at all, so a
-build killed with `kill -9` leaves nothing behind; elsewhere it is named
+directory.  Where the file system has O_TMPFILE the temp file has no name until the
+commit gives it one, microseconds before its rename, so a build killed with `kill -9`
+leaves nothing behind (short of that instant); elsewhere it is named
 `.NAME.pyimg-HOST-PID-RANDOM.tmp`, locked for as long as its build runs, and the next
-build in that directory removes the ones nobody holds.  `commit` makes all of a build's outputs land together:
-every temp file is fsynced first, then they are renamed over their targets (image
-first) with SIGINT and SIGTERM held back (delivered right after), so Ctrl-C during a
-commit finishes it
-rather than tearing it; the directory is fsynced last.  On any failure before that
-the temp files are removed and the targets are left exactly as they were.
+build in that directory removes the ones nobody holds.  `commit` makes all of a
+build's outputs land together: every temp file is fsynced first, then named, then
+they are renamed over their targets (image first) with SIGINT and SIGTERM held back
+(delivered right after), so Ctrl-C during a commit finishes it rather than tearing
+it; the directory is fsynced last.  On any failure before the renames the temp files
+are removed and the targets are left exactly as they were.  Only `kill -9` between
+the two renames (nothing can hold it) lands the image without its manifest: the old
+manifest, or none, stays beside the new image.
 """
 
 from __future__ import annotations
@@ -134,14 +137,23 @@ class AtomicOutput:
             view = view[written:]
 
     def prepare(self) -> None:
-        """Everything but the rename: the usual file mode, the data on disk, and a
-        name in the directory (an O_TMPFILE file is linked to a temp name)."""
+        """The usual file mode, and the data on disk."""
         try:
             os.fchmod(self.fd, 0o666 & ~_umask())
             os.fsync(self.fd)
-            if not self.tmp:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)  # before it has a name (remove_stale_temps)
-                self.tmp = _link_anonymous(self.fd, self._temp_name())
+        except OSError as exc:
+            raise OutputError(f"cannot finish the {self.what}: {exc.strerror}", self.target) from exc
+
+    def name(self) -> None:
+        """A name in the directory, which rename() needs: an O_TMPFILE file is linked
+        to a temp name (a named temp file has one).  The last step before the
+        rename, so a `kill -9` between the two is a matter of microseconds; what it
+        leaves is a named temp file like any other, removed by the next build."""
+        if self.tmp:
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # before it has a name (remove_stale_temps)
+            self.tmp = _link_anonymous(self.fd, self._temp_name())
         except OSError as exc:
             raise OutputError(f"cannot finish the {self.what}: {exc.strerror}", self.target) from exc
 
@@ -184,11 +196,14 @@ def _link_anonymous(fd: int, path: str) -> str:
 
 
 def commit(outputs: Sequence[AtomicOutput]) -> None:
-    """Land every output: all prepared (fsynced, named) first, then renamed in order
-    with SIGINT/SIGTERM held, then their directories fsynced.  A signal that came
-    during the renames is delivered after them: the build is then complete."""
+    """Land every output: all prepared (fsynced) first, then all named, then renamed
+    in order with SIGINT/SIGTERM held, then their directories fsynced.  A signal
+    that came during the renames is delivered after them: the build is then
+    complete.  Any failure before the renames lands nothing."""
     for out in outputs:
         out.prepare()
+    for out in outputs:
+        out.name()
     with _signals_held():
         for out in outputs:
             out.rename()

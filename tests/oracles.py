@@ -397,6 +397,16 @@ def assert_same_tree(
     assert_same_snapshot(want, got)
 
 
+def without_acls(tree: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
+    """A snapshot with its POSIX ACL xattrs left out (what a squashfs --drop-acls keeps)."""
+    return {
+        path: (*item[:-1], {k: v for k, v in item[-1].items() if k not in ACL_XATTRS})
+        if isinstance(item[-1], dict)
+        else item
+        for path, item in tree.items()
+    }
+
+
 def assert_same_snapshot(
     want: dict[str, tuple[object, ...]],
     got: dict[str, tuple[object, ...]],

@@ -242,7 +242,39 @@ def test_write_failure_from_the_kernel(tmp_path: Path, fmt: str) -> None:
 
     proc = run_cli("build", str(src), "-o", str(out_dir / "img"), "--format", fmt, preexec_fn=limit)
     assert proc.returncode != 0
-    assert "File too large" in proc.stderr and str(out_dir / "img") in proc.stderr, proc.stderr
+    # ext4 knows its size before it writes: it refuses up front (Region.check_room).
+    reason = (
+        "larger than this file system (or the file size limit) allows" if fmt == "ext4" else "File too large"
+    )
+    assert reason in proc.stderr and str(out_dir / "img") in proc.stderr, proc.stderr
+    assert os.listdir(out_dir) == []
+
+
+def test_write_failure_inside_the_ext4_c_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C writer's own write errors, past the up-front check: the kernel's reason,
+    the image path, a typed error and no file left."""
+    import resource
+    import signal
+
+    import pyimg
+    from pyimg.errors import OutputError
+    from pyimg.region import Region
+
+    src = _src(tmp_path)
+    (src / "c").write_bytes(os.urandom(2 << 20))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.setattr(Region, "check_room", lambda self, end, written: None)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old_limit[1]))
+    try:
+        with pytest.raises(OutputError, match="File too large") as caught:
+            pyimg.build([str(src)], str(out_dir / "img"), format="ext4")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert caught.value.path == str(out_dir / "img")
     assert os.listdir(out_dir) == []
 
 

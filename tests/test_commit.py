@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,31 @@ def test_a_signal_during_the_commit_completes_it(tmp_path: Path, monkeypatch: py
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
+def test_a_signal_after_the_commit_says_the_image_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in build()'s cleanup after the commit (here as the GC pause ends) is
+    Interrupted(committed=True): it was a bare KeyboardInterrupt, and the CLI said
+    "no image written" over the new image."""
+    import contextlib
+
+    import pyimg.api
+
+    src = _tree(tmp_path)
+    out, manifest = tmp_path / "img.sqfs", tmp_path / "img.json"
+
+    @contextlib.contextmanager
+    def paused_then_interrupted() -> Iterator[None]:
+        yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyimg.api, "gc_paused", paused_then_interrupted)
+    with pytest.raises(Interrupted) as caught:
+        pyimg.build([str(src)], str(out), manifest=str(manifest), epoch=0)
+    assert caught.value.committed
+    assert out.read_bytes()[:4] == b"hsqs" and manifest.exists()
+
+
 def test_an_interrupted_digest_leaves_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pyimg.api
 
@@ -86,6 +112,28 @@ def test_an_interrupted_digest_leaves_no_image(tmp_path: Path, monkeypatch: pyte
         pyimg.build([str(src)], str(out), epoch=0)
     assert not caught.value.committed
     assert os.listdir(tmp_path) == ["src"]
+
+
+def test_the_temp_files_are_named_only_after_every_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With O_TMPFILE a temp file gets its name just before its rename, after all
+    the fsyncs: a kill -9 during the manifest's fsync left the image's named temp."""
+    src = _tree(tmp_path)
+    d = tmp_path / "o"
+    d.mkdir()
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(sorted(os.listdir(d)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(output.os, "fsync", fsync)
+    pyimg.build([str(src)], str(d / "img.sqfs"), manifest=str(d / "img.json"), epoch=0)
+    # The image's fsync and the manifest's (the directory's comes after the renames): no name yet.
+    assert seen[:2] == [[], []]
+    assert sorted(os.listdir(d)) == ["img.json", "img.sqfs"]
 
 
 def test_stale_named_temps_of_dead_builds_are_removed(tmp_path: Path) -> None:

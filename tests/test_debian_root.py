@@ -59,6 +59,7 @@ from .oracles import (
     tar_member_path,
     tar_snapshot,
     unsquashfs_extract,
+    without_acls,
 )
 
 pytestmark = pytest.mark.slow
@@ -182,15 +183,6 @@ def _extract(archive: Path, dest: Path) -> None:
                     os.setxattr(path, name, raw, follow_symlinks=False)  # no mtime changes
 
 
-def _without_acls(tree: Snapshot) -> Snapshot:
-    return {
-        path: (*item[:-1], {k: v for k, v in item[-1].items() if k not in ACL_XATTRS})
-        if isinstance(item[-1], dict)
-        else item
-        for path, item in tree.items()
-    }
-
-
 @dataclass
 class Root:
     work: Path
@@ -272,7 +264,7 @@ def test_squashfs_image_is_the_root_without_acls(root: Root, source: str) -> Non
         got = snapshot(extracted, acls=True, hash_content=True)
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
-    assert_same_snapshot(_without_acls(root.reference), got, names=("source", "squashfs image"))
+    assert_same_snapshot(without_acls(root.reference), got, names=("source", "squashfs image"))
 
 
 @pytest.mark.parametrize("fmt", ["ext4", "squashfs"])

@@ -37,7 +37,6 @@ from pyimg.errors import LimitError
 
 from .ext4_oracle import snapshot_image
 from .oracles import (
-    ACL_XATTRS,
     IN_CI,
     IS_ROOT,
     assert_same_snapshot,
@@ -45,6 +44,7 @@ from .oracles import (
     require_tool,
     snapshot,
     tar_snapshot,
+    without_acls,
 )
 
 PATH_MAX = 4096
@@ -126,15 +126,6 @@ def make_deep_tree(root: Path) -> list[int]:
     finally:
         for fd in dirs:
             os.close(fd)
-
-
-def _without_acls(tree: Snapshot) -> Snapshot:
-    return {
-        path: (*item[:-1], {k: v for k, v in item[-1].items() if k not in ACL_XATTRS})
-        if isinstance(item[-1], dict)
-        else item
-        for path, item in tree.items()
-    }
 
 
 @dataclass
@@ -224,7 +215,7 @@ def test_squashfs_holds_the_deep_tree(deep: Deep, tmp_path: Path) -> None:
         )
     assert proc.returncode == 0, proc.stderr
     assert_same_snapshot(
-        _without_acls(deep.reference), tar_snapshot(out, acls=True), names=("source", "sqfs2tar")
+        without_acls(deep.reference), tar_snapshot(out, acls=True), names=("source", "sqfs2tar")
     )
 
 

@@ -17,6 +17,7 @@ kernel and `cpio -i` both rebuild the group from that.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import zlib
 from array import array
@@ -100,40 +101,41 @@ def write_archive(
     empty_inos: list[int] = []
     carrier = _data_carriers(tree)
     headers = _headers(tree, carrier)
-    results = ordered_map(_read, _tasks(tree, carrier), jobs)
-    batch: _Batch | None = None
-    for index, node in enumerate(tree.nodes):
-        inode = node.inode
-        sink.add(headers[index])
-        if inode.kind is Kind.FILE:
-            size = inode.size
-            if carrier[node.ino] != index:  # an earlier link of a group: no data
-                continue
-            if not size:
-                empty_inos.append(node.ino)
-                continue
-            file_inos.append(node.ino)
-            if size > BIG_FILE:  # its chunks, in order, hashed here
-                hasher = blake3.blake3(max_threads=1)
-                for _ in range(0, size, CHUNK):
-                    chunk = next(results)
-                    assert isinstance(chunk, bytes)
-                    hasher.update(chunk)
-                    sink.add(chunk)
-                digests += hasher.digest()
-            else:
-                if batch is None or batch.next >= len(batch.sizes):
-                    batch = next(results)  # type: ignore[assignment]
-                    assert isinstance(batch, _Batch)
-                sink.add(batch.view[batch.at : batch.at + size])
-                digests += batch.digests[32 * batch.next : 32 * batch.next + 32]
-                batch.at += size
-                batch.next += 1
-            sink.add(_ZEROS[-size % 4])
-            if progress is not None:
-                progress(size)
-        elif inode.kind is Kind.SYMLINK:
-            sink.add(inode.target + _ZEROS[-len(inode.target) % 4])
+    # Closed here, not by the garbage collector: a Ctrl-C while its threads end must propagate.
+    with contextlib.closing(ordered_map(_read, _tasks(tree, carrier), jobs)) as results:
+        batch: _Batch | None = None
+        for index, node in enumerate(tree.nodes):
+            inode = node.inode
+            sink.add(headers[index])
+            if inode.kind is Kind.FILE:
+                size = inode.size
+                if carrier[node.ino] != index:  # an earlier link of a group: no data
+                    continue
+                if not size:
+                    empty_inos.append(node.ino)
+                    continue
+                file_inos.append(node.ino)
+                if size > BIG_FILE:  # its chunks, in order, hashed here
+                    hasher = blake3.blake3(max_threads=1)
+                    for _ in range(0, size, CHUNK):
+                        chunk = next(results)
+                        assert isinstance(chunk, bytes)
+                        hasher.update(chunk)
+                        sink.add(chunk)
+                    digests += hasher.digest()
+                else:
+                    if batch is None or batch.next >= len(batch.sizes):
+                        batch = next(results)  # type: ignore[assignment]
+                        assert isinstance(batch, _Batch)
+                    sink.add(batch.view[batch.at : batch.at + size])
+                    digests += batch.digests[32 * batch.next : 32 * batch.next + 32]
+                    batch.at += size
+                    batch.next += 1
+                sink.add(_ZEROS[-size % 4])
+                if progress is not None:
+                    progress(size)
+            elif inode.kind is Kind.SYMLINK:
+                sink.add(inode.target + _ZEROS[-len(inode.target) % 4])
     sink.add(_trailer())
     image_size = sink.finish()
     files = [inode for inode in tree.inodes if inode.kind is Kind.FILE]

@@ -187,12 +187,17 @@ _CHUNK = 1 << 20
 class Spool:
     """One temporary file (in `directory`, by default $TMPDIR; mode 0600) holding the
     data of members of compressed tar archives, which cannot be pointed into.
-    Created on first use, deleted by close().  collect() keeps it out of every
-    directory source (collect.spool_directory)."""
+    Created on first use, closed by close().  It has no name in any directory: the
+    tree's DataRefs reach it as /proc/self/fd/N (_unnamed_temp), so a build killed
+    even by `kill -9` leaves nothing behind, and no source can read it.  collect()
+    keeps it out of every directory source all the same (collect.spool_directory),
+    for the last resort of a named file."""
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = directory
-        self.path: str | None = None
+        self.path: str | None = None  # what DataRefs name: /proc/self/fd/N, or the file's name
+        self._name: str | None = None  # a name to remove on close (the last resort only)
+        self._shown = ""  # what its errors name: its directory, or its name
         self._fd = -1
         self._end = 0
 
@@ -217,17 +222,12 @@ class Spool:
             if os.fstat(fd).st_size < self._end:  # the member ended in a hole
                 os.ftruncate(fd, self._end)
         except OSError as exc:
-            raise OutputError(f"cannot extend the temporary spool file: {exc.strerror}", path) from exc
+            raise OutputError(f"cannot extend the temporary spool file: {exc.strerror}", self._shown) from exc
         return DataRef.at(path, offset, size)
 
     def _open(self) -> tuple[int, str]:
         if self._fd < 0 or self.path is None:
-            import tempfile  # on first use: most builds never spool
-
-            try:
-                self._fd, self.path = tempfile.mkstemp(prefix="pyimg-spool-", dir=self.directory)
-            except OSError as exc:
-                raise OutputError(f"cannot create a temporary spool file: {exc.strerror}") from exc
+            self._fd, self.path, self._name, self._shown = _spool_file(self.directory)
         return self._fd, self.path
 
     def _write(self, fd: int, data: bytes, offset: int) -> None:
@@ -238,13 +238,62 @@ class Spool:
                 view = view[written:]
                 offset += written
         except OSError as exc:
-            raise OutputError(f"cannot write the temporary spool file: {exc.strerror}", self.path) from exc
+            raise OutputError(f"cannot write the temporary spool file: {exc.strerror}", self._shown) from exc
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self.path is not None:
+        if self._name is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            self.path = None
+                os.unlink(self._name)
+            self._name = None
+        self.path = None
+
+
+def _temp_directories() -> list[str]:
+    """Where tempfile looks, in its order ($TMPDIR, $TEMP, $TMP, /tmp, /var/tmp,
+    /usr/tmp), without its probe: tempfile.gettempdir() creates and removes a file
+    in the directory it picks, and a kill -9 at that moment left the file there."""
+    found = [os.environ[var] for var in ("TMPDIR", "TEMP", "TMP") if os.environ.get(var)]
+    return [*found, "/tmp", "/var/tmp", "/usr/tmp"]
+
+
+def _spool_file(directory: str | None) -> tuple[int, str, str | None, str]:
+    """A temp file in `directory` (else the first usable temp directory) that no
+    directory lists: (fd, /proc/self/fd/N, None, the directory); the path reopens
+    it in this process only.  With O_TMPFILE where the file system has it, else a
+    named file unlinked at once.  Where /proc cannot reopen it, the last resort: a
+    named file, (fd, name, name, name), removed by Spool.close()."""
+    error: OSError | None = None
+    for where in [directory] if directory is not None else _temp_directories():
+        try:
+            fd = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            if _reopenable(fd):
+                return fd, f"/proc/self/fd/{fd}", None, where
+            os.close(fd)  # no /proc: a name is the only way back to it
+        except AttributeError:  # no O_TMPFILE on this system
+            pass
+        except OSError as exc:
+            error = exc  # EOPNOTSUPP on a file system without it, EISDIR on an old kernel...
+        import tempfile  # only here: the file system has no O_TMPFILE
+
+        try:
+            fd, name = tempfile.mkstemp(prefix="pyimg-spool-", dir=where)  # dir given: no probe
+        except OSError as exc:
+            error = exc
+            continue  # not a usable directory (missing, read-only): the next one
+        if not _reopenable(fd):
+            return fd, name, name, name
+        os.unlink(name)
+        return fd, f"/proc/self/fd/{fd}", None, where
+    reason = error.strerror if error is not None else "no temporary directory"
+    raise OutputError(f"cannot create a temporary spool file: {reason}", directory)
+
+
+def _reopenable(fd: int) -> bool:
+    """Whether /proc/self/fd/N opens this very file (no /proc: it does not)."""
+    try:
+        return os.path.samestat(os.stat(f"/proc/self/fd/{fd}"), os.fstat(fd))
+    except OSError:
+        return False

@@ -399,3 +399,33 @@ def test_dropped_xattrs_are_not_in_the_manifest(tmp_path: Path) -> None:
                          manifest=str(manifest))  # fmt: skip
     entries = {e["path"]: e for e in json.loads(manifest.read_text())["entries"]}
     assert "xattrs" not in entries["/f"] and result.artifact.facts.xattrs_dropped == 1
+
+
+def test_ctrl_c_while_the_writers_threads_end_is_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as the writer's thread pool shuts down: its threads are still waited
+    for, and the KeyboardInterrupt propagates.  The pool was shut down when the
+    garbage collector closed the generator, where the Ctrl-C was printed as
+    "Exception ignored" and lost: the build went on and exited 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tree = tmp_path / "src"
+    tree.mkdir()
+    for i in range(20):
+        (tree / f"f{i}").write_bytes(os.urandom(5000))
+    real_shutdown = ThreadPoolExecutor.shutdown
+    joins = []
+
+    def shutdown(self: ThreadPoolExecutor, wait: bool = True, **kwargs: bool) -> None:
+        if wait:
+            joins.append(self)
+            if len(joins) == 1:
+                raise KeyboardInterrupt  # as if it came while the threads were joined
+        real_shutdown(self, wait, **kwargs)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "shutdown", shutdown)
+    with pytest.raises(KeyboardInterrupt):
+        pyimg.build([str(tree)], str(tmp_path / "img.cpio"), format="cpio", jobs=2, epoch=0)
+    assert len(joins) == 2 and joins[0] is joins[1]  # joined again, to the end
+    assert not (tmp_path / "img.cpio").exists()

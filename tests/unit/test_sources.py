@@ -555,3 +555,48 @@ def test_undecodable_names_round_trip(tmp_path: Path) -> None:
         assert content(entry(c, raw_name).data) == b"x"
         assert entry(c, b"link").target == b"target-\xfe"
         assert content(entry(c, b"t/" + raw_name).data) == b"y"
+
+
+@pytest.mark.parametrize("o_tmpfile", [True, False])
+def test_the_spool_has_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o_tmpfile: bool) -> None:
+    """The spool is reached as /proc/self/fd/N and listed in no directory, with
+    O_TMPFILE or without (a named file unlinked at once): a build killed by kill -9
+    leaves no spool file behind (it left pyimg-spool-* in $TMPDIR, or beside the
+    output when TMPDIR lies in a source)."""
+    from pyimg.sources import Spool
+
+    if not o_tmpfile:
+        monkeypatch.delattr(os, "O_TMPFILE")
+    spool = Spool(str(tmp_path))
+    try:
+        ref = spool.store(io.BytesIO(b"member data"), 11, "a.tar.gz:m")
+        assert os.listdir(tmp_path) == []
+        assert ref.path == spool.path and ref.path.startswith("/proc/self/fd/")
+        assert content(ref) == b"member data"
+    finally:
+        spool.close()
+    assert spool.path is None and os.listdir(tmp_path) == []
+
+
+def test_the_spool_goes_to_tmpdir_without_tempfiles_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$TMPDIR (a missing one skipped, as tempfile does), found without
+    tempfile.gettempdir(), whose probe file a kill -9 could leave behind."""
+    import tempfile
+
+    from pyimg.sources import Spool
+
+    def no_probe() -> str:
+        raise AssertionError("tempfile.gettempdir() probes the directory with a file of its own")
+
+    monkeypatch.setattr(tempfile, "gettempdir", no_probe)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    monkeypatch.setenv("TEMP", str(tmp_path))
+    spool = Spool()
+    try:
+        ref = spool.store(io.BytesIO(b"x" * 100), 100, "a.tar.gz:m")
+        assert os.readlink(ref.path).startswith(f"{tmp_path}/")  # "DIR/#INODE (deleted)"
+        assert os.listdir(tmp_path) == []
+    finally:
+        spool.close()
