@@ -514,3 +514,15 @@ def test_a_spec_names_its_cache_relative_to_itself(tree: Path, tmp_path: Path) -
     assert result.cache is not None and len(entries(tmp_path / "c")) == 5
     with pytest.raises(pyimg.errors.SpecError, match="cache_max"):
         pyimg.build([], spec=str(spec), cache_max="1K")
+
+
+def test_a_cache_inside_a_source_is_not_used(tree: Path, tmp_path: Path) -> None:
+    """It would be read into the image while being written: warned, left alone."""
+    out = str(tmp_path / "img")
+    want = pyimg.build([str(tree)], out, epoch=EPOCH).digest
+    result = pyimg.build([str(tree)], out, epoch=EPOCH, cache=str(tree / "sub" / "cache"))
+    assert result.digest == want and result.cache is None
+    assert result.warnings == [
+        f"build cache {tree / 'sub' / 'cache'}: inside the source {tree}; building without it"
+    ]
+    assert not (tree / "sub").exists()
