@@ -11,6 +11,7 @@ then builds warm at every jobs and without a cache: one digest.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import struct
@@ -485,8 +486,9 @@ def test_eviction_keeps_the_cache_under_its_limit(tmp_path: Path) -> None:
 def test_the_cli_uses_the_user_cache_by_default(tree: Path, tmp_path: Path) -> None:
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     out = str(tmp_path / "img")
-    proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "-q", env=env)
+    proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cache"]["content_stored"] == 5
     assert len(entries(tmp_path / "xdg" / "pyimg" / "build")) == 5
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg2")
     proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "-q", "--no-cache", env=env)
