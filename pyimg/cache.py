@@ -64,10 +64,15 @@ def default_dir() -> str:
 
 
 def compressor_versions() -> bytes:
-    """The compression libraries' versions: a new one may compress differently."""
+    """pyimg's version and the compression libraries': a new one may compress (or
+    set its compressor up) differently.  A change to how a block is stored within
+    one version must bump FORMAT_VERSION."""
     import zstandard
 
-    return f"zstd {zstandard.ZSTD_VERSION} zlib {zlib.ZLIB_RUNTIME_VERSION} py {sys.version}".encode()
+    from . import __version__
+
+    libraries = f"zstd {zstandard.ZSTD_VERSION} zlib {zlib.ZLIB_RUNTIME_VERSION} py {sys.version}"
+    return f"pyimg {__version__} {libraries}".encode()
 
 
 @dataclass
