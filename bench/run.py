@@ -377,7 +377,8 @@ def build_command(
         argv = [tool.binary, "build", str(src), "-o", str(out), "--format", tool.fmt]
         if tool.fmt == "squashfs":
             argv += ["--compression", f"zstd:{lvl}", "--block-size", "128K"]
-        return [*argv, "--jobs", n, "--epoch", "0", "--owner", "root"], {}
+        # --no-cache: every row is a clean build (the CLI's build cache is on by default).
+        return [*argv, "--jobs", n, "--epoch", "0", "--owner", "root", "--no-cache"], {}
     if tool.name == "mksquashfs":
         return [
             tool.binary,

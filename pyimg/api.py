@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .artifact import Artifact
+from .cache import CacheStats
 from .collect import check_output_not_input, collect, drop_acls
 from .errors import Interrupted, OutputError, SpecError
 from .formats import format_spec
@@ -53,6 +54,9 @@ class BuildResult:
     artifact: Artifact  # the image as later stages take it (boot, store, a disk)
     _make_manifest: Callable[[], dict[str, Any]] = dataclasses.field(repr=False, compare=False)
     dropped_acls: list[str] = dataclasses.field(default_factory=list)  # Policy.drop_acls: paths
+    # What went wrong without failing the build (an unusable build cache): the CLI prints them.
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    cache: CacheStats | None = None  # what the build cache did (docs/cache.md), if one was used
 
     @functools.cached_property
     def manifest(self) -> dict[str, Any]:
@@ -75,6 +79,7 @@ class BuildResult:
         out["sha256"] = self.sha256
         out["artifact"] = dataclasses.replace(self.artifact, sha256=self.sha256).record()
         out["seconds"] = round(self.seconds, 3)
+        out["cache"] = dataclasses.asdict(self.cache) if self.cache is not None else None
         return out
 
 
@@ -201,6 +206,8 @@ def _collect_and_write(
         ),
         _make_manifest=make_manifest,
         dropped_acls=dropped,
+        warnings=result.warnings,
+        cache=result.cache,
     )
 
 

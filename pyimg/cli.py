@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -14,13 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .api import BuildResult, build, digest
+from .api import BuildResult, build_with, digest, options_for
 from .boot.boot_cli import register as register_boot_commands
 from .boot.cli import register as register_initramfs_commands
+from .cache import default_dir as cache_default_dir
 from .cli_support import after_commit, fail, interrupted, landed, sigterm_as_interrupt
-from .errors import Interrupted, PyImgError
+from .errors import Interrupted, PyImgError, SpecError
 from .formats import FORMATS, all_settings
-from .options import Policy
+from .options import CacheOptions, Policy
 from .settings import Setting, cli_flag, settings_of
 from .store.cli import register as register_store_commands
 
@@ -96,6 +98,9 @@ def build_command(
         bool, typer.Option("--json", help="Print the result as JSON instead of a summary.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Use no build cache.", rich_help_panel="Cache")
+    ] = False,
     **values: Any,
 ) -> None:
     """Build an image from SOURCEs (directories, tar archives, files).
@@ -108,16 +113,16 @@ def build_command(
     bar = ProgressBar() if not json_out else None
     result: BuildResult | None = None
     try:
-        result = build(
-            sources or [],
-            output,
-            format=format,
-            jobs=jobs,
-            spec=spec,
-            manifest=manifest,
-            progress=bar,
-            **values,
+        if no_cache and values.get("cache") is not None:
+            raise SpecError("--cache and --no-cache: give one")
+        options = options_for(
+            sources or [], output, format=format, jobs=jobs, spec=spec, manifest=manifest, **values
         )
+        # The CLI's cache is on by default (the API's is off: docs/cache.md).
+        if no_cache or options.cache.cache is None:
+            where = None if no_cache else cache_default_dir()
+            options = dataclasses.replace(options, cache=dataclasses.replace(options.cache, cache=where))
+        result = build_with(options, progress=bar)
         landed(result.output)
         if bar:
             bar.close()
@@ -137,6 +142,8 @@ def build_command(
 
 
 def _report(result: BuildResult, json_out: bool, quiet: bool) -> None:
+    for warning in result.warnings:
+        typer.echo(f"pyimg: warning: {warning}", err=True)
     if json_out:
         typer.echo(json.dumps(result.summary(), indent=1))
     elif not quiet:
@@ -153,6 +160,8 @@ def _setting_parameters() -> list[inspect.Parameter]:
     groups: dict[str, list[tuple[str, Setting]]] = {
         name: [("policy", meta)] for name, meta in settings_of(Policy) if meta.cli
     }
+    for name, meta in settings_of(CacheOptions):
+        groups[name] = [("cache", meta)]
     for name, declared in all_settings().items():
         groups.setdefault(name, []).extend(declared)
     params = []
@@ -160,9 +169,10 @@ def _setting_parameters() -> list[inspect.Parameter]:
         meta = declared[0][1]
         if not meta.cli:
             continue
-        formats = [fmt for fmt, _ in declared if fmt != "policy"]
-        text = " ".join(f"{fmt}: {m.help}" if fmt != "policy" else m.help for fmt, m in declared)
-        panel = " and ".join(formats) + " options" if formats else "Policy"
+        formats = [fmt for fmt, _ in declared if fmt not in ("policy", "cache")]
+        own = ("policy", "cache")
+        text = " ".join(f"{fmt}: {m.help}" if fmt not in own else m.help for fmt, m in declared)
+        panel = " and ".join(formats) + " options" if formats else declared[0][0].capitalize()
         flag = cli_flag(name)
         shown: dict[str, Any] = {"help": text, "show_default": False, "rich_help_panel": panel}
         annotation: Any

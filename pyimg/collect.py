@@ -212,6 +212,16 @@ def check_output_not_input(options: BuildOptions) -> None:
                 raise OutputError(f"{what} is also an input", path)
 
 
+def source_holding(path: str, options: BuildOptions) -> str | None:
+    """The directory source that `path` is (or lies inside), if any."""
+    target = os.path.realpath(path)
+    for spec in options.sources:
+        source = os.path.realpath(spec.path)
+        if os.path.isdir(source) and os.path.commonpath([target, source]) == source:
+            return spec.path
+    return None
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -35,6 +35,7 @@ from typing import Any, Generic, TypeVar
 import blake3
 
 from ._ffi import check, check_handle, ffi, lib
+from .cache import BuildCache
 from .content import ContentReader, hash_zeros, ordered_map
 from .tree import DataRef
 
@@ -179,14 +180,29 @@ class DigestsAhead:
     """The digests of big contents (hash_big), computed in plan order on `jobs`
     threads from the moment this is made, `window` contents ahead of the consumer:
     the stream that takes them finds each ready when it gets there.  close() cancels
-    what is left and waits for the threads."""
+    what is left and waits for the threads.
 
-    def __init__(self, refs: list[DataRef], jobs: int, window: int | None = None) -> None:
+    With a build cache (pyimg/cache.py), an unchanged file's digest comes from its
+    stat cache (the file is not read), and a digest computed is recorded there.
+    `then(ref, digest)`, if given, runs on the same threads after each digest (the
+    squashfs stream looks its content cache up there); next_with() returns its result."""
+
+    def __init__(
+        self,
+        refs: list[DataRef],
+        jobs: int,
+        window: int | None = None,
+        *,
+        cache: BuildCache | None = None,
+        then: Callable[[DataRef, bytes], Any] | None = None,
+    ) -> None:
         self._refs = iter(refs)
         self._window = window or 4 * max(1, jobs)
         self._alone = len(refs) == 1 and jobs > 1  # then blake3's own threads
+        self._cache = cache
+        self._then = then
         self._pool = ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pyimg-hash")
-        self._pending: collections.deque[Future[bytes]] = collections.deque()
+        self._pending: collections.deque[Future[tuple[bytes, Any]]] = collections.deque()
         self._fill()
 
     def _fill(self) -> None:
@@ -195,13 +211,28 @@ class DigestsAhead:
             ref = next(self._refs, None)
             if ref is None:
                 return
-            self._pending.append(self._pool.submit(hash_big, ref, threads))
+            self._pending.append(self._pool.submit(self._one, ref, threads))
+
+    def _one(self, ref: DataRef, threads: int) -> tuple[bytes, Any]:
+        cache = self._cache
+        since = cache.clock() if cache is not None else 0
+        ident = cache.identity(ref) if cache is not None else None
+        digest = cache.digest_of(ident) if cache is not None and ident is not None else None
+        if digest is None:
+            digest = hash_big(ref, threads)
+            if cache is not None and ident is not None:
+                cache.learn(ident, ref, digest, since)
+        return digest, (self._then(ref, digest) if self._then is not None else None)
 
     def next(self) -> bytes:
         """The next content's digest (its SourceError, if it could not be read)."""
-        digest = self._pending.popleft().result()
+        return self.next_with()[0]
+
+    def next_with(self) -> tuple[bytes, Any]:
+        """The next content's digest and what `then` made of it."""
+        result = self._pending.popleft().result()
         self._fill()
-        return digest
+        return result
 
     def close(self) -> None:
         for future in self._pending:

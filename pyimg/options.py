@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from .errors import SpecError
 from .settings import setting
-from .values import merge_id_maps, parse_epoch, parse_excludes, parse_id_map, parse_owner
+from .values import merge_id_maps, parse_epoch, parse_excludes, parse_id_map, parse_owner, parse_size
 
 T = TypeVar("T")
 
@@ -89,6 +90,38 @@ class Policy:
     epoch_from: str = ""
 
 
+def _parse_cache_dir(value: Any, key: str) -> str | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{key}: expected a directory path, got {value!r}")
+    return value
+
+
+def _parse_cache_max(value: Any, key: str) -> int:
+    size = parse_size(value, key)
+    if size < 1 << 20:
+        raise SpecError(f"{key}: at least 1M, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOptions:
+    """The local build cache (docs/cache.md).  Not in the manifest's options record
+    nor the image's identity: a cache never changes the bytes, only the time taken.
+    The API's default is no cache (library code writes nowhere it was not asked
+    to); `pyimg build` uses the user's cache directory unless --no-cache."""
+
+    cache: str | None = setting(
+        None, "Build cache directory (default: $XDG_CACHE_HOME/pyimg/build; --no-cache: none).",
+        _parse_cache_dir, metavar="DIR",
+    )  # fmt: skip
+    cache_max: int = setting(
+        2 << 30, "Build cache size limit; least recently used entries go first (default 2G).",
+        _parse_cache_max, metavar="SIZE",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
     """What a build does.  `format_options` holds, by format name, the options
@@ -103,6 +136,7 @@ class BuildOptions:
     policy: Policy = Policy()
     format_options: Mapping[str, Any] = field(default_factory=dict)
     manifest: str | None = None
+    cache: CacheOptions = CacheOptions()
 
     def settings(self, kind: type[T]) -> T:
         """This build's options of type `kind` (a format's options dataclass)."""

@@ -22,7 +22,7 @@ from .errors import SourceError, SpecError
 from .formats import FORMATS, all_settings, format_spec
 from .formats.ext4_options import parse_ext4_size, parse_features, parse_journal, parse_uuid
 from .formats.squashfs_options import parse_block_size, parse_compression
-from .options import BuildOptions, Policy, SourceSpec
+from .options import BuildOptions, CacheOptions, Policy, SourceSpec
 from .tree import normalize_path
 from .values import list_of as _list_of
 from .values import parse_id, parse_owner, parse_size
@@ -44,7 +44,7 @@ __all__ = [  # the value parsers live with what they parse; these names stay imp
     "parse_uuid",
 ]
 
-_FIXED_TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy"}
+_FIXED_TOP_KEYS = {"output", "format", "jobs", "manifest", "source", "policy", "cache", "cache_max"}
 _SOURCE_KEYS = {"path", "kind", "dest", "mode", "uid", "gid"}
 
 
@@ -112,6 +112,10 @@ def _options_from_spec(spec: Mapping[str, Any], base_dir: str) -> BuildOptions:
     sources = _list_of(spec.get("source", []), dict, "source")
     fields["sources"] = tuple(_source(s, base_dir, f"source[{i}]") for i, s in enumerate(sources))
     fields["policy"] = _policy(_table(spec.get("policy", {}), "policy"))
+    cache = settings.apply(CacheOptions(), {k: spec[k] for k in ("cache", "cache_max") if k in spec}, "")
+    if cache.cache is not None:
+        cache = dataclasses.replace(cache, cache=_path(cache.cache, base_dir, "cache"))
+    fields["cache"] = cache
     fields["format_options"] = {
         name: settings.apply(spec_.options(), dict(_table(spec[name], name)), name)
         for name, spec_ in FORMATS.items()
@@ -196,7 +200,11 @@ def merge_options(
     policy = settings.apply(policy, {k: v for k, v in given.items() if k in policy_keys}, "")
     if "epoch" in given:
         policy = dataclasses.replace(policy, epoch_from="--epoch")
-    format_values = {k: v for k, v in given.items() if k not in policy_keys}
+    cache_keys = {name for name, _ in settings.settings_of(CacheOptions)}
+    cache = settings.apply(base.cache, {k: v for k, v in given.items() if k in cache_keys}, "")
+    if cache != base.cache:
+        top["cache"] = cache
+    format_values = {k: v for k, v in given.items() if k not in policy_keys and k not in cache_keys}
     chosen = top.get("format", base.format)
     top["format_options"] = _format_options(base.format_options, chosen, format_values)
     result = dataclasses.replace(base, policy=policy, **top)

@@ -8,9 +8,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# `pyimg build` uses the user's build cache by default (docs/cache.md): the CLI runs of
+# the tests get one of their own, never the home directory's.
+os.environ["XDG_CACHE_HOME"] = _XDG = tempfile.mkdtemp(prefix="pyimg-test-xdg-")
+atexit.register(shutil.rmtree, _XDG, ignore_errors=True)
 
 # A build is ~5-50 ms and an example runs several: per-example deadlines and the
 # "too slow" health check would only report the machine's load, never a bug.

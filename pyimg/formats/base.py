@@ -11,9 +11,10 @@ progress through the callback and returns a WriteResult.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from ..cache import CacheStats
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import DataRef, FrozenTree
@@ -68,6 +69,8 @@ class WriteResult:
     bytes_stored: int  # of those, the bytes that are not holes (zero blocks are not stored)
     image_size: int  # bytes of the region the image uses (the image file's size)
     facts: Any = None  # the format's facts: a frozen dataclass it declares (SquashfsFacts, Ext4Facts)
+    warnings: list[str] = field(default_factory=list)  # what went wrong without failing (the build cache)
+    cache: CacheStats | None = None  # what the build cache did, if one was used
 
     @property
     def dedup_saved(self) -> int:

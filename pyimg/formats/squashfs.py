@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._ffi import Callback, check, check_handle, ffi, lib
+from ..cache import BuildCache
+from ..collect import source_holding
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError
 from ..options import BuildOptions
@@ -97,6 +99,22 @@ class SquashfsWriter:
         self.sq = sq = options.settings(SquashfsOptions)
         parse_block_size(sq.block_size, "block_size")  # options built in code skip the parsers
         self.spec = CompressionSpec.create(sq.compression.name, sq.compression.level, sq.block_size)
+        self.warnings: list[str] = []
+
+    def _open_cache(self) -> BuildCache | None:
+        """The build cache (docs/cache.md), if one is asked for and usable.  One inside
+        a directory source would be read into the image while it is written: then
+        the build goes on without it (a warning; the CLI's default may be there)."""
+        options = self.options.cache
+        if not options.cache:
+            return None
+        source = source_holding(options.cache, self.options)
+        if source is not None:
+            self.warnings.append(
+                f"build cache {options.cache}: inside the source {source}; building without it"
+            )
+            return None
+        return BuildCache(options.cache, options.cache_max)
 
     def prescan(self) -> None:
         """None: squashfs reads each file once, to hash and compress it together,
@@ -116,8 +134,13 @@ class SquashfsWriter:
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.sq
         image = ImageFile(region, start=SUPERBLOCK_SIZE)
-        stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup)
-        placement = stream.write(files, image, progress)
+        cache = self._open_cache()
+        try:
+            stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup, cache)
+            placement = stream.write(files, image, progress)
+        finally:
+            if cache is not None:
+                cache.close()
 
         tables = _Tables(self.spec, tree, ids, placement, file_inos)
         super_fields = tables.write(image, stream.fragment_table)
@@ -164,6 +187,8 @@ class SquashfsWriter:
                 bytes_used=bytes_used,
                 compressed_data=stream.bytes_stored,
             ),
+            warnings=self.warnings + (list(cache.warnings) if cache is not None else []),
+            cache=cache.stats if cache is not None else None,
         )
 
 

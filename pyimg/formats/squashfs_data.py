@@ -39,9 +39,10 @@ import blake3
 
 from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib
+from ..cache import BuildCache, Entry, EntryWriter, compressor_versions
 from ..compression import CompressionSpec, PerThread
 from ..content import ContentReader, ordered_map, read_batch, read_batch_packed
-from ..tree import Inode
+from ..tree import DataRef, Inode
 from .base import Progress
 from .imagefile import ImageFile
 
@@ -80,6 +81,8 @@ class _Piece:
     reader: ContentReader | None  # shared by the chunks of a large content
     digest: bytes | None = None  # a large content's, from the hash pass
     duplicate: bool = False  # a large content an earlier one stores: nothing to read
+    cached: Entry | None = None  # a large content's stored form, from the build cache
+    cache_key: bytes | None = None  # a large content to store in the build cache
 
 
 @dataclass(slots=True)
@@ -91,6 +94,7 @@ class _Done:
     tail_key: bytes | None  # BLAKE3 of the tail, for tail dedup
     digest: bytes | None  # the whole content's digest (on its last piece)
     duplicate: bool  # an earlier content has the same digest: nothing compressed
+    cache_key: bytes | None = None  # a whole content to store in the build cache (a miss)
 
 
 @dataclass(slots=True)
@@ -167,8 +171,11 @@ _EMPTY_DIGEST = blake3.blake3(b"").digest()
 
 
 class DataStream:
-    def __init__(self, spec: CompressionSpec, jobs: int, fragments: bool, dedup: bool) -> None:
+    def __init__(
+        self, spec: CompressionSpec, jobs: int, fragments: bool, dedup: bool, cache: BuildCache | None = None
+    ) -> None:
         self.spec = spec
+        self.cache = cache if cache is not None and cache.enabled else None
         self.block_size = spec.block_size
         self.jobs = jobs
         self.fragments = fragments
@@ -176,6 +183,7 @@ class DataStream:
         self.chunk = max(self.block_size, CHUNK_TARGET // self.block_size * self.block_size)
         self.compressors = PerThread(spec)
         self.claims = _Claims()
+        self._entries: list[Entry] = []  # open build-cache entries, closed at the end of write()
         self.zero_block = bytes(self.block_size)
         # A full block of zeros compresses to exactly this many bytes (the compressor is
         # deterministic), so only a block that compresses as small needs comparing with
@@ -185,6 +193,13 @@ class DataStream:
         self.zero_packed_size = len(self.compressors.get().compress(self.zero_block))
         self.bytes_stored = 0
         self.fragment_table: list[tuple[int, int]] = []
+        # Everything that shapes a content's stored form (docs/cache.md): the content
+        # cache's key holds it with the content's digest.  Not dedup: it decides
+        # whether a content is stored, never how.
+        self.shape = (
+            f"squashfs {spec.name} level={spec.level} block={spec.block_size} fragments={int(fragments)} "
+            f"zero-blocks=holes-v1 "
+        ).encode() + compressor_versions()
 
     # -- tasks (run on worker threads) -------------------------------------------
 
@@ -229,16 +244,23 @@ class DataStream:
             if batch:
                 yield batch
                 batch, batch_bytes = [], 0
-            digest = large.next()
+            digest, probe = large.next_with()
+            key, entry = probe if probe is not None else (None, None)
             if self.dedup and large_owner.setdefault(digest, index) != index:
+                if entry is not None:
+                    entry.close()
                 yield [_Piece(index, inode, 0, inode.size, True, True, None, digest, duplicate=True)]
                 continue
-            reader = ContentReader(inode.data)
+            if entry is not None:
+                self._entries.append(entry)
+            reader = ContentReader(inode.data) if entry is None else None
             for offset in range(0, inode.size, self.chunk):
                 length = min(self.chunk, inode.size - offset)
                 last = offset + length == inode.size
                 digest_if_last = digest if last else None
-                yield [_Piece(index, inode, offset, length, offset == 0, last, reader, digest_if_last)]
+                piece = _Piece(index, inode, offset, length, offset == 0, last, reader, digest_if_last)
+                piece.cached, piece.cache_key = entry, key if entry is None else None
+                yield [piece]
         if small:
             yield _SmallBatch(small_first, small)
         if batch:
@@ -259,6 +281,8 @@ class DataStream:
     def _run(self, task: list[_Piece]) -> list[_Done]:
         if len(task) == 1 and task[0].duplicate:
             return [_Done(task[0], [], [], b"", None, task[0].digest, True)]
+        if len(task) == 1 and task[0].cached is not None:
+            return [self._run_cached(task[0])]
         if len(task) == 1 and task[0].reader is not None:
             return [self._run_chunk(task[0])]
         # A batch of whole contents: read and hash them all in one C call, claim
@@ -288,11 +312,36 @@ class DataStream:
     def _whole(self, piece: _Piece, data: memoryview, digest: bytes, duplicate: bool) -> _Done:
         if duplicate:
             return _Done(piece, [], [], b"", None, digest, True)
-        blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
+        cached, key = self._cached_whole(data, digest)
+        if cached is not None:
+            blocks, raw_sizes, tail = cached
+        else:
+            blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
         tail_key = None
         if tail and self.dedup:
             tail_key = digest if len(tail) == len(data) else blake3.blake3(tail).digest()
-        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False)
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False, key)
+
+    def _cached_whole(
+        self, data: memoryview, digest: bytes
+    ) -> tuple[tuple[list[bytes | None], list[int], memoryview] | None, bytes | None]:
+        """A content with full blocks that fits one task: its stored blocks from the
+        build cache (the data is read anyway: it was hashed with its batch), or None
+        and the key to store it under."""
+        if self.cache is None or len(data) < self.block_size:
+            return None, None
+        bs, size = self.block_size, len(data)
+        full = self._full_blocks(size, True)
+        key = BuildCache.content_key(digest, self.shape)
+        entry = self.cache.lookup(key, size, bs, full)
+        if entry is None:
+            return None, key
+        try:
+            blocks = entry.read(0, full, UNCOMPRESSED)
+        finally:
+            entry.close()
+        raw_sizes = [min(bs, size - i * bs) for i in range(full)]
+        return (blocks, raw_sizes, data[full * bs :]), None
 
     def _run_chunk(self, piece: _Piece) -> _Done:
         assert piece.reader is not None
@@ -302,13 +351,32 @@ class DataStream:
         else:  # entirely inside a hole: nothing to compress
             full = self._full_blocks(len(data), piece.last)
             blocks, raw_sizes = [None] * full, [self.block_size] * full
-            if full * self.block_size < len(data) and not (self.fragments and piece.last):
+            if full * self.block_size > len(data):  # a short last block (no fragments): its own size
                 raw_sizes[-1] = len(data) - (full - 1) * self.block_size
             tail = memoryview(data)[full * self.block_size :]
         tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
         if piece.last:
             piece.reader.check_unchanged()
         return _Done(piece, blocks, raw_sizes, tail, tail_key, piece.digest, False)
+
+    def _run_cached(self, piece: _Piece) -> _Done:
+        """A chunk of a large content whose stored form the build cache holds: its
+        blocks as they were stored, the source not read."""
+        assert piece.cached is not None
+        bs, size = self.block_size, piece.inode.size
+        first = piece.offset // bs
+        count = self._full_blocks(piece.length, piece.last)
+        blocks = piece.cached.read(first, count, UNCOMPRESSED)
+        raw_sizes = [min(bs, size - i * bs) for i in range(first, first + count)]
+        tail = piece.cached.tail if piece.last else b""
+        tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, piece.digest, False)
+
+    def _probe(self, ref: DataRef, digest: bytes) -> tuple[bytes, Entry | None]:
+        """On a hash thread: a large content's cache key, and its entry if cached."""
+        assert self.cache is not None
+        key = BuildCache.content_key(digest, self.shape)
+        return key, self.cache.lookup(key, ref.size, self.block_size, self._full_blocks(ref.size, True))
 
     def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
         """Read a range, skipping the holes of sparse files (they read as zeros).
@@ -379,7 +447,11 @@ class DataStream:
         by_digest: dict[bytes, FileData] = {}
         current = FileData(b"", 0)
         large = [inode.data for inode in files if inode.data is not None and inode.size > self.chunk]
-        ahead = hashpass.DigestsAhead(large, self.jobs)
+        cache = self.cache
+        then = self._probe if cache is not None else None
+        ahead = hashpass.DigestsAhead(large, self.jobs, cache=cache, then=then)
+        self._entries.clear()
+        writer: EntryWriter | None = None  # the content being stored in the cache
         try:
             for results in ordered_map(self._run_task, self._tasks(files, ahead), self.jobs):
                 if isinstance(results, _SmallDone):
@@ -396,9 +468,15 @@ class DataStream:
                     if not done.blocks and piece.first and piece.last:
                         placement.place(piece.content, self._place_empty(done, placement, by_digest))
                         continue
+                    if done.cache_key is not None:  # a whole content, compressed: stored when placed
+                        writer = cache.writer(done.cache_key, piece.inode.size) if cache else None
                     if piece.first:
                         current = FileData(b"", piece.inode.size, blocks_start=image.pos)
+                        if cache is not None and piece.cache_key is not None:
+                            writer = cache.writer(piece.cache_key, piece.inode.size)
                     self._write_blocks(current, done, image)
+                    if writer is not None:
+                        self._store_blocks(cache, writer, done)
                     if piece.last:
                         assert done.digest is not None  # the last piece carries it
                         current.digest = done.digest
@@ -406,8 +484,17 @@ class DataStream:
                         if data is current:
                             placement.count_unique(data)
                         placement.place(piece.content, data)
+                        if writer is not None:
+                            self._store_end(cache, writer, done.tail if data is current else None)
+                            writer = None
+                        if piece.cached is not None:
+                            piece.cached.close()
             packer.flush_all()
         finally:
+            if writer is not None and cache is not None:
+                cache.submit(writer.abort, writer)
+            for entry in self._entries:
+                entry.close()
             ahead.close()
             packer.close()
         self.fragment_table = packer.table
@@ -465,6 +552,30 @@ class DataStream:
             current.blocks_start = 0
         by_digest[current.digest] = current
         return current
+
+    @staticmethod
+    def _store_blocks(cache: BuildCache | None, writer: EntryWriter, done: _Done) -> None:
+        """Hand a chunk's stored blocks to the cache's writer thread."""
+        assert cache is not None
+        blocks = done.blocks
+        words = [0 if b is None else len(b) | (UNCOMPRESSED if len(b) == raw else 0)
+                 for b, raw in zip(blocks, done.raw_sizes, strict=True)]  # fmt: skip
+        cache.submit(lambda: writer.add(blocks, words), writer)
+
+    @staticmethod
+    def _store_end(cache: BuildCache | None, writer: EntryWriter, tail: bytes | memoryview | None) -> None:
+        """Finish the entry (tail None: the content was not stored after all)."""
+        assert cache is not None
+        if tail is None:
+            cache.submit(writer.abort, writer)
+            return
+        kept = bytes(tail)
+
+        def finish() -> None:
+            writer.finish(kept)
+            cache.stored()
+
+        cache.submit(finish, writer)
 
     def _write_blocks(self, current: FileData, done: _Done, image: ImageFile) -> None:
         for block, raw_size in zip(done.blocks, done.raw_sizes, strict=True):

@@ -129,6 +129,26 @@ def test_sparse_file_is_stored_as_holes(tmp_path: Path) -> None:
     assert os.path.getsize(extracted / "huge") == 1 << 30
 
 
+@pytest.mark.parametrize("size", [(1 << 20) + 1, (2 << 20) + 4097])
+def test_a_trailing_hole_is_the_image_of_its_zeros_without_fragments(tmp_path: Path, size: int) -> None:
+    """A large file's last task inside a hole, its last block short (fragments off):
+    the hole's bytes are counted as the block's own size, as for the same zeros
+    written out (it was a whole block: the inode's `sparse` differed)."""
+    digests = []
+    for sparse in (False, True):
+        src = tmp_path / f"src{int(sparse)}"
+        src.mkdir()
+        with open(src / "f", "wb") as f:
+            f.write(b"head" * 1000)
+            if sparse:
+                f.truncate(size)
+            else:
+                f.write(bytes(size - 4000))
+        out = tmp_path / f"img{int(sparse)}"
+        digests.append(pyimg.build([str(src)], str(out), epoch=0, fragments=False).digest)
+    assert digests[0] == digests[1]
+
+
 def test_real_tree_round_trip(tmp_path: Path) -> None:
     """A Python installation's standard library: thousands of real files."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])

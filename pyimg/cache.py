@@ -1,0 +1,442 @@
+"""The local build cache (docs/cache.md): what a warm rebuild need not redo.
+
+Two parts, in one directory:
+
+- the stat cache (one file, `stat-v1`): a source file's identity (st_dev, st_ino,
+  size, mtime_ns, ctime_ns) -> its content's BLAKE3, so an unchanged big file is not
+  read to be hashed.  Only files of directory sources; an identity that could be
+  racily clean (mtime or ctime within RACY_NS of the moment it is recorded: a write
+  in the same timestamp tick would not change it) is never stored (git's rule).
+- the content cache (one file per entry, `c-<key hex>`): key = BLAKE3 over the cache
+  format version, the content's BLAKE3 and every option that shapes its stored form
+  -> that stored form (squashfs: each full block's bytes and size word, holes, and
+  the tail that goes into a fragment).  A hit is used instead of reading and
+  compressing the content: the same bytes, by construction of the key.
+
+Entries are written to a temp file in the directory, fsynced and renamed: readers
+see a whole entry or none, and concurrent builds sharing a directory at worst write
+the same entry twice.  Every entry is checked (magic, version, key, the BLAKE3 of
+its payload) before it is used; a bad one is removed and the content computed as
+without a cache.  Any OSError of the cache (not writable, full) turns the cache off
+for the rest of the build with one warning; the build goes on.  Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import blake3
+
+from .tree import DataRef
+
+FORMAT_VERSION = 1  # bump when an entry's layout or the meaning of its key changes
+MAGIC = b"PYIMGC\x00\x01"
+HEADER = struct.Struct("<8sI32s")  # magic, version, key
+FOOTER = struct.Struct("<QII")  # content size, block count, tail length (end of payload)
+RACY_NS = 2_000_000_000  # identities this close to "now" are not trusted (git's racy rule)
+STAT_FILE = "stat-v1"
+STAT_MAGIC = b"PYIMGS\x00\x01"
+STAT_RECORD = struct.Struct("<QQQqq32s")  # dev, ino, size, mtime_ns, ctime_ns, digest
+STAT_MAX = 1_000_000  # records kept (this build's first)
+ENTRY_PREFIX = "c-"
+TEMP_PREFIX = "tmp-"
+TEMP_STALE_S = 3600  # a temp file older than this is a crashed build's: removed
+DEFAULT_MAX = 2 << 30
+READ = 1 << 20
+
+Identity = tuple[int, int, int, int, int]
+
+
+def default_dir() -> str:
+    """The CLI's default: $XDG_CACHE_HOME/pyimg/build, else ~/.cache/pyimg/build."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pyimg", "build")
+
+
+def compressor_versions() -> bytes:
+    """pyimg's version and the compression libraries': a new one may compress (or
+    set its compressor up) differently.  A change to how a block is stored within
+    one version must bump FORMAT_VERSION."""
+    import zstandard
+
+    from . import __version__
+
+    libraries = f"zstd {zstandard.ZSTD_VERSION} zlib {zlib.ZLIB_RUNTIME_VERSION} py {sys.version}"
+    return f"pyimg {__version__} {libraries}".encode()
+
+
+@dataclass
+class CacheStats:
+    stat_hits: int = 0
+    content_hits: int = 0
+    content_stored: int = 0
+    bad_entries: int = 0  # found corrupt, truncated or foreign, removed
+    evicted: int = 0
+
+
+@dataclass
+class Entry:
+    """A checked content entry, open: its blocks are read with pread as needed."""
+
+    fd: int
+    size: int
+    words: list[int]  # per full block: its squashfs size word (0: a hole)
+    offsets: list[int]  # per block: where its bytes are in the file
+    tail: bytes
+
+    def read(self, first: int, count: int, flag: int) -> list[bytes | None]:
+        """Blocks first..first+count (None for a hole)."""
+        out: list[bytes | None] = []
+        for i in range(first, first + count):
+            length = self.words[i] & ~flag
+            out.append(None if self.words[i] == 0 else _pread_all(self.fd, length, self.offsets[i]))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise OSError("short read of a cache entry")
+    return data
+
+
+class EntryWriter:
+    """One entry being written (temp file, then fsync and rename), block by block."""
+
+    def __init__(self, cache: BuildCache, key: bytes, size: int) -> None:
+        self.cache, self.key, self.size = cache, key, size
+        self.fd, self.tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=cache.directory)
+        self.hasher = blake3.blake3()
+        self.words: list[int] = []
+        try:
+            self._write(HEADER.pack(MAGIC, FORMAT_VERSION, key), hashed=False)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, data: bytes, hashed: bool = True) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        if hashed:
+            self.hasher.update(data)
+
+    def add(self, blocks: list[bytes | None], words: list[int]) -> None:
+        for block in blocks:
+            if block is not None:
+                self._write(block)
+        self.words.extend(words)
+
+    def finish(self, tail: bytes) -> None:
+        index = struct.pack(f"<{len(self.words)}I", *self.words)
+        self._write(index + tail + FOOTER.pack(self.size, len(self.words), len(tail)))
+        self._write(self.hasher.digest(), hashed=False)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.cache.entry_path(self.key))
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        _unlink(self.tmp)
+
+
+class BuildCache:
+    """A build's view of one cache directory; thread-safe.  `close()` writes the stat
+    cache and evicts down to `max_bytes`; `warnings` says what went wrong, once."""
+
+    def __init__(self, directory: str, max_bytes: int = DEFAULT_MAX) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.warnings: list[str] = []
+        self.stats = CacheStats()
+        self.enabled = True
+        self.clock: Callable[[], int] = time.time_ns
+        self._lock = threading.Lock()
+        self._stat: dict[Identity, bytes] = {}
+        self._stat_new: dict[Identity, bytes] = {}  # used or learnt in this build
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="pyimg-cache")
+        self._pending: list[Future[None]] = []
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            self.fail(exc)
+            return
+        self._load_stat()
+
+    def fail(self, exc: BaseException) -> None:
+        """Turn the cache off for this build, with one warning."""
+        with self._lock:
+            if self.enabled:
+                self.enabled = False
+                reason = getattr(exc, "strerror", None) or str(exc)
+                self.warnings.append(f"build cache {self.directory}: {reason}; building without it")
+
+    # -- stat cache -------------------------------------------------------------------
+
+    @staticmethod
+    def eligible(ref: DataRef) -> bool:
+        """A whole file of a directory source (tar members have no stable identity)."""
+        return bool(ref.rel) and ref.offset == 0 and ref.stamp_size == ref.size
+
+    def identity(self, ref: DataRef) -> Identity | None:
+        """The file's identity now, if it is still as collected.  Opened, not only
+        stat'ed: a file the build could not read is never served from the cache."""
+        if not self.enabled or not self.eligible(ref):
+            return None
+        try:
+            fd = os.open(ref.fs_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return None  # (a path too long for open(2), too: the reader's way then)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_size != ref.stamp_size or st.st_mtime_ns != ref.stamp_mtime_ns:
+            return None  # changed since it was collected: the reader will say so
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def digest_of(self, ident: Identity) -> bytes | None:
+        with self._lock:
+            digest = self._stat.get(ident)
+            if digest is not None:
+                self._stat_new[ident] = digest
+                self.stats.stat_hits += 1
+            return digest
+
+    def learn(self, ident: Identity, ref: DataRef, digest: bytes, since: int) -> None:
+        """Record a digest just computed from a file whose identity was taken at
+        `since` (self.clock(), before it was read), unless that identity could be
+        racily clean -- a write in the same timestamp tick, during or after the read,
+        would not change it -- or the file changed while it was hashed."""
+        if max(ident[3], ident[4]) >= since - RACY_NS:
+            return
+        if self.identity(ref) != ident:
+            return
+        with self._lock:
+            self._stat[ident] = digest
+            self._stat_new[ident] = digest
+
+    def _load_stat(self) -> None:
+        path = os.path.join(self.directory, STAT_FILE)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.fail(exc)
+            return
+        body, check = raw[:-32], raw[-32:]
+        size = STAT_RECORD.size
+        ok = len(raw) >= 40 and body[:8] == STAT_MAGIC and (len(body) - 8) % size == 0
+        if not ok or blake3.blake3(body).digest() != check:
+            self.stats.bad_entries += 1
+            _unlink(path)
+            return
+        for at in range(8, len(body), size):
+            *ident, digest = STAT_RECORD.unpack_from(body, at)
+            self._stat[tuple(ident)] = digest
+
+    def _save_stat(self) -> None:
+        if not self._stat_new and not self._stat:
+            return
+        merged = dict(self._stat_new)
+        for ident, digest in self._stat.items():
+            if len(merged) >= STAT_MAX:
+                break
+            merged.setdefault(ident, digest)
+        body = STAT_MAGIC + b"".join(STAT_RECORD.pack(*ident, digest) for ident, digest in merged.items())
+        _atomic_write(self.directory, STAT_FILE, body + blake3.blake3(body).digest())
+
+    # -- content cache -----------------------------------------------------------------
+
+    def entry_path(self, key: bytes) -> str:
+        return os.path.join(self.directory, ENTRY_PREFIX + key.hex())
+
+    @staticmethod
+    def content_key(digest: bytes, shape: bytes) -> bytes:
+        return blake3.blake3(b"pyimg content v%d\0" % FORMAT_VERSION + digest + shape).digest()
+
+    def lookup(self, key: bytes, size: int, block_size: int, full_blocks: int) -> Entry | None:
+        """The entry of `key`, checked whole, or None (absent, or bad: then removed)."""
+        if not self.enabled:
+            return None
+        path = self.entry_path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            entry = self._check(fd, key, size, full_blocks, block_size)
+        except OSError:
+            entry = None
+        if entry is None:
+            os.close(fd)
+            if _unlink(path):  # (two lookups of one key may both find it bad: counted once)
+                with self._lock:
+                    self.stats.bad_entries += 1
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently used: the mtime is the last use
+        with self._lock:
+            self.stats.content_hits += 1
+        return entry
+
+    @staticmethod
+    def _check(fd: int, key: bytes, size: int, full_blocks: int, block_size: int) -> Entry | None:
+        total = os.fstat(fd).st_size
+        low = HEADER.size + FOOTER.size + 32
+        if total < low:
+            return None
+        magic, version, stored_key = HEADER.unpack(_pread_all(fd, HEADER.size, 0))
+        if magic != MAGIC or version != FORMAT_VERSION or stored_key != key:
+            return None
+        end = total - 32
+        content_size, count, tail_len = FOOTER.unpack(_pread_all(fd, FOOTER.size, end - FOOTER.size))
+        if content_size != size or count != full_blocks or tail_len >= block_size:
+            return None
+        index_at = end - FOOTER.size - tail_len - 4 * count
+        if index_at < HEADER.size:
+            return None
+        hasher = blake3.blake3()
+        pos = HEADER.size
+        while pos < end:
+            chunk = _pread_all(fd, min(READ, end - pos), pos)
+            hasher.update(chunk)
+            pos += len(chunk)
+        if hasher.digest() != _pread_all(fd, 32, end):
+            return None
+        words = list(struct.unpack(f"<{count}I", _pread_all(fd, 4 * count, index_at)))
+        offsets = []
+        at = HEADER.size
+        for word in words:
+            offsets.append(at)
+            at += word & ((1 << 24) - 1)
+        if at != index_at:
+            return None
+        tail = _pread_all(fd, tail_len, index_at + 4 * count)
+        return Entry(fd, size, words, offsets, tail)
+
+    def writer(self, key: bytes, size: int) -> EntryWriter | None:
+        if not self.enabled:
+            return None
+        try:
+            return EntryWriter(self, key, size)
+        except OSError as exc:
+            self.fail(exc)
+            return None
+
+    def submit(self, work: Callable[[], None], writer: EntryWriter) -> None:
+        """Run an entry's writing on the cache's own thread, in order."""
+
+        def run() -> None:
+            if not self.enabled:
+                writer.abort()
+                return
+            try:
+                work()
+            except OSError as exc:
+                writer.abort()
+                self.fail(exc)
+
+        self._pending.append(self._writer.submit(run))
+
+    def stored(self) -> None:
+        with self._lock:
+            self.stats.content_stored += 1
+
+    # -- the end of a build ------------------------------------------------------------
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        for future in self._pending:
+            future.result()
+        if not self.enabled:
+            return
+        try:
+            self._save_stat()
+            self.evict()
+        except OSError as exc:
+            self.fail(exc)
+
+    def evict(self) -> None:
+        """Remove the least recently used entries until the total is under max_bytes;
+        also a crashed build's stale temp files."""
+        entries: list[tuple[int, int, str]] = []
+        total = 0
+        now = time.time()
+        with os.scandir(self.directory) as it:
+            for item in it:
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if item.name.startswith(TEMP_PREFIX):
+                    if now - st.st_mtime > TEMP_STALE_S:
+                        _unlink(item.path)
+                    continue
+                total += st.st_size
+                if item.name.startswith(ENTRY_PREFIX):
+                    entries.append((st.st_mtime_ns, st.st_size, item.path))
+        entries.sort()
+        for _, size, path in entries:
+            if total <= self.max_bytes:
+                break
+            if _unlink(path):
+                self.stats.evicted += 1
+            total -= size
+
+
+@dataclass
+class CacheReport:
+    """What a build's cache did (BuildResult.cache): not part of the image or manifest."""
+
+    directory: str
+    stats: CacheStats = field(default_factory=CacheStats)
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def _atomic_write(directory: str, name: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, os.path.join(directory, name))
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        _unlink(tmp)
+        raise
