@@ -58,7 +58,10 @@ Identity = tuple[int, int, int, int, int]
 
 
 def default_dir() -> str:
-    """The CLI's default: $XDG_CACHE_HOME/pyimg/build, else ~/.cache/pyimg/build."""
+    """The CLI's default: $PYIMG_BUILD_CACHE, else $XDG_CACHE_HOME/pyimg/build, else
+    ~/.cache/pyimg/build."""
+    if os.environ.get("PYIMG_BUILD_CACHE"):
+        return os.environ["PYIMG_BUILD_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "pyimg", "build")
 

@@ -113,7 +113,9 @@ class CacheOptions:
     to); `pyimg build` uses the user's cache directory unless --no-cache."""
 
     cache: str | None = setting(
-        None, "Build cache directory (default: $XDG_CACHE_HOME/pyimg/build; --no-cache: none).",
+        None,
+        "Build cache directory (default: $PYIMG_BUILD_CACHE, else $XDG_CACHE_HOME/pyimg/build; "
+        "--no-cache: none).",
         _parse_cache_dir, metavar="DIR",
     )  # fmt: skip
     cache_max: int = setting(

@@ -15,7 +15,8 @@ if [ ! -s "$out" ]; then
   include=$(grep -v '^#' "$list" | xargs | tr ' ' ',')
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO mmdebstrap --quiet --variant=minbase --include="$include" bookworm "$out.tmp" >&2
+  # --format: mmdebstrap picks the format from the name, and "*.tmp" is not a tarball.
+  $SUDO mmdebstrap --quiet --variant=minbase --format=tar --include="$include" bookworm "$out.tmp" >&2
   [ -z "$SUDO" ] || $SUDO chown "$(id -u):$(id -g)" "$out.tmp"
   mv "$out.tmp" "$out"
 fi

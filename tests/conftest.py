@@ -16,9 +16,10 @@ import tempfile
 from hypothesis import HealthCheck, settings
 
 # `pyimg build` uses the user's build cache by default (docs/cache.md): the CLI runs of
-# the tests get one of their own, never the home directory's.
-os.environ["XDG_CACHE_HOME"] = _XDG = tempfile.mkdtemp(prefix="pyimg-test-xdg-")
-atexit.register(shutil.rmtree, _XDG, ignore_errors=True)
+# the tests get one of their own, never the home directory's.  (Not through
+# XDG_CACHE_HOME: the kernels and the Debian root are cached there between runs.)
+os.environ["PYIMG_BUILD_CACHE"] = _BUILD_CACHE = tempfile.mkdtemp(prefix="pyimg-test-build-cache-")
+atexit.register(shutil.rmtree, _BUILD_CACHE, ignore_errors=True)
 
 # A build is ~5-50 ms and an example runs several: per-example deadlines and the
 # "too slow" health check would only report the machine's load, never a bug.

@@ -485,6 +485,7 @@ def test_eviction_keeps_the_cache_under_its_limit(tmp_path: Path) -> None:
 
 def test_the_cli_uses_the_user_cache_by_default(tree: Path, tmp_path: Path) -> None:
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop("PYIMG_BUILD_CACHE", None)  # (the suite's own, tests/conftest.py)
     out = str(tmp_path / "img")
     proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -496,6 +497,10 @@ def test_the_cli_uses_the_user_cache_by_default(tree: Path, tmp_path: Path) -> N
     assert not (tmp_path / "xdg2").exists()
     proc = run_cli("build", str(tree), "-o", out, "--cache", str(tmp_path / "c"), "--no-cache", env=env)
     assert proc.returncode != 0 and "--no-cache" in proc.stderr
+    env["PYIMG_BUILD_CACHE"] = str(tmp_path / "named")  # before XDG_CACHE_HOME
+    proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "-q", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(entries(tmp_path / "named")) == 5 and not (tmp_path / "xdg2").exists()
 
 
 def test_the_api_writes_no_cache_unasked(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
