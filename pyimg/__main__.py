@@ -11,6 +11,7 @@ inside the `try` below.  (A signal can still come before this module runs, while
 the interpreter starts: docs/errors.md.)
 """
 
+import signal
 import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -18,11 +19,25 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 
+def _exit_now(signum: int, frame: object) -> None:
+    """Until main() is inside its `try`: a signal ends the command there and then
+    (nothing is written yet).  A KeyboardInterrupt raised instead could land
+    between the call and the `try` (at main's first instruction), where only a
+    traceback would report it: seen under ASan, a SIGINT 100 ms after the spawn."""
+    _interrupted(reported=False)
+
+
+# From this module's first lines (the console script imports it, then calls main).
+signal.signal(signal.SIGINT, _exit_now)
+signal.signal(signal.SIGTERM, _exit_now)
+
+
 def main() -> None:
     try:
-        import signal
-
-        signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c)  # from the first line (as cli_support does)
+        # Inside the try: Ctrl-C is a KeyboardInterrupt again (the command cleans up
+        # what it wrote), and SIGTERM the same (as cli_support does).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c)
         from .cli import main as command
 
         command()
@@ -41,8 +56,6 @@ def _ended() -> None:
     are ignored for what is left, the interpreter's exit (some 40 ms after a build),
     where Python has put their default actions back and a late Ctrl-C killed the
     process after its work was done (no message, exit -2 instead of its code)."""
-    import signal
-
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
 
@@ -66,9 +79,9 @@ def _interrupted(*, reported: bool) -> "NoReturn":
     exec(), as dataclass and namedtuple creation run at import, even though it
     was caught; an interrupted process has nothing left to finalize."""
     import os
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while we say so
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if not reported:
             support = sys.modules.get("pyimg.cli_support")
