@@ -14,8 +14,9 @@ SUDO=""
 # dpkg (kernel fetch) are part of every Debian; mmdebstrap (the Debian root of the
 # boot tests).  QEMU without its ~0.5 GB of recommends (--no-install-recommends).  store: docker-registry (the tests'
 # real registry), skopeo (interop oracle), apache2-utils (htpasswd).  acl: setfacl and
-# getfacl for the ACL tests.
-pkgs=(gcc python3-dev squashfs-tools squashfs-tools-ng e2fsprogs attr acl tar
+# getfacl for the ACL tests.  libc6-dev and manpages: /usr/include and /usr/share/man,
+# two of the real trees of tests/test_real_trees.py (which fails in CI without them).
+pkgs=(gcc python3-dev libc6-dev manpages squashfs-tools squashfs-tools-ng e2fsprogs attr acl tar
   cpio busybox-static kmod zstd xz-utils qemu-system-x86
   mmdebstrap docker-registry skopeo apache2-utils)
 missing=()
