@@ -65,7 +65,30 @@ def check_target(target: str, what: str = "output") -> str:
     return path
 
 
-def remove_stale_temps(directory: str) -> None:
+def temp_suffix() -> str:
+    """HOST-PID-RANDOM.tmp: what makes a named temp file this build's."""
+    return f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def create_locked(path: str) -> int | None:
+    """Create `path` (it must not exist) and take its exclusive lock; None when a
+    concurrent build's remove_stale_temps removed it between our create and our
+    lock (it saw a file nobody held): the caller tries another name."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.path.samestat(os.stat(path), os.fstat(fd)):
+            return fd
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def remove_stale_temps(directory: str, pattern: re.Pattern[str] = _TEMP_RE) -> None:
     """Remove the named temp files of builds that are gone.  A build holds an
     exclusive lock on its temp file for as long as it runs (the kernel drops it when
     the process dies, even by kill -9), so a temp file that can be locked has no
@@ -73,7 +96,7 @@ def remove_stale_temps(directory: str) -> None:
     and across containers with their own pid namespaces."""
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            if _TEMP_RE.match(name) is None:
+            if pattern.match(name) is None:
                 continue
             path = os.path.join(directory, name)
             with contextlib.suppress(OSError):
@@ -101,20 +124,19 @@ class AtomicOutput:
             self.fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except (AttributeError, OSError):
             self.fd = -1  # no O_TMPFILE here: a named temp file
-        if self.fd < 0:
+        while self.fd < 0:
             self.tmp = self._temp_name()
             try:
-                self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                fcntl.flock(self.fd, fcntl.LOCK_EX)  # ours while we run (remove_stale_temps)
+                fd = create_locked(self.tmp)  # locked while we run (remove_stale_temps)
             except OSError as exc:
                 raise OutputError(
                     f"cannot create a file beside the target: {exc.strerror}", self.target
                 ) from exc
+            self.fd = fd if fd is not None else -1  # None: another build's clean-up took it first
         return self
 
     def _temp_name(self) -> str:
-        name = f".{os.path.basename(self.target)}.pyimg-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-        return os.path.join(self.directory, name)
+        return os.path.join(self.directory, f".{os.path.basename(self.target)}.pyimg-{temp_suffix()}")
 
     def region(self) -> Region:
         """The whole temp file, for one writer."""

@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Protocol
 
+from .. import output
 from ..errors import OutputError, SourceError, SpecError
 from ..longpath import in_directory, is_long, via_fd
 from ..options import Policy
@@ -276,19 +277,38 @@ def _spool_file(directory: str | None) -> tuple[int, str, str | None, str]:
             pass
         except OSError as exc:
             error = exc  # EOPNOTSUPP on a file system without it, EISDIR on an old kernel...
-        import tempfile  # only here: the file system has no O_TMPFILE
-
         try:
-            fd, name = tempfile.mkstemp(prefix="pyimg-spool-", dir=where)  # dir given: no probe
+            fd, name = _named_spool(where)
         except OSError as exc:
             error = exc
             continue  # not a usable directory (missing, read-only): the next one
         if not _reopenable(fd):
             return fd, name, name, name
-        os.unlink(name)
+        with contextlib.suppress(FileNotFoundError):  # gone: a clean-up took it, as we would
+            os.unlink(name)
         return fd, f"/proc/self/fd/{fd}", None, where
     reason = error.strerror if error is not None else "no temporary directory"
     raise OutputError(f"cannot create a temporary spool file: {reason}", directory)
+
+
+_SPOOL_RE = re.compile(r"^pyimg-spool-[A-Za-z0-9_-]+-\d+-[0-9a-f]+\.tmp$")
+
+
+def remove_stale_spools(directory: str) -> None:
+    """Remove named spool files in `directory` whose builds are gone."""
+    output.remove_stale_temps(directory, _SPOOL_RE)
+
+
+def _named_spool(where: str) -> tuple[int, str]:
+    """A new spool file with a name, locked: on a file system without O_TMPFILE.
+    Its name lives for microseconds (it is unlinked at once), but a kill -9 in
+    them leaves it: the next build that spools there removes the ones nobody holds."""
+    remove_stale_spools(where)
+    while True:
+        name = os.path.join(where, f"pyimg-spool-{output.temp_suffix()}")
+        fd = output.create_locked(name)
+        if fd is not None:
+            return fd, name
 
 
 def _reopenable(fd: int) -> bool:

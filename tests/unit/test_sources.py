@@ -578,6 +578,58 @@ def test_the_spool_has_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert spool.path is None and os.listdir(tmp_path) == []
 
 
+def test_a_named_spool_left_by_a_kill_is_removed_by_the_next_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without O_TMPFILE a spool file has a name for the moment between its creation
+    and its unlink; a kill -9 there leaves it.  The next build that spools in that
+    directory removes it (nobody holds its lock), and keeps one a running build holds."""
+    import fcntl
+
+    from pyimg.sources import Spool
+
+    monkeypatch.delattr(os, "O_TMPFILE")
+    stale = tmp_path / "pyimg-spool-host-999999-00ff.tmp"
+    held = tmp_path / "pyimg-spool-elsewhere-1-00ff.tmp"
+    unrelated = tmp_path / "pyimg-spool-notours"
+    for p in (stale, held, unrelated):
+        p.write_bytes(b"x")
+    fd = os.open(held, os.O_RDONLY)
+    spool = Spool(str(tmp_path))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the running build holds its spool file
+        spool.store(io.BytesIO(b"m"), 1, "a.tar:m")
+        assert sorted(os.listdir(tmp_path)) == sorted([held.name, unrelated.name])
+    finally:
+        spool.close()
+        os.close(fd)
+
+
+def test_a_temp_file_taken_by_a_concurrent_clean_up_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another build's clean-up can see our new named file before we lock it (it
+    looks stale) and remove it: we notice and take a new name, never writing into a
+    file that no directory lists under the name we will rename."""
+    from pyimg import output
+
+    real_flock = output.fcntl.flock
+    raced: list[str] = []
+
+    def flock_after_a_clean_up(fd: int, op: int) -> None:
+        if not raced:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            raced.append(name)
+            os.unlink(name)  # what a concurrent remove_stale_temps does in that moment
+        real_flock(fd, op)
+
+    monkeypatch.setattr(output.fcntl, "flock", flock_after_a_clean_up)
+    monkeypatch.delattr(output.os, "O_TMPFILE")
+    with output.AtomicOutput(str(tmp_path / "img")) as out:
+        assert raced and out.tmp != raced[0] and os.path.samestat(os.stat(out.tmp), os.fstat(out.fd))
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_spool_goes_to_tmpdir_without_tempfiles_probe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
