@@ -13,8 +13,8 @@ Two parts, in one directory:
   the tail that goes into a fragment).  A hit is used instead of reading and
   compressing the content: the same bytes, by construction of the key.
 
-Entries are written to a temp file in the directory, fsynced and renamed: readers
-see a whole entry or none, and concurrent builds sharing a directory at worst write
+Entries are written to a temp file in the directory and renamed: readers
+see a whole entry or none (a crash may tear one: its check fails), and concurrent builds sharing a directory at worst write
 the same entry twice.  Every entry is checked (magic, version, key, the BLAKE3 of
 its payload) before it is used; a bad one is removed and the content computed as
 without a cache.  Any OSError of the cache (not writable, full) turns the cache off
@@ -83,6 +83,8 @@ class CacheStats:
     stat_hits: int = 0
     content_hits: int = 0
     content_stored: int = 0
+    fragment_hits: int = 0  # fragment blocks (packed tails) taken from the cache, not compressed
+    fragment_stored: int = 0
     bad_entries: int = 0  # found corrupt, truncated or foreign, removed
     evicted: int = 0
 
@@ -119,7 +121,7 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
 
 
 class EntryWriter:
-    """One entry being written (temp file, then fsync and rename), block by block."""
+    """One entry being written (temp file, then rename), block by block."""
 
     def __init__(self, cache: BuildCache, key: bytes, size: int) -> None:
         self.cache, self.key, self.size = cache, key, size
@@ -150,7 +152,8 @@ class EntryWriter:
         index = struct.pack(f"<{len(self.words)}I", *self.words)
         self._write(index + tail + FOOTER.pack(self.size, len(self.words), len(tail)))
         self._write(self.hasher.digest(), hashed=False)
-        os.fsync(self.fd)
+        # Not fsynced: an entry torn by a crash fails its BLAKE3 check and is rebuilt,
+        # and an fsync per entry (thousands per build) was most of a cold build's cost.
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.cache.entry_path(self.key))
@@ -282,7 +285,9 @@ class BuildCache:
     def content_key(digest: bytes, shape: bytes) -> bytes:
         return blake3.blake3(b"pyimg content v%d\0" % FORMAT_VERSION + digest + shape).digest()
 
-    def lookup(self, key: bytes, size: int, block_size: int, full_blocks: int) -> Entry | None:
+    def lookup(
+        self, key: bytes, size: int, block_size: int, full_blocks: int, fragment: bool = False
+    ) -> Entry | None:
         """The entry of `key`, checked whole, or None (absent, or bad: then removed)."""
         if not self.enabled:
             return None
@@ -304,7 +309,10 @@ class BuildCache:
         with contextlib.suppress(OSError):
             os.utime(path)  # least recently used: the mtime is the last use
         with self._lock:
-            self.stats.content_hits += 1
+            if fragment:
+                self.stats.fragment_hits += 1
+            else:
+                self.stats.content_hits += 1
         return entry
 
     @staticmethod
@@ -366,9 +374,12 @@ class BuildCache:
 
         self._pending.append(self._writer.submit(run))
 
-    def stored(self) -> None:
+    def stored(self, fragment: bool = False) -> None:
         with self._lock:
-            self.stats.content_stored += 1
+            if fragment:
+                self.stats.fragment_stored += 1
+            else:
+                self.stats.content_stored += 1
 
     # -- the end of a build ------------------------------------------------------------
 

@@ -230,6 +230,9 @@ def big_tree(root: Path, *, count: int = 4, size: int = 3 << 20) -> Path:
     return root
 
 
+ENTRIES = 8  # big_tree's: f0..f3 and sparse (dup is f0's), and its 3 fragment blocks
+
+
 def entries(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if p.name.startswith(pyimg.cache.ENTRY_PREFIX))
 
@@ -270,12 +273,15 @@ def _damage_and_rebuild(tree: Path, tmp_path: Path, damage: Any) -> None:
     cache = tmp_path / "cache"
     out = str(tmp_path / "img")
     want = pyimg.build([str(tree)], out, epoch=EPOCH, cache=str(cache)).digest
-    for path in entries(cache):
+    damaged = entries(cache)
+    assert len(damaged) == ENTRIES
+    for path in damaged:
         damage(path)
     again = pyimg.build([str(tree)], out, epoch=EPOCH, cache=str(cache))
     assert again.digest == want
-    assert again.cache is not None and again.cache.bad_entries == 5 and again.cache.content_hits == 0
-    assert again.cache.content_stored == 5  # rebuilt and stored anew
+    assert again.cache is not None and again.cache.bad_entries == ENTRIES
+    assert again.cache.content_hits == again.cache.fragment_hits == 0
+    assert again.cache.content_stored == 5 and again.cache.fragment_stored == 3  # rebuilt, stored anew
     third = pyimg.build([str(tree)], out, epoch=EPOCH, cache=str(cache))
     assert third.digest == want and third.cache is not None and third.cache.bad_entries == 0
 
@@ -447,7 +453,7 @@ def test_concurrent_builds_into_one_cache(tree: Path, tmp_path: Path) -> None:
             assert proc.returncode == 0 and not err, (round_, err)
         for i in range(2):
             assert pyimg.digest(str(tmp_path / f"img{i}"), sha256=False).blake3 == want
-    assert len(entries(Path(cache))) == 5
+    assert len(entries(Path(cache))) == ENTRIES
     assert not [p for p in Path(cache).iterdir() if p.name.startswith("tmp-")]
 
 
@@ -490,7 +496,7 @@ def test_the_cli_uses_the_user_cache_by_default(tree: Path, tmp_path: Path) -> N
     proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["cache"]["content_stored"] == 5
-    assert len(entries(tmp_path / "xdg" / "pyimg" / "build")) == 5
+    assert len(entries(tmp_path / "xdg" / "pyimg" / "build")) == ENTRIES
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg2")
     proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "-q", "--no-cache", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -500,7 +506,7 @@ def test_the_cli_uses_the_user_cache_by_default(tree: Path, tmp_path: Path) -> N
     env["PYIMG_BUILD_CACHE"] = str(tmp_path / "named")  # before XDG_CACHE_HOME
     proc = run_cli("build", str(tree), "-o", out, "--epoch", str(EPOCH), "-q", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert len(entries(tmp_path / "named")) == 5 and not (tmp_path / "xdg2").exists()
+    assert len(entries(tmp_path / "named")) == ENTRIES and not (tmp_path / "xdg2").exists()
 
 
 def test_the_api_writes_no_cache_unasked(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -518,7 +524,7 @@ def test_a_spec_names_its_cache_relative_to_itself(tree: Path, tmp_path: Path) -
         f'[[source]]\npath = "{tree}"\n[policy]\nepoch = {EPOCH}\n'
     )
     result = pyimg.build([], spec=str(spec))
-    assert result.cache is not None and len(entries(tmp_path / "c")) == 5
+    assert result.cache is not None and len(entries(tmp_path / "c")) == ENTRIES
     with pytest.raises(pyimg.errors.SpecError, match="cache_max"):
         pyimg.build([], spec=str(spec), cache_max="1K")
 
@@ -533,3 +539,29 @@ def test_a_cache_inside_a_source_is_not_used(tree: Path, tmp_path: Path) -> None
         f"build cache {tree / 'sub' / 'cache'}: inside the source {tree}; building without it"
     ]
     assert not (tree / "sub").exists()
+
+
+def test_fragment_blocks_are_compressed_once(tmp_path: Path) -> None:
+    """Small files go into fragment blocks: a rebuild packs the same blocks and takes
+    their compressed form from the cache; a same-size edit of one small file changes
+    one block, which alone is compressed again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(3)
+    for i in range(400):
+        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 3000)) + b"text " * rng.randrange(0, 400))
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "img")
+    cold = build(src, tmp_path / "img", cache=cache)
+    assert cold.cache is not None and cold.cache.fragment_stored > 100 and cold.cache.fragment_hits == 0
+    warm = build(src, tmp_path / "img", cache=cache, jobs=3)
+    assert warm.cache is not None and warm.digest == cold.digest
+    assert warm.cache.fragment_hits == cold.cache.fragment_stored and warm.cache.fragment_stored == 0
+    with open(src / "s200", "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    edited = build(src, tmp_path / "img", cache=cache, jobs=2)
+    assert edited.cache is not None and edited.cache.fragment_stored == 1
+    assert edited.digest == build(src, tmp_path / "plain", jobs=1).digest != cold.digest
+    unsquashfs_extract(Path(out), tmp_path / "x")
+    assert (tmp_path / "x" / "s200").read_bytes() == (src / "s200").read_bytes()

@@ -200,6 +200,7 @@ class DataStream:
             f"squashfs {spec.name} level={spec.level} block={spec.block_size} fragments={int(fragments)} "
             f"zero-blocks=holes-v1 "
         ).encode() + compressor_versions()
+        self.fragment_shape = self.shape + b" fragment-block"  # a packed block of tails, not a content
 
     # -- tasks (run on worker threads) -------------------------------------------
 
@@ -377,6 +378,49 @@ class DataStream:
         assert self.cache is not None
         key = BuildCache.content_key(digest, self.shape)
         return key, self.cache.lookup(key, ref.size, self.block_size, self._full_blocks(ref.size, True))
+
+    def stored_fragments(self, raws: list[memoryview]) -> list[bytes]:
+        """Full fragment blocks -> what the compressor makes of them (on a helper
+        thread).  With a build cache, a block whose bytes an earlier build compressed
+        is taken from its entry, keyed by the block's BLAKE3: a rebuild after no or a
+        same-size change packs the same blocks, and need not compress them again.
+        The misses go through the same call as without a cache: the same bytes."""
+        compressor = self.compressors.get()
+        if self.cache is None:
+            return compressor.compress_many(raws, threads=1)
+        keys = [BuildCache.content_key(blake3.blake3(raw).digest(), self.fragment_shape) for raw in raws]
+        found: list[bytes | None] = []
+        for key, raw in zip(keys, raws, strict=True):
+            entry = self.cache.lookup(key, len(raw), self.block_size, 1, fragment=True)
+            if entry is None:
+                found.append(None)
+                continue
+            try:
+                found.append(entry.read(0, 1, UNCOMPRESSED)[0])
+            finally:
+                entry.close()
+        misses = [i for i, block in enumerate(found) if block is None]
+        packed = compressor.compress_many([raws[i] for i in misses], threads=1) if misses else []
+        for i, block in zip(misses, packed, strict=True):
+            found[i] = block
+            self._store_fragment(keys[i], raws[i], block)
+        return [block for block in found if block is not None]
+
+    def _store_fragment(self, key: bytes, raw: memoryview, packed: bytes) -> None:
+        """One fragment block's entry: its one block as stored, no tail."""
+        assert self.cache is not None
+        writer = self.cache.writer(key, len(raw))
+        if writer is None:
+            return
+        stored, word = (packed, len(packed)) if len(packed) < len(raw) else (bytes(raw), len(raw) | UNCOMPRESSED)
+        cache = self.cache
+
+        def write() -> None:
+            writer.add([stored], [word])
+            writer.finish(b"")
+            cache.stored(fragment=True)
+
+        cache.submit(write, writer)
 
     def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
         """Read a range, skipping the holes of sparse files (they read as zeros).
@@ -659,10 +703,10 @@ class _FragmentPacker:
         """Start compressing the current batch; write the oldest ones past the limit."""
         if self.batch:
             batch, self.batch = self.batch, []
-            compressors = self.stream.compressors
+            stream = self.stream
 
             def compress() -> list[bytes]:
-                return compressors.get().compress_many([raw for _, raw in batch], threads=1)
+                return stream.stored_fragments([raw for _, raw in batch])
 
             self.in_flight.append((batch, self.pool.submit(compress)))
         while len(self.in_flight) > self.max_in_flight:
