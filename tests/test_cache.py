@@ -549,7 +549,8 @@ def test_fragment_blocks_are_compressed_once(tmp_path: Path) -> None:
     src.mkdir()
     rng = random.Random(3)
     for i in range(400):
-        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 3000)) + b"text " * rng.randrange(0, 400))
+        text = b"text " * rng.randrange(0, 400)
+        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 3000)) + text)
     cache, out = str(tmp_path / "cache"), str(tmp_path / "img")
     cold = build(src, tmp_path / "img", cache=cache)
     assert cold.cache is not None and cold.cache.fragment_stored > 100 and cold.cache.fragment_hits == 0

@@ -412,7 +412,10 @@ class DataStream:
         writer = self.cache.writer(key, len(raw))
         if writer is None:
             return
-        stored, word = (packed, len(packed)) if len(packed) < len(raw) else (bytes(raw), len(raw) | UNCOMPRESSED)
+        if len(packed) < len(raw):
+            stored, word = packed, len(packed)
+        else:
+            stored, word = bytes(raw), len(raw) | UNCOMPRESSED
         cache = self.cache
 
         def write() -> None:
