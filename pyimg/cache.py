@@ -16,9 +16,10 @@ Two parts, in one directory:
 Entries are written to a temp file in the directory and renamed: readers see a
 whole entry or none (a crash may tear one: its check fails), and concurrent builds
 sharing a directory at worst write the same entry twice.  Every entry is checked
-(magic, version, key, the BLAKE3 of its payload) before it is used; a bad one is removed and the content computed as
-without a cache.  Any OSError of the cache (not writable, full) turns the cache off
-for the rest of the build with one warning; the build goes on.  Nothing here prints.
+(magic, version, key, the BLAKE3 of its payload) before it is used; a bad one is
+removed and the content computed as without a cache.  Any OSError of the cache (not
+writable, full) turns the cache off for the rest of the build with one warning; the
+build goes on.  Nothing here prints.
 """
 
 from __future__ import annotations
