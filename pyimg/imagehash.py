@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from array import array
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,13 +132,21 @@ def digest_image(path: str | int, *, sha256: bool = True) -> ImageDigest:
 
 
 def _digest_fd(fd: int, want_sha256: bool) -> ImageDigest:
+    if not want_sha256:
+        return _digest_windows(fd, None, None)
+    import hashlib  # on use: it maps OpenSSL's libcrypto, ~3.5 MB of every run's RSS
+
+    sha = hashlib.sha256()
+    # One feeder thread for the whole image: the SHA-256 of a window runs on it
+    # while BLAKE3 runs here (both release the GIL on large buffers).  Shut down
+    # (waited for) before the buffer it reads can be reused or freed.
+    with ThreadPoolExecutor(1, thread_name_prefix="pyimg-sha256") as feeder:
+        return _digest_windows(fd, sha, feeder)
+
+
+def _digest_windows(fd: int, sha: Any, feeder: ThreadPoolExecutor | None) -> ImageDigest:
     size = os.fstat(fd).st_size
     hasher = ImageHasher()
-    sha: Any = None
-    if want_sha256:
-        import hashlib  # on use: it maps OpenSSL's libcrypto, ~3.5 MB of every run's RSS
-
-        sha = hashlib.sha256()
     feed_sha: Callable[[memoryview], object] | None = sha.update if sha is not None else None
     buffer = bytearray(WINDOW)
     pos = 0  # everything before pos is hashed
@@ -154,9 +162,10 @@ def _digest_fd(fd: int, want_sha256: bool) -> ImageDigest:
             if n <= 0:
                 raise OSError(0, "the image shrank while it was digested")
             view = memoryview(buffer)[:n]
-            if feed_sha is not None:
-                with _Beside(feed_sha, view):
-                    hasher.window(view)
+            if feed_sha is not None and feeder is not None:
+                beside = feeder.submit(feed_sha, view)
+                hasher.window(view)
+                beside.result()
             else:
                 hasher.window(view)
             pos += n
@@ -165,17 +174,3 @@ def _digest_fd(fd: int, want_sha256: bool) -> ImageDigest:
             hash_zeros(size - pos, feed_sha)
         hasher.skip(size - pos)
     return ImageDigest(hasher.hexdigest(), sha.hexdigest() if sha is not None else None, size)
-
-
-class _Beside:
-    """Runs `feed(view)` on a thread while the with-block runs (SHA-256 and BLAKE3
-    both release the GIL on large buffers: the two hashes of a window overlap)."""
-
-    def __init__(self, feed: Callable[[memoryview], object], view: memoryview) -> None:
-        self.thread = threading.Thread(target=feed, args=(view,))
-
-    def __enter__(self) -> None:
-        self.thread.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.thread.join()
