@@ -187,10 +187,10 @@ def ordered_map(
             pending.popleft()
             yield result
     finally:
-        _shut_down(pool, pending)
+        shut_down(pool, pending)
 
 
-def _shut_down(pool: ThreadPoolExecutor, pending: Iterable[Future[Any]]) -> None:
+def shut_down(pool: ThreadPoolExecutor, pending: Iterable[Future[Any]]) -> None:
     """Cancel the queued tasks, wait for the running ones, then for the threads, each
     step through a Ctrl-C (raised once all are done: the tasks may use buffers the
     caller frees next).  The tasks are waited for by their futures, not by joining

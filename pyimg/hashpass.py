@@ -36,7 +36,7 @@ import blake3
 
 from ._ffi import check, check_handle, ffi, lib
 from .cache import BuildCache
-from .content import ContentReader, hash_zeros, ordered_map
+from .content import ContentReader, hash_zeros, ordered_map, shut_down
 from .tree import DataRef
 
 S = TypeVar("S")
@@ -235,10 +235,10 @@ class DigestsAhead:
         return result
 
     def close(self) -> None:
-        for future in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel what is queued and wait for what runs, through Ctrl-C (as
+        ordered_map does: its tasks read buffers the caller frees next)."""
+        pending, self._pending = list(self._pending), collections.deque()
+        shut_down(self._pool, pending)
 
 
 HASH_READ = 1 << 20  # bytes read at a time by hash_big (a reused buffer)
