@@ -566,3 +566,43 @@ def test_fragment_blocks_are_compressed_once(tmp_path: Path) -> None:
     assert edited.digest == build(src, tmp_path / "plain", jobs=1).digest != cold.digest
     unsquashfs_extract(Path(out), tmp_path / "x")
     assert (tmp_path / "x" / "s200").read_bytes() == (src / "s200").read_bytes()
+
+
+def test_an_unchanged_file_that_fits_one_task_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contents with full blocks that fit one task are read and hashed with their
+    batch; with their digest in the stat cache and their stored form in the content
+    cache a rebuild does not read them at all (nor their tails: the entry has them)."""
+    from pyimg import content
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    for i in range(6):
+        (src / f"m{i}").write_bytes(rng.randbytes(3 * BLOCK + 100 * i) + b"text " * 50)
+    (src / "m5").write_bytes((src / "m0").read_bytes())  # a duplicate
+    (src / "tiny").write_bytes(b"a tail")
+    read: list[str] = []
+    real = content.read_batch
+
+    def counting(refs: Any) -> Any:
+        read.extend(ref.path for ref in refs)
+        return real(refs)
+
+    monkeypatch.setattr(squashfs_data, "read_batch", counting)
+    cache, out = str(tmp_path / "cache"), tmp_path / "img"
+    with racy_window(-(10**12)):
+        cold = build(src, out, cache=cache, jobs=2)
+        assert len(read) == 6 and cold.cache is not None and cold.cache.content_stored == 5
+        read.clear()
+        time.sleep(0.03)
+        with open(src / "m2", "r+b") as f:
+            f.write(b"X")
+        warm = build(src, out, cache=cache, jobs=2)
+    assert read == [str(src / "m2")]
+    assert warm.cache is not None and warm.cache.stat_hits == 5
+    assert warm.digest == build(src, tmp_path / "plain", jobs=1).digest != cold.digest
+    unsquashfs_extract(out, tmp_path / "x")
+    for i in range(6):
+        assert (tmp_path / "x" / f"m{i}").read_bytes() == (src / f"m{i}").read_bytes()

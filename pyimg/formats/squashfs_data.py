@@ -39,7 +39,7 @@ import blake3
 
 from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib
-from ..cache import BuildCache, Entry, EntryWriter, compressor_versions
+from ..cache import BuildCache, Entry, EntryWriter, Identity, compressor_versions
 from ..compression import CompressionSpec, PerThread
 from ..content import ContentReader, ordered_map, read_batch, read_batch_packed
 from ..tree import DataRef, Inode
@@ -288,13 +288,29 @@ class DataStream:
             return [self._run_chunk(task[0])]
         # A batch of whole contents: read and hash them all in one C call, claim
         # their digests under one lock, then compress each from the shared buffer.
-        with_data = [p for p in task if p.inode.data is not None and p.inode.size]
+        # With a build cache, those whose digest (stat cache) and stored form
+        # (content cache) are known are not read at all.
+        known = self._known_wholes(task) if self.cache is not None else {}
+        try:
+            return self._run_batch(task, known)
+        finally:
+            for _, entry in known.values():
+                entry.close()  # (closed already, unless the batch failed)
+
+    def _run_batch(self, task: list[_Piece], known: dict[int, tuple[bytes, Entry]]) -> list[_Done]:
+        with_data = [p for p in task if p.inode.data is not None and p.inode.size and id(p) not in known]
+        since = self.cache.clock() if self.cache is not None else 0
+        idents = {id(p): self._identity(p) for p in with_data} if self.cache is not None else {}
         buffer, digests = read_batch([p.inode.data for p in with_data])  # type: ignore[misc]
         digest_of = {id(p): d for p, d in zip(with_data, digests, strict=True)}
+        self._learn(with_data, idents, digest_of, since)
+        digest_of.update((key, digest) for key, (digest, _) in known.items())
         # Only contents with full blocks are compressed here, so only they need to
         # know whether an earlier content already stores the same bytes.  Contents
         # that are all tail are deduplicated by the committer (memory: no claim each).
-        blocky = [(digest_of[id(p)], p.content) for p in with_data if p.length >= self.block_size]
+        blocky = [
+            (digest_of[id(p)], p.content) for p in task if id(p) in digest_of and p.length >= self.block_size
+        ]
         owners = self.claims.claim_all(blocky) if self.dedup and blocky else {}
         view = memoryview(buffer)
         done: list[_Done] = []
@@ -304,11 +320,69 @@ class DataStream:
             if digest is None:
                 done.append(_Done(piece, [], [], b"", None, _EMPTY_DIGEST, False))
                 continue
+            if id(piece) in known:
+                done.append(
+                    self._from_entry(piece, digest, known[id(piece)][1], not owners.get(digest, True))
+                )
+                continue
             data = view[at : at + piece.length]
             at += piece.length
             duplicate = not owners.get(digest, True)
             done.append(self._whole(piece, data, digest, duplicate))
         return done
+
+    def _identity(self, piece: _Piece) -> Identity | None:
+        """A content's file identity, for the stat cache (only contents with full
+        blocks: a small file's open and fstat would cost what reading it costs)."""
+        assert self.cache is not None
+        if piece.inode.data is None or piece.length < self.block_size:
+            return None
+        return self.cache.identity(piece.inode.data)
+
+    def _learn(
+        self, pieces: list[_Piece], idents: dict[int, Identity | None], digests: dict[int, bytes], since: int
+    ) -> None:
+        """Record the digests just read in the stat cache (its racy rule applies)."""
+        if self.cache is None:
+            return
+        for piece in pieces:
+            ident = idents.get(id(piece))
+            if ident is not None and piece.inode.data is not None:
+                self.cache.learn(ident, piece.inode.data, digests[id(piece)], since)
+
+    def _known_wholes(self, task: list[_Piece]) -> dict[int, tuple[bytes, Entry]]:
+        """The contents of a batch whose digest the stat cache knows and whose stored
+        form the content cache holds: id(piece) -> (digest, its open entry)."""
+        assert self.cache is not None
+        known: dict[int, tuple[bytes, Entry]] = {}
+        for piece in task:
+            ident = self._identity(piece)
+            digest = self.cache.digest_of(ident) if ident is not None else None
+            if digest is None:
+                continue
+            key = BuildCache.content_key(digest, self.shape)
+            size = piece.length
+            entry = self.cache.lookup(key, size, self.block_size, self._full_blocks(size, True))
+            if entry is not None:
+                known[id(piece)] = (digest, entry)
+        return known
+
+    def _from_entry(self, piece: _Piece, digest: bytes, entry: Entry, duplicate: bool) -> _Done:
+        """A whole content from its cache entry, the source not read."""
+        try:
+            if duplicate:
+                return _Done(piece, [], [], b"", None, digest, True)
+            bs, size = self.block_size, piece.length
+            full = self._full_blocks(size, True)
+            blocks = entry.read(0, full, UNCOMPRESSED)
+            tail = entry.tail
+        finally:
+            entry.close()
+        raw_sizes = [min(bs, size - i * bs) for i in range(full)]
+        tail_key = None
+        if tail and self.dedup:
+            tail_key = digest if len(tail) == size else blake3.blake3(tail).digest()
+        return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False)
 
     def _whole(self, piece: _Piece, data: memoryview, digest: bytes, duplicate: bool) -> _Done:
         if duplicate:
