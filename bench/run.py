@@ -6,12 +6,16 @@ Standard library only.  Usage:
     python3 bench/run.py [--workloads real,small,large,dups] [--scale 1.0]
                          [--format squashfs|ext4|all] [--repeat 3]
                          [--workdir DIR] [--jobs N] [--level 3] [--tools a,b]
+                         [--no-warm]
 
 Workload trees are generated once (deterministically, from fixed seeds) under
 --workdir and reused on later runs; a stamp file next to each tree records the
 parameters it was made with.  Every image is written to a fresh path on the
 same filesystem as the trees and deleted right after it has been measured.
-See bench/README.md and docs/bench.md for the method.
+On `real` and `small`, pyimg's rows are followed by its rebuilds with a build cache
+(cold, then warm: no change, one changed 4 KiB file, 1 % of the files changed), each
+checked to be the clean build's image and compared with the peers' clean builds;
+--no-warm skips them.  See bench/README.md and docs/bench.md for the method.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import filecmp
 import json
 import os
 import platform
@@ -539,6 +544,74 @@ def measure(
 
 
 # --------------------------------------------------------------------------
+# Warm rebuilds (pyimg's build cache, docs/cache.md)
+# --------------------------------------------------------------------------
+
+WARM_WORKLOADS = ("real", "small")  # the issue's: trees of many files, where CI rebuilds happen
+
+
+def regular_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def change_one_4k_file(root: Path, round_no: int) -> None:
+    """Rewrite the file whose size is nearest 4 KiB (new bytes each round)."""
+    target = min(regular_files(root), key=lambda p: (abs(p.stat().st_size - 4096), str(p)))
+    target.write_bytes(random.Random(round_no).randbytes(target.stat().st_size))
+
+
+def change_one_percent(root: Path, round_no: int) -> None:
+    """Change the first byte of every 100th file (a different byte each round)."""
+    for path in regular_files(root)[::100]:
+        with open(path, "r+b") as f:
+            if f.read(1):
+                f.seek(0)
+                f.write(bytes([round_no % 256]))
+
+
+def measure_warm(tool: Tool, workload: str, src: Path, stats: TreeStats, outdir: Path,
+                 args: argparse.Namespace) -> list[Result]:  # fmt: skip
+    """pyimg's rebuilds with a build cache: cold (an empty cache), then warm with no
+    change, after one changed 4 KiB file, after 1 % of the files changed.  Each
+    warm image is checked against a clean build of the same tree, byte for byte."""
+    scratch = outdir / f"warm-{workload}-{tool.fmt}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    tree, cache = scratch / "src", scratch / "cache"
+    shutil.copytree(src, tree, symlinks=True)
+    time.sleep(2.5)  # older than the stat cache's racy window: as a CI checkout is
+    out, clean = scratch / "img", scratch / "clean"
+    argv, env = build_command(tool, tree, out, stats, args)
+    argv = [a for a in argv if a != "--no-cache"] + ["--cache", str(cache)]
+    clean_argv, _ = build_command(tool, tree, clean, stats, args)
+    rows = [("cold cache", None, 1), ("warm, no change", None, args.repeat),
+            ("warm, one 4 KiB file changed", change_one_4k_file, args.repeat),
+            ("warm, 1% of files changed", change_one_percent, args.repeat)]  # fmt: skip
+    results = []
+    try:
+        for label, change, runs in rows:
+            res = Result(workload=workload, tool=f"pyimg ({label})", fmt=tool.fmt, command=argv)
+            for i in range(runs):
+                if change is not None:
+                    change(tree, i + 1)
+                try:
+                    res.samples.append(run_once(argv, env, out))
+                except (RunFailed, OSError) as e:
+                    res.status, res.error_tail = "FAILED", str(e)
+                    break
+                wall = res.samples[-1].wall_s
+                print(f"  {res.tool:<40} {tool.fmt:<9} run {i + 1}: {wall:7.2f} s", flush=True)
+            if res.status == "ok":
+                run_once(clean_argv, env, clean)
+                if not filecmp.cmp(out, clean, shallow=False):
+                    res.status = "FAILED"
+                    res.error_tail = "the warm image is not the clean build's"
+            results.append(res)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+# --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
 
@@ -565,7 +638,7 @@ def table_rows(results: list[Result]) -> list[list[str]]:
         if r.status != "ok":
             rows.append([r.tool, r.fmt, r.status] + [""] * (len(HEADER) - 3))
             continue
-        peers = [p for p in results if p.fmt == r.fmt and p.tool != "pyimg" and p.status == "ok"]
+        peers = [p for p in results if p.fmt == r.fmt and not p.tool.startswith("pyimg") and p.status == "ok"]
         best_wall = min((p.median("wall_s") for p in peers), default=None)
         best_size = min((p.median("alloc_bytes") for p in peers), default=None)
         rows.append(
@@ -688,6 +761,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--level", type=int, default=3, help="zstd level for squashfs")
     p.add_argument("--tools", help="comma-separated subset: pyimg,mksquashfs,gensquashfs,mkfs.ext4")
+    p.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help=f"skip pyimg's warm-rebuild rows (build cache) on {', '.join(WARM_WORKLOADS)}",
+    )
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     bad = [w for w in args.workloads if w not in GENERATORS]
@@ -729,6 +808,10 @@ def main(argv=None) -> int:
         print(f"\n[{titles[wl]}]", flush=True)
         warm_cache(src)
         wl_results = [measure(t, wl, src, stats, outdir, args) for t in tools]
+        if args.warm and wl in WARM_WORKLOADS:
+            for t in tools:
+                if t.name == "pyimg" and t.binary is not None:
+                    wl_results += measure_warm(t, wl, src, stats, outdir, args)
         results += wl_results
         print_table(titles[wl], wl_results)
 
