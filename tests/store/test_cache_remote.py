@@ -168,6 +168,33 @@ def test_concurrent_exports_merge_the_index(
         assert warm.digest == results[i].digest == build(trees[i], tmp_path / "p.sqfs").digest
 
 
+def test_concurrent_runner_processes_share_one_index(registry: Registry, tmp_path: Path) -> None:
+    """Four `pyimg build` processes with different trees export to one cache at once."""
+    import subprocess
+    import sys
+
+    addr = registry.repo()
+    runners = []
+    for i in range(4):
+        src = make_tree(tmp_path / f"src{i}", seed=20 + i, count=2)
+        env = dict(os.environ, PYIMG_BUILD_CACHE=str(tmp_path / f"local{i}"))
+        args = ["build", str(src), "-o", str(tmp_path / f"{i}.sqfs"), "--epoch", str(EPOCH)]
+        runners.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pyimg.cli", *args, "--cache", addr, "--json"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for proc in runners:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "warning" not in err, err
+        assert json.loads(out)["cache"]["remote_pushed"] == 2
+    assert len(index_of(addr)) == 8
+
+
 def test_the_index_is_bounded(store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_remote, "INDEX_MAX", 4)
     build(make_tree(tmp_path / "one", seed=1), tmp_path / "1.sqfs", store_addr, tmp_path / "r1")
