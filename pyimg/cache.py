@@ -35,10 +35,14 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import blake3
 
 from .tree import DataRef
+
+if TYPE_CHECKING:
+    from .cache_remote import RemoteCache
 
 FORMAT_VERSION = 1  # bump when an entry's layout or the meaning of its key changes
 MAGIC = b"PYIMGC\x00\x01"
@@ -88,6 +92,9 @@ class CacheStats:
     fragment_stored: int = 0
     bad_entries: int = 0  # found corrupt, truncated or foreign, removed
     evicted: int = 0
+    remote_fetched: int = 0  # entries fetched from the shared cache (cache_remote.py)
+    remote_pushed: int = 0  # entry blobs uploaded to it
+    remote_refused: int = 0  # its blobs that were not what its index said: not used
 
 
 @dataclass
@@ -158,6 +165,8 @@ class EntryWriter:
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.cache.entry_path(self.key))
+        if self.cache.remote is not None:
+            self.cache.remote.note(self.key)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -182,6 +191,7 @@ class BuildCache:
         self._stat_new: dict[Identity, bytes] = {}  # used or learnt in this build
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="pyimg-cache")
         self._pending: list[Future[None]] = []
+        self.remote: RemoteCache | None = None  # the shared tier under this one (cache_remote.py)
         try:
             os.makedirs(directory, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
@@ -293,6 +303,8 @@ class BuildCache:
         if not self.enabled:
             return None
         path = self.entry_path(key)
+        if self.remote is not None and not os.path.exists(path):
+            self.remote.fetch(key, size, full_blocks)  # a local miss: the shared cache's entry, if any
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -314,6 +326,8 @@ class BuildCache:
                 self.stats.fragment_hits += 1
             else:
                 self.stats.content_hits += 1
+        if self.remote is not None:
+            self.remote.note(key)
         return entry
 
     @staticmethod
@@ -388,13 +402,19 @@ class BuildCache:
         self._writer.shutdown(wait=True)
         for future in self._pending:
             future.result()
-        if not self.enabled:
-            return
         try:
-            self._save_stat()
-            self.evict()
-        except OSError as exc:
-            self.fail(exc)
+            if self.remote is not None:
+                self.remote.export()  # before the eviction, which could remove what it shares
+            if not self.enabled:
+                return
+            try:
+                self._save_stat()
+                self.evict()
+            except OSError as exc:
+                self.fail(exc)
+        finally:
+            if self.remote is not None:
+                self.remote.close()
 
     def evict(self) -> None:
         """Remove the least recently used entries until the total is under max_bytes;

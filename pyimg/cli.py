@@ -122,6 +122,9 @@ def build_command(
         if no_cache or options.cache.cache is None:
             where = None if no_cache else cache_default_dir()
             options = dataclasses.replace(options, cache=dataclasses.replace(options.cache, cache=where))
+        # Under a shared cache (oci:DIR, HOST/REPO) the local tier is the default directory.
+        local = dataclasses.replace(options.cache, local=options.cache.local or cache_default_dir())
+        options = dataclasses.replace(options, cache=local)
         result = build_with(options, progress=bar)
         landed(result.output)
         if bar:

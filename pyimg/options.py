@@ -94,7 +94,13 @@ def _parse_cache_dir(value: Any, key: str) -> str | None:
     if value is None or value is False:
         return None
     if not isinstance(value, str) or not value:
-        raise SpecError(f"{key}: expected a directory path, got {value!r}")
+        raise SpecError(f"{key}: expected a directory, oci:DIR or HOST/REPO, got {value!r}")
+    from .cache_remote import remote_ref  # (not at the top: it imports this module)
+
+    try:
+        remote_ref(value)
+    except SpecError as exc:
+        raise SpecError(f"{key}: {exc.reason}") from None
     return value
 
 
@@ -114,14 +120,19 @@ class CacheOptions:
 
     cache: str | None = setting(
         None,
-        "Build cache directory (default: $PYIMG_BUILD_CACHE, else $XDG_CACHE_HOME/pyimg/build; "
-        "--no-cache: none).",
-        _parse_cache_dir, metavar="DIR",
+        "Build cache: a directory (default: $PYIMG_BUILD_CACHE, else $XDG_CACHE_HOME/pyimg/build; "
+        "--no-cache: none), or a cache shared through a store, oci:DIR or HOST[:PORT]/REPO[:TAG] "
+        "(a registry), over the local one.",
+        _parse_cache_dir, metavar="DIR|oci:DIR|HOST/REPO",
     )  # fmt: skip
     cache_max: int = setting(
         2 << 30, "Build cache size limit; least recently used entries go first (default 2G).",
         _parse_cache_max, metavar="SIZE",
     )  # fmt: skip
+    # The local tier under a shared cache (`cache` is oci:DIR or HOST/REPO): the CLI sets
+    # its default directory; None, the API's default, is a temp directory for the build.
+    # Not an option of its own, not in the record.
+    local: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

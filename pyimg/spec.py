@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import settings
+from .cache_remote import spec_value as spec_cache_value
 from .errors import SourceError, SpecError
 from .formats import FORMATS, all_settings, format_spec
 from .formats.ext4_options import parse_ext4_size, parse_features, parse_journal, parse_uuid
@@ -114,7 +115,7 @@ def _options_from_spec(spec: Mapping[str, Any], base_dir: str) -> BuildOptions:
     fields["policy"] = _policy(_table(spec.get("policy", {}), "policy"))
     cache = settings.apply(CacheOptions(), {k: spec[k] for k in ("cache", "cache_max") if k in spec}, "")
     if cache.cache is not None:
-        cache = dataclasses.replace(cache, cache=_path(cache.cache, base_dir, "cache"))
+        cache = dataclasses.replace(cache, cache=spec_cache_value(cache.cache, base_dir))
     fields["cache"] = cache
     fields["format_options"] = {
         name: settings.apply(spec_.options(), dict(_table(spec[name], name)), name)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from .._ffi import Callback, check, check_handle, ffi, lib
 from ..cache import BuildCache
+from ..cache_remote import local_paths, open_cache
 from ..collect import source_holding
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError
@@ -108,13 +109,12 @@ class SquashfsWriter:
         options = self.options.cache
         if not options.cache:
             return None
-        source = source_holding(options.cache, self.options)
-        if source is not None:
-            self.warnings.append(
-                f"build cache {options.cache}: inside the source {source}; building without it"
-            )
-            return None
-        return BuildCache(options.cache, options.cache_max)
+        for where in local_paths(options):
+            source = source_holding(where, self.options)
+            if source is not None:
+                self.warnings.append(f"build cache {where}: inside the source {source}; building without it")
+                return None
+        return open_cache(options)  # a directory, or a shared cache over one (cache_remote.py)
 
     def prescan(self) -> None:
         """None: squashfs reads each file once, to hash and compress it together,

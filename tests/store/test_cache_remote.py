@@ -1,0 +1,391 @@
+"""The shared build cache (pyimg/cache_remote.py, docs/cache.md): entries kept in an OCI
+store, the real loopback registry and a layout directory.  A fresh runner (an empty
+local cache) builds warm from what another pushed, fetching only the entries it
+needs; concurrent exports merge; a store that is down, lies about a blob, or holds
+another version's cache never changes the image."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pyimg
+import pyimg.cache
+from pyimg import cache_remote
+from pyimg.api import build_with, options_for
+from pyimg.cache_remote import index_tag, parse_index, remote_ref, spec_value
+from pyimg.errors import SpecError
+from pyimg.store import ops
+from pyimg.store.artifact import Manifest
+
+from ..oracles import run_cli
+from .conftest import Registry
+
+EPOCH = 1_700_000_000
+FILES = 3  # contents larger than one task (1 MiB): the cache's
+
+
+@pytest.fixture(autouse=True)
+def _quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_remote, "SETTLE_S", 0.1)
+
+
+@pytest.fixture(params=["layout", "registry"])
+def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "layout":
+        return f"oci:{tmp_path / 'layout'}"
+    reg: Registry = request.getfixturevalue("registry")
+    return reg.repo()
+
+
+def make_tree(root: Path, seed: int = 1, count: int = FILES) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(count):
+        (root / f"big{i}").write_bytes(rng.randbytes(1 << 20) + (b"text %d " % seed * 150_000)[: 1 << 20])
+    # Whole blocks, no tail: the entries are then exactly the FILES contents (fragment
+    # blocks are entries too: test_fragment_blocks_are_shared_too).
+    return root
+
+
+def build(
+    src: Path, out: Path, cache: str | None = None, local: Path | None = None, fragments: bool = True
+) -> pyimg.BuildResult:
+    """A build as a runner makes it: `local` its local cache (None: a temp directory)."""
+    options = options_for([str(src)], str(out), epoch=EPOCH, jobs=2, cache=cache, fragments=fragments)
+    if local is not None:
+        options = dataclasses.replace(options, cache=dataclasses.replace(options.cache, local=str(local)))
+    return build_with(options)
+
+
+def index_of(addr: str) -> dict[bytes, Any]:
+    store = ops.open_store(addr)
+    try:
+        return parse_index(store.get_manifest(index_tag(ops.parse_ref(addr))))
+    finally:
+        store.close()
+
+
+def stats(result: pyimg.BuildResult) -> pyimg.cache.CacheStats:
+    assert result.cache is not None
+    return result.cache
+
+
+# -- a fresh runner builds warm ------------------------------------------------------------
+
+
+def test_a_fresh_runner_builds_warm_from_what_another_pushed(store_addr: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    plain = build(src, tmp_path / "plain.sqfs")
+    a = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    assert stats(a).content_stored == FILES and stats(a).remote_pushed == FILES and not a.warnings
+    assert len(index_of(store_addr)) == FILES
+
+    b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
+    assert stats(b).content_hits == FILES and stats(b).content_stored == 0
+    assert stats(b).remote_fetched == FILES and stats(b).remote_pushed == 0 and not b.warnings
+    assert plain.digest == a.digest == b.digest
+    assert (tmp_path / "plain.sqfs").read_bytes() == (tmp_path / "b.sqfs").read_bytes()
+
+    # One edited file: only its entry is missing, and it is shared in turn.
+    (src / "big1").write_bytes((b"edited " * 300_000)[: 16 << 17])
+    c = build(src, tmp_path / "c.sqfs", store_addr, tmp_path / "runner-c")
+    assert stats(c).remote_fetched == FILES - 1 and stats(c).content_stored == 1
+    assert stats(c).remote_pushed == 1 and len(index_of(store_addr)) == FILES + 1
+    assert c.digest == build(src, tmp_path / "plain2.sqfs").digest
+
+    # A runner whose local cache is warm fetches nothing.
+    again = build(src, tmp_path / "d.sqfs", store_addr, tmp_path / "runner-c")
+    assert stats(again).remote_fetched == 0 and stats(again).content_hits == FILES
+
+
+def test_fragment_blocks_are_shared_too(store_addr: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    for i in range(50):
+        (src / f"s{i}").write_bytes(random.Random(i).randbytes(900 + 37 * i))
+    a = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a", fragments=True)
+    entries = stats(a).content_stored + stats(a).fragment_stored
+    assert stats(a).fragment_stored >= 1 and stats(a).remote_pushed == entries
+    b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b", fragments=True)
+    assert stats(b).fragment_hits == stats(a).fragment_stored and stats(b).remote_fetched == entries
+    assert stats(b).content_stored == stats(b).fragment_stored == 0 and not b.warnings
+    assert (tmp_path / "a.sqfs").read_bytes() == (tmp_path / "b.sqfs").read_bytes()
+
+
+def test_the_api_default_local_tier_is_a_temp_dir_removed_after(store_addr: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    build(src, tmp_path / "a.sqfs", store_addr)
+    before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    b = pyimg.build([str(src)], str(tmp_path / "b.sqfs"), epoch=EPOCH, cache=store_addr)
+    assert stats(b).remote_fetched == FILES and not b.warnings
+    after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    assert not {name for name in after - before if name.startswith("pyimg-cache-")}
+
+
+def test_a_runner_warm_locally_shares_what_the_store_lacks(store_addr: str, tmp_path: Path) -> None:
+    """Entries used from the local tier are exported too: a new shared cache fills up
+    from a runner that never stores anything."""
+    src = make_tree(tmp_path / "src")
+    local = tmp_path / "local"
+    build(src, tmp_path / "a.sqfs", str(local))  # a local cache only
+    a = build(src, tmp_path / "b.sqfs", store_addr, local)
+    assert stats(a).content_stored == 0 and stats(a).remote_pushed == FILES
+    b = build(src, tmp_path / "c.sqfs", store_addr, tmp_path / "fresh")
+    assert stats(b).remote_fetched == FILES and b.digest == a.digest
+
+
+# -- concurrent exports --------------------------------------------------------------------
+
+
+def test_concurrent_exports_merge_the_index(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both exports read the index at the same moment, both write: the one whose lines
+    were lost sees it on reading back and merges again."""
+    trees = [make_tree(tmp_path / f"src{i}", seed=10 + i) for i in range(2)]
+    together = threading.Barrier(2, timeout=60)
+    merge = cache_remote.RemoteCache._merge
+
+    def racing(self: cache_remote.RemoteCache, *args: Any) -> None:
+        together.wait()
+        merge(self, *args)
+
+    monkeypatch.setattr(cache_remote.RemoteCache, "_merge", racing)
+    results: dict[int, pyimg.BuildResult] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = build(trees[i], tmp_path / f"{i}.sqfs", store_addr, tmp_path / f"runner{i}")
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(stats(r).remote_pushed == FILES and not r.warnings for r in results.values())
+    assert len(index_of(store_addr)) == 2 * FILES
+    monkeypatch.setattr(cache_remote.RemoteCache, "_merge", merge)
+    for i in range(2):  # every entry is whole and right
+        warm = build(trees[i], tmp_path / f"w{i}.sqfs", store_addr, tmp_path / f"fresh{i}")
+        assert stats(warm).remote_fetched == FILES and stats(warm).content_hits == FILES
+        assert warm.digest == results[i].digest == build(trees[i], tmp_path / "p.sqfs").digest
+
+
+def test_concurrent_runner_processes_share_one_index(registry: Registry, tmp_path: Path) -> None:
+    """Four `pyimg build` processes with different trees export to one cache at once."""
+    import subprocess
+    import sys
+
+    addr = registry.repo()
+    runners = []
+    for i in range(4):
+        src = make_tree(tmp_path / f"src{i}", seed=20 + i, count=2)
+        env = dict(os.environ, PYIMG_BUILD_CACHE=str(tmp_path / f"local{i}"))
+        args = ["build", str(src), "-o", str(tmp_path / f"{i}.sqfs"), "--epoch", str(EPOCH)]
+        runners.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pyimg.cli", *args, "--cache", addr, "--json"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for proc in runners:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "warning" not in err, err
+        assert json.loads(out)["cache"]["remote_pushed"] == 2
+    assert len(index_of(addr)) == 8
+
+
+def test_the_index_is_bounded(store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_remote, "INDEX_MAX", 4)
+    build(make_tree(tmp_path / "one", seed=1), tmp_path / "1.sqfs", store_addr, tmp_path / "r1")
+    second = make_tree(tmp_path / "two", seed=2)
+    build(second, tmp_path / "2.sqfs", store_addr, tmp_path / "r2")
+    assert len(index_of(store_addr)) == 4
+    # The most recent export's lines are kept.
+    warm = build(second, tmp_path / "3.sqfs", store_addr, tmp_path / "r3")
+    assert stats(warm).remote_fetched == FILES
+
+
+# -- bad stores ----------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_registry_that_is_down_gives_one_warning_and_the_same_image(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    want = build(src, tmp_path / "plain.sqfs").digest
+    result = build(src, tmp_path / "a.sqfs", f"127.0.0.1:{closed_port()}/cache", tmp_path / "local")
+    assert result.digest == want
+    assert len(result.warnings) == 1 and "shared build cache" in result.warnings[0]
+    assert stats(result).content_stored == FILES  # the local tier still works
+    assert stats(result).remote_fetched == stats(result).remote_pushed == 0
+
+
+def test_a_layout_path_that_is_a_file_warns_and_builds(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    (tmp_path / "file").write_text("not a layout")
+    result = build(src, tmp_path / "a.sqfs", f"oci:{tmp_path / 'file'}", tmp_path / "local")
+    assert result.digest == build(src, tmp_path / "plain.sqfs").digest
+    assert len(result.warnings) == 1 and "shared build cache" in result.warnings[0]
+
+
+def _blob_file(addr: str, digest: str, registry: Registry | None) -> Path:
+    if addr.startswith("oci:"):
+        return Path(addr[4:]) / "blobs" / "sha256" / digest.split(":", 1)[1]
+    assert registry is not None
+    return registry.blob_path(digest)
+
+
+def test_a_blob_with_wrong_bytes_is_refused(
+    store_addr: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    registry = request.getfixturevalue("registry") if not store_addr.startswith("oci:") else None
+    # Contents of its own: the registry keeps one file per blob for all repositories,
+    # and a blob already there is not written again by a later upload.
+    src = make_tree(tmp_path / "src", seed=4242 if registry is None else 4243)
+    want = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a").digest
+    key, desc = next(iter(index_of(store_addr).items()))
+    blob = _blob_file(store_addr, desc.digest, registry)
+    good = blob.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF  # same length: only the digest can tell
+    os.chmod(blob, 0o644)
+    blob.write_bytes(bytes(data))
+
+    local = tmp_path / "runner-b"
+    try:
+        b = build(src, tmp_path / "b.sqfs", store_addr, local)
+    finally:
+        blob.write_bytes(good)
+    assert b.digest == want
+    assert stats(b).remote_refused == 1 and stats(b).remote_fetched == FILES - 1
+    assert len(b.warnings) == 1 and "refused" in b.warnings[0]
+    # The entry in the local tier is the one this build made, not the registry's bytes.
+    entry = (local / (pyimg.cache.ENTRY_PREFIX + key.hex())).read_bytes()
+    assert entry != bytes(data) and "sha256:" + hashlib.sha256(entry).hexdigest() == desc.digest
+
+
+def _rewrite_index(addr: str, edit: Any, tag: str | None = None) -> None:
+    store = ops.open_store(addr)
+    try:
+        ref = ops.parse_ref(addr)
+        value = store.get_manifest(index_tag(ref)).json
+        edit(value)
+        store.put_manifest(Manifest.of(value), tag or index_tag(ref))
+    finally:
+        store.close()
+
+
+def test_an_index_line_naming_another_keys_blob_is_refused(store_addr: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    want = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a").digest
+
+    def swap(value: dict[str, Any]) -> None:
+        layers = value["layers"]
+        layers[0]["digest"], layers[1]["digest"] = layers[1]["digest"], layers[0]["digest"]
+        layers[0]["size"], layers[1]["size"] = layers[1]["size"], layers[0]["size"]
+
+    _rewrite_index(store_addr, swap)
+    b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
+    assert b.digest == want
+    assert stats(b).remote_refused == 2 and stats(b).remote_fetched == FILES - 2
+    assert len(b.warnings) == 1 and "refused" in b.warnings[0]
+
+
+def test_another_versions_cache_is_ignored(store_addr: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    foreign = f"buildcache-v{pyimg.cache.FORMAT_VERSION + 1}"
+    _rewrite_index(store_addr, lambda value: None, tag=foreign)  # the same lines under its tag
+
+    def other_format(value: dict[str, Any]) -> None:
+        value["annotations"][cache_remote.A_FORMAT] = str(pyimg.cache.FORMAT_VERSION + 1)
+
+    _rewrite_index(store_addr, other_format)  # and our tag saying another format
+    b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
+    assert stats(b).remote_fetched == 0 and stats(b).content_stored == FILES and not b.warnings
+    assert len(index_of(store_addr)) == FILES  # replaced by this format's
+    assert b.digest == build(src, tmp_path / "plain.sqfs").digest
+
+
+def test_a_cache_tag_names_a_separate_cache(store_addr: str, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    build(src, tmp_path / "a.sqfs", f"{store_addr}:main", tmp_path / "runner-a")
+    b = build(src, tmp_path / "b.sqfs", f"{store_addr}:other", tmp_path / "runner-b")
+    assert stats(b).remote_fetched == 0
+    c = build(src, tmp_path / "c.sqfs", f"{store_addr}:main", tmp_path / "runner-c")
+    assert stats(c).remote_fetched == FILES
+
+
+# -- naming the cache ----------------------------------------------------------------------
+
+
+def test_what_a_cache_value_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert remote_ref("cache") is None and remote_ref("/var/cache/b") is None
+    assert remote_ref("./a.b/c") is None and remote_ref("dir/sub") is None
+    ref = remote_ref("127.0.0.1:5000/ci/cache")
+    assert ref is not None and ref.kind == "registry" and index_tag(ref) == "buildcache-v1"
+    ref = remote_ref("localhost/cache:main")
+    assert ref is not None and index_tag(ref) == "main-buildcache-v1"
+    ref = remote_ref("oci:layout")
+    assert ref is not None and ref.kind == "layout" and ref.path == "layout"
+    (tmp_path / "a.b" / "c").mkdir(parents=True)
+    assert remote_ref("a.b/c") is None  # an existing directory stays one
+    with pytest.raises(SpecError, match="tag, not a digest"):
+        remote_ref("localhost/cache@sha256:" + "0" * 64)
+    with pytest.raises(SpecError, match="cache"):
+        options_for(["src"], "out", cache="oci:x@sha256:" + "0" * 64)
+    assert spec_value("c", "/spec") == "/spec/c"
+    assert spec_value("oci:c", "/spec") == "oci:/spec/c"
+    assert spec_value("registry.example:5000/c", "/spec") == "registry.example:5000/c"
+
+
+def test_a_spec_names_a_shared_cache(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'output = "out.sqfs"\ncache = "oci:layout"\n[[source]]\npath = "{src}"\n')
+    result = pyimg.build([], spec=str(spec), epoch=EPOCH)
+    assert stats(result).remote_pushed == FILES
+    assert len(index_of(f"oci:{tmp_path / 'layout'}")) == FILES
+
+
+def test_the_cli_with_a_layout_cache(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    layout = f"oci:{tmp_path / 'layout'}"
+    out = []
+    for runner in ("a", "b"):
+        env = dict(os.environ, PYIMG_BUILD_CACHE=str(tmp_path / f"local-{runner}"))
+        done = run_cli(
+            "build", str(src), "-o", str(tmp_path / f"{runner}.sqfs"), "--epoch", str(EPOCH),
+            "--cache", layout, "--json", env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "warning" not in done.stderr
+        out.append(json.loads(done.stdout))
+    assert out[0]["cache"]["remote_pushed"] == FILES
+    assert out[1]["cache"]["remote_fetched"] == FILES and out[1]["cache"]["content_hits"] == FILES
+    assert (tmp_path / "a.sqfs").read_bytes() == (tmp_path / "b.sqfs").read_bytes()
+    assert os.listdir(tmp_path / "local-b")  # the local tier is the default directory
+    text = run_cli("build", "--help", env=dict(os.environ, COLUMNS="200")).stdout
+    assert "oci:DIR" in text and "HOST/REPO" in text
