@@ -210,7 +210,12 @@ def chunked_image_manifest(
     manifest's bytes (docs/store.md, "Chunked images")."""
     annotations = _image_annotations(whole.format, version, whole.blake3, epoch)
     annotations.update(
-        {A_SHA256: whole.sha256, A_SIZE: str(whole.size), A_CHUNKING: whole.chunking, A_IMAGE_TITLE: whole.title}
+        {
+            A_SHA256: whole.sha256,
+            A_SIZE: str(whole.size),
+            A_CHUNKING: whole.chunking,
+            A_IMAGE_TITLE: whole.title,
+        }
     )
     layer_list = [{"mediaType": CHUNK, "digest": d, "size": n} for d, n in chunks]
     layer_list.append(pyimg_manifest.to_json())

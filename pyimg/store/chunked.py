@@ -84,7 +84,10 @@ def plan_chunks(
     doubled until it fits (only images of ~1.5 GiB and more: their chunks are bigger, and
     a version that crosses that line shares nothing with the one before)."""
     shift = 0
-    while shift < _MAX_SHIFT and size // (DEFAULT_PARAMS.avg_size << shift) * _DESCRIPTOR_BYTES > MANIFEST_BUDGET:
+    while (
+        shift < _MAX_SHIFT
+        and size // (DEFAULT_PARAMS.avg_size << shift) * _DESCRIPTOR_BYTES > MANIFEST_BUDGET
+    ):
         shift += 1
     while True:
         params = DEFAULT_PARAMS.scaled(shift)

@@ -16,7 +16,6 @@ from .artifact import (
     A_BLAKE3,
     A_CHUNKING,
     A_FORMAT,
-    A_IMAGE_TITLE,
     A_SHA256,
     A_SIZE,
     A_TITLE,
@@ -41,7 +40,6 @@ from .chunked import (
     TransferCounts,
     plan_chunks,
     pull_chunked,
-    reuse_sources,
     upload_chunks,
 )
 from .layout import LayoutStore
@@ -312,7 +310,12 @@ def push(
 
 
 def _push_chunks(
-    store: Store, plan: ChunkedPlan, artifact: Manifest, current: str | None, path: str, progress: Progress | None
+    store: Store,
+    plan: ChunkedPlan,
+    artifact: Manifest,
+    current: str | None,
+    path: str,
+    progress: Progress | None,
 ) -> TransferCounts:
     """Upload the chunks the store lacks.  Chunks the store is known to hold are not even
     asked about: all of them when this very manifest is there (a store keeps a manifest
@@ -323,7 +326,11 @@ def _push_chunks(
     known: set[str] = set()
     if current is not None:
         try:
-            known = {d.digest for d in layers(store.get_manifest(current).json, store.address) if d.media_type == CHUNK}
+            known = {
+                d.digest
+                for d in layers(store.get_manifest(current).json, store.address)
+                if d.media_type == CHUNK
+            }
         except StoreError:
             known = set()  # not a manifest we understand: ask about every chunk
     return upload_chunks(store, path, plan.distinct(), known, progress)

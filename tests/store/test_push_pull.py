@@ -14,9 +14,9 @@ import pyimg
 from pyimg.errors import DigestMismatchError, SpecError, StoreNotFoundError
 from pyimg.store import ops
 from pyimg.store.artifact import (
+    CHUNK,
     EMPTY_DIGEST,
     IMAGE_ARTIFACT,
-    CHUNK,
     OCI_EMPTY,
     PYIMG_MANIFEST,
     canonical_json,
