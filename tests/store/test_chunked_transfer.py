@@ -190,3 +190,22 @@ def test_fetch_image_reuses_the_cached_older_version(
     ops.push(versions.v2, f"{store_addr}:boot")
     second = ops.fetch_image(f"{store_addr}:boot", str(cache))
     assert second != first and filecmp.cmp(second, versions.v2, shallow=False)
+
+
+def test_cli_push_and_pull_from(versions: Versions, tmp_path: Path) -> None:
+    from .test_interop_cli import run
+
+    layout = f"oci:{tmp_path / 'l'}"
+    assert run("push", versions.v1, f"{layout}:v1").returncode == 0
+    pushed = run("push", versions.v2, f"{layout}:v2", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    summary = json.loads(pushed.stdout)
+    assert summary["chunked"] and summary["chunk_bytes_uploaded"] <= 0.05 * versions.size
+    pulled = run("pull", f"{layout}:v2", "-o", str(tmp_path / "img"), "--from", versions.v1, "--json")
+    assert pulled.returncode == 0, pulled.stderr
+    result = json.loads(pulled.stdout)
+    assert result["bytes_downloaded"] == summary["chunk_bytes_uploaded"]
+    assert result["reused_from"] == [versions.v1]
+    assert filecmp.cmp(tmp_path / "img", versions.v2, shallow=False)
+    whole = run("push", versions.v2, f"{layout}:whole", "--no-chunks", "--json")
+    assert whole.returncode == 0 and not json.loads(whole.stdout)["chunked"]
