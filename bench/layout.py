@@ -101,7 +101,8 @@ def measure(fmt: str, src: Path, scratch: Path, uuid: str | None) -> None:
     meta = len(Path(str(new) + ".json").read_bytes())
     print(f"\n{fmt}: {size} bytes, {len(new_chunks)} chunks; changed {changed.relative_to(src)}", flush=True)
     print(
-        f"  new image bytes in no old chunk: {fresh_bytes} = {100 * fresh_bytes / size:.2f} % ({len(fresh)} chunks)"
+        f"  new image bytes in no old chunk: {fresh_bytes} = {100 * fresh_bytes / size:.2f} %"
+        f" ({len(fresh)} chunks)"
     )
     print(f"  push of the new version after the old: {pushed.chunk_bytes_uploaded} chunk bytes "
           f"({100 * pushed.chunk_bytes_uploaded / size:.2f} %, {pushed.chunks_uploaded} chunks) "
