@@ -15,6 +15,7 @@
 #define PYIMG_H
 
 #include "common/common.h"
+#include "common/cdc.h"
 #include "common/walk.h"
 #include "sqfs/sqfs.h"
 #include "ext4/ext4.h"

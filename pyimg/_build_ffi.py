@@ -19,7 +19,7 @@ from cffi import FFI
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # Order matters: later headers use types of the earlier ones.
-HEADERS = ["common/common.h", "common/walk.h", "sqfs/sqfs.h", "ext4/ext4.h"]
+HEADERS = ["common/common.h", "common/cdc.h", "common/walk.h", "sqfs/sqfs.h", "ext4/ext4.h"]
 _CDEF = re.compile(r"/\* CDEF BEGIN \*/(.*?)/\* CDEF END \*/", re.S)
 
 

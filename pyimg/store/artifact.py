@@ -26,6 +26,9 @@ IMAGE_ARTIFACT = "application/vnd.pyimg.image.v1+json"
 CHECK_ARTIFACT = "application/vnd.pyimg.check.v1+json"
 PROMOTION_ARTIFACT = "application/vnd.pyimg.promotion.v1+json"
 PYIMG_MANIFEST = "application/vnd.pyimg.manifest.v1+json"
+# One content-defined chunk of an image (pyimg/chunks.py): the layers of this type, in
+# order, concatenated, are the image.
+CHUNK = "application/vnd.pyimg.chunk.v1"
 # An image layer's media type per format: the format registry declares it (pyimg/formats/).
 FORMAT_MEDIA_TYPES = {name: spec.media_type for name, spec in FORMATS.items()}
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX)
@@ -36,6 +39,11 @@ A_REF_NAME = "org.opencontainers.image.ref.name"
 A_FORMAT = "vnd.pyimg.format"
 A_VERSION = "vnd.pyimg.version"
 A_BLAKE3 = "vnd.pyimg.blake3"
+# A chunked image's whole-file facts, so a pull can check what it reassembled.
+A_SHA256 = "vnd.pyimg.sha256"
+A_SIZE = "vnd.pyimg.size"
+A_CHUNKING = "vnd.pyimg.chunking"  # the cutter's parameters (chunks.ChunkParams.label)
+A_IMAGE_TITLE = "vnd.pyimg.title"
 A_CHECK = "vnd.pyimg.check.kind"
 A_PASSED = "vnd.pyimg.check.passed"
 A_ENV = "vnd.pyimg.environment"
@@ -142,6 +150,26 @@ def layers(manifest: dict[str, Any], where: str) -> list[Descriptor]:
     return [Descriptor.from_json(d, where) for d in raw]
 
 
+def _image_annotations(fmt: str, version: str, blake3: str, epoch: int | None) -> dict[str, str]:
+    annotations = {A_FORMAT: fmt, A_VERSION: version, A_BLAKE3: blake3}
+    if epoch is not None:
+        annotations[A_CREATED] = rfc3339(epoch)
+    return annotations
+
+
+def _artifact(layer_list: list[dict[str, Any]], annotations: dict[str, str]) -> Manifest:
+    return Manifest.of(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": IMAGE_ARTIFACT,
+            "config": EMPTY_CONFIG.to_json(),
+            "layers": layer_list,
+            "annotations": annotations,
+        }
+    )
+
+
 def image_manifest(
     image: Descriptor,
     pyimg_manifest: Descriptor,
@@ -151,20 +179,47 @@ def image_manifest(
     blake3: str,
     epoch: int | None,
 ) -> Manifest:
-    """The artifact `pyimg push` stores: a pure function of its arguments."""
-    annotations = {A_FORMAT: fmt, A_VERSION: version, A_BLAKE3: blake3}
-    if epoch is not None:
-        annotations[A_CREATED] = rfc3339(epoch)
-    return Manifest.of(
+    """The single-blob artifact (`pyimg push --no-chunks`): a pure function of its arguments."""
+    return _artifact(
+        [image.to_json(), pyimg_manifest.to_json()], _image_annotations(fmt, version, blake3, epoch)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WholeImage:
+    """What a chunked artifact says about the image its chunks make up."""
+
+    format: str
+    size: int
+    sha256: str  # sha256:<hex>
+    blake3: str  # the image digest (pyimg/imagehash.py)
+    title: str
+    chunking: str  # chunks.ChunkParams.label()
+
+
+def chunked_image_manifest(
+    chunks: list[tuple[str, int]],
+    pyimg_manifest: Descriptor,
+    whole: WholeImage,
+    *,
+    version: str,
+    epoch: int | None,
+) -> Manifest:
+    """The chunked artifact: one layer per chunk (digest, size), in image order, then the
+    pyimg manifest.  Chunk descriptors carry no annotations: they are most of the
+    manifest's bytes (docs/store.md, "Chunked images")."""
+    annotations = _image_annotations(whole.format, version, whole.blake3, epoch)
+    annotations.update(
         {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": IMAGE_ARTIFACT,
-            "config": EMPTY_CONFIG.to_json(),
-            "layers": [image.to_json(), pyimg_manifest.to_json()],
-            "annotations": annotations,
+            A_SHA256: whole.sha256,
+            A_SIZE: str(whole.size),
+            A_CHUNKING: whole.chunking,
+            A_IMAGE_TITLE: whole.title,
         }
     )
+    layer_list = [{"mediaType": CHUNK, "digest": d, "size": n} for d, n in chunks]
+    layer_list.append(pyimg_manifest.to_json())
+    return _artifact(layer_list, annotations)
 
 
 def referrer_manifest(

@@ -67,15 +67,33 @@ def push_command(
     verify: Annotated[
         bool, typer.Option("--verify", help="Hash the image first and check it against its manifest.")
     ] = False,
+    no_chunks: Annotated[
+        bool,
+        typer.Option(
+            "--no-chunks",
+            help="Store the image as one blob, not as content-defined chunks "
+            "(every version is then uploaded whole).",
+        ),
+    ] = False,
     insecure: Insecure = False,
     auth_file: AuthFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Store an image as an OCI artifact; prints its manifest digest."""
+    """Store an image as an OCI artifact; prints its manifest digest.
+
+    The image is stored as content-defined chunks (~64 KiB): the next version uploads
+    only the chunks the store lacks."""
     from .ops import push
 
     result = _run(
-        lambda: push(image, ref, manifest_path=manifest, options=_options(insecure, auth_file), verify=verify)
+        lambda: push(
+            image,
+            ref,
+            manifest_path=manifest,
+            options=_options(insecure, auth_file),
+            verify=verify,
+            chunked=not no_chunks,
+        )
     )
     if as_json:
         _print(result.summary())
@@ -92,18 +110,41 @@ def pull_command(
         str | None,
         typer.Option("--manifest", metavar="FILE", help="Also write the image's pyimg manifest here."),
     ] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--from",
+            metavar="OLD_IMAGE",
+            help="An older version of the image whose chunks are reused (repeatable; "
+            "the existing output file is always tried).",
+        ),
+    ] = None,
     insecure: Insecure = False,
     auth_file: AuthFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Fetch an image, verifying every digest; the file appears only when all is right."""
+    """Fetch an image, verifying every digest; the file appears only when all is right.
+
+    A chunked image takes what it can from older versions on this machine (--from, and
+    the existing output file) and downloads only the other chunks."""
     from .ops import pull
 
-    result = _run(lambda: pull(ref, output, manifest_output=manifest, options=_options(insecure, auth_file)))
+    result = _run(
+        lambda: pull(
+            ref,
+            output,
+            manifest_output=manifest,
+            options=_options(insecure, auth_file),
+            sources=list(sources or []),
+        )
+    )
     if as_json:
         _print(result.summary())
     else:
-        typer.echo(f"{result.output}: {result.format}, {result.size} bytes, {result.digest}")
+        line = f"{result.output}: {result.format}, {result.size} bytes, {result.digest}"
+        if result.chunked:
+            line += f" ({result.bytes_downloaded} bytes downloaded, {result.bytes_reused} reused)"
+        typer.echo(line)
 
 
 def record_command(

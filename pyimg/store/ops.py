@@ -14,8 +14,12 @@ from ..imagehash import ImageHasher, digest_image
 from ..output import AtomicOutput, write_file_atomically
 from .artifact import (
     A_BLAKE3,
+    A_CHUNKING,
     A_FORMAT,
+    A_SHA256,
+    A_SIZE,
     A_TITLE,
+    CHUNK,
     EMPTY_CONFIG,
     EMPTY_JSON,
     FORMAT_MEDIA_TYPES,
@@ -24,11 +28,20 @@ from .artifact import (
     PYIMG_MANIFEST_TITLE,
     Descriptor,
     Manifest,
+    WholeImage,
+    chunked_image_manifest,
     image_manifest,
     layers,
     sha256_digest,
 )
 from .base import Progress, Store
+from .chunked import (
+    ChunkedPlan,
+    TransferCounts,
+    plan_chunks,
+    pull_chunked,
+    upload_chunks,
+)
 from .layout import LayoutStore
 from .refs import DIGEST_RE, Ref, parse_ref
 from .registry import RegistryStore
@@ -116,6 +129,12 @@ class LocalImage:
         image, meta = self.descriptors()
         return image_manifest(
             image, meta, fmt=self.format, version=self.version, blake3=self.blake3, epoch=self.epoch
+        )
+
+    def chunked_artifact(self, chunks: list[tuple[str, int]], chunking: str) -> Manifest:
+        whole = WholeImage(self.format, self.size, self.sha256, self.blake3, self.image_title, chunking)
+        return chunked_image_manifest(
+            chunks, self.descriptors()[1], whole, version=self.version, epoch=self.epoch
         )
 
 
@@ -213,6 +232,12 @@ class PushResult:
     bytes_uploaded: int
     manifest_uploaded: bool
     seconds: float
+    chunked: bool = False
+    # A chunked push: the image's distinct chunks sent, and those the store had.
+    chunks_uploaded: int = 0
+    chunks_present: int = 0
+    chunk_bytes_uploaded: int = 0
+    chunk_bytes_present: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {**self.__dict__, "seconds": round(self.seconds, 3)}
@@ -226,10 +251,15 @@ def push(
     options: StoreOptions | None = None,
     verify: bool = False,
     progress: Progress | None = None,
+    chunked: bool = True,
 ) -> PushResult:
     """Store an image as an OCI 1.1 artifact; returns its manifest digest.  Blobs go up
     first (each checked with HEAD), the manifest last: an interrupted push leaves no tag
-    pointing at a missing blob, and the next push sends only what is missing."""
+    pointing at a missing blob, and the next push sends only what is missing.
+
+    chunked (the default): the image is stored as content-defined chunks (docs/store.md),
+    so the next version of an image sends only the chunks that changed.  Otherwise it is
+    one blob, the format pyimg wrote before."""
     started = time.monotonic()
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     if ref.digest:
@@ -237,24 +267,28 @@ def push(
     if ref.tag and RESERVED_TAG_RE.match(ref.tag):
         raise SpecError(f"{ref}: tag {ref.tag!r} is reserved (audit entries, referrers fallback)")
     local = load_local_image(image, manifest_path, verify=verify)
-    artifact = local.artifact()
+    plan = plan_chunks(local.path, local.size, local.chunked_artifact) if chunked else None
+    if plan is not None and plan.sha256 != local.sha256:
+        # The SHA-256 goes into the manifest unchecked by the store (only chunks are blobs).
+        raise DigestMismatchError(
+            f"the image's SHA-256 is {plan.sha256}, its pyimg manifest says {local.sha256}: refused", image
+        )
+    artifact = plan.manifest if plan is not None else local.artifact()
+    tag = ref.tag or "latest"
     store = open_store(ref, options, create=True)
     try:
-        uploaded = present = sent = 0
-        image_desc, meta_desc = local.descriptors()
-        for data, digest in ((EMPTY_JSON, EMPTY_CONFIG.digest), (local.manifest_bytes, meta_desc.digest)):
-            if store.put_blob_bytes(data, digest):
-                uploaded += 1
-                sent += len(data)
-            else:
-                present += 1
-        if store.put_blob_file(local.path, image_desc.digest, local.size, progress):
-            uploaded += 1
-            sent += local.size
+        counts = TransferCounts()
+        small = [(EMPTY_JSON, EMPTY_CONFIG.digest), (local.manifest_bytes, local.descriptors()[1].digest)]
+        for data, digest in small:
+            counts.add(store.put_blob_bytes(data, digest), len(data))
+        current = store.resolve(tag)
+        if plan is not None:
+            chunk_counts = _push_chunks(store, plan, artifact, current, local.path, progress)
+            counts.merge(chunk_counts)
         else:
-            present += 1
-        tag = ref.tag or "latest"
-        manifest_uploaded = store.resolve(tag) != artifact.digest
+            chunk_counts = TransferCounts()
+            counts.add(store.put_blob_file(local.path, local.sha256, local.size, progress), local.size)
+        manifest_uploaded = current != artifact.digest
         if manifest_uploaded:
             store.put_manifest(artifact, tag)
     finally:
@@ -262,12 +296,44 @@ def push(
     return PushResult(
         str(ref.with_tag(tag)),
         artifact.digest,
-        uploaded,
-        present,
-        sent,
+        counts.sent,
+        counts.present,
+        counts.sent_bytes,
         manifest_uploaded,
         time.monotonic() - started,
+        chunked=plan is not None,
+        chunks_uploaded=chunk_counts.sent,
+        chunks_present=chunk_counts.present,
+        chunk_bytes_uploaded=chunk_counts.sent_bytes,
+        chunk_bytes_present=chunk_counts.present_bytes,
     )
+
+
+def _push_chunks(
+    store: Store,
+    plan: ChunkedPlan,
+    artifact: Manifest,
+    current: str | None,
+    path: str,
+    progress: Progress | None,
+) -> TransferCounts:
+    """Upload the chunks the store lacks.  Chunks the store is known to hold are not even
+    asked about: all of them when this very manifest is there (a store keeps a manifest
+    only with its layers: the registry checks them on PUT, the layout writes them first),
+    and those of the manifest the tag names now (usually the previous version)."""
+    if store.resolve(artifact.digest) == artifact.digest:
+        return TransferCounts.all_present(plan.distinct())
+    known: set[str] = set()
+    if current is not None:
+        try:
+            known = {
+                d.digest
+                for d in layers(store.get_manifest(current).json, store.address)
+                if d.media_type == CHUNK
+            }
+        except StoreError:
+            known = set()  # not a manifest we understand: ask about every chunk
+    return upload_chunks(store, path, plan.distinct(), known, progress)
 
 
 # -- pull -------------------------------------------------------------------------------
@@ -276,14 +342,19 @@ def push(
 @dataclass(frozen=True)
 class ImageArtifact:
     manifest: Manifest
-    image: Descriptor
+    image: Descriptor | None  # the one image layer of a single-blob artifact
+    chunks: list[Descriptor]  # the chunk layers of a chunked one, in order
     pyimg_manifest: Descriptor | None
     format: str
     blake3: str | None
+    sha256: str  # the whole image's, sha256:<hex>
+    size: int
+    chunking: str | None  # chunks.ChunkParams.label() when chunked
 
 
 def read_image_artifact(store: Store, reference: str) -> ImageArtifact:
-    """The manifest a reference names, checked to be a pyimg image artifact."""
+    """The manifest a reference names, checked to be a pyimg image artifact: one image
+    layer, or chunk layers with the whole image's size, SHA-256 and chunking annotated."""
     manifest = store.get_manifest(reference)
     value = manifest.json
     if value.get("artifactType") != IMAGE_ARTIFACT:
@@ -295,18 +366,56 @@ def read_image_artifact(store: Store, reference: str) -> ImageArtifact:
     by_type = {v: k for k, v in FORMAT_MEDIA_TYPES.items()}
     found = layers(value, store.address)
     images = [d for d in found if d.media_type in by_type]
-    if len(images) != 1:
-        raise StoreError(f"{reference}: expected one image layer, found {len(images)}", store.address)
+    chunks = [d for d in found if d.media_type == CHUNK]
     metas = [d for d in found if d.media_type == PYIMG_MANIFEST]
     raw = value.get("annotations")
     annotations: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    meta = metas[0] if metas else None
+    if chunks or A_CHUNKING in annotations:
+        if images:
+            raise StoreError(f"{reference}: both an image layer and chunks", store.address)
+        return _chunked_artifact(store, reference, manifest, chunks, meta, annotations)
+    if len(images) != 1:
+        raise StoreError(f"{reference}: expected one image layer, found {len(images)}", store.address)
     return ImageArtifact(
         manifest,
         images[0],
-        metas[0] if metas else None,
+        [],
+        meta,
         annotations.get(A_FORMAT) or by_type[images[0].media_type],
         annotations.get(A_BLAKE3),
+        images[0].digest,
+        images[0].size,
+        None,
     )
+
+
+def _chunked_artifact(
+    store: Store,
+    reference: str,
+    manifest: Manifest,
+    chunks: list[Descriptor],
+    meta: Descriptor | None,
+    annotations: dict[str, Any],
+) -> ImageArtifact:
+    fmt, sha, size, b3, chunking = (
+        annotations.get(k) for k in (A_FORMAT, A_SHA256, A_SIZE, A_BLAKE3, A_CHUNKING)
+    )
+    if not (
+        fmt in FORMAT_MEDIA_TYPES
+        and isinstance(sha, str)
+        and DIGEST_RE.match(sha)
+        and isinstance(size, str)
+        and size.isdigit()
+        and isinstance(b3, str)
+        and isinstance(chunking, str)
+    ):
+        raise StoreError(
+            f"{reference}: a chunked image needs the annotations {A_FORMAT}, {A_SIZE}, "
+            f"{A_SHA256}, {A_BLAKE3} and {A_CHUNKING}",
+            store.address,
+        )
+    return ImageArtifact(manifest, None, chunks, meta, str(fmt), b3, sha, int(size), chunking)
 
 
 def fetch_bytes(store: Store, desc: Descriptor, limit: int = 64 << 20) -> bytes:
@@ -326,17 +435,77 @@ class PullResult:
     size: int
     blake3: str
     seconds: float
+    chunked: bool = False
+    # What came from the store and what from local files (a chunked image's distinct
+    # chunks; a single-blob image is one download).
+    chunks: int = 0
+    chunks_downloaded: int = 0
+    bytes_downloaded: int = 0
+    chunks_reused: int = 0
+    bytes_reused: int = 0
+    reused_from: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
-        return {**self.__dict__, "seconds": round(self.seconds, 3)}
+        return {**self.__dict__, "seconds": round(self.seconds, 3), "reused_from": list(self.reused_from)}
 
 
 def _pull_from(
-    store: Store, ref: Ref, output: str, manifest_output: str | None, progress: Progress | None
+    store: Store,
+    ref: Ref,
+    output: str,
+    manifest_output: str | None,
+    progress: Progress | None,
+    sources: list[str] | None = None,
 ) -> PullResult:
     started = time.monotonic()
     art = read_image_artifact(store, ref.reference)
     meta = fetch_bytes(store, art.pyimg_manifest) if manifest_output and art.pyimg_manifest else None
+    if art.image is not None:
+        b3 = _pull_blob(store, art, art.image, output, progress)
+        extra: dict[str, Any] = {"chunks": 1, "chunks_downloaded": 1, "bytes_downloaded": art.size}
+    else:
+        assert art.chunking is not None and art.blake3 is not None  # _chunked_artifact checked
+        # The target itself, when it exists, is the likeliest older version.
+        paths = [*(sources or []), output]
+        counts = pull_chunked(
+            store,
+            output,
+            art.chunks,
+            chunking=art.chunking,
+            size=art.size,
+            sha256=art.sha256,
+            blake3=art.blake3,
+            sources=paths,
+            progress=progress,
+        )
+        b3 = art.blake3
+        extra = {
+            "chunked": True,
+            "chunks": counts.chunks,
+            "chunks_downloaded": counts.downloaded,
+            "bytes_downloaded": counts.bytes_downloaded,
+            "chunks_reused": counts.reused,
+            "bytes_reused": counts.bytes_reused,
+            "reused_from": tuple(counts.reused_from),
+        }
+    if manifest_output and meta is not None:
+        write_file_atomically(manifest_output, meta)
+    return PullResult(
+        str(ref.with_digest(art.manifest.digest)),
+        art.manifest.digest,
+        output,
+        art.format,
+        art.size,
+        b3,
+        time.monotonic() - started,
+        **extra,
+    )
+
+
+def _pull_blob(
+    store: Store, art: ImageArtifact, image: Descriptor, output: str, progress: Progress | None
+) -> str:
+    """A single-blob image streamed into output; its image digest."""
     b3 = ImageHasher()
     with AtomicOutput(output) as out:
 
@@ -349,7 +518,7 @@ def _pull_from(
                 except OSError as exc:
                     raise OutputError(f"write failed: {exc.strerror}", output) from exc
 
-        store.fetch_blob(art.image, sink, progress)
+        store.fetch_blob(image, sink, progress)
         got = b3.hexdigest()
         if art.blake3 is not None and got != art.blake3:
             raise DigestMismatchError(
@@ -357,17 +526,7 @@ def _pull_from(
                 store.address,
             )
         out.commit()
-    if manifest_output and meta is not None:
-        write_file_atomically(manifest_output, meta)
-    return PullResult(
-        str(ref.with_digest(art.manifest.digest)),
-        art.manifest.digest,
-        output,
-        art.format,
-        art.image.size,
-        b3.hexdigest(),
-        time.monotonic() - started,
-    )
+    return got
 
 
 def pull(
@@ -377,12 +536,16 @@ def pull(
     manifest_output: str | None = None,
     options: StoreOptions | None = None,
     progress: Progress | None = None,
+    sources: list[str] | None = None,
 ) -> PullResult:
-    """Fetch an image, verifying every digest; the output appears only when all is right."""
+    """Fetch an image, verifying every digest; the output appears only when all is right.
+
+    A chunked image takes the chunks it can from local files (`sources`: older versions
+    of the image, and the existing output file) and downloads only the rest."""
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     store = open_store(ref, options)
     try:
-        return _pull_from(store, ref, output, manifest_output, progress)
+        return _pull_from(store, ref, output, manifest_output, progress, sources)
     finally:
         store.close()
 
@@ -414,11 +577,22 @@ def fetch_pinned_image(
         art = read_image_artifact(store, digest)
         os.makedirs(cache_dir, exist_ok=True)
         path = os.path.join(cache_dir, f"{digest.split(':', 1)[1]}.{art.format}")
-        if not (os.path.isfile(path) and _sha256_of(path) == art.image.digest):
-            _pull_from(store, pinned, path, None, None)
+        if not (os.path.isfile(path) and _sha256_of(path) == art.sha256):
+            _pull_from(store, pinned, path, None, None, _newest_in(cache_dir, art.format, path))
         return path, pinned
     finally:
         store.close()
+
+
+def _newest_in(cache_dir: str, fmt: str, but: str) -> list[str]:
+    """The cache's newest other image of the format: most likely the version before, whose
+    chunks a chunked pull reuses."""
+    try:
+        names = [os.path.join(cache_dir, n) for n in os.listdir(cache_dir) if n.endswith(f".{fmt}")]
+        candidates = [(os.stat(p).st_mtime_ns, p) for p in names if p != but and os.path.isfile(p)]
+    except OSError:
+        return []
+    return [max(candidates)[1]] if candidates else []
 
 
 def _sha256_of(path: str) -> str:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,7 @@ class RegistryStore:
         self._auth_header: str | None = None
         self._sleep: Callable[[float], None] = time.sleep
         self.requests: dict[str, int] = {}  # method -> count, for the bench and tests
+        self._count_lock = threading.Lock()  # chunked push and pull send from several threads
         # Over plain HTTP (loopback or --insecure) nothing authenticates the registry anyway
         # (digests protect the content): skip loading the CA store, 0.1 s of every call.
         self.client = httpx.Client(
@@ -147,7 +149,8 @@ class RegistryStore:
             h = dict(headers or {})
             if self._auth_header:
                 h["Authorization"] = self._auth_header
-            self.requests[method] = self.requests.get(method, 0) + 1
+            with self._count_lock:
+                self.requests[method] = self.requests.get(method, 0) + 1
             try:
                 resp = self.client.send(
                     self.client.build_request(method, url, headers=h, content=content), stream=stream

@@ -14,6 +14,7 @@ import pyimg
 from pyimg.errors import DigestMismatchError, SpecError, StoreNotFoundError
 from pyimg.store import ops
 from pyimg.store.artifact import (
+    CHUNK,
     EMPTY_DIGEST,
     IMAGE_ARTIFACT,
     OCI_EMPTY,
@@ -36,7 +37,9 @@ def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def test_push_pull_roundtrip(store_addr: str, image: Image, tmp_path: Path) -> None:
     pushed = ops.push(image.path, f"{store_addr}:v1")
-    assert pushed.blobs_uploaded == 3 and pushed.manifest_uploaded
+    assert pushed.chunked and pushed.manifest_uploaded
+    assert pushed.blobs_uploaded == 2 + pushed.chunks_uploaded  # the config, the pyimg manifest
+    assert pushed.chunk_bytes_uploaded == image.size
     out = tmp_path / "out" / "img.sqfs"
     out.parent.mkdir()
     pulled = ops.pull(f"{store_addr}:v1", str(out), manifest_output=str(tmp_path / "out" / "img.json"))
@@ -49,19 +52,46 @@ def test_push_pull_roundtrip(store_addr: str, image: Image, tmp_path: Path) -> N
     assert filecmp.cmp(out2, image.path, shallow=False)
 
 
-def test_manifest_format(store_addr: str, image: Image) -> None:
-    pushed = ops.push(image.path, f"{store_addr}:fmt")
+def _stored_manifest(store_addr: str, tag: str) -> tuple[str, dict[str, object], bytes]:
     store = ops.open_store(store_addr)
     try:
-        m = store.get_manifest("fmt")
+        m = store.get_manifest(tag)
     finally:
         store.close()
-    assert m.digest == pushed.digest
-    value = json.loads(m.data)
-    assert m.data == canonical_json(value)  # canonical: sorted keys, no whitespace
+    return m.digest, json.loads(m.data), m.data
+
+
+def test_manifest_format(store_addr: str, image: Image) -> None:
+    pushed = ops.push(image.path, f"{store_addr}:fmt")
+    digest, value, data = _stored_manifest(store_addr, "fmt")
+    assert digest == pushed.digest
+    assert data == canonical_json(value)  # canonical: sorted keys, no whitespace
     assert value["artifactType"] == IMAGE_ARTIFACT
     assert value["config"] == {"mediaType": OCI_EMPTY, "digest": EMPTY_DIGEST, "size": 2}
-    img, meta = value["layers"]
+    *chunks, meta = value["layers"]  # type: ignore[misc]
+    assert {c["mediaType"] for c in chunks} == {CHUNK}
+    assert [set(c) for c in chunks] == [{"mediaType", "digest", "size"}] * len(chunks)
+    assert sum(c["size"] for c in chunks) == image.size
+    assert meta["mediaType"] == PYIMG_MANIFEST
+    manifest = json.loads(Path(image.manifest).read_bytes())
+    assert value["annotations"] == {
+        "vnd.pyimg.format": "squashfs",
+        "vnd.pyimg.version": manifest["versions"]["pyimg"],
+        "vnd.pyimg.blake3": manifest["image"]["blake3"],
+        "vnd.pyimg.sha256": "sha256:" + manifest["image"]["sha256"],
+        "vnd.pyimg.size": str(image.size),
+        "vnd.pyimg.chunking": "gear64-v1:16384/65536/262144",
+        "vnd.pyimg.title": "img.sqfs",
+        "org.opencontainers.image.created": "2023-11-14T22:13:20Z",  # the image's epoch, not the clock
+    }
+
+
+def test_single_blob_manifest_format(store_addr: str, image: Image) -> None:
+    pushed = ops.push(image.path, f"{store_addr}:fmt", chunked=False)
+    assert not pushed.chunked and pushed.blobs_uploaded == 3
+    digest, value, _ = _stored_manifest(store_addr, "fmt")
+    assert digest == pushed.digest
+    img, meta = value["layers"]  # type: ignore[misc]
     assert img["mediaType"] == "application/vnd.pyimg.squashfs" and img["size"] == image.size
     assert meta["mediaType"] == PYIMG_MANIFEST
     manifest = json.loads(Path(image.manifest).read_bytes())
@@ -69,7 +99,7 @@ def test_manifest_format(store_addr: str, image: Image) -> None:
         "vnd.pyimg.format": "squashfs",
         "vnd.pyimg.version": manifest["versions"]["pyimg"],
         "vnd.pyimg.blake3": manifest["image"]["blake3"],
-        "org.opencontainers.image.created": "2023-11-14T22:13:20Z",  # the image's epoch, not the clock
+        "org.opencontainers.image.created": "2023-11-14T22:13:20Z",
     }
 
 
@@ -103,7 +133,9 @@ def test_second_push_uploads_nothing(registry: Registry, image: Image) -> None:
     finally:
         store.close()
     assert again.digest == first.digest
-    assert (again.blobs_uploaded, again.blobs_present, again.bytes_uploaded) == (0, 3, 0)
+    assert (again.blobs_uploaded, again.bytes_uploaded) == (0, 0)
+    assert again.blobs_present == 2 + again.chunks_present
+    assert again.chunks_present == first.chunks_uploaded
     assert not again.manifest_uploaded
     assert elapsed < 2.0  # the bench measures it properly; here: no upload happened
 
@@ -124,7 +156,9 @@ def test_second_push_requests_are_heads_only(
 
     monkeypatch.setattr(ops, "open_store", spy)
     ops.push(image.path, ref)
-    assert seen[0].requests == {"HEAD": 4}  # three blobs and the tag
+    # the config, the pyimg manifest, the tag and the manifest by digest (which vouches
+    # for its chunks: the registry checked them when it took the manifest)
+    assert seen[0].requests == {"HEAD": 4}
 
 
 def test_pull_missing_tag_and_digest(store_addr: str, image: Image, tmp_path: Path) -> None:
@@ -168,8 +202,13 @@ def test_layout_rejects_lying_manifest(image: Image, tmp_path: Path) -> None:
     value["image"]["sha256"] = "1" * 64
     liar = tmp_path / "liar.json"
     liar.write_text(json.dumps(value))
-    with pytest.raises(DigestMismatchError):
+    # chunked: refused while cutting the image, before the store is touched
+    with pytest.raises(DigestMismatchError, match="pyimg manifest says"):
         ops.push(image.path, f"oci:{tmp_path / 'l'}:v", manifest_path=str(liar))
+    assert not (tmp_path / "l").exists()
+    # one blob: the layout refuses the blob
+    with pytest.raises(DigestMismatchError):
+        ops.push(image.path, f"oci:{tmp_path / 'l'}:v", manifest_path=str(liar), chunked=False)
     layout = LayoutStore(str(tmp_path / "l"))
     assert layout.tags() == []
     assert not [n for n in os.listdir(layout.blobs) if n.startswith(".")]
