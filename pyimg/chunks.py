@@ -128,6 +128,18 @@ def chunk_file(path: str, params: ChunkParams = DEFAULT_PARAMS, whole: Any = Non
     return list(_chunks(path, params, hash_them=True, whole=whole))
 
 
+def chunk_bytes(data: bytes, params: ChunkParams = DEFAULT_PARAMS) -> list[Chunk]:
+    """The chunks of bytes in memory (a pyimg manifest), with their SHA-256."""
+    out: list[Chunk] = []
+    start = 0
+    for length in [*Cutter(params).scan(data), None]:
+        end = len(data) if length is None else start + length
+        if end > start:
+            out.append(Chunk(start, end - start, "sha256:" + hashlib.sha256(data[start:end]).hexdigest()))
+        start = end
+    return out
+
+
 def _chunks(path: str, params: ChunkParams, *, hash_them: bool, whole: Any = None) -> Iterator[Chunk]:
     cutter = Cutter(params)
     buffer = bytearray(_BUFFER)

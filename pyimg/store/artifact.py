@@ -29,6 +29,10 @@ PYIMG_MANIFEST = "application/vnd.pyimg.manifest.v1+json"
 # One content-defined chunk of an image (pyimg/chunks.py): the layers of this type, in
 # order, concatenated, are the image.
 CHUNK = "application/vnd.pyimg.chunk.v1"
+# A piece of the pyimg manifest, cut as the image is: in a chunked artifact the manifest
+# (hundreds of bytes per file) is chunks too, or it would be most of what the next
+# version pushes after a small change.
+MANIFEST_CHUNK = "application/vnd.pyimg.manifest.chunk.v1"
 # An image layer's media type per format: the format registry declares it (pyimg/formats/).
 FORMAT_MEDIA_TYPES = {name: spec.media_type for name, spec in FORMATS.items()}
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX)
@@ -44,6 +48,8 @@ A_SHA256 = "vnd.pyimg.sha256"
 A_SIZE = "vnd.pyimg.size"
 A_CHUNKING = "vnd.pyimg.chunking"  # the cutter's parameters (chunks.ChunkParams.label)
 A_IMAGE_TITLE = "vnd.pyimg.title"
+A_MANIFEST_SHA256 = "vnd.pyimg.manifest.sha256"  # the whole pyimg manifest's, when it is chunks
+A_MANIFEST_SIZE = "vnd.pyimg.manifest.size"
 A_CHECK = "vnd.pyimg.check.kind"
 A_PASSED = "vnd.pyimg.check.passed"
 A_ENV = "vnd.pyimg.environment"
@@ -204,10 +210,12 @@ def chunked_image_manifest(
     *,
     version: str,
     epoch: int | None,
+    manifest_chunks: list[tuple[str, int]] | None = None,
 ) -> Manifest:
     """The chunked artifact: one layer per chunk (digest, size), in image order, then the
-    pyimg manifest.  Chunk descriptors carry no annotations: they are most of the
-    manifest's bytes (docs/store.md, "Chunked images")."""
+    pyimg manifest: as one layer, or (manifest_chunks) as its chunks, in order, with its
+    digest and size annotated.  Chunk descriptors carry no annotations: they are most of
+    the manifest's bytes (docs/store.md, "Chunked images")."""
     annotations = _image_annotations(whole.format, version, whole.blake3, epoch)
     annotations.update(
         {
@@ -218,7 +226,12 @@ def chunked_image_manifest(
         }
     )
     layer_list = [{"mediaType": CHUNK, "digest": d, "size": n} for d, n in chunks]
-    layer_list.append(pyimg_manifest.to_json())
+    if manifest_chunks is None:
+        layer_list.append(pyimg_manifest.to_json())
+    else:
+        annotations[A_MANIFEST_SHA256] = pyimg_manifest.digest
+        annotations[A_MANIFEST_SIZE] = str(pyimg_manifest.size)
+        layer_list += [{"mediaType": MANIFEST_CHUNK, "digest": d, "size": n} for d, n in manifest_chunks]
     return _artifact(layer_list, annotations)
 
 

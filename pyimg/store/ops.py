@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -9,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..chunks import Chunk, chunk_bytes
 from ..errors import DigestMismatchError, OutputError, SpecError, StoreError
 from ..imagehash import ImageHasher, digest_image
 from ..output import AtomicOutput, write_file_atomically
@@ -16,6 +19,8 @@ from .artifact import (
     A_BLAKE3,
     A_CHUNKING,
     A_FORMAT,
+    A_MANIFEST_SHA256,
+    A_MANIFEST_SIZE,
     A_SHA256,
     A_SIZE,
     A_TITLE,
@@ -24,6 +29,7 @@ from .artifact import (
     EMPTY_JSON,
     FORMAT_MEDIA_TYPES,
     IMAGE_ARTIFACT,
+    MANIFEST_CHUNK,
     PYIMG_MANIFEST,
     PYIMG_MANIFEST_TITLE,
     Descriptor,
@@ -131,10 +137,20 @@ class LocalImage:
             image, meta, fmt=self.format, version=self.version, blake3=self.blake3, epoch=self.epoch
         )
 
+    def manifest_chunks(self) -> list[Chunk]:
+        """The pyimg manifest cut as the image is (a chunked artifact stores it so)."""
+        return chunk_bytes(self.manifest_bytes)
+
     def chunked_artifact(self, chunks: list[tuple[str, int]], chunking: str) -> Manifest:
         whole = WholeImage(self.format, self.size, self.sha256, self.blake3, self.image_title, chunking)
+        pieces = [(c.digest, c.size) for c in self.manifest_chunks()]
         return chunked_image_manifest(
-            chunks, self.descriptors()[1], whole, version=self.version, epoch=self.epoch
+            chunks,
+            self.descriptors()[1],
+            whole,
+            version=self.version,
+            epoch=self.epoch,
+            manifest_chunks=pieces,
         )
 
 
@@ -278,7 +294,14 @@ def push(
     store = open_store(ref, options, create=True)
     try:
         counts = TransferCounts()
-        small = [(EMPTY_JSON, EMPTY_CONFIG.digest), (local.manifest_bytes, local.descriptors()[1].digest)]
+        small = [(EMPTY_JSON, EMPTY_CONFIG.digest)]
+        if plan is None:
+            small.append((local.manifest_bytes, local.descriptors()[1].digest))
+        else:  # the pyimg manifest as chunks: only those the store lacks go up
+            small += [
+                (local.manifest_bytes[c.offset : c.offset + c.size], c.digest)
+                for c in local.manifest_chunks()
+            ]
         for data, digest in small:
             counts.add(store.put_blob_bytes(data, digest), len(data))
         current = store.resolve(tag)
@@ -350,6 +373,8 @@ class ImageArtifact:
     sha256: str  # the whole image's, sha256:<hex>
     size: int
     chunking: str | None  # chunks.ChunkParams.label() when chunked
+    manifest_chunks: tuple[Descriptor, ...] = ()  # the pyimg manifest as chunks (then pyimg_manifest
+    # is a descriptor of the whole, for its digest and size: no blob of its own)
 
 
 def read_image_artifact(store: Store, reference: str) -> ImageArtifact:
@@ -368,13 +393,19 @@ def read_image_artifact(store: Store, reference: str) -> ImageArtifact:
     images = [d for d in found if d.media_type in by_type]
     chunks = [d for d in found if d.media_type == CHUNK]
     metas = [d for d in found if d.media_type == PYIMG_MANIFEST]
+    manifest_chunks = tuple(d for d in found if d.media_type == MANIFEST_CHUNK)
     raw = value.get("annotations")
     annotations: dict[str, Any] = raw if isinstance(raw, dict) else {}
     meta = metas[0] if metas else None
     if chunks or A_CHUNKING in annotations:
         if images:
             raise StoreError(f"{reference}: both an image layer and chunks", store.address)
-        return _chunked_artifact(store, reference, manifest, chunks, meta, annotations)
+        if manifest_chunks:
+            if metas:
+                raise StoreError(f"{reference}: both a pyimg manifest layer and its chunks", store.address)
+            meta = _whole_manifest(store, reference, annotations)
+        art = _chunked_artifact(store, reference, manifest, chunks, meta, annotations)
+        return dataclasses.replace(art, manifest_chunks=manifest_chunks)
     if len(images) != 1:
         raise StoreError(f"{reference}: expected one image layer, found {len(images)}", store.address)
     return ImageArtifact(
@@ -388,6 +419,42 @@ def read_image_artifact(store: Store, reference: str) -> ImageArtifact:
         images[0].size,
         None,
     )
+
+
+def _whole_manifest(store: Store, reference: str, annotations: dict[str, Any]) -> Descriptor:
+    """What a chunked pyimg manifest must add up to: its annotated digest and size."""
+    digest, size = annotations.get(A_MANIFEST_SHA256), annotations.get(A_MANIFEST_SIZE)
+    if not (isinstance(digest, str) and DIGEST_RE.match(digest) and isinstance(size, str) and size.isdigit()):
+        raise StoreError(
+            f"{reference}: a chunked pyimg manifest needs the annotations {A_MANIFEST_SHA256} and "
+            f"{A_MANIFEST_SIZE}",
+            store.address,
+        )
+    return Descriptor(PYIMG_MANIFEST, digest, int(size), annotations={A_TITLE: PYIMG_MANIFEST_TITLE})
+
+
+def fetch_pyimg_manifest(store: Store, art: ImageArtifact, old: str | None = None) -> bytes | None:
+    """The pyimg manifest of an artifact: its one blob, or its chunks put together (those
+    an older manifest file `old` also has are taken from it), checked whole."""
+    if art.pyimg_manifest is None:
+        return None
+    if not art.manifest_chunks:
+        return fetch_bytes(store, art.pyimg_manifest)
+    have: dict[str, bytes] = {}
+    if old is not None:
+        with contextlib.suppress(OSError):
+            with open(old, "rb") as f:
+                data = f.read()
+            have = {c.digest: data[c.offset : c.offset + c.size] for c in chunk_bytes(data)}
+    pieces = [have.get(d.digest) or fetch_bytes(store, d) for d in art.manifest_chunks]
+    whole = b"".join(pieces)
+    if len(whole) != art.pyimg_manifest.size or sha256_digest(whole) != art.pyimg_manifest.digest:
+        raise DigestMismatchError(
+            f"the pyimg manifest's chunks make {sha256_digest(whole)}, the artifact says "
+            f"{art.pyimg_manifest.digest}: refused",
+            store.address,
+        )
+    return whole
 
 
 def _chunked_artifact(
@@ -459,7 +526,7 @@ def _pull_from(
 ) -> PullResult:
     started = time.monotonic()
     art = read_image_artifact(store, ref.reference)
-    meta = fetch_bytes(store, art.pyimg_manifest) if manifest_output and art.pyimg_manifest else None
+    meta = fetch_pyimg_manifest(store, art, manifest_output) if manifest_output else None
     if art.image is not None:
         b3 = _pull_blob(store, art, art.image, output, progress)
         extra: dict[str, Any] = {"chunks": 1, "chunks_downloaded": 1, "bytes_downloaded": art.size}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from pyimg.store.artifact import (
     CHUNK,
     EMPTY_DIGEST,
     IMAGE_ARTIFACT,
+    MANIFEST_CHUNK,
     OCI_EMPTY,
     PYIMG_MANIFEST,
     canonical_json,
@@ -68,13 +71,18 @@ def test_manifest_format(store_addr: str, image: Image) -> None:
     assert data == canonical_json(value)  # canonical: sorted keys, no whitespace
     assert value["artifactType"] == IMAGE_ARTIFACT
     assert value["config"] == {"mediaType": OCI_EMPTY, "digest": EMPTY_DIGEST, "size": 2}
-    *chunks, meta = value["layers"]  # type: ignore[misc]
-    assert {c["mediaType"] for c in chunks} == {CHUNK}
-    assert [set(c) for c in chunks] == [{"mediaType", "digest", "size"}] * len(chunks)
+    layers: list[dict[str, Any]] = value["layers"]  # type: ignore[assignment]
+    chunks = [c for c in layers if c["mediaType"] == CHUNK]
+    metas = layers[len(chunks) :]  # the pyimg manifest's chunks, after the image's
+    assert chunks == layers[: len(chunks)] and {m["mediaType"] for m in metas} == {MANIFEST_CHUNK}
+    assert [set(c) for c in layers] == [{"mediaType", "digest", "size"}] * len(layers)
     assert sum(c["size"] for c in chunks) == image.size
-    assert meta["mediaType"] == PYIMG_MANIFEST
-    manifest = json.loads(Path(image.manifest).read_bytes())
+    raw = Path(image.manifest).read_bytes()
+    assert sum(m["size"] for m in metas) == len(raw)
+    manifest = json.loads(raw)
     assert value["annotations"] == {
+        "vnd.pyimg.manifest.sha256": "sha256:" + hashlib.sha256(raw).hexdigest(),
+        "vnd.pyimg.manifest.size": str(len(raw)),
         "vnd.pyimg.format": "squashfs",
         "vnd.pyimg.version": manifest["versions"]["pyimg"],
         "vnd.pyimg.blake3": manifest["image"]["blake3"],
