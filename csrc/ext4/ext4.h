@@ -30,6 +30,9 @@ typedef struct {
     uint32_t feature_ro_compat;
     int64_t epoch;                /* mkfs/write/check time of the file system */
     uint8_t uuid[16];
+    /* With metadata_csum_seed: the metadata checksums are seeded with crc32c of this,
+     * not of uuid (so a new UUID need not change every checksum). */
+    uint8_t csum_uuid[16];
     uint8_t hash_seed[16];
     uint8_t label[16];
 } pyimg_ext4_geom;

@@ -83,6 +83,7 @@ enum {
     E4_SB_RAID_STRIPE_WIDTH = 0x170, /* u32 */
     E4_SB_LOG_GROUPS_PER_FLEX = 0x174, /* u8 */
     E4_SB_CHECKSUM_TYPE = 0x175,     /* u8 1: crc32c */
+    E4_SB_CHECKSUM_SEED = 0x270,     /* u32 crc32c(~0, the original UUID), with metadata_csum_seed */
     E4_SB_WTIME_HI = 0x274,          /* u8: bits 32..39 of s_wtime */
     E4_SB_MTIME_HI = 0x275,          /* u8 */
     E4_SB_MKFS_TIME_HI = 0x276,      /* u8 */

@@ -536,7 +536,8 @@ int pyimg_ext4_layout(pyimg_ext4 *h, const pyimg_ext4_geom *geom) {
     h->gdt_blocks = (uint32_t)((groups * h->desc_size + E4_BS - 1) / E4_BS);
     h->itb = h->g.inodes_per_group * E4_INODE_SIZE / E4_BS;
     h->csum = (h->g.feature_ro_compat & E4_RO_COMPAT_METADATA_CSUM) != 0;
-    h->csum_seed = pyimg_crc32c(~0u, h->g.uuid, 16);
+    int own_seed = (h->g.feature_incompat & E4_INCOMPAT_CSUM_SEED) != 0;
+    h->csum_seed = pyimg_crc32c(~0u, own_seed ? h->g.csum_uuid : h->g.uuid, 16);
     h->cursor = h->end = h->used = h->data_blocks = 0;
     int rc;
     /* Superblock and descriptors of group 0 (the copies of other backup groups

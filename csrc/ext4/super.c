@@ -45,6 +45,7 @@ static void encode_super(const pyimg_ext4 *h, uint8_t *sb, uint32_t group, const
     memcpy(sb + E4_SB_VOLUME_NAME, g->label, 16);
     if (g->journal_blocks) put_le32(sb + E4_SB_JOURNAL_INUM, E4_JOURNAL_INO);
     memcpy(sb + E4_SB_HASH_SEED, g->hash_seed, 16);
+    if (g->feature_incompat & E4_INCOMPAT_CSUM_SEED) put_le32(sb + E4_SB_CHECKSUM_SEED, h->csum_seed);
     sb[E4_SB_DEF_HASH_VERSION] = 1; /* half_md4 */
     sb[E4_SB_JNL_BACKUP_TYPE] = g->journal_blocks ? 1 : 0; /* EXT3_JNL_BACKUP_BLOCKS */
     put_le16(sb + E4_SB_DESC_SIZE, (g->feature_incompat & E4_INCOMPAT_64BIT) ? E4_GD_SIZE_64 : 0);

@@ -88,11 +88,12 @@ FEATURES: dict[str, tuple[str, int, bool]] = {
     "dir_nlink": ("ro_compat", 0x0020, True),
     "extra_isize": ("ro_compat", 0x0040, True),
     "metadata_csum": ("ro_compat", 0x0400, True),
+    "metadata_csum_seed": ("incompat", 0x2000, True),
     "shared_blocks": ("ro_compat", 0x4000, True),
 }
 DEFAULT_FEATURES = (
     "ext_attr", "dir_index", "filetype", "extents", "64bit", "flex_bg", "sparse_super",
-    "large_file", "huge_file", "dir_nlink", "extra_isize", "metadata_csum",
+    "large_file", "huge_file", "dir_nlink", "extra_isize", "metadata_csum", "metadata_csum_seed",
 )  # fmt: skip
 # Features pyimg knows but does not write; named in the error rather than "unknown".
 UNSUPPORTED = {
@@ -103,8 +104,8 @@ UNSUPPORTED = {
     "meta_bg": "not supported", "mmp": "not supported", "uninit_bg": "metadata_csum replaces it",
     "gdt_csum": "metadata_csum replaces it", "sparse_super2": "not supported",
     "largedir": "not supported", "verity": "not supported", "stable_inodes": "not supported",
-    "csum_seed": "not needed: the UUID is fixed", "journal_dev": "not supported",
-    "ea_inode": "not supported", "orphan_file": "not supported", "metadata_csum_seed": "not needed",
+    "csum_seed": "it is called metadata_csum_seed", "journal_dev": "not supported",
+    "ea_inode": "not supported", "orphan_file": "not supported",
 }  # fmt: skip
 
 
@@ -127,6 +128,10 @@ def resolve_features(edits: tuple[str, ...]) -> set[str]:
                 if not FEATURES[name][2]:
                     raise SpecError(f"ext4 feature {name!r} cannot be disabled: pyimg's layout needs it")
                 chosen.discard(name)
+    if "metadata_csum_seed" in chosen and "metadata_csum" not in chosen:
+        if any("metadata_csum_seed" in edit and "-metadata_csum_seed" not in edit for edit in edits):
+            raise SpecError("ext4 feature 'metadata_csum_seed' needs metadata_csum")
+        chosen.discard("metadata_csum_seed")  # a default that only seeds metadata_csum's checksums
     return chosen
 
 
@@ -555,11 +560,20 @@ class _Build:
         self.writes.append(_Writes(contents, [self.refs[start + i] for i in written], cache_at, buffer))
 
     # ---- identity -----------------------------------------------------------------
-    def identity(self) -> tuple[bytes, bytes]:
-        """The UUID and htree hash seed, derived from everything the image holds: the
-        columns register() gave the C core (it fed them to self.material as it went:
-        inodes, names, symlinks, xattrs), every file's digest and the options.
-        Bulk updates over arrays, not a formatted record per entry (0.1 s on 100k)."""
+    def identity(self) -> tuple[bytes, bytes, bytes]:
+        """The UUID, the htree hash seed and the checksum seed's UUID.
+
+        The UUID is derived from everything the image holds: the columns register()
+        gave the C core (it fed them to self.material as it went: inodes, names,
+        symlinks, xattrs), every file's digest and the options -- bulk updates over
+        arrays, not a formatted record per entry (0.1 s on 100k).  Two trees, two UUIDs.
+
+        The hash seed and (with metadata_csum_seed) the checksum seed come from the
+        options alone (and the UUID when it is given): with a UUID that follows the
+        content they would change every directory's hash order and every metadata
+        checksum after any edit, so one changed file changed a tenth of the image
+        (what a chunked push sends, docs/store.md).  Without metadata_csum_seed the
+        checksums follow the UUID, as ext4 defines them."""
         material = self.material
         material.update(repr((self.opts, sorted(self.features), self.options.policy.epoch)).encode())
         material.update(self.packed)
@@ -578,10 +592,13 @@ class _Build:
             raw[6] = (raw[6] & 0x0F) | 0x40  # shaped like a random (version 4) UUID
             raw[8] = (raw[8] & 0x3F) | 0x80
             fs_uuid = bytes(raw)
-        seed = blake3.blake3(
-            key + fs_uuid, derive_key_context="pyimg 2024 ext4 directory hash seed"
-        ).digest()[:16]
-        return fs_uuid, seed
+        stable = blake3.blake3(repr((self.opts, sorted(self.features))).encode()).digest()
+        seed = blake3.blake3(stable, derive_key_context="pyimg 2026 ext4 directory hash seed").digest()[:16]
+        if self.opts.uuid is not None:
+            csum_uuid = fs_uuid  # what mke2fs keeps as the original UUID
+        else:
+            csum_uuid = blake3.blake3(stable, derive_key_context="pyimg 2026 ext4 checksum seed").digest()[:16]
+        return fs_uuid, seed, csum_uuid
 
     # ---- stage 2: register everything with the C core and lay out -----------------
     def register(self) -> Any:
@@ -701,6 +718,7 @@ class _Build:
         geom.feature_compat, geom.feature_incompat, geom.feature_ro_compat = self.feature_masks()
         geom.epoch = self.epoch
         geom.uuid = self.uuid
+        geom.csum_uuid = self.csum_uuid
         geom.hash_seed = self.seed
         geom.label = parse_label(self.opts.label, "label").encode().ljust(16, b"\0")
         return geom
@@ -814,7 +832,7 @@ class _Build:
             )
         self.hash_contents()
         self.register()
-        self.uuid, self.seed = self.identity()
+        self.uuid, self.seed, self.csum_uuid = self.identity()
         geom, stats = self.lay_out()
         size = int(geom.blocks_count) * BLOCK  # the image, its holes at the end included
         # Before any byte is written: what is not a hole is the data and the

@@ -177,7 +177,16 @@ def _chunks(data: bytes, size: int) -> list[bytes]:
 
 BLOCK = 4096
 COMPAT = 0x0008 | 0x0020  # ext_attr, dir_index
-INCOMPAT = 0x0002 | 0x0040 | 0x0080 | 0x0200  # filetype, extents, 64bit, flex_bg
+def _crc32c(crc: int, data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected 0x82F63B78) as ext4 uses it: no final inversion."""
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc
+
+
+INCOMPAT = 0x0002 | 0x0040 | 0x0080 | 0x0200 | 0x2000  # filetype, extents, 64bit, flex_bg, csum_seed
 RO_COMPAT = 0x0001 | 0x0002 | 0x0008 | 0x0020 | 0x0040 | 0x0400  # sparse_super ... metadata_csum
 EXTENTS_FL = 0x80000
 UUID = "2f1a6c1e-8d6b-4c4e-9a53-5f0f6d1e2a77"
@@ -249,6 +258,9 @@ def test_ext4_decodes(tmp_path: Path) -> None:
     assert free_blocks_lo < blocks_lo
     assert (compat, incompat, ro_compat) == (COMPAT, INCOMPAT, RO_COMPAT)
     assert uuid.UUID(bytes=volume_uuid) == uuid.UUID(UUID)
+    # metadata_csum_seed: s_checksum_seed = crc32c(~0, the original UUID), here the given one
+    (checksum_seed,) = struct.unpack_from("<I", image, sb + 0x270)
+    assert checksum_seed == _crc32c(0xFFFFFFFF, volume_uuid)
     assert volume_name == b"decoded".ljust(16, b"\0")
     assert mtime == wtime == lastcheck == mkfs_time == EPOCH
 
