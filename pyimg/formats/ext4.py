@@ -597,7 +597,8 @@ class _Build:
         if self.opts.uuid is not None:
             csum_uuid = fs_uuid  # what mke2fs keeps as the original UUID
         else:
-            csum_uuid = blake3.blake3(stable, derive_key_context="pyimg 2026 ext4 checksum seed").digest()[:16]
+            derived = blake3.blake3(stable, derive_key_context="pyimg 2026 ext4 checksum seed")
+            csum_uuid = derived.digest()[:16]
         return fs_uuid, seed, csum_uuid
 
     # ---- stage 2: register everything with the C core and lay out -----------------
