@@ -177,6 +177,8 @@ def _chunks(data: bytes, size: int) -> list[bytes]:
 
 BLOCK = 4096
 COMPAT = 0x0008 | 0x0020  # ext_attr, dir_index
+
+
 def _crc32c(crc: int, data: bytes) -> int:
     """CRC-32C (Castagnoli, reflected 0x82F63B78) as ext4 uses it: no final inversion."""
     for byte in data:
