@@ -330,6 +330,14 @@ class BuildCache:
             self.remote.note(key)
         return entry
 
+    def prefetch(self, wanted: list[tuple[bytes, int, int]]) -> None:
+        """Bring the entries of these (key, content size, full blocks) that the local
+        directory lacks from the shared cache, several at once (lookup() would fetch
+        them one by one)."""
+        if self.remote is None or not self.enabled:
+            return
+        self.remote.fetch_many([w for w in wanted if not os.path.exists(self.entry_path(w[0]))])
+
     @staticmethod
     def _check(fd: int, key: bytes, size: int, full_blocks: int, block_size: int) -> Entry | None:
         total = os.fstat(fd).st_size

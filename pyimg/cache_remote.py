@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .cache import FOOTER, FORMAT_VERSION, HEADER, MAGIC, TEMP_PREFIX, BuildCache
@@ -55,6 +56,7 @@ TAG_SUFFIX = f"buildcache-v{FORMAT_VERSION}"
 INDEX_MAX = 10_000  # lines kept (~270 bytes each: 2.7 MB, under registries' 4 MB manifests)
 MERGE_ATTEMPTS = 5
 SETTLE_S = 0.3  # how long an export waits before it checks that its lines stayed
+FETCH_THREADS = 8  # entries fetched at once by fetch_many (round trips, not CPU: more than cores)
 STORE_RETRIES = 3  # a cache is an optimisation: give up on a registry sooner than a push does
 _READ = 1 << 20
 
@@ -232,6 +234,7 @@ class RemoteCache:
         self._fetching: dict[bytes, threading.Event] = {}  # keys tried in this build
         self._used: dict[bytes, None] = {}  # keys this build used or stored, in order
         self._refused = False
+        self._fetchers: ThreadPoolExecutor | None = None  # for fetch_many, made on first use
 
     # -- failures
 
@@ -314,6 +317,21 @@ class RemoteCache:
         finally:
             event.set()
 
+    def fetch_many(self, wanted: list[tuple[bytes, int, int]]) -> None:
+        """fetch() of several (key, size, full blocks) at once, on FETCH_THREADS threads:
+        a fragment batch's entries, whose round trips to a registry then overlap (one
+        at a time, a fresh runner spent ~2 ms per entry waiting)."""
+        if len(wanted) < 2:
+            for item in wanted:
+                self.fetch(*item)
+            return
+        with self._lock:
+            if self._fetchers is None:
+                self._fetchers = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="pyimg-cache-fetch")
+            pool = self._fetchers
+        for future in [pool.submit(self.fetch, *item) for item in wanted]:
+            future.result()
+
     def _fetch(self, key: bytes, desc: Descriptor, bound: int) -> None:
         if desc.size > bound:
             self._refuse(desc, f"{desc.size} bytes, more than an entry of its content can be")
@@ -336,7 +354,7 @@ class RemoteCache:
                 if len(head) != HEADER.size or HEADER.unpack(head) != (MAGIC, FORMAT_VERSION, key):
                     self._refuse(desc, "its header is not this key's (another pyimg version?)")
                     return
-                os.fsync(f.fileno())
+                # Not fsynced, like every entry (pyimg/cache.py): a torn one fails its check.
                 os.rename(tmp, self.cache.entry_path(key))
         except DigestMismatchError as exc:
             self._refuse(desc, exc.reason)
@@ -433,6 +451,9 @@ class RemoteCache:
         )
 
     def close(self) -> None:
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=True)
+            self._fetchers = None
         if self._store is not None:
             self._store.close()
             self._store = None

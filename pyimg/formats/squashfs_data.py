@@ -463,6 +463,7 @@ class DataStream:
         if self.cache is None:
             return compressor.compress_many(raws, threads=1)
         keys = [BuildCache.content_key(blake3.blake3(raw).digest(), self.fragment_shape) for raw in raws]
+        self.cache.prefetch([(key, len(raw), 1) for key, raw in zip(keys, raws, strict=True)])
         found: list[bytes | None] = []
         for key, raw in zip(keys, raws, strict=True):
             entry = self.cache.lookup(key, len(raw), self.block_size, 1, fragment=True)
