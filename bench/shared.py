@@ -47,7 +47,8 @@ def start_registry(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
     quiet = subprocess.DEVNULL
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=quiet, stderr=quiet, start_new_session=True)
+    argv = [binary, "serve", str(config)]
+    proc = subprocess.Popen(argv, stdout=quiet, stderr=quiet, start_new_session=True)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
