@@ -405,11 +405,11 @@ class RemoteCache:
         from .store.artifact import EMPTY_DIGEST, EMPTY_JSON, Descriptor
 
         store.put_blob_bytes(EMPTY_JSON, EMPTY_DIGEST)  # the index manifest's config
-        ours: Lines = {}
-        for key in keys:
+
+        def push_one(key: bytes) -> Descriptor | None:
             pinned = self._pin(key)
             if pinned is None:
-                continue  # gone (another build sharing the directory evicted it)
+                return None  # gone (another build sharing the directory evicted it)
             try:
                 digest, size = _sha256_file(pinned)
                 if store.put_blob_file(pinned, digest, size):
@@ -418,8 +418,13 @@ class RemoteCache:
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(pinned)
-            ours[key] = Descriptor(ENTRY_MEDIA_TYPE, digest, size, annotations={A_KEY: key.hex()})
-        return ours
+            return Descriptor(ENTRY_MEDIA_TYPE, digest, size, annotations={A_KEY: key.hex()})
+
+        # FETCH_THREADS at once: each entry is a HEAD and an upload, round trips that
+        # overlap (one at a time, a cold runner's export took longer than its build).
+        with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="pyimg-cache-push") as pool:
+            pushed = list(pool.map(push_one, keys))
+        return {key: desc for key, desc in zip(keys, pushed, strict=True) if desc is not None}
 
     def _pin(self, key: bytes) -> str | None:
         """A hard link to the entry, so that what is hashed is what is uploaded even if
