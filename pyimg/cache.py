@@ -443,3 +443,121 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
             os.close(fd)
         _unlink(tmp)
         raise
+
+
+# -- ext4's scan cache ---------------------------------------------------------------------
+
+SCAN_FILE = "scan-v1"
+SCAN_MAGIC = b"PYIMGR\x00\x01"
+SCAN_HEADER = struct.Struct("<8sI")  # magic, block size
+SCAN_RECORD = struct.Struct("<QQQqq32sI")  # identity, digest, number of runs; then the runs
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRecord:
+    """What ext4's hash pass learns of a content: its BLAKE3 and its runs of non-zero
+    blocks (the runs' first blocks, then their counts: u32 little-endian).  Both depend
+    only on the bytes and the block size, so a file whose identity is unchanged
+    has the same record."""
+
+    digest: bytes
+    runs: bytes
+
+
+class ScanCache:
+    """ext4's scan cache (one file, `scan-v1`, of one block size): a file's identity
+    -> its ScanRecord, so the hash pass does not read an unchanged file (the stream
+    then reads it once, to write it).  Keyed and trusted as the stat cache is (the
+    racy rule, the identity taken again after the read); its own file, as the
+    records are not the stat cache's.  Thread-safe; `save()` before cache.close()."""
+
+    def __init__(self, cache: BuildCache, block_size: int) -> None:
+        self.cache, self.block_size = cache, block_size
+        self._lock = threading.Lock()
+        self._old: dict[Identity, ScanRecord] = {}
+        self._new: dict[Identity, ScanRecord] = {}  # used or learnt in this build
+        if cache.enabled:
+            self._load()
+
+    def lookup(self, ref: DataRef) -> tuple[Identity | None, ScanRecord | None]:
+        """The file's identity (None: not cacheable) and its record if known."""
+        ident = self.cache.identity(ref)
+        if ident is None:
+            return None, None
+        with self._lock:
+            record = self._old.get(ident) or self._new.get(ident)
+            if record is not None:
+                self._new[ident] = record
+        if record is not None:
+            with self.cache._lock:
+                self.cache.stats.stat_hits += 1
+        return ident, record
+
+    def learn(self, ident: Identity, ref: DataRef, record: ScanRecord, since: int) -> None:
+        """Keep a record just computed from a file whose identity was taken at `since`
+        (before it was read), unless it could be racily clean or changed meanwhile
+        (BuildCache.learn)."""
+        if max(ident[3], ident[4]) >= since - RACY_NS or self.cache.identity(ref) != ident:
+            return
+        with self._lock:
+            self._new[ident] = record
+
+    def _load(self) -> None:
+        path = os.path.join(self.cache.directory, SCAN_FILE)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.cache.fail(exc)
+            return
+        records = self._parse(raw)
+        if records is None:
+            with self.cache._lock:
+                self.cache.stats.bad_entries += 1
+            _unlink(path)
+            return
+        self._old = records
+
+    def _parse(self, raw: bytes) -> dict[Identity, ScanRecord] | None:
+        """The records of a whole, checked scan file of this block size (another
+        block size's: none, to be replaced), None if it is damaged."""
+        body, check = raw[:-32], raw[-32:]
+        if len(raw) < SCAN_HEADER.size + 32 or blake3.blake3(body).digest() != check:
+            return None
+        magic, block_size = SCAN_HEADER.unpack_from(body, 0)
+        if magic != SCAN_MAGIC:
+            return None
+        records: dict[Identity, ScanRecord] = {}
+        at, end = SCAN_HEADER.size, len(body)
+        while at < end:
+            if at + SCAN_RECORD.size > end:
+                return None
+            *ident, digest, nruns = SCAN_RECORD.unpack_from(body, at)
+            at += SCAN_RECORD.size
+            if at + 8 * nruns > end:
+                return None
+            records[tuple(ident)] = ScanRecord(digest, body[at : at + 8 * nruns])
+            at += 8 * nruns
+        return records if block_size == self.block_size else {}
+
+    def save(self) -> None:
+        """Write the records used or learnt in this build, then older ones, up to
+        STAT_MAX; an OSError turns the cache off (BuildCache.fail)."""
+        if not self.cache.enabled or (not self._new and not self._old):
+            return
+        merged = dict(self._new)
+        for ident, record in self._old.items():
+            if len(merged) >= STAT_MAX:
+                break
+            merged.setdefault(ident, record)
+        parts = [SCAN_HEADER.pack(SCAN_MAGIC, self.block_size)]
+        for ident, record in merged.items():
+            parts.append(SCAN_RECORD.pack(*ident, record.digest, len(record.runs) // 8))
+            parts.append(record.runs)
+        body = b"".join(parts)
+        try:
+            _atomic_write(self.cache.directory, SCAN_FILE, body + blake3.blake3(body).digest())
+        except OSError as exc:
+            self.cache.fail(exc)

@@ -35,6 +35,7 @@ import blake3
 
 from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib, new_err
+from ..cache import BuildCache, ScanCache, ScanRecord
 from ..content import (
     C_HASH_MAX,
     BatchSources,
@@ -51,7 +52,7 @@ from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
 from ..xattrs import ACL_NAMES, acl_to_ext4, suspect_names, xattr_problem
-from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch
+from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch, open_cache
 from .ext4_options import Ext4Options, parse_label
 
 BLOCK = 4096
@@ -170,6 +171,7 @@ class _Scanned:
     count: array[int]  # ... and number of blocks
     stored: array[int]  # bytes of each file outside holes
     buffer: bytearray | None = None  # small files: their bytes back to back
+    at: array[int] | None = None  # where each file's bytes are in buffer (-1: not there); None: all, in order
 
 
 def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[array[int], array[int]]:
@@ -238,7 +240,7 @@ def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None
             pos = end
         hash_zeros(size - pos, hasher.update)
         reader.check_unchanged()
-    stored = sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
+    stored = _stored(size, first, count)
     return _Scanned(bytearray(hasher.digest()), array("I", [len(first)]), first, count, array("Q", [stored]))
 
 
@@ -259,6 +261,71 @@ def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = 
     return scan_small(refs)
 
 
+def _runs_of(record: ScanRecord) -> tuple[array[int], array[int]]:
+    both = array("I", record.runs)
+    if sys.byteorder != "little":
+        both.byteswap()
+    half = len(both) // 2
+    return both[:half], both[half:]
+
+
+def _stored(size: int, first: array[int], count: array[int]) -> int:
+    """Bytes of a content of `size` within its non-zero block runs."""
+    return sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
+
+
+def _cached_scan(
+    refs: list[DataRef], scan_cache: ScanCache, threads: int = 1, stop: threading.Event | None = None
+) -> _Scanned:
+    """Scan one group with the scan cache: files whose identity it knows are not
+    read (their record is used), the others are scanned as without it and learnt.
+    The same _Scanned as _scan's, but for the bytes kept (`at` says whose)."""
+    since = scan_cache.cache.clock()  # before the identities: see BuildCache.learn
+    looked = [scan_cache.lookup(ref) for ref in refs]
+    missed = [i for i, (_, record) in enumerate(looked) if record is None]
+    fresh = _scan([refs[i] for i in missed], threads, stop) if missed else None
+    records: list[ScanRecord] = []
+    at = array("q", [-1] * len(refs))
+    if fresh is not None:
+        new = _records(fresh)
+        offsets = itertools.accumulate([refs[i].size for i in missed], initial=0)
+        for i, record, offset in zip(missed, new, offsets, strict=False):
+            ident = looked[i][0]
+            if ident is not None:
+                scan_cache.learn(ident, refs[i], record, since)
+            at[i] = offset
+        fill = iter(new)
+        records = [record if record is not None else next(fill) for _, record in looked]
+    else:
+        records = [record for _, record in looked if record is not None]
+    scanned = _from_records(refs, records)
+    if fresh is not None and fresh.buffer is not None:
+        scanned.buffer, scanned.at = fresh.buffer, at
+    return scanned
+
+
+def _records(scanned: _Scanned) -> list[ScanRecord]:
+    """One ScanRecord per file of a scan."""
+    out, run = [], 0
+    for i, nruns in enumerate(scanned.nruns):
+        both = scanned.first[run : run + nruns] + scanned.count[run : run + nruns]
+        out.append(ScanRecord(bytes(scanned.digests[32 * i : 32 * i + 32]), _le(both)))
+        run += nruns
+    return out
+
+
+def _from_records(refs: list[DataRef], records: list[ScanRecord]) -> _Scanned:
+    """A group's _Scanned made of its files' records (no bytes kept)."""
+    nruns, first, count, stored = array("I"), array("I"), array("I"), array("Q")
+    for ref, record in zip(refs, records, strict=True):
+        f, c = _runs_of(record)
+        nruns.append(len(f))
+        first.extend(f)
+        count.extend(c)
+        stored.append(_stored(ref.size, f, c))
+    return _Scanned(bytearray(b"".join(record.digest for record in records)), nruns, first, count, stored)
+
+
 class Prescan(hashpass.Prescan[_Scanned]):
     """ext4's hash pass started while the tree is collected (hashpass.Prescan).
 
@@ -269,14 +336,16 @@ class Prescan(hashpass.Prescan[_Scanned]):
     one (blake3's threads here made the large workload 1.26 -> 1.41 s).
     """
 
-    def __init__(self) -> None:
-        super().__init__(_prescanned, _cutter())
+    def __init__(self, scan_cache: ScanCache | None = None) -> None:
+        def prescanned(refs: list[DataRef], stop: threading.Event | None) -> _Scanned:
+            if scan_cache is not None:
+                scanned = _cached_scan(refs, scan_cache, 1, stop)
+            else:
+                scanned = _scan(refs, 1, stop)
+            scanned.buffer = scanned.at = None  # see above
+            return scanned
 
-
-def _prescanned(refs: list[DataRef], stop: threading.Event | None) -> _Scanned:
-    scanned = _scan(refs, 1, stop)
-    scanned.buffer = None  # see Prescan
-    return scanned
+        super().__init__(prescanned, _cutter())
 
 
 @dataclass(slots=True)
@@ -297,15 +366,41 @@ class Ext4Writer:
         self.options = options
         self.features = resolve_features(options.settings(Ext4Options).features)  # SpecError early
         self._prescan: Prescan | None = None
+        self.warnings: list[str] = []
+        self._cache: BuildCache | None = None
+        self._scan_cache: ScanCache | None = None
+        self._cache_opened = False
+
+    def _open_cache(self) -> ScanCache | None:
+        """The build cache's scan cache, the cache opened on first use: by the
+        prescan, which runs while the tree is collected, else by write()."""
+        if not self._cache_opened:
+            self._cache_opened = True
+            self._cache = open_cache(self.options, self.warnings)
+            self._scan_cache = ScanCache(self._cache, BLOCK) if self._cache is not None else None
+        return self._scan_cache
 
     def prescan(self) -> Prescan | None:
         """Start the hash pass while the tree is collected (see Prescan); not with
         --jobs 1, which means one thread."""
-        self._prescan = Prescan() if self.options.jobs > 1 else None
+        self._prescan = Prescan(self._open_cache()) if self.options.jobs > 1 else None
         return self._prescan
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
-        return _Build(self.options, self.features, tree, region, progress, self._prescan).run()
+        scan_cache = self._open_cache()
+        try:
+            result = _Build(
+                self.options, self.features, tree, region, progress, self._prescan, scan_cache
+            ).run()
+        finally:
+            if scan_cache is not None:
+                scan_cache.save()
+            if self._cache is not None:
+                self._cache.close()
+        cache = self._cache
+        result.warnings = self.warnings + (list(cache.warnings) if cache is not None else [])
+        result.cache = cache.stats if cache is not None else None
+        return result
 
 
 def _choose_dedup(opts: Ext4Options, plus_shared: bool, journal: bool) -> bool:
@@ -348,9 +443,11 @@ class Ext4Facts:
 
 class _Build:
     def __init__(self, options: BuildOptions, features: set[str], tree: FrozenTree, region: Region,
-                 progress: Progress, prescan: Prescan | None = None) -> None:  # fmt: skip
+                 progress: Progress, prescan: Prescan | None = None,
+                 scan_cache: ScanCache | None = None) -> None:  # fmt: skip
         self.options = options
         self.prescan = prescan
+        self.scan_cache = scan_cache
         self.opts = options.settings(Ext4Options)
         self.features = set(features)
         self.tree = tree
@@ -499,12 +596,14 @@ class _Build:
 
     def scanned_groups(self) -> Iterator[tuple[int, _Scanned]]:
         """(first file, scan) of every group, in order (hashpass.scan_groups)."""
+        scan_cache = self.scan_cache
+
+        def scan(refs: list[DataRef], alone: bool) -> _Scanned:
+            threads = blake3.blake3.AUTO if alone else 1
+            return _cached_scan(refs, scan_cache, threads) if scan_cache is not None else _scan(refs, threads)
+
         return hashpass.scan_groups(
-            self.refs,
-            spans([ref.size for ref in self.refs]),
-            lambda refs, alone: _scan(refs, blake3.blake3.AUTO if alone else 1),
-            self.options.jobs,
-            self.prescan,
+            self.refs, spans([ref.size for ref in self.refs]), scan, self.options.jobs, self.prescan
         )
 
     def new_handle(self) -> None:
@@ -546,8 +645,11 @@ class _Build:
         buffer = scanned.buffer
         if buffer is not None and len(buffer) <= self.budget:
             self.budget -= len(buffer)
-            batch = self.refs[start : start + len(scanned.stored)]
-            offsets = list(itertools.accumulate([ref.size for ref in batch], initial=0))
+            if scanned.at is not None:
+                offsets = scanned.at
+            else:
+                batch = self.refs[start : start + len(scanned.stored)]
+                offsets = array("q", itertools.accumulate([ref.size for ref in batch], initial=0))
             cache_at = array("q", [offsets[i] for i in written])
         else:
             buffer, cache_at = None, array("q", [-1] * len(written))
