@@ -450,57 +450,93 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
 SCAN_FILE = "scan-v1"
 SCAN_MAGIC = b"PYIMGR\x00\x01"
 SCAN_HEADER = struct.Struct("<8sI")  # magic, block size
-SCAN_RECORD = struct.Struct("<QQQqq32sI")  # identity, digest, number of runs; then the runs
-
-
-@dataclass(frozen=True, slots=True)
-class ScanRecord:
-    """What ext4's hash pass learns of a content: its BLAKE3 and its runs of non-zero
-    blocks (the runs' first blocks, then their counts: u32 little-endian).  Both depend
-    only on the bytes and the block size, so a file whose identity is unchanged
-    has the same record."""
-
-    digest: bytes
-    runs: bytes
+IDENT_KEY = struct.Struct("<QQQqq")  # an identity as a key: st_dev, st_ino, size, mtime_ns, ctime_ns
+SCAN_FIXED = struct.Struct("<32sQI")  # a record's start: digest, stored bytes, number of runs
 
 
 class ScanCache:
     """ext4's scan cache (one file, `scan-v1`, of one block size): a file's identity
-    -> its ScanRecord, so the hash pass does not read an unchanged file (the stream
-    then reads it once, to write it).  Keyed and trusted as the stat cache is (the
-    racy rule, the identity taken again after the read); its own file, as the
-    records are not the stat cache's.  Thread-safe; `save()` before cache.close()."""
+    -> what the hash pass learns of its content, so that pass does not read an
+    unchanged file (the stream then reads it once, to write it).  Keyed and trusted
+    as the stat cache is (the racy rule, the identity taken again after the read).
+
+    An identity is its IDENT_KEY bytes; a record is bytes too: SCAN_FIXED (the
+    content's BLAKE3, its bytes outside holes, its number of runs of non-zero
+    blocks) then the runs' first blocks and their counts (u32 little-endian each).
+    All of it depends only on the content and the block size.  Bytes, not objects:
+    a tree's worth of them is loaded, looked up and saved in bulk.  The identities
+    are taken by the C core, a batch at a time (pyimg_identity_batch: open, fstat).
+    Thread-safe; `save()` before cache.close().
+    """
 
     def __init__(self, cache: BuildCache, block_size: int) -> None:
         self.cache, self.block_size = cache, block_size
         self._lock = threading.Lock()
-        self._old: dict[Identity, ScanRecord] = {}
-        self._new: dict[Identity, ScanRecord] = {}  # used or learnt in this build
+        self._old: dict[bytes, bytes] = {}
+        self._new: dict[bytes, bytes] = {}  # used or learnt in this build
         if cache.enabled:
             self._load()
 
-    def lookup(self, ref: DataRef) -> tuple[Identity | None, ScanRecord | None]:
-        """The file's identity (None: not cacheable) and its record if known."""
-        ident = self.cache.identity(ref)
-        if ident is None:
-            return None, None
-        with self._lock:
-            record = self._old.get(ident) or self._new.get(ident)
-            if record is not None:
-                self._new[ident] = record
-        if record is not None:
-            with self.cache._lock:
-                self.cache.stats.stat_hits += 1
-        return ident, record
+    def identities(self, refs: list[DataRef]) -> list[bytes | None]:
+        """Each file's identity now, if it is eligible (BuildCache.eligible) and still
+        as collected; else None."""
+        from array import array
 
-    def learn(self, ident: Identity, ref: DataRef, record: ScanRecord, since: int) -> None:
-        """Keep a record just computed from a file whose identity was taken at `since`
-        (before it was read), unless it could be racily clean or changed meanwhile
-        (BuildCache.learn)."""
-        if max(ident[3], ident[4]) >= since - RACY_NS or self.cache.identity(ref) != ident:
-            return
+        from ._ffi import ffi, lib  # (here, not at the top: the rest of this module needs no C core)
+        from .content import BatchSources
+
+        out: list[bytes | None] = [None] * len(refs)
+        if not self.cache.enabled:
+            return out
+        chosen = [i for i, ref in enumerate(refs) if self.cache.eligible(ref)]
+        if not chosen:
+            return out
+        n = len(chosen)
+        src = BatchSources.of([refs[i] for i in chosen])
+        ident, ok = array("q", bytes(40 * n)), bytearray(n)
+        stamps = src.args()[3:]  # stamp sizes and mtimes
+        out_ident = ffi.from_buffer("int64_t[]", ident, require_writable=True)
+        lib.pyimg_identity_batch(
+            n, src.paths, *stamps, out_ident, ffi.from_buffer("uint8_t[]", ok, require_writable=True)
+        )
+        if sys.byteorder != "little":
+            ident.byteswap()
+        raw = ident.tobytes()
+        for j, i in enumerate(chosen):
+            if ok[j]:
+                out[i] = raw[40 * j : 40 * j + 40]
+        return out
+
+    def lookup(self, refs: list[DataRef]) -> tuple[list[bytes | None], list[bytes | None]]:
+        """The files' identities (None: not cacheable) and their records if known."""
+        keys = self.identities(refs)
+        records: list[bytes | None] = [None] * len(refs)
+        hits = 0
         with self._lock:
-            self._new[ident] = record
+            for i, key in enumerate(keys):
+                if key is not None:
+                    record = self._new.get(key) or self._old.get(key)
+                    if record is not None:
+                        self._new[key] = record
+                        records[i] = record
+                        hits += 1
+        if hits:
+            with self.cache._lock:
+                self.cache.stats.stat_hits += hits
+        return keys, records
+
+    def learn(self, keys: list[bytes], refs: list[DataRef], records: list[bytes], since: int) -> None:
+        """Keep records just computed from files whose identities were taken at
+        `since` (before they were read), unless one could be racily clean or its
+        file changed meanwhile (BuildCache.learn)."""
+        fresh = [i for i, key in enumerate(keys) if max(IDENT_KEY.unpack(key)[3:]) < since - RACY_NS]
+        if not fresh:
+            return
+        again = self.identities([refs[i] for i in fresh])
+        with self._lock:
+            for i, key in zip(fresh, again, strict=True):
+                if key == keys[i]:
+                    self._new[key] = records[i]
 
     def _load(self) -> None:
         path = os.path.join(self.cache.directory, SCAN_FILE)
@@ -520,7 +556,7 @@ class ScanCache:
             return
         self._old = records
 
-    def _parse(self, raw: bytes) -> dict[Identity, ScanRecord] | None:
+    def _parse(self, raw: bytes) -> dict[bytes, bytes] | None:
         """The records of a whole, checked scan file of this block size (another
         block size's: none, to be replaced), None if it is damaged."""
         body, check = raw[:-32], raw[-32:]
@@ -529,17 +565,17 @@ class ScanCache:
         magic, block_size = SCAN_HEADER.unpack_from(body, 0)
         if magic != SCAN_MAGIC:
             return None
-        records: dict[Identity, ScanRecord] = {}
-        at, end = SCAN_HEADER.size, len(body)
+        records: dict[bytes, bytes] = {}
+        at, end, fixed = SCAN_HEADER.size, len(body), IDENT_KEY.size + SCAN_FIXED.size
         while at < end:
-            if at + SCAN_RECORD.size > end:
+            if at + fixed > end:
                 return None
-            *ident, digest, nruns = SCAN_RECORD.unpack_from(body, at)
-            at += SCAN_RECORD.size
-            if at + 8 * nruns > end:
+            nruns = int.from_bytes(body[at + fixed - 4 : at + fixed], "little")
+            stop = at + fixed + 8 * nruns
+            if stop > end:
                 return None
-            records[tuple(ident)] = ScanRecord(digest, body[at : at + 8 * nruns])
-            at += 8 * nruns
+            records[body[at : at + IDENT_KEY.size]] = body[at + IDENT_KEY.size : stop]
+            at = stop
         return records if block_size == self.block_size else {}
 
     def save(self) -> None:
@@ -548,14 +584,13 @@ class ScanCache:
         if not self.cache.enabled or (not self._new and not self._old):
             return
         merged = dict(self._new)
-        for ident, record in self._old.items():
+        for key, record in self._old.items():
             if len(merged) >= STAT_MAX:
                 break
-            merged.setdefault(ident, record)
+            merged.setdefault(key, record)
         parts = [SCAN_HEADER.pack(SCAN_MAGIC, self.block_size)]
-        for ident, record in merged.items():
-            parts.append(SCAN_RECORD.pack(*ident, record.digest, len(record.runs) // 8))
-            parts.append(record.runs)
+        for key, record in merged.items():
+            parts += (key, record)
         body = b"".join(parts)
         try:
             _atomic_write(self.cache.directory, SCAN_FILE, body + blake3.blake3(body).digest())

@@ -78,6 +78,13 @@ enum {
 int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
+/* The build cache's identities of n files (paths as pyimg_read_batch's): each is
+ * opened (a file the build cannot read has none; symlinks are not followed) and
+ * fstat'ed; when its size and mtime are still the recorded stamp, ident[5*i..] =
+ * st_dev, st_ino, st_size, st_mtime and st_ctime in ns, and ok[i] = 1; else
+ * ok[i] = 0.  Returns the number of files with an identity. */
+size_t pyimg_identity_batch(size_t n, const char *paths, const int64_t *stamp_sizes, const int64_t *stamp_mtimes,
+                            int64_t *ident, uint8_t *ok);
 /* The runs of non-zero blocks of data (`block` bytes each, the last one may be
  * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
  * numbered from first_block.  cap: room in the two arrays (ceil(size / block)

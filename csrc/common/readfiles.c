@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -186,4 +187,38 @@ int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const
         at += sizes[i];
     }
     return failed;
+}
+
+/* One file's identity (pyimg_identity_batch): 1 if it has one. */
+static int identity_of(const char *path, int64_t stamp_size, int64_t stamp_mtime, int64_t *ident) {
+    int at;
+    const char *rel;
+    if (pyimg_path_at(path, &at, &rel)) return 0;
+    int fd = openat(at, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = openat(at, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    pyimg_path_done(at);
+    if (fd < 0) return 0;
+    struct stat st;
+    int ok = fstat(fd, &st) == 0 && stamp_size >= 0 && stamp_matches(&st, stamp_size, stamp_mtime);
+    close(fd);
+    if (!ok) return 0;
+    ident[0] = (int64_t)st.st_dev;
+    ident[1] = (int64_t)st.st_ino;
+    ident[2] = (int64_t)st.st_size;
+    /* As Python's st_mtime_ns / st_ctime_ns (wrapping past 2262, as stamp_matches does). */
+    ident[3] = (int64_t)((uint64_t)st.st_mtim.tv_sec * 1000000000u + (uint64_t)st.st_mtim.tv_nsec);
+    ident[4] = (int64_t)((uint64_t)st.st_ctim.tv_sec * 1000000000u + (uint64_t)st.st_ctim.tv_nsec);
+    return 1;
+}
+
+size_t pyimg_identity_batch(size_t n, const char *paths, const int64_t *stamp_sizes, const int64_t *stamp_mtimes,
+                            int64_t *ident, uint8_t *ok) {
+    size_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *path = paths;
+        paths += strlen(paths) + 1;
+        ok[i] = (uint8_t)identity_of(path, stamp_sizes[i], stamp_mtimes[i], ident + 5 * i);
+        found += ok[i];
+    }
+    return found;
 }

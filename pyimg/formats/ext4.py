@@ -35,7 +35,7 @@ import blake3
 
 from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib, new_err
-from ..cache import BuildCache, ScanCache, ScanRecord
+from ..cache import SCAN_FIXED, BuildCache, ScanCache
 from ..content import (
     C_HASH_MAX,
     BatchSources,
@@ -261,14 +261,6 @@ def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = 
     return scan_small(refs)
 
 
-def _runs_of(record: ScanRecord) -> tuple[array[int], array[int]]:
-    both = array("I", record.runs)
-    if sys.byteorder != "little":
-        both.byteswap()
-    half = len(both) // 2
-    return both[:half], both[half:]
-
-
 def _stored(size: int, first: array[int], count: array[int]) -> int:
     """Bytes of a content of `size` within its non-zero block runs."""
     return sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
@@ -281,49 +273,56 @@ def _cached_scan(
     read (their record is used), the others are scanned as without it and learnt.
     The same _Scanned as _scan's, but for the bytes kept (`at` says whose)."""
     since = scan_cache.cache.clock()  # before the identities: see BuildCache.learn
-    looked = [scan_cache.lookup(ref) for ref in refs]
-    missed = [i for i, (_, record) in enumerate(looked) if record is None]
-    fresh = _scan([refs[i] for i in missed], threads, stop) if missed else None
-    records: list[ScanRecord] = []
+    keys, records = scan_cache.lookup(refs)
+    missed = [i for i, record in enumerate(records) if record is None]
+    if not missed:
+        return _from_records([r for r in records if r is not None])
+    fresh = _scan([refs[i] for i in missed], threads, stop)
+    new = _records(fresh)
+    learn_keys, learn_refs, learn_records = [], [], []
+    for i, record in zip(missed, new, strict=True):
+        key = keys[i]
+        if key is not None:
+            learn_keys.append(key)
+            learn_refs.append(refs[i])
+            learn_records.append(record)
+    if learn_keys:
+        scan_cache.learn(learn_keys, learn_refs, learn_records, since)
     at = array("q", [-1] * len(refs))
-    if fresh is not None:
-        new = _records(fresh)
-        offsets = itertools.accumulate([refs[i].size for i in missed], initial=0)
-        for i, record, offset in zip(missed, new, offsets, strict=False):
-            ident = looked[i][0]
-            if ident is not None:
-                scan_cache.learn(ident, refs[i], record, since)
-            at[i] = offset
-        fill = iter(new)
-        records = [record if record is not None else next(fill) for _, record in looked]
-    else:
-        records = [record for _, record in looked if record is not None]
-    scanned = _from_records(refs, records)
-    if fresh is not None and fresh.buffer is not None:
-        scanned.buffer, scanned.at = fresh.buffer, at
+    offsets = itertools.accumulate([refs[i].size for i in missed], initial=0)
+    for i, record, offset in zip(missed, new, offsets, strict=False):
+        records[i], at[i] = record, offset
+    scanned = _from_records([r for r in records if r is not None])
+    scanned.buffer, scanned.at = fresh.buffer, at if fresh.buffer is not None else None
     return scanned
 
 
-def _records(scanned: _Scanned) -> list[ScanRecord]:
-    """One ScanRecord per file of a scan."""
+def _records(scanned: _Scanned) -> list[bytes]:
+    """The scan cache's record of each file of a scan (cache.ScanCache)."""
     out, run = [], 0
     for i, nruns in enumerate(scanned.nruns):
-        both = scanned.first[run : run + nruns] + scanned.count[run : run + nruns]
-        out.append(ScanRecord(bytes(scanned.digests[32 * i : 32 * i + 32]), _le(both)))
+        fixed = SCAN_FIXED.pack(bytes(scanned.digests[32 * i : 32 * i + 32]), scanned.stored[i], nruns)
+        out.append(fixed + _le(scanned.first[run : run + nruns]) + _le(scanned.count[run : run + nruns]))
         run += nruns
     return out
 
 
-def _from_records(refs: list[DataRef], records: list[ScanRecord]) -> _Scanned:
-    """A group's _Scanned made of its files' records (no bytes kept)."""
-    nruns, first, count, stored = array("I"), array("I"), array("I"), array("Q")
-    for ref, record in zip(refs, records, strict=True):
-        f, c = _runs_of(record)
-        nruns.append(len(f))
-        first.extend(f)
-        count.extend(c)
-        stored.append(_stored(ref.size, f, c))
-    return _Scanned(bytearray(b"".join(record.digest for record in records)), nruns, first, count, stored)
+def _from_records(records: list[bytes]) -> _Scanned:
+    """A group's _Scanned made of its files' scan-cache records (no bytes kept)."""
+    n, fixed = len(records), SCAN_FIXED.size
+    digests = bytearray(b"".join([record[:32] for record in records]))
+    stored = array("Q", bytes(8 * n))
+    nruns = _u32(n)
+    first, count = array("I"), array("I")
+    for i, record in enumerate(records):
+        _, stored[i], runs = SCAN_FIXED.unpack_from(record)
+        nruns[i] = runs
+        first.frombytes(record[fixed : fixed + 4 * runs])
+        count.frombytes(record[fixed + 4 * runs :])
+    if sys.byteorder != "little":
+        first.byteswap()
+        count.byteswap()
+    return _Scanned(digests, nruns, first, count, stored)
 
 
 class Prescan(hashpass.Prescan[_Scanned]):
