@@ -525,18 +525,31 @@ class ScanCache:
                 self.cache.stats.stat_hits += hits
         return keys, records
 
-    def learn(self, keys: list[bytes], refs: list[DataRef], records: list[bytes], since: int) -> None:
+    def learn(
+        self,
+        keys: list[bytes],
+        refs: list[DataRef],
+        records: list[bytes],
+        since: int,
+        after: list[bytes | None] | None = None,
+    ) -> None:
         """Keep records just computed from files whose identities were taken at
         `since` (before they were read), unless one could be racily clean or its
-        file changed meanwhile (BuildCache.learn)."""
+        file changed meanwhile (BuildCache.learn): its identity after the read must
+        be the same, `after[i]` if the reader took it (from the descriptor it read),
+        else taken again here."""
         fresh = [i for i, key in enumerate(keys) if max(IDENT_KEY.unpack(key)[3:]) < since - RACY_NS]
         if not fresh:
             return
-        again = self.identities([refs[i] for i in fresh])
+        now: list[bytes | None] = [after[i] for i in fresh] if after is not None else [None] * len(fresh)
+        unknown = [j for j, key in enumerate(now) if key is None]
+        if unknown:
+            for j, key in zip(unknown, self.identities([refs[fresh[j]] for j in unknown]), strict=True):
+                now[j] = key
         with self._lock:
-            for i, key in zip(fresh, again, strict=True):
+            for i, key in zip(fresh, now, strict=True):
                 if key == keys[i]:
-                    self._new[key] = records[i]
+                    self._new[keys[i]] = records[i]
 
     def _load(self) -> None:
         path = os.path.join(self.cache.directory, SCAN_FILE)

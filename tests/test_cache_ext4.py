@@ -115,9 +115,9 @@ def scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real_small, real_big = ext4.scan_small, ext4.scan_big
 
-    def small(refs: list[Any]) -> Any:
+    def small(refs: list[Any], idents: bool = False) -> Any:
         calls.extend(ref.path for ref in refs)
-        return real_small(refs)
+        return real_small(refs, idents)
 
     def big(ref: Any, threads: int = 1, stop: Any = None) -> Any:
         calls.append(ref.path)
@@ -198,6 +198,8 @@ def test_a_file_changed_while_it_is_scanned_is_not_recorded(tree: Path, tmp_path
         assert not scan_cache._new
         keys, _ = scan_cache.lookup([ref])
         assert keys[0] is not None
+        scan_cache.learn([keys[0]], [ref], [b"other"], cache.clock(), after=[b"another identity"])
+        assert not scan_cache._new  # what the reader saw is not what was looked up
         scan_cache.learn([keys[0]], [ref], [b"record"], cache.clock())
         assert scan_cache._new == {keys[0]: b"record"}
 
@@ -285,3 +287,5 @@ def test_identities_are_those_of_files_still_as_collected(tree: Path, tmp_path: 
         st = (tree / os.fsdecode(names[i])).stat()
         key = pyimg.cache.IDENT_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         assert keys[i] == key
+    # The reader's own (the fstat after its read), which learn() compares with the one before.
+    assert ext4.scan_small([refs[0], refs[4]], idents=True).idents == keys[0] + keys[4]  # type: ignore[operator]

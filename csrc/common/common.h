@@ -97,11 +97,14 @@ int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uin
  * pyimg_block_runs, numbered from 0): nruns[i] of them, the files' runs back to
  * back in run_first/run_count (run_cap: room, at least the sum of the files'
  * block counts), and stored[i], its bytes outside holes.  A file that failed
- * gets no runs.  Returns the number of files that failed. */
+ * gets no runs.  idents, if not NULL: 5 per file, each file's identity as
+ * pyimg_identity_batch gives it, from the fstat after its read (unset for a file
+ * that failed).  Returns the number of files that failed. */
 int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
-                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored);
+                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored,
+                     int64_t *idents);
 /* Content ids for a build's files, in plan order (keytab.c): files with the same
  * digest share one id.  For files first .. first+n-1 (digests: every file's
  * 32-byte digest by file number, the same array on every call, filled up to

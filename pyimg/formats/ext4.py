@@ -172,6 +172,9 @@ class _Scanned:
     stored: array[int]  # bytes of each file outside holes
     buffer: bytearray | None = None  # small files: their bytes back to back
     at: array[int] | None = None  # where each file's bytes are in buffer (-1: not there); None: all, in order
+    idents: bytes | None = (
+        None  # the build cache's identity of each file read (40 bytes each; see scan_small)
+    )
 
 
 def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[array[int], array[int]]:
@@ -185,9 +188,11 @@ def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[a
     return first[:got], count[:got]
 
 
-def scan_small(refs: list[DataRef]) -> _Scanned:
+def scan_small(refs: list[DataRef], idents: bool = False) -> _Scanned:
     """Read, hash and scan many small files: one C call with the GIL released
-    (files over C_HASH_MAX are hashed here by the blake3 package, faster per byte)."""
+    (files over C_HASH_MAX are hashed here by the blake3 package, faster per byte).
+    idents: also each file's identity for the scan cache (cache.IDENT_KEY), from
+    the fstat the reader makes after the read anyway."""
     n = len(refs)
     src = BatchSources.of(refs)
     buffer = bytearray(sum(src.sizes))
@@ -196,15 +201,20 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
     digests = bytearray(32 * n)
     nruns, first, count = _u32(n), _u32(cap), _u32(cap)
     stored = array("Q", bytes(8 * n))
+    ident = array("q", bytes(40 * n)) if idents else None
     failed = lib.pyimg_scan_batch(
         n, *src.args(), _c("uint8_t[]", buffer), _c("int32_t[]", status), _c("int32_t[]", errnos),
         _c("uint8_t[]", digests), C_HASH_MAX, BLOCK, _c("uint32_t[]", nruns), _c("uint32_t[]", first),
         _c("uint32_t[]", count), cap, _c("uint64_t[]", stored),
+        _c("int64_t[]", ident) if ident is not None else ffi.NULL,
     )  # fmt: skip
     check_batch(refs, failed, status, errnos)
     hash_the_rest(buffer, src.sizes, digests)
     runs = sum(nruns)
-    return _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
+    scanned = _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
+    if ident is not None:
+        scanned.idents = _le(ident)
+    return scanned
 
 
 def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
@@ -254,11 +264,14 @@ def spans(sizes: list[int]) -> list[tuple[int, int]]:
     return _cutter().groups(sizes)
 
 
-def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
-    """Scan one group: a big file alone (see scan_big), or small files in one C call."""
+def _scan(
+    refs: list[DataRef], threads: int = 1, stop: threading.Event | None = None, idents: bool = False
+) -> _Scanned:
+    """Scan one group: a big file alone (see scan_big), or small files in one C call
+    (`idents`: see scan_small)."""
     if len(refs) == 1 and refs[0].size > SMALL_FILE:
         return scan_big(refs[0], threads, stop)
-    return scan_small(refs)
+    return scan_small(refs, idents)
 
 
 def _stored(size: int, first: array[int], count: array[int]) -> int:
@@ -277,17 +290,19 @@ def _cached_scan(
     missed = [i for i, record in enumerate(records) if record is None]
     if not missed:
         return _from_records([r for r in records if r is not None])
-    fresh = _scan([refs[i] for i in missed], threads, stop)
+    fresh = _scan([refs[i] for i in missed], threads, stop, idents=True)
     new = _records(fresh)
-    learn_keys, learn_refs, learn_records = [], [], []
-    for i, record in zip(missed, new, strict=True):
+    read = fresh.idents
+    learn_keys, learn_refs, learn_records, after = [], [], [], []
+    for j, (i, record) in enumerate(zip(missed, new, strict=True)):
         key = keys[i]
         if key is not None:
             learn_keys.append(key)
             learn_refs.append(refs[i])
             learn_records.append(record)
+            after.append(read[40 * j : 40 * j + 40] if read is not None else None)
     if learn_keys:
-        scan_cache.learn(learn_keys, learn_refs, learn_records, since)
+        scan_cache.learn(learn_keys, learn_refs, learn_records, since, after)
     at = array("q", [-1] * len(refs))
     offsets = itertools.accumulate([refs[i].size for i in missed], initial=0)
     for i, record, offset in zip(missed, new, offsets, strict=False):
