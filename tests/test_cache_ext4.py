@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
@@ -208,7 +209,7 @@ def _scan_file(cache: Path) -> Path:
     return cache / pyimg.cache.SCAN_FILE
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "inconsistent"])
 def test_a_damaged_scan_cache_is_ignored_and_replaced(tree: Path, tmp_path: Path, damage: str) -> None:
     cache, img = tmp_path / "cache", tmp_path / "img"
     with racy_window(OLD):
@@ -218,6 +219,13 @@ def test_a_damaged_scan_cache_is_ignored_and_replaced(tree: Path, tmp_path: Path
             raw[len(raw) // 2] ^= 0x10
         elif damage == "truncate":
             raw = raw[: len(raw) // 2]
+        elif damage == "inconsistent":  # checksummed, but a record's length is off
+            body = bytearray(raw[:-32])
+            count = int.from_bytes(body[12:16], "little")
+            lengths_at = pyimg.cache.SCAN_HEADER.size + pyimg.cache.IDENT_KEY.size * count
+            body[lengths_at] += 8
+            body[lengths_at + 4] -= 8
+            raw = body + blake3.blake3(bytes(body)).digest()
         else:
             raw = bytearray(b"not a scan cache")
         _scan_file(cache).write_bytes(bytes(raw))

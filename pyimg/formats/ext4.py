@@ -7,7 +7,9 @@ Pipeline (each stage a method of `_Build`):
    (results in fixed order): small files in batches by one C call each, which
    returns flat arrays (digests, block runs) that Python takes in bulk; big files
    through ContentReader (holes skipped with SEEK_DATA/SEEK_HOLE); started during
-   collection when the tree comes from one directory source (Prescan).  Zero blocks
+   collection when the tree comes from one directory source (Prescan).  With a
+   build cache, a file whose identity the scan cache knows (cache.ScanCache) is not
+   read here: its digest and block runs are the ones recorded.  Zero blocks
    become holes; identical contents are stored once and shared through the
    `shared_blocks` ro_compat feature (read-only images, as Android's e2fsdroid).
 2. lay out -- inode numbers, the geometry (size, groups, inode tables) and every
@@ -172,9 +174,7 @@ class _Scanned:
     stored: array[int]  # bytes of each file outside holes
     buffer: bytearray | None = None  # small files: their bytes back to back
     at: array[int] | None = None  # where each file's bytes are in buffer (-1: not there); None: all, in order
-    idents: bytes | None = (
-        None  # the build cache's identity of each file read (40 bytes each; see scan_small)
-    )
+    idents: bytes | None = None  # each file's identity after its read (40 bytes; scan_small)
 
 
 def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[array[int], array[int]]:
@@ -308,7 +308,8 @@ def _cached_scan(
     for i, record, offset in zip(missed, new, offsets, strict=False):
         records[i], at[i] = record, offset
     scanned = _from_records([r for r in records if r is not None])
-    scanned.buffer, scanned.at = fresh.buffer, at if fresh.buffer is not None else None
+    if fresh.buffer is not None:  # the missed small files' bytes, for the stream
+        scanned.buffer, scanned.at = fresh.buffer, at
     return scanned
 
 
