@@ -297,3 +297,20 @@ def test_identities_are_those_of_files_still_as_collected(tree: Path, tmp_path: 
         assert keys[i] == key
     # The reader's own (the fstat after its read), which learn() compares with the one before.
     assert ext4.scan_small([refs[0], refs[4]], idents=True).idents == keys[0] + keys[4]  # type: ignore[operator]
+
+
+def test_a_scan_cache_that_cannot_be_written_warns_and_builds_the_same(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = build(tree, tmp_path / "img").digest
+
+    def full(directory: str, name: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pyimg.cache, "_atomic_write", full)
+    with racy_window(OLD):
+        result = build(tree, tmp_path / "img", cache=str(tmp_path / "cache"), jobs=2)
+    assert result.digest == want
+    reason = "No space left on device"
+    assert result.warnings == [f"build cache {tmp_path / 'cache'}: {reason}; building without it"]
+    assert not (tmp_path / "cache" / pyimg.cache.SCAN_FILE).exists()
