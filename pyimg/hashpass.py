@@ -19,9 +19,10 @@ group of contents; the pass itself is shared:
 
 squashfs takes the digests of its big contents from here before it compresses
 them (a duplicate is then never read or compressed again, and no digest is
-computed on its committer thread); ext4 scans all of its contents here.  cpio
-stores every content in full and reads each file once while it writes, digesting
-it on the way: a separate pass would read everything twice for nothing.
+computed on its committer thread); ext4 scans all of its contents here (all but
+those its scan cache knows: cache.ScanCache).  cpio stores every content in full
+and reads each file once while it writes, digesting it on the way: a separate
+pass would read everything twice for nothing.
 """
 
 from __future__ import annotations

@@ -78,6 +78,13 @@ enum {
 int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
+/* The build cache's identities of n files (paths as pyimg_read_batch's): each is
+ * opened (a file the build cannot read has none; symlinks are not followed) and
+ * fstat'ed; when its size and mtime are still the recorded stamp, ident[5*i..] =
+ * st_dev, st_ino, st_size, st_mtime and st_ctime in ns, and ok[i] = 1; else
+ * ok[i] = 0.  Returns the number of files with an identity. */
+size_t pyimg_identity_batch(size_t n, const char *paths, const int64_t *stamp_sizes, const int64_t *stamp_mtimes,
+                            int64_t *ident, uint8_t *ok);
 /* The runs of non-zero blocks of data (`block` bytes each, the last one may be
  * partial; an all-zero block is a hole): run k is run_first[k] .. + run_count[k],
  * numbered from first_block.  cap: room in the two arrays (ceil(size / block)
@@ -90,11 +97,14 @@ int64_t pyimg_block_runs(const uint8_t *data, uint64_t size, uint32_t block, uin
  * pyimg_block_runs, numbered from 0): nruns[i] of them, the files' runs back to
  * back in run_first/run_count (run_cap: room, at least the sum of the files'
  * block counts), and stored[i], its bytes outside holes.  A file that failed
- * gets no runs.  Returns the number of files that failed. */
+ * gets no runs.  idents, if not NULL: 5 per file, each file's identity as
+ * pyimg_identity_batch gives it, from the fstat after its read (unset for a file
+ * that failed).  Returns the number of files that failed. */
 int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
-                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored);
+                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored,
+                     int64_t *idents);
 /* Content ids for a build's files, in plan order (keytab.c): files with the same
  * digest share one id.  For files first .. first+n-1 (digests: every file's
  * 32-byte digest by file number, the same array on every call, filled up to

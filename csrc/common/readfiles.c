@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -38,9 +39,22 @@ static int stamp_matches(const struct stat *st, int64_t want_size, int64_t want_
     return (int64_t)st->st_size == want_size && mtime_ns == (uint64_t)want_mtime_ns;
 }
 
-static int unchanged(int fd, int64_t want_size, int64_t want_mtime_ns) {
+/* The build cache's identity of a file (pyimg_identity_batch). */
+static void identity_from(const struct stat *st, int64_t *ident) {
+    ident[0] = (int64_t)st->st_dev;
+    ident[1] = (int64_t)st->st_ino;
+    ident[2] = (int64_t)st->st_size;
+    /* As Python's st_mtime_ns / st_ctime_ns (wrapping past 2262, as stamp_matches does). */
+    ident[3] = (int64_t)((uint64_t)st->st_mtim.tv_sec * 1000000000u + (uint64_t)st->st_mtim.tv_nsec);
+    ident[4] = (int64_t)((uint64_t)st->st_ctim.tv_sec * 1000000000u + (uint64_t)st->st_ctim.tv_nsec);
+}
+
+/* ident (if not NULL) gets the file's identity when it is unchanged. */
+static int unchanged(int fd, int64_t want_size, int64_t want_mtime_ns, int64_t *ident) {
     struct stat st;
-    return fstat(fd, &st) == 0 && stamp_matches(&st, want_size, want_mtime_ns);
+    int ok = fstat(fd, &st) == 0 && stamp_matches(&st, want_size, want_mtime_ns);
+    if (ok && ident) identity_from(&st, ident);
+    return ok;
 }
 
 int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime, int32_t *err) {
@@ -60,8 +74,10 @@ int pyimg_check_stamp(const char *path, int64_t stamp_size, int64_t stamp_mtime,
     return stamp_matches(&st, stamp_size, stamp_mtime) ? PYIMG_READ_OK : PYIMG_READ_CHANGED;
 }
 
-int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
-                    uint8_t *out, int32_t *err) {
+/* pyimg_read_file; ident (if not NULL) gets the identity of the file read, from
+ * the fstat after the read. */
+static int read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
+                     uint8_t *out, int32_t *err, int64_t *ident) {
     int fd = open_source(path);
     if (fd < 0) {
         *err = errno;
@@ -86,15 +102,21 @@ int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t st
     /* One fstat, after the read, is enough: a file changed at any time since it
      * was collected no longer has the recorded size and mtime (a short read of a
      * changed file is reported as the change it is). */
-    if (!unchanged(fd, stamp_size, stamp_mtime)) status = PYIMG_READ_CHANGED;
+    if (!unchanged(fd, stamp_size, stamp_mtime, ident)) status = PYIMG_READ_CHANGED;
 done:
     close(fd);
     return status;
 }
 
-int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
-                     const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
-                     int32_t *errnos, uint8_t *digests, uint64_t hash_max) {
+int pyimg_read_file(const char *path, uint64_t offset, uint64_t size, int64_t stamp_size, int64_t stamp_mtime,
+                    uint8_t *out, int32_t *err) {
+    return read_file(path, offset, size, stamp_size, stamp_mtime, out, err, NULL);
+}
+
+/* pyimg_read_batch; idents (if not NULL): 5 per file, as pyimg_identity_batch's. */
+static int read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, int64_t *idents) {
     int failed = 0;
     const char *path = paths;
     uint64_t at = 0;
@@ -103,7 +125,8 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
     size_t njobs = 0;
     for (size_t i = 0; i < n; i++) {
         errnos[i] = 0;
-        status[i] = pyimg_read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], out + at, &errnos[i]);
+        status[i] = read_file(path, offsets[i], sizes[i], stamp_sizes[i], stamp_mtimes[i], out + at, &errnos[i],
+                              idents ? idents + 5 * i : NULL);
         if (status[i] != PYIMG_READ_OK) {
             failed++;
         } else if (sizes[i] <= hash_max) {
@@ -116,6 +139,13 @@ int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const
     if (jobs) pyimg_blake3_jobs(jobs, njobs);
     free(jobs);
     return failed;
+}
+
+int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                     const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                     int32_t *errnos, uint8_t *digests, uint64_t hash_max) {
+    return read_batch(n, paths, offsets, sizes, stamp_sizes, stamp_mtimes, out, status, errnos, digests, hash_max,
+                      NULL);
 }
 
 /* A block of zeros (len may be short: the file's last block): the first byte is
@@ -167,9 +197,10 @@ static int scan_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_
 int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,
-                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored) {
-    int failed = pyimg_read_batch(n, paths, offsets, sizes, stamp_sizes, stamp_mtimes, out, status, errnos, digests,
-                                  hash_max);
+                     uint32_t *run_first, uint32_t *run_count, size_t run_cap, uint64_t *stored,
+                     int64_t *idents) {
+    int failed = read_batch(n, paths, offsets, sizes, stamp_sizes, stamp_mtimes, out, status, errnos, digests,
+                            hash_max, idents);
     uint64_t at = 0;
     size_t used = 0;
     for (size_t i = 0; i < n; i++) {
@@ -186,4 +217,32 @@ int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const
         at += sizes[i];
     }
     return failed;
+}
+
+/* One file's identity (pyimg_identity_batch): 1 if it has one. */
+static int identity_of(const char *path, int64_t stamp_size, int64_t stamp_mtime, int64_t *ident) {
+    int at;
+    const char *rel;
+    if (pyimg_path_at(path, &at, &rel)) return 0;
+    int fd = openat(at, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = openat(at, rel, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    pyimg_path_done(at);
+    if (fd < 0) return 0;
+    struct stat st;
+    int ok = fstat(fd, &st) == 0 && stamp_size >= 0 && stamp_matches(&st, stamp_size, stamp_mtime);
+    close(fd);
+    if (ok) identity_from(&st, ident);
+    return ok;
+}
+
+size_t pyimg_identity_batch(size_t n, const char *paths, const int64_t *stamp_sizes, const int64_t *stamp_mtimes,
+                            int64_t *ident, uint8_t *ok) {
+    size_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *path = paths;
+        paths += strlen(paths) + 1;
+        ok[i] = (uint8_t)identity_of(path, stamp_sizes[i], stamp_mtimes[i], ident + 5 * i);
+        found += ok[i];
+    }
+    return found;
 }

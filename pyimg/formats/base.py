@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..cache import CacheStats
+from ..cache import BuildCache, CacheStats
+from ..collect import source_holding
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import DataRef, FrozenTree
@@ -116,3 +117,21 @@ def epoch_source(options: BuildOptions) -> str:
     if options.policy.epoch is None:
         return "the newest mtime in the tree"
     return options.policy.epoch_from or "the epoch option"
+
+
+def open_cache(options: BuildOptions, warnings: list[str]) -> BuildCache | None:
+    """The build cache (docs/cache.md), if one is asked for and usable.  One inside
+    a directory source would be read into the image while it is written: then the
+    build goes on without it (a warning in `warnings`; the CLI's default may be there)."""
+    from ..cache_remote import local_paths
+    from ..cache_remote import open_cache as open_tiers
+
+    cache = options.cache
+    if not cache.cache:
+        return None
+    for where in local_paths(cache):
+        source = source_holding(where, options)
+        if source is not None:
+            warnings.append(f"build cache {where}: inside the source {source}; building without it")
+            return None
+    return open_tiers(cache)  # a directory, or a shared cache over one (cache_remote.py)

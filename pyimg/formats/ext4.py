@@ -7,7 +7,9 @@ Pipeline (each stage a method of `_Build`):
    (results in fixed order): small files in batches by one C call each, which
    returns flat arrays (digests, block runs) that Python takes in bulk; big files
    through ContentReader (holes skipped with SEEK_DATA/SEEK_HOLE); started during
-   collection when the tree comes from one directory source (Prescan).  Zero blocks
+   collection when the tree comes from one directory source (Prescan).  With a
+   build cache, a file whose identity the scan cache knows (cache.ScanCache) is not
+   read here: its digest and block runs are the ones recorded.  Zero blocks
    become holes; identical contents are stored once and shared through the
    `shared_blocks` ro_compat feature (read-only images, as Android's e2fsdroid).
 2. lay out -- inode numbers, the geometry (size, groups, inode tables) and every
@@ -35,6 +37,7 @@ import blake3
 
 from .. import hashpass
 from .._ffi import check, check_handle, ffi, lib, new_err
+from ..cache import SCAN_FIXED, BuildCache, ScanCache
 from ..content import (
     C_HASH_MAX,
     BatchSources,
@@ -51,7 +54,7 @@ from ..options import BuildOptions
 from ..region import Region
 from ..tree import IFMT_OF_KIND, DataRef, FrozenTree, Inode, Kind
 from ..xattrs import ACL_NAMES, acl_to_ext4, suspect_names, xattr_problem
-from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch
+from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch, open_cache
 from .ext4_options import Ext4Options, parse_label
 
 BLOCK = 4096
@@ -175,6 +178,8 @@ class _Scanned:
     count: array[int]  # ... and number of blocks
     stored: array[int]  # bytes of each file outside holes
     buffer: bytearray | None = None  # small files: their bytes back to back
+    at: array[int] | None = None  # where each file's bytes are in buffer (-1: not there); None: all, in order
+    idents: bytes | None = None  # each file's identity after its read (40 bytes; scan_small)
 
 
 def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[array[int], array[int]]:
@@ -188,9 +193,11 @@ def block_runs(buf: bytes | bytearray | memoryview, first_block: int) -> tuple[a
     return first[:got], count[:got]
 
 
-def scan_small(refs: list[DataRef]) -> _Scanned:
+def scan_small(refs: list[DataRef], idents: bool = False) -> _Scanned:
     """Read, hash and scan many small files: one C call with the GIL released
-    (files over C_HASH_MAX are hashed here by the blake3 package, faster per byte)."""
+    (files over C_HASH_MAX are hashed here by the blake3 package, faster per byte).
+    idents: also each file's identity for the scan cache (cache.IDENT_KEY), from
+    the fstat the reader makes after the read anyway."""
     n = len(refs)
     src = BatchSources.of(refs)
     buffer = bytearray(sum(src.sizes))
@@ -199,15 +206,20 @@ def scan_small(refs: list[DataRef]) -> _Scanned:
     digests = bytearray(32 * n)
     nruns, first, count = _u32(n), _u32(cap), _u32(cap)
     stored = array("Q", bytes(8 * n))
+    ident = array("q", bytes(40 * n)) if idents else None
     failed = lib.pyimg_scan_batch(
         n, *src.args(), _c("uint8_t[]", buffer), _c("int32_t[]", status), _c("int32_t[]", errnos),
         _c("uint8_t[]", digests), C_HASH_MAX, BLOCK, _c("uint32_t[]", nruns), _c("uint32_t[]", first),
         _c("uint32_t[]", count), cap, _c("uint64_t[]", stored),
+        _c("int64_t[]", ident) if ident is not None else ffi.NULL,
     )  # fmt: skip
     check_batch(refs, failed, status, errnos)
     hash_the_rest(buffer, src.sizes, digests)
     runs = sum(nruns)
-    return _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
+    scanned = _Scanned(digests, nruns, first[:runs], count[:runs], stored, buffer)
+    if ident is not None:
+        scanned.idents = _le(ident)
+    return scanned
 
 
 def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
@@ -243,7 +255,7 @@ def scan_big(ref: DataRef, threads: int = 1, stop: threading.Event | None = None
             pos = end
         hash_zeros(size - pos, hasher.update)
         reader.check_unchanged()
-    stored = sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
+    stored = _stored(size, first, count)
     return _Scanned(bytearray(hasher.digest()), array("I", [len(first)]), first, count, array("Q", [stored]))
 
 
@@ -257,11 +269,81 @@ def spans(sizes: list[int]) -> list[tuple[int, int]]:
     return _cutter().groups(sizes)
 
 
-def _scan(refs: list[DataRef], threads: int = 1, stop: threading.Event | None = None) -> _Scanned:
-    """Scan one group: a big file alone (see scan_big), or small files in one C call."""
+def _scan(
+    refs: list[DataRef], threads: int = 1, stop: threading.Event | None = None, idents: bool = False
+) -> _Scanned:
+    """Scan one group: a big file alone (see scan_big), or small files in one C call
+    (`idents`: see scan_small)."""
     if len(refs) == 1 and refs[0].size > SMALL_FILE:
         return scan_big(refs[0], threads, stop)
-    return scan_small(refs)
+    return scan_small(refs, idents)
+
+
+def _stored(size: int, first: array[int], count: array[int]) -> int:
+    """Bytes of a content of `size` within its non-zero block runs."""
+    return sum(min(size, (f + c) * BLOCK) - f * BLOCK for f, c in zip(first, count, strict=True))
+
+
+def _cached_scan(
+    refs: list[DataRef], scan_cache: ScanCache, threads: int = 1, stop: threading.Event | None = None
+) -> _Scanned:
+    """Scan one group with the scan cache: files whose identity it knows are not
+    read (their record is used), the others are scanned as without it and learnt.
+    The same _Scanned as _scan's, but for the bytes kept (`at` says whose)."""
+    since = scan_cache.cache.clock()  # before the identities: see BuildCache.learn
+    keys, records = scan_cache.lookup(refs)
+    missed = [i for i, record in enumerate(records) if record is None]
+    if not missed:
+        return _from_records([r for r in records if r is not None])
+    fresh = _scan([refs[i] for i in missed], threads, stop, idents=True)
+    new = _records(fresh)
+    read = fresh.idents
+    learn_keys, learn_refs, learn_records, after = [], [], [], []
+    for j, (i, record) in enumerate(zip(missed, new, strict=True)):
+        key = keys[i]
+        if key is not None:
+            learn_keys.append(key)
+            learn_refs.append(refs[i])
+            learn_records.append(record)
+            after.append(read[40 * j : 40 * j + 40] if read is not None else None)
+    if learn_keys:
+        scan_cache.learn(learn_keys, learn_refs, learn_records, since, after)
+    at = array("q", [-1] * len(refs))
+    offsets = itertools.accumulate([refs[i].size for i in missed], initial=0)
+    for i, record, offset in zip(missed, new, offsets, strict=False):
+        records[i], at[i] = record, offset
+    scanned = _from_records([r for r in records if r is not None])
+    if fresh.buffer is not None:  # the missed small files' bytes, for the stream
+        scanned.buffer, scanned.at = fresh.buffer, at
+    return scanned
+
+
+def _records(scanned: _Scanned) -> list[bytes]:
+    """The scan cache's record of each file of a scan (cache.ScanCache)."""
+    out, run = [], 0
+    for i, nruns in enumerate(scanned.nruns):
+        fixed = SCAN_FIXED.pack(bytes(scanned.digests[32 * i : 32 * i + 32]), scanned.stored[i], nruns)
+        out.append(fixed + _le(scanned.first[run : run + nruns]) + _le(scanned.count[run : run + nruns]))
+        run += nruns
+    return out
+
+
+def _from_records(records: list[bytes]) -> _Scanned:
+    """A group's _Scanned made of its files' scan-cache records (no bytes kept)."""
+    n, fixed = len(records), SCAN_FIXED.size
+    digests = bytearray(b"".join([record[:32] for record in records]))
+    stored = array("Q", bytes(8 * n))
+    nruns = _u32(n)
+    first, count = array("I"), array("I")
+    for i, record in enumerate(records):
+        _, stored[i], runs = SCAN_FIXED.unpack_from(record)
+        nruns[i] = runs
+        first.frombytes(record[fixed : fixed + 4 * runs])
+        count.frombytes(record[fixed + 4 * runs :])
+    if sys.byteorder != "little":
+        first.byteswap()
+        count.byteswap()
+    return _Scanned(digests, nruns, first, count, stored)
 
 
 class Prescan(hashpass.Prescan[_Scanned]):
@@ -274,14 +356,16 @@ class Prescan(hashpass.Prescan[_Scanned]):
     one (blake3's threads here made the large workload 1.26 -> 1.41 s).
     """
 
-    def __init__(self) -> None:
-        super().__init__(_prescanned, _cutter())
+    def __init__(self, scan_cache: ScanCache | None = None) -> None:
+        def prescanned(refs: list[DataRef], stop: threading.Event | None) -> _Scanned:
+            if scan_cache is not None:
+                scanned = _cached_scan(refs, scan_cache, 1, stop)
+            else:
+                scanned = _scan(refs, 1, stop)
+            scanned.buffer = scanned.at = None  # see above
+            return scanned
 
-
-def _prescanned(refs: list[DataRef], stop: threading.Event | None) -> _Scanned:
-    scanned = _scan(refs, 1, stop)
-    scanned.buffer = None  # see Prescan
-    return scanned
+        super().__init__(prescanned, _cutter())
 
 
 @dataclass(slots=True)
@@ -302,15 +386,41 @@ class Ext4Writer:
         self.options = options
         self.features = resolve_features(options.settings(Ext4Options).features)  # SpecError early
         self._prescan: Prescan | None = None
+        self.warnings: list[str] = []
+        self._cache: BuildCache | None = None
+        self._scan_cache: ScanCache | None = None
+        self._cache_opened = False
+
+    def _open_cache(self) -> ScanCache | None:
+        """The build cache's scan cache, the cache opened on first use: by the
+        prescan, which runs while the tree is collected, else by write()."""
+        if not self._cache_opened:
+            self._cache_opened = True
+            self._cache = open_cache(self.options, self.warnings)
+            self._scan_cache = ScanCache(self._cache, BLOCK) if self._cache is not None else None
+        return self._scan_cache
 
     def prescan(self) -> Prescan | None:
         """Start the hash pass while the tree is collected (see Prescan); not with
         --jobs 1, which means one thread."""
-        self._prescan = Prescan() if self.options.jobs > 1 else None
+        self._prescan = Prescan(self._open_cache()) if self.options.jobs > 1 else None
         return self._prescan
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
-        return _Build(self.options, self.features, tree, region, progress, self._prescan).run()
+        scan_cache = self._open_cache()
+        try:
+            result = _Build(
+                self.options, self.features, tree, region, progress, self._prescan, scan_cache
+            ).run()
+        finally:
+            if scan_cache is not None:
+                scan_cache.save()
+            if self._cache is not None:
+                self._cache.close()
+        cache = self._cache
+        result.warnings = self.warnings + (list(cache.warnings) if cache is not None else [])
+        result.cache = cache.stats if cache is not None else None
+        return result
 
 
 def _choose_dedup(opts: Ext4Options, plus_shared: bool, journal: bool) -> bool:
@@ -353,9 +463,11 @@ class Ext4Facts:
 
 class _Build:
     def __init__(self, options: BuildOptions, features: set[str], tree: FrozenTree, region: Region,
-                 progress: Progress, prescan: Prescan | None = None) -> None:  # fmt: skip
+                 progress: Progress, prescan: Prescan | None = None,
+                 scan_cache: ScanCache | None = None) -> None:  # fmt: skip
         self.options = options
         self.prescan = prescan
+        self.scan_cache = scan_cache
         self.opts = options.settings(Ext4Options)
         self.features = set(features)
         self.tree = tree
@@ -504,12 +616,14 @@ class _Build:
 
     def scanned_groups(self) -> Iterator[tuple[int, _Scanned]]:
         """(first file, scan) of every group, in order (hashpass.scan_groups)."""
+        scan_cache = self.scan_cache
+
+        def scan(refs: list[DataRef], alone: bool) -> _Scanned:
+            threads = blake3.blake3.AUTO if alone else 1
+            return _cached_scan(refs, scan_cache, threads) if scan_cache is not None else _scan(refs, threads)
+
         return hashpass.scan_groups(
-            self.refs,
-            spans([ref.size for ref in self.refs]),
-            lambda refs, alone: _scan(refs, blake3.blake3.AUTO if alone else 1),
-            self.options.jobs,
-            self.prescan,
+            self.refs, spans([ref.size for ref in self.refs]), scan, self.options.jobs, self.prescan
         )
 
     def new_handle(self) -> None:
@@ -551,8 +665,11 @@ class _Build:
         buffer = scanned.buffer
         if buffer is not None and len(buffer) <= self.budget:
             self.budget -= len(buffer)
-            batch = self.refs[start : start + len(scanned.stored)]
-            offsets = list(itertools.accumulate([ref.size for ref in batch], initial=0))
+            if scanned.at is not None:
+                offsets = scanned.at
+            else:
+                batch = self.refs[start : start + len(scanned.stored)]
+                offsets = array("q", itertools.accumulate([ref.size for ref in batch], initial=0))
             cache_at = array("q", [offsets[i] for i in written])
         else:
             buffer, cache_at = None, array("q", [-1] * len(written))

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._ffi import Callback, check, check_handle, ffi, lib
-from ..cache import BuildCache
-from ..cache_remote import local_paths, open_cache
-from ..collect import source_holding
 from ..compression import SQUASHFS_IDS, BlockCompressor, CompressionSpec
 from ..errors import LimitError
 from ..options import BuildOptions
 from ..region import Region
 from ..tree import FrozenTree, Inode, Kind, Node
 from ..xattrs import suspect_names, xattr_problem
-from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch
+from .base import PackedDigests, Progress, WriteResult, epoch_source, image_epoch, open_cache
 from .imagefile import ImageFile
 from .squashfs_data import DataStream, Placement
 from .squashfs_options import SquashfsOptions, parse_block_size
@@ -102,20 +99,6 @@ class SquashfsWriter:
         self.spec = CompressionSpec.create(sq.compression.name, sq.compression.level, sq.block_size)
         self.warnings: list[str] = []
 
-    def _open_cache(self) -> BuildCache | None:
-        """The build cache (docs/cache.md), if one is asked for and usable.  One inside
-        a directory source would be read into the image while it is written: then
-        the build goes on without it (a warning; the CLI's default may be there)."""
-        options = self.options.cache
-        if not options.cache:
-            return None
-        for where in local_paths(options):
-            source = source_holding(where, self.options)
-            if source is not None:
-                self.warnings.append(f"build cache {where}: inside the source {source}; building without it")
-                return None
-        return open_cache(options)  # a directory, or a shared cache over one (cache_remote.py)
-
     def prescan(self) -> None:
         """None: squashfs reads each file once, to hash and compress it together,
         and packs small files in the tree's order, known only once it is frozen."""
@@ -134,7 +117,7 @@ class SquashfsWriter:
         files = [tree.inodes[ino - 1] for ino in file_inos]
         sq = self.sq
         image = ImageFile(region, start=SUPERBLOCK_SIZE)
-        cache = self._open_cache()
+        cache = open_cache(self.options, self.warnings)
         try:
             stream = DataStream(self.spec, self.options.jobs, sq.fragments, sq.dedup, cache)
             placement = stream.write(files, image, progress)
