@@ -35,9 +35,10 @@ signal.signal(signal.SIGTERM, _exit_now)
 def main() -> None:
     try:
         # Inside the try: Ctrl-C is a KeyboardInterrupt again (the command cleans up
-        # what it wrote), and SIGTERM the same (as cli_support does).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c)
+        # what it wrote), and SIGTERM the same (pyimg/interrupts.py).
+        from .interrupts import install
+
+        install()
         from .cli import main as command
 
         command()
@@ -58,10 +59,6 @@ def _ended() -> None:
     process after its work was done (no message, exit -2 instead of its code)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-
-
-def _sigterm_is_ctrl_c(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _unreported(exc: SystemExit) -> bool:

@@ -5,12 +5,12 @@ exit, with the entry point, pyimg/__main__.py.)"""
 
 from __future__ import annotations
 
-import signal
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import typer
 
 from .errors import PyImgError
+from .interrupts import install as install_interrupts
 
 
 def fail(exc: PyImgError) -> NoReturn:
@@ -19,13 +19,10 @@ def fail(exc: PyImgError) -> NoReturn:
     raise typer.Exit(exc.exit_code)
 
 
-def _sigterm_is_ctrl_c(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # temp files are removed, QEMU is stopped, as on Ctrl-C
-
-
 def sigterm_as_interrupt() -> None:
-    """SIGTERM raises KeyboardInterrupt from now on, so a command cleans up as on Ctrl-C."""
-    signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c)
+    """SIGTERM (and Ctrl-C) raise KeyboardInterrupt from now on, so a command cleans up
+    as on Ctrl-C (pyimg/interrupts.py: never lost inside an import's callback)."""
+    install_interrupts()
 
 
 def after_commit(output: str) -> str:

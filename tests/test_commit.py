@@ -199,3 +199,29 @@ def test_kill_9_leaves_the_old_image_and_no_temp_file(tmp_path: Path, delay: flo
 def test_digest_of_a_directory_says_so(tmp_path: Path) -> None:
     proc = run_cli("digest", str(tmp_path))
     assert proc.returncode == 6 and "is a directory, not an image file" in proc.stderr
+
+
+def test_a_signal_inside_an_imports_callback_is_sent_again_not_lost() -> None:
+    """CPython drops an exception raised in a weakref callback ("Exception ignored
+    in: <function _get_module_lock.<locals>.cb>"): a SIGTERM that landed there during
+    an import was lost and the build exited 0.  There the handler sends the signal
+    again; anywhere else it raises KeyboardInterrupt."""
+    from pyimg import interrupts
+
+    namespace: dict[str, object] = {}
+    source = "import sys\ndef cb():\n    return sys._getframe()\n"
+    exec(compile(source, "<frozen importlib._bootstrap>", "exec"), namespace)
+    callback_frame = namespace["cb"]()  # type: ignore[operator]
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        interrupts.raise_keyboard_interrupt(signal.SIGUSR1, callback_frame)  # no exception here
+        for _ in range(100):
+            if got:
+                break
+            time.sleep(0.001)
+        assert got == [signal.SIGUSR1]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.raise_keyboard_interrupt(signal.SIGUSR1, sys._getframe())
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
