@@ -484,21 +484,11 @@ class DataStream:
     def _store_fragment(self, key: bytes, raw: memoryview, packed: bytes) -> None:
         """One fragment block's entry: its one block as stored, no tail."""
         assert self.cache is not None
-        writer = self.cache.writer(key, len(raw))
-        if writer is None:
-            return
         if len(packed) < len(raw):
             stored, word = packed, len(packed)
         else:
             stored, word = bytes(raw), len(raw) | UNCOMPRESSED
-        cache = self.cache
-
-        def write() -> None:
-            writer.add([stored], [word])
-            writer.finish(b"")
-            cache.stored(fragment=True)
-
-        cache.submit(write, writer)
+        self.cache.store_now(key, len(raw), [stored], [word], b"", fragment=True)  # on this fragment thread
 
     def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
         """Read a range, skipping the holes of sparse files (they read as zeros).
