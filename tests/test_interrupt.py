@@ -596,6 +596,22 @@ def _before_our_code(err: str) -> bool:
     return True
 
 
+def _lost_before_our_code(err: str) -> bool:
+    """Whether CPython itself dropped a SIGINT before pyimg's entry point installed its
+    handlers: Python's default handler raised inside importlib's module-lock callback
+    (a weakref callback, where an exception is printed as "Exception ignored" and
+    dropped) while the package or its entry module was being imported.  The only
+    frames are importlib's: once our handlers are in, they never raise there
+    (pyimg/interrupts.py).  Nothing of ours has run; the build then runs to its end."""
+    frames = [frame["file"] for frame in _FRAME.finditer(err)]
+    return (
+        err.startswith("Exception ignored in: <function _get_module_lock.<locals>.cb")
+        and err.rstrip().endswith("KeyboardInterrupt:")
+        and bool(frames)
+        and all(file == "<frozen importlib._bootstrap>" for file in frames)
+    )
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("how", ["python -m pyimg", "console script"])
 def test_signal_at_moments_after_the_start(
@@ -624,7 +640,10 @@ def test_signal_at_moments_after_the_start(
         proc.send_signal(sig)
         _, err = proc.communicate()
         where = f"{sig.name} {moment * 1000:.0f} ms after the spawn: exit {proc.returncode}\n{err}"
-        if proc.returncode == 0:
+        if proc.returncode == 0 and _lost_before_our_code(err):
+            outcome = "lost by the interpreter's imports, before our code"
+            assert sig == signal.SIGINT and pyimg.digest(str(image)).blake3 == reference, where
+        elif proc.returncode == 0:
             outcome = "finished"
             assert err == "" and pyimg.digest(str(image)).blake3 == reference, where
         elif proc.returncode == 130:
