@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import event, given, note, settings
@@ -47,25 +48,16 @@ OPTIONS = st.fixed_dictionaries(
 )
 
 
-@contextlib.contextmanager
-def small_chunks(size: int = SMALL_CHUNK) -> Iterator[None]:
+# Module constants patched for a test (unittest.mock: hypothesis's @given cannot take
+# pytest's function-scoped monkeypatch).
+def small_chunks(size: int = SMALL_CHUNK) -> Any:
     """Contents over `size` bytes take the large path (the cache's)."""
-    old = squashfs_data.CHUNK_TARGET
-    squashfs_data.CHUNK_TARGET = size
-    try:
-        yield
-    finally:
-        squashfs_data.CHUNK_TARGET = old
+    return mock.patch.object(squashfs_data, "CHUNK_TARGET", size)
 
 
-@contextlib.contextmanager
-def racy_window(ns: int) -> Iterator[None]:
-    old = pyimg.cache.RACY_NS
-    pyimg.cache.RACY_NS = ns
-    try:
-        yield
-    finally:
-        pyimg.cache.RACY_NS = old
+def racy_window(ns: int) -> Any:
+    """Identities modified within `ns` of the cache's write are re-hashed."""
+    return mock.patch.object(pyimg.cache, "RACY_NS", ns)
 
 
 def body(kind: str, seed: int, size: int) -> bytes:

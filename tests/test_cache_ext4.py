@@ -10,13 +10,12 @@ copy_file_range) beside the batched one.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import blake3
 import pytest
@@ -35,15 +34,9 @@ SMALL = 24 * 1024
 OLD = -(10**12)  # a racy window that trusts every identity (as if every file were old)
 
 
-@contextlib.contextmanager
-def small_files(size: int = SMALL) -> Iterator[None]:
+def small_files(size: int = SMALL) -> Any:
     """Contents over `size` bytes are scanned alone and copied (the big-file path)."""
-    old = ext4.SMALL_FILE
-    ext4.SMALL_FILE = size
-    try:
-        yield
-    finally:
-        ext4.SMALL_FILE = old
+    return mock.patch.object(ext4, "SMALL_FILE", size)
 
 
 def build(src: Path, out: Path, **kw: Any) -> pyimg.BuildResult:

@@ -178,6 +178,9 @@ def mtimes() -> st.SearchStrategy[int]:
     )
 
 
+NAME_MAX = 255  # bytes, in every format and in Linux
+
+
 @st.composite
 def names(draw: st.DrawFn) -> bytes:
     if draw(st.integers(0, 15)) == 0:  # now and then a long one (the limit is 255)
@@ -218,8 +221,12 @@ def trees(draw: st.DrawFn, block: int) -> TreeModel:
     def new_path(parent: bytes) -> bytes:
         name = draw(names())
         path = parent + b"/" + name if parent else name
-        while path in used or path.endswith((b"/.", b"/..")) or path in (b".", b".."):
-            path += b"~%d" % next(counter)  # keep the name, but make the path unique
+        while path in used or name in (b".", b".."):
+            # Keep the name but make the path unique; the suffix takes the place of the
+            # name's last bytes when the name is at the limit (255 bytes, not characters).
+            suffix = b"~%d" % next(counter)
+            name = name[: NAME_MAX - len(suffix)] + suffix
+            path = parent + b"/" + name if parent else name
         used.add(path)
         return path
 

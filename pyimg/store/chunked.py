@@ -168,6 +168,14 @@ class AssemblyCounts:
     bytes_reused: int = 0  # bytes of the image written from local chunks
     reused_from: list[str] = field(default_factory=list)
 
+    def add(self, was_reused: bool, size: int) -> None:
+        if was_reused:
+            self.reused += 1
+            self.bytes_reused += size
+        else:
+            self.downloaded += 1
+            self.bytes_downloaded += size
+
 
 def reuse_sources(paths: Iterable[str], params: ChunkParams, wanted: set[str]) -> dict[str, LocalChunk]:
     """The wanted chunks found in local files (older versions of the image), cut with the
@@ -242,12 +250,7 @@ def assemble(
         return reused, desc.size
 
     for reused, size in parallel(one, list(descs)):
-        if reused:
-            counts.reused += 1
-            counts.bytes_reused += size
-        else:
-            counts.downloaded += 1
-            counts.bytes_downloaded += size
+        counts.add(reused, size)
         if progress is not None:
             progress(size)
     return counts

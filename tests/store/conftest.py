@@ -174,3 +174,12 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Image:
 
 def leftovers(directory: Path, keep: set[str]) -> set[str]:
     return set(os.listdir(directory)) - keep
+
+
+@pytest.fixture(params=["layout", "registry"])
+def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store address: an OCI layout directory, then the real registry."""
+    if request.param == "layout":
+        return f"oci:{tmp_path / 'layout'}"
+    reg: Registry = request.getfixturevalue("registry")
+    return reg.repo()

@@ -39,14 +39,6 @@ def _quick_settle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_remote, "SETTLE_S", 0.1)
 
 
-@pytest.fixture(params=["layout", "registry"])
-def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "layout":
-        return f"oci:{tmp_path / 'layout'}"
-    reg: Registry = request.getfixturevalue("registry")
-    return reg.repo()
-
-
 def make_tree(root: Path, seed: int = 1, count: int = FILES) -> Path:
     rng = random.Random(seed)
     root.mkdir(parents=True)

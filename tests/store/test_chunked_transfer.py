@@ -21,7 +21,7 @@ from pyimg.store import chunked, ops
 from pyimg.store.artifact import CHUNK
 from pyimg.store.layout import LayoutStore
 
-from .conftest import Registry, leftovers
+from .conftest import leftovers
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,6 @@ def versions(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     _build(src, d / f"v2.{fmt}", fmt)
     v2 = str(d / f"v2.{fmt}")
     return Versions(str(d / f"v1.{fmt}"), v2, os.path.getsize(v2))
-
-
-@pytest.fixture(params=["layout", "registry"])
-def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "layout":
-        return f"oci:{tmp_path / 'layout'}"
-    reg: Registry = request.getfixturevalue("registry")
-    return reg.repo()
 
 
 def test_the_next_version_uploads_only_new_chunks(store_addr: str, versions: Versions) -> None:

@@ -30,14 +30,6 @@ from pyimg.store.registry import RegistryStore
 from .conftest import Image, Registry, leftovers, make_image
 
 
-@pytest.fixture(params=["layout", "registry"])
-def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "layout":
-        return f"oci:{tmp_path / 'layout'}"
-    reg: Registry = request.getfixturevalue("registry")
-    return reg.repo()
-
-
 def test_push_pull_roundtrip(store_addr: str, image: Image, tmp_path: Path) -> None:
     pushed = ops.push(image.path, f"{store_addr}:v1")
     assert pushed.chunked and pushed.manifest_uploaded
