@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import zlib
+from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ RACY_NS = 2_000_000_000  # identities this close to "now" are not trusted (git's
 STAT_FILE = "stat-v1"
 STAT_MAGIC = b"PYIMGS\x00\x01"
 STAT_RECORD = struct.Struct("<QQQqq32s")  # dev, ino, size, mtime_ns, ctime_ns, digest
+IDENT_KEY = struct.Struct("<QQQqq")  # an identity as a key: st_dev, st_ino, size, mtime_ns, ctime_ns
+IDENT_SIZE = IDENT_KEY.size  # (a stat record is the key and the digest: 40 + 32 bytes)
 STAT_MAX = 1_000_000  # records kept (this build's first)
 ENTRY_PREFIX = "c-"
 TEMP_PREFIX = "tmp-"
@@ -205,8 +208,11 @@ class BuildCache:
         self.enabled = True
         self.clock: Callable[[], int] = time.time_ns
         self._lock = threading.Lock()
-        self._stat: dict[Identity, bytes] = {}
-        self._stat_new: dict[Identity, bytes] = {}  # used or learnt in this build
+        # Identities as IDENT_KEY bytes: loaded, looked up and saved in bulk.
+        self._stat: dict[bytes, bytes] = {}
+        self._stat_new: dict[bytes, bytes] = {}  # used or learnt in this build
+        self._stat_learnt = False  # a digest not in the stat file: it is written again
+        self._stat_loaded = 0  # records read from the stat file
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="pyimg-cache")
         self._pending: list[Future[None]] = []
         self.remote: RemoteCache | None = None  # the shared tier under this one (cache_remote.py)
@@ -253,10 +259,11 @@ class BuildCache:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def digest_of(self, ident: Identity) -> bytes | None:
+        key = IDENT_KEY.pack(*ident)
         with self._lock:
-            digest = self._stat.get(ident)
+            digest = self._stat.get(key)
             if digest is not None:
-                self._stat_new[ident] = digest
+                self._stat_new[key] = digest
                 self.stats.stat_hits += 1
             return digest
 
@@ -269,9 +276,54 @@ class BuildCache:
             return
         if self.identity(ref) != ident:
             return
+        self._keep(IDENT_KEY.pack(*ident), digest)
+
+    def _keep(self, key: bytes, digest: bytes) -> None:
         with self._lock:
-            self._stat[ident] = digest
-            self._stat_new[ident] = digest
+            if self._stat.get(key) != digest:
+                self._stat[key] = digest
+                self._stat_learnt = True
+            self._stat_new[key] = digest
+
+    def known_digests(self, refs: list[DataRef]) -> bytearray | None:
+        """The stat cache's digests of a batch of (small) files, 32 bytes each, back to
+        back, if it knows every one of them as it is now (identities taken by the C
+        core: open, fstat); else None, and the batch is read (read_learning)."""
+        # Only with a stat file to look in: in a cold build the identities (an open
+        # and fstat per file) would cost what the read costs, and never hit.
+        if not self.enabled or not self._stat_loaded or not all(map(self.eligible, refs)):
+            return None
+        ident, ok = _c_identities(refs)
+        if not all(ok):
+            return None
+        raw = _le(ident)
+        keys = [raw[at : at + IDENT_SIZE] for at in range(0, len(raw), IDENT_SIZE)]
+        with self._lock:
+            found = [self._stat.get(key) for key in keys]
+            if None in found:
+                return None
+            known: list[bytes] = found  # type: ignore[assignment]
+            self._stat_new.update(zip(keys, known, strict=True))
+            self.stats.stat_hits += len(known)
+        return bytearray(b"".join(known))
+
+    def read_learning(self, refs: list[DataRef]) -> tuple[bytearray, bytearray]:
+        """Read and hash a batch of (small) files as content.read_batch_packed does,
+        and learn their digests: keyed by each file's identity from the fstat after
+        its read, unless it could be racily clean.  (One identity suffices here: a
+        write during the read would stamp the file at or after `since`.)"""
+        from .content import read_batch_identified  # (the C core: see ScanCache.identities)
+
+        since = self.clock()
+        data, digests, ident = read_batch_identified(refs)
+        if not self.enabled:
+            return data, digests
+        newer = since - RACY_NS
+        raw = _le(ident)
+        for j, ref in enumerate(refs):
+            if self.eligible(ref) and max(ident[5 * j + 3], ident[5 * j + 4]) < newer:
+                self._keep(raw[IDENT_SIZE * j : IDENT_SIZE * (j + 1)], bytes(digests[32 * j : 32 * j + 32]))
+        return data, digests
 
     def read_checked(self, name: str, magic: bytes) -> bytes | None:
         """The body of the cache file `name` (its BLAKE3 trailer checked and cut off),
@@ -309,20 +361,22 @@ class BuildCache:
         if (len(body) - len(STAT_MAGIC)) % size:
             self.drop_damaged(STAT_FILE)
             return
-        for at in range(len(STAT_MAGIC), len(body), size):
-            *ident, digest = STAT_RECORD.unpack_from(body, at)
-            self._stat[tuple(ident)] = digest
+        starts = range(len(STAT_MAGIC), len(body), size)
+        self._stat = {body[at : at + IDENT_SIZE]: body[at + IDENT_SIZE : at + size] for at in starts}
+        self._stat_loaded = len(self._stat)
 
     def _save_stat(self) -> None:
-        if not self._stat_new and not self._stat:
+        """Write the records used or learnt in this build, then older ones, up to
+        STAT_MAX -- unless nothing was learnt: the file then holds them all already
+        (a no-change rebuild of 50k files spares 0.25 s)."""
+        if not self._stat_learnt and len(self._stat) <= STAT_MAX:
             return
         merged = dict(self._stat_new)
-        for ident, digest in self._stat.items():
+        for key, digest in self._stat.items():
             if len(merged) >= STAT_MAX:
                 break
-            merged.setdefault(ident, digest)
-        records = b"".join(STAT_RECORD.pack(*ident, digest) for ident, digest in merged.items())
-        self.write_checked(STAT_FILE, STAT_MAGIC + records)
+            merged.setdefault(key, digest)
+        self.write_checked(STAT_FILE, STAT_MAGIC + b"".join(k + d for k, d in merged.items()))
 
     # -- content cache -----------------------------------------------------------------
 
@@ -539,12 +593,35 @@ def _atomic_write(directory: str, name: str, data: bytes) -> None:
         raise
 
 
+def _le(values: array[int]) -> bytes:
+    """An int64 array's bytes, little-endian (IDENT_KEY's order) on any host."""
+    if sys.byteorder != "little":
+        values = array(values.typecode, values)
+        values.byteswap()
+    return values.tobytes()
+
+
+def _c_identities(refs: list[DataRef]) -> tuple[array[int], bytearray]:
+    """The files' identities (5 ints each, as Identity) and whether each has one
+    (opened, fstat'ed and still as collected): one call into the C core."""
+    from ._ffi import ffi, lib  # (here, not at the top: the rest of this module needs no C core)
+    from .content import BatchSources
+
+    n = len(refs)
+    src = BatchSources.of(refs)
+    ident, ok = array("q", bytes(40 * n)), bytearray(n)
+    stamps = src.args()[3:]  # stamp sizes and mtimes
+    out_ident = ffi.from_buffer("int64_t[]", ident, require_writable=True)
+    out_ok = ffi.from_buffer("uint8_t[]", ok, require_writable=True)
+    lib.pyimg_identity_batch(n, src.paths, *stamps, out_ident, out_ok)
+    return ident, ok
+
+
 # -- ext4's scan cache ---------------------------------------------------------------------
 
 SCAN_FILE = "scan-v1"
 SCAN_MAGIC = b"PYIMGR\x00\x01"
 SCAN_HEADER = struct.Struct("<8sII")  # magic, block size, number of records
-IDENT_KEY = struct.Struct("<QQQqq")  # an identity as a key: st_dev, st_ino, size, mtime_ns, ctime_ns
 SCAN_FIXED = struct.Struct("<32sQI")  # a record's start: digest, stored bytes, number of runs
 
 
@@ -574,31 +651,17 @@ class ScanCache:
     def identities(self, refs: list[DataRef]) -> list[bytes | None]:
         """Each file's identity now, if it is eligible (BuildCache.eligible) and still
         as collected; else None."""
-        from array import array
-
-        from ._ffi import ffi, lib  # (here, not at the top: the rest of this module needs no C core)
-        from .content import BatchSources
-
         out: list[bytes | None] = [None] * len(refs)
         if not self.cache.enabled:
             return out
         chosen = [i for i, ref in enumerate(refs) if self.cache.eligible(ref)]
         if not chosen:
             return out
-        n = len(chosen)
-        src = BatchSources.of([refs[i] for i in chosen])
-        ident, ok = array("q", bytes(40 * n)), bytearray(n)
-        stamps = src.args()[3:]  # stamp sizes and mtimes
-        out_ident = ffi.from_buffer("int64_t[]", ident, require_writable=True)
-        lib.pyimg_identity_batch(
-            n, src.paths, *stamps, out_ident, ffi.from_buffer("uint8_t[]", ok, require_writable=True)
-        )
-        if sys.byteorder != "little":
-            ident.byteswap()
-        raw = ident.tobytes()
+        ident, ok = _c_identities([refs[i] for i in chosen])
+        raw = _le(ident)
         for j, i in enumerate(chosen):
             if ok[j]:
-                out[i] = raw[40 * j : 40 * j + 40]
+                out[i] = raw[IDENT_SIZE * j : IDENT_SIZE * (j + 1)]
         return out
 
     def lookup(self, refs: list[DataRef]) -> tuple[list[bytes | None], list[bytes | None]]:
@@ -660,8 +723,6 @@ class ScanCache:
         block size's: none, to be replaced), None if it is damaged.  Columns, so
         that 28k records take comprehensions rather than a loop (0.18 -> 0.03 s)."""
         import itertools
-        from array import array  # (here: the imports at the top are the stat cache's)
-
         if len(body) < SCAN_HEADER.size:
             return None
         _magic, block_size, count = SCAN_HEADER.unpack_from(body, 0)
@@ -693,8 +754,6 @@ class ScanCache:
             if len(merged) >= STAT_MAX:
                 break
             merged.setdefault(key, record)
-        from array import array
-
         records = list(merged.values())
         lengths = array("I", map(len, records))
         if sys.byteorder != "little":

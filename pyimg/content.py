@@ -313,25 +313,44 @@ def read_batch_packed(refs: list[DataRef], *, hash: bool = True) -> tuple[bytear
     GIL released once for the whole batch (files over C_HASH_MAX are hashed here
     with the blake3 package).  Raises SourceError for the first file (in order)
     that cannot be read or changed since it was collected."""
+    out, digests, _ = _read_batch(refs, hash, None)
+    return out, digests
+
+
+def read_batch_identified(refs: list[DataRef]) -> tuple[bytearray, bytearray, array[int]]:
+    """read_batch_packed, and each file's identity for the build cache (5 ints per
+    file, as cache.Identity), from the fstat after its read."""
+    idents = array("q", bytes(40 * len(refs)))
+    out, digests, _ = _read_batch(refs, True, idents)
+    return out, digests, idents
+
+
+def _read_batch(
+    refs: list[DataRef], hash: bool, idents: array[int] | None
+) -> tuple[bytearray, bytearray, array[int] | None]:
     n = len(refs)
     src = BatchSources.of(refs)
     out = bytearray(sum(src.sizes))
     status = array("i", bytes(4 * n))
     errnos = array("i", bytes(4 * n))
     digests = bytearray(32 * n)
-    failed = lib.pyimg_read_batch(
-        n,
-        *src.args(),
+    buffers = (
         ffi.from_buffer("uint8_t[]", out, require_writable=True),
         ffi.from_buffer("int32_t[]", status, require_writable=True),
         ffi.from_buffer("int32_t[]", errnos, require_writable=True),
         ffi.from_buffer("uint8_t[]", digests, require_writable=True),
         C_HASH_MAX if hash else 0,
     )
+    if idents is None:
+        failed = lib.pyimg_read_batch(n, *src.args(), *buffers)
+    else:
+        failed = lib.pyimg_read_batch_ident(
+            n, *src.args(), *buffers, ffi.from_buffer("int64_t[]", idents, require_writable=True)
+        )
     check_batch(refs, failed, status, errnos)
     if hash:
         hash_the_rest(out, src.sizes, digests)
-    return out, digests
+    return out, digests, idents
 
 
 def check_batch(refs: list[DataRef], failed: int, status: array[int], errnos: array[int]) -> None:

@@ -375,7 +375,9 @@ def test_the_stat_cache_spares_reading_an_unchanged_file(
         f1.write_bytes(bytes(data))
         warm = pyimg.build([str(tree)], out, epoch=EPOCH, cache=cache)
     assert calls == [str(f1)]  # only the changed file is read
-    assert warm.cache is not None and warm.cache.stat_hits == 5
+    # five large files (f1 is hashed again) and the tree's one small file, whose
+    # batch is packed by its digest without being read
+    assert warm.cache is not None and warm.cache.stat_hits == 6
     assert warm.digest == pyimg.build([str(tree)], out, epoch=EPOCH).digest != want
 
 
@@ -560,6 +562,74 @@ def test_fragment_blocks_are_compressed_once(tmp_path: Path) -> None:
     assert (tmp_path / "x" / "s200").read_bytes() == (src / "s200").read_bytes()
 
 
+def test_unchanged_small_files_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fragment blocks are keyed by their members (digests and lengths in order), so a
+    batch of small files whose digests the stat cache knows is packed without being
+    read, and only a block the content cache lacks has its files read.  A file whose
+    bytes no longer match the digest it was packed with is refused, not stored."""
+    from pyimg.cache import BuildCache
+    from pyimg.errors import SourceError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(4)
+    for i in range(600):
+        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 2500)) + b"text " * rng.randrange(0, 300))
+    (src / "big").write_bytes(rng.randbytes(3 * BLOCK + 77))  # a tail of a larger file among them
+    read: list[str] = []
+    real = squashfs_data.read_batch_packed
+
+    def counting(refs: Any, **kw: Any) -> Any:
+        read.extend(ref.path for ref in refs)
+        return real(refs, **kw)
+
+    monkeypatch.setattr(squashfs_data, "read_batch_packed", counting)
+    learning = BuildCache.read_learning
+
+    def counting_learning(self: BuildCache, refs: Any) -> Any:
+        read.extend(ref.path for ref in refs)
+        return learning(self, refs)
+
+    monkeypatch.setattr(BuildCache, "read_learning", counting_learning)
+    cache, out = str(tmp_path / "cache"), tmp_path / "img"
+    with racy_window(-(10**12)):
+        cold = build(src, out, cache=cache, jobs=2, block_size=BLOCK)
+        assert len(read) == 600 and cold.cache is not None and cold.cache.fragment_stored > 50
+        read.clear()
+        warm = build(src, out, cache=cache, jobs=2, block_size=BLOCK)
+        assert warm.digest == cold.digest and read == []
+        assert warm.cache is not None and warm.cache.fragment_hits == cold.cache.fragment_stored
+        time.sleep(0.03)
+        with open(src / "s300", "r+b") as f:  # same size: the packing does not move
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 1]))
+        edited = build(src, out, cache=cache, jobs=2, block_size=BLOCK)
+        assert edited.cache is not None and edited.cache.fragment_stored == 1
+        # s300's batch is read (it missed the stat cache), and the files of the one
+        # block that changed; nothing else.
+        assert str(src / "s300") in read and len(read) < 256 + 40
+        assert edited.digest == build(src, tmp_path / "plain", jobs=1, block_size=BLOCK).digest != cold.digest
+        unsquashfs_extract(out, tmp_path / "x")
+        assert (tmp_path / "x" / "s300").read_bytes() == (src / "s300").read_bytes()
+
+        # The stat cache wrong about one file, and its block not cached: refused.
+        known = BuildCache.known_digests
+
+        def lying(self: BuildCache, refs: Any) -> Any:
+            digests = known(self, refs)
+            if digests is not None and any(ref.path.endswith("s300") for ref in refs):
+                at = 32 * next(j for j, ref in enumerate(refs) if ref.path.endswith("s300"))
+                digests[at : at + 32] = bytes(32)
+            return digests
+
+        monkeypatch.setattr(BuildCache, "known_digests", lying)
+        with pytest.raises(SourceError, match="changed while the image was built") as raised:
+            build(src, tmp_path / "bad", cache=cache, jobs=2, block_size=BLOCK)
+        assert raised.value.path is not None and raised.value.path.endswith("s300")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_an_unchanged_file_that_fits_one_task_is_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -593,7 +663,8 @@ def test_an_unchanged_file_that_fits_one_task_is_not_read(
             f.write(b"X")
         warm = build(src, out, cache=cache, jobs=2)
     assert read == [str(src / "m2")]
-    assert warm.cache is not None and warm.cache.stat_hits == 5
+    # m0, m1, m3, m4, m5 and "tiny" (a small file: packed by its digest, not read)
+    assert warm.cache is not None and warm.cache.stat_hits == 6
     assert warm.digest == build(src, tmp_path / "plain", jobs=1).digest != cold.digest
     unsquashfs_extract(out, tmp_path / "x")
     for i in range(6):

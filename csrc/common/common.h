@@ -78,6 +78,11 @@ enum {
 int pyimg_read_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max);
+/* pyimg_read_batch, and idents[5*i..]: each file's identity as pyimg_identity_batch
+ * gives it, from the fstat after its read (unset for a file that failed). */
+int pyimg_read_batch_ident(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                           const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                           int32_t *errnos, uint8_t *digests, uint64_t hash_max, int64_t *idents);
 /* The build cache's identities of n files (paths as pyimg_read_batch's): each is
  * opened (a file the build cannot read has none; symlinks are not followed) and
  * fstat'ed; when its size and mtime are still the recorded stamp, ident[5*i..] =

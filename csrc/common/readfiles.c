@@ -194,6 +194,13 @@ static int scan_runs(const uint8_t *data, uint64_t size, uint32_t block, uint32_
     return 0;
 }
 
+int pyimg_read_batch_ident(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
+                           const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
+                           int32_t *errnos, uint8_t *digests, uint64_t hash_max, int64_t *idents) {
+    return read_batch(n, paths, offsets, sizes, stamp_sizes, stamp_mtimes, out, status, errnos, digests, hash_max,
+                      idents);
+}
+
 int pyimg_scan_batch(size_t n, const char *paths, const uint64_t *offsets, const uint64_t *sizes,
                      const int64_t *stamp_sizes, const int64_t *stamp_mtimes, uint8_t *out, int32_t *status,
                      int32_t *errnos, uint8_t *digests, uint64_t hash_max, uint32_t block, uint32_t *nruns,

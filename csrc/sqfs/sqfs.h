@@ -19,6 +19,8 @@
 #define SQFS_SUPERBLOCK_SIZE 96
 
 /* CDEF BEGIN */
+#define PYIMG_SQFS_MEMBER 36 /* a fragment block member record: digest, length */
+#define PYIMG_SQFS_BLIND 16  /* a blind range: file number, offset, length */
 /* Compress len bytes at src into dst (capacity cap).  Returns the compressed size
  * when it is smaller than len, 0 when it is not (the block is then stored raw),
  * and -1 on failure (the Python side keeps the exception; the call then fails
@@ -114,12 +116,14 @@ pyimg_sqfs_packer *pyimg_sqfs_packer_new(uint32_t block_size);
 void pyimg_sqfs_packer_free(pyimg_sqfs_packer *p);
 /* The message of the last failure; borrowed, valid until the next call. */
 const char *pyimg_sqfs_packer_error(const pyimg_sqfs_packer *p);
-/* The tail of a larger file.  key: the tail's 32-byte digest, or NULL for no
- * dedup.  Sets its place: fragment index and offset in that fragment. */
+/* The tail of a larger file.  key: the tail's 32-byte digest (NULL: none; then
+ * its block has no member key), required with dedup (an identical earlier tail
+ * is reused).  Sets its place: fragment index and offset in that fragment. */
 int pyimg_sqfs_packer_add_tail(pyimg_sqfs_packer *p, const uint8_t *tail, size_t len, const uint8_t *key,
-                               uint32_t *frag_index, uint32_t *frag_offset);
+                               int dedup, uint32_t *frag_index, uint32_t *frag_offset);
 /* n small files (each smaller than a block), files first .. first+n-1 of the
- * build: sizes[i - first]; the non-empty ones' bytes back to back in data.
+ * build: sizes[i - first]; the non-empty ones' bytes back to back in data, or
+ * data NULL: "blind", their digests known but not their bytes (frag.c).
  * digests: the 32-byte digests of ALL files of the build, by file number (the
  * packer keeps referring to them: the same array, unchanged, on every call).
  * Sets each one's place in frag_index/frag_offset (also by file number; empty
@@ -133,6 +137,13 @@ int pyimg_sqfs_packer_close_block(pyimg_sqfs_packer *p);
 size_t pyimg_sqfs_packer_pending(const pyimg_sqfs_packer *p);
 /* Pending block i, handed over: the caller frees it with pyimg_free. */
 uint8_t *pyimg_sqfs_packer_take(pyimg_sqfs_packer *p, size_t i, size_t *size);
+/* Pending block i's members: *members_len bytes of records (PYIMG_SQFS_MEMBER
+ * each: 32-byte digest, length u32 LE) and *blind_len bytes of blind ranges
+ * (PYIMG_SQFS_BLIND each: file number u64 LE, offset u32 LE, length u32 LE);
+ * borrowed until clear_pending.  Returns 1 if every member has a digest (the
+ * records then determine the block's bytes), else 0. */
+int pyimg_sqfs_packer_members(const pyimg_sqfs_packer *p, size_t i, const uint8_t **members, size_t *members_len,
+                              const uint8_t **blind, size_t *blind_len);
 /* Forgets the pending blocks (frees those not taken). */
 void pyimg_sqfs_packer_clear_pending(pyimg_sqfs_packer *p);
 void pyimg_free(void *ptr);

@@ -28,6 +28,7 @@ which the inode encoder reads.
 from __future__ import annotations
 
 import collections
+import struct
 import threading
 from array import array
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from .._ffi import check, check_handle, ffi, lib
 from ..cache import BuildCache, Entry, EntryWriter, Identity, compressor_versions
 from ..compression import CompressionSpec, PerThread
 from ..content import ContentReader, ordered_map, read_batch, read_batch_packed
+from ..errors import SourceError
 from ..tree import DataRef, Inode
 from .base import Progress
 from .imagefile import ImageFile
@@ -112,6 +114,7 @@ class _SmallDone:
     data: bytearray  # the non-empty files' bytes, back to back
     digests: bytearray  # their BLAKE3 digests, 32 bytes each, back to back
     length: int  # bytes of content in the batch
+    blind: bool = False  # data not read: the digests are the stat cache's
 
 
 class Placement:
@@ -180,6 +183,8 @@ class DataStream:
         self.jobs = jobs
         self.fragments = fragments
         self.dedup = dedup
+        # A tail's digest: its dedup key, and with a cache its fragment block's member.
+        self.key_tails = dedup or self.cache is not None
         self.chunk = max(self.block_size, CHUNK_TARGET // self.block_size * self.block_size)
         self.compressors = PerThread(spec)
         self.claims = _Claims()
@@ -200,7 +205,8 @@ class DataStream:
             f"squashfs {spec.name} level={spec.level} block={spec.block_size} fragments={int(fragments)} "
             f"zero-blocks=holes-v1 "
         ).encode() + compressor_versions()
-        self.fragment_shape = self.shape + b" fragment-block"  # a packed block of tails, not a content
+        # A packed block of tails, not a content; keyed by its members (frag.c).
+        self.fragment_shape = self.shape + b" fragment-block members-v1"
 
     # -- tasks (run on worker threads) -------------------------------------------
 
@@ -273,10 +279,19 @@ class DataStream:
         return self._run(task)
 
     def _run_small(self, batch: _SmallBatch) -> _SmallDone:
-        """Read and hash a batch of small files: one C call, no object per file."""
+        """Read and hash a batch of small files: one C call, no object per file.
+        With a build cache, a batch whose digests the stat cache all knows is not
+        read ("blind"): its fragment blocks are keyed by their members' digests, so
+        only a block the content cache lacks has its files read (stored_fragments)."""
         with_data = [inode.data for inode in batch.inodes if inode.data is not None and inode.size]
-        data, digests = read_batch_packed(with_data)
         sizes = array("Q", [inode.size if inode.data is not None else 0 for inode in batch.inodes])
+        if self.cache is None:
+            data, digests = read_batch_packed(with_data)
+            return _SmallDone(batch, sizes, data, digests, len(data))
+        known = self.cache.known_digests(with_data)
+        if known is not None:
+            return _SmallDone(batch, sizes, bytearray(), known, sum(sizes), blind=True)
+        data, digests = self.cache.read_learning(with_data)
         return _SmallDone(batch, sizes, data, digests, len(data))
 
     def _run(self, task: list[_Piece]) -> list[_Done]:
@@ -380,7 +395,7 @@ class DataStream:
             entry.close()
         raw_sizes = [min(bs, size - i * bs) for i in range(full)]
         tail_key = None
-        if tail and self.dedup:
+        if tail and self.key_tails:
             tail_key = digest if len(tail) == size else blake3.blake3(tail).digest()
         return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False)
 
@@ -393,7 +408,7 @@ class DataStream:
         else:
             blocks, raw_sizes, tail = self._compress(data, keep_tail=True)
         tail_key = None
-        if tail and self.dedup:
+        if tail and self.key_tails:
             tail_key = digest if len(tail) == len(data) else blake3.blake3(tail).digest()
         return _Done(piece, blocks, raw_sizes, tail, tail_key, digest, False, key)
 
@@ -429,7 +444,7 @@ class DataStream:
             if full * self.block_size > len(data):  # a short last block (no fragments): its own size
                 raw_sizes[-1] = len(data) - (full - 1) * self.block_size
             tail = memoryview(data)[full * self.block_size :]
-        tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
+        tail_key = blake3.blake3(tail).digest() if tail and self.key_tails else None
         if piece.last:
             piece.reader.check_unchanged()
         return _Done(piece, blocks, raw_sizes, tail, tail_key, piece.digest, False)
@@ -444,7 +459,7 @@ class DataStream:
         blocks = piece.cached.read(first, count, UNCOMPRESSED)
         raw_sizes = [min(bs, size - i * bs) for i in range(first, first + count)]
         tail = piece.cached.tail if piece.last else b""
-        tail_key = blake3.blake3(tail).digest() if tail and self.dedup else None
+        tail_key = blake3.blake3(tail).digest() if tail and self.key_tails else None
         return _Done(piece, blocks, raw_sizes, tail, tail_key, piece.digest, False)
 
     def _probe(self, ref: DataRef, digest: bytes) -> tuple[bytes, Entry | None]:
@@ -453,20 +468,22 @@ class DataStream:
         key = BuildCache.content_key(digest, self.shape)
         return key, self.cache.lookup(key, ref.size, self.block_size, self._full_blocks(ref.size, True))
 
-    def stored_fragments(self, raws: list[memoryview]) -> list[bytes]:
-        """Full fragment blocks -> what the compressor makes of them (on a helper
-        thread).  With a build cache, a block whose bytes an earlier build compressed
-        is taken from its entry, keyed by the block's BLAKE3: a rebuild after no or a
-        same-size change packs the same blocks, and need not compress them again.
-        The misses go through the same call as without a cache: the same bytes."""
+    def stored_fragments(self, blocks: list[_Fragment]) -> list[bytes]:
+        """Full fragment blocks -> their stored form (compressed, or the raw bytes when
+        that is not smaller), on a helper thread.  With a build cache, a block an
+        earlier build stored is taken from its entry, keyed by its members (their
+        digests and lengths in order, which determine its bytes): a rebuild after no
+        or a same-size change packs the same blocks and need neither read their small
+        files nor compress them.  Misses are filled in (their blind members read) and
+        go through the same call as without a cache: the same bytes."""
         compressor = self.compressors.get()
         if self.cache is None:
-            return compressor.compress_many(raws, threads=1)
-        keys = [BuildCache.content_key(blake3.blake3(raw).digest(), self.fragment_shape) for raw in raws]
-        self.cache.prefetch([(key, len(raw), 1) for key, raw in zip(keys, raws, strict=True)])
+            raws = [b.raw for b in blocks]
+            return self._stored_forms(raws, compressor.compress_many(raws, threads=1))
+        self.cache.prefetch([(b.key, len(b.raw), 1) for b in blocks if b.key is not None])
         found: list[bytes | None] = []
-        for key, raw in zip(keys, raws, strict=True):
-            entry = self.cache.lookup(key, len(raw), self.block_size, 1, fragment=True)
+        for b in blocks:
+            entry = self.cache.lookup(b.key, len(b.raw), self.block_size, 1, fragment=True) if b.key else None
             if entry is None:
                 found.append(None)
                 continue
@@ -475,19 +492,26 @@ class DataStream:
             finally:
                 entry.close()
         misses = [i for i, block in enumerate(found) if block is None]
-        packed = compressor.compress_many([raws[i] for i in misses], threads=1) if misses else []
-        for i, block in zip(misses, packed, strict=True):
+        for i in misses:
+            blocks[i].fill()
+        raws = [blocks[i].raw for i in misses]
+        stored = self._stored_forms(raws, compressor.compress_many(raws, threads=1)) if misses else []
+        for i, block in zip(misses, stored, strict=True):
             found[i] = block
-            self._store_fragment(keys[i], raws[i], block)
+            key = blocks[i].key
+            if key is not None:
+                self._store_fragment(key, blocks[i].raw, block)
         return [block for block in found if block is not None]
 
-    def _store_fragment(self, key: bytes, raw: memoryview, packed: bytes) -> None:
+    @staticmethod
+    def _stored_forms(raws: list[memoryview], packed: list[bytes]) -> list[bytes]:
+        """Each block as the image stores it: compressed if that is smaller, else raw."""
+        return [p if len(p) < len(raw) else bytes(raw) for raw, p in zip(raws, packed, strict=True)]
+
+    def _store_fragment(self, key: bytes, raw: memoryview, stored: bytes) -> None:
         """One fragment block's entry: its one block as stored, no tail."""
         assert self.cache is not None
-        if len(packed) < len(raw):
-            stored, word = packed, len(packed)
-        else:
-            stored, word = bytes(raw), len(raw) | UNCOMPRESSED
+        word = len(stored) | (UNCOMPRESSED if len(stored) == len(raw) else 0)
         self.cache.store_now(key, len(raw), [stored], [word], b"", fragment=True)  # on this fragment thread
 
     def _read_range(self, reader: ContentReader, offset: int, length: int) -> tuple[bytes, bool]:
@@ -555,7 +579,7 @@ class DataStream:
     def write(self, files: list[Inode], image: ImageFile, progress: Progress) -> Placement:
         """Stream every content of `files` (plan order) into `image`; return where each went."""
         placement = Placement(len(files))
-        packer = _FragmentPacker(self, image)
+        packer = _FragmentPacker(self, image, files, placement.digests)
         by_digest: dict[bytes, FileData] = {}
         current = FileData(b"", 0)
         large = [inode.data for inode in files if inode.data is not None and inode.size > self.chunk]
@@ -700,7 +724,38 @@ class DataStream:
             current.block_sizes.append(len(block) | (UNCOMPRESSED if len(block) == raw_size else 0))
 
 
-_FragmentBatch = tuple[list[tuple[int, memoryview]], "Future[list[bytes]]"]  # blocks, their compression
+@dataclass(slots=True)
+class _Fragment:
+    """A full fragment block on its way to compression: its raw bytes, its key in the
+    build cache (None without one) and its blind members, whose bytes are read only
+    if the block is not found there."""
+
+    raw: memoryview  # writable: the blind members' ranges are zeros until filled
+    key: bytes | None = None
+    blind: bytes = b""  # the packer's blind ranges (file number, offset, length), read only on a miss
+    files: list[Inode] | None = None  # (with blind ranges: the build's files, and their digests
+    digests: bytearray | None = None  # by file number, as the packer saw them)
+
+    def fill(self) -> None:
+        """Read the blind members into the block, each checked against the digest it
+        was packed with (the stat cache's): a file that differs changed during the build."""
+        if not self.blind:
+            return
+        assert self.files is not None and self.digests is not None
+        ranges = list(struct.iter_unpack("<QII", self.blind))
+        refs = [self.files[file].data for file, _, _ in ranges]
+        data, digests = read_batch_packed(refs)
+        at = 0
+        for j, (file, offset, length) in enumerate(ranges):
+            if digests[32 * j : 32 * j + 32] != self.digests[32 * file : 32 * file + 32]:
+                path = refs[j].path
+                raise SourceError("file changed while the image was built (its content differs)", path)
+            self.raw[offset : offset + length] = data[at : at + length]
+            at += length
+        self.blind = b""
+
+
+_FragmentBatch = tuple[list[tuple[int, _Fragment]], "Future[list[bytes]]"]  # blocks, their stored forms
 
 
 class _FragmentPacker:
@@ -713,23 +768,27 @@ class _FragmentPacker:
     "when one happens to be done": the image does not depend on timing.
     """
 
-    def __init__(self, stream: DataStream, image: ImageFile) -> None:
+    def __init__(self, stream: DataStream, image: ImageFile, files: list[Inode], digests: bytearray) -> None:
         self.stream = stream
         self.image = image
+        self.files, self.digests = files, digests  # (blind members: their sources and digests)
         packer = check_handle(lib.pyimg_sqfs_packer_new(stream.block_size), "squashfs fragment packer")
         self.packer = ffi.gc(packer, lib.pyimg_sqfs_packer_free)
-        self.batch: list[tuple[int, memoryview]] = []  # (fragment index, raw block)
+        self.batch: list[tuple[int, _Fragment]] = []  # (fragment index, block)
         self.in_flight: collections.deque[_FragmentBatch] = collections.deque()
         self.max_in_flight = FRAGMENT_IN_FLIGHT
         self.pool = ThreadPoolExecutor(max_workers=stream.jobs, thread_name_prefix="pyimg-frag")
         self.table: list[tuple[int, int]] = []  # fragment index -> (image offset, size word)
         self._where = ffi.new("uint32_t[2]")
+        self._members, self._blind = ffi.new("uint8_t *[1]"), ffi.new("uint8_t *[1]")
+        self._lens = ffi.new("size_t[2]")
         self._unique = ffi.new("uint64_t *")
 
     def add(self, tail: bytes | memoryview, key: bytes | None) -> tuple[int, int]:
         """Place the tail of a larger file; with a key, an identical earlier tail is reused."""
+        dedup = int(self.stream.dedup and key is not None)
         rc = lib.pyimg_sqfs_packer_add_tail(
-            self.packer, ffi.from_buffer(tail), len(tail), key if key is not None else ffi.NULL,
+            self.packer, ffi.from_buffer(tail), len(tail), key if key is not None else ffi.NULL, dedup,
             self._where, self._where + 1,
         )  # fmt: skip
         check(rc, self._err)
@@ -740,9 +799,10 @@ class _FragmentPacker:
         """Place a batch of small files (their places go straight into `placement`);
         returns the bytes of those that are not duplicates."""
         self._unique[0] = 0
+        data = ffi.from_buffer(done.data) if not done.blind else ffi.NULL  # blind: only their digests
         rc = lib.pyimg_sqfs_packer_add_small(
             self.packer, done.batch.first, len(done.sizes), ffi.from_buffer("uint64_t[]", done.sizes),
-            ffi.from_buffer(done.data), placement.digests_ptr, int(self.stream.dedup),
+            data, placement.digests_ptr, int(self.stream.dedup),
             placement.frag_index_ptr, placement.frag_offset_ptr, self._unique,
         )  # fmt: skip
         check(rc, self._err)
@@ -759,13 +819,32 @@ class _FragmentPacker:
             return
         size = ffi.new("size_t *")
         for i in range(count):
+            fragment = self._fragment(i)
             # Handed over without a copy; the memoryview keeps it alive until written.
             block = ffi.gc(lib.pyimg_sqfs_packer_take(self.packer, i, size), lib.pyimg_free)
-            self.batch.append((len(self.table), memoryview(ffi.buffer(block, size[0]))))
+            fragment.raw = memoryview(ffi.buffer(block, size[0]))
+            self.batch.append((len(self.table), fragment))
             self.table.append((0, 0))
             if len(self.batch) >= FRAGMENT_BATCH:
                 self._hand_over()
         lib.pyimg_sqfs_packer_clear_pending(self.packer)
+
+    def _fragment(self, i: int) -> _Fragment:
+        """Pending block i's key and blind members (before it is taken)."""
+        fragment = _Fragment(memoryview(b""))
+        if self.stream.cache is None:
+            return fragment
+        lens = self._lens
+        keyed = lib.pyimg_sqfs_packer_members(self.packer, i, self._members, lens, self._blind, lens + 1)
+        members = bytes(ffi.buffer(self._members[0], lens[0])) if lens[0] else b""
+        if keyed:
+            digest = blake3.blake3(members).digest()
+            fragment.key = BuildCache.content_key(digest, self.stream.fragment_shape)
+        if lens[1]:
+            assert keyed  # blind members always come with their digests
+            fragment.blind = bytes(ffi.buffer(self._blind[0], lens[1]))
+            fragment.files, fragment.digests = self.files, self.digests
+        return fragment
 
     def _hand_over(self) -> None:
         """Start compressing the current batch; write the oldest ones past the limit."""
@@ -774,7 +853,7 @@ class _FragmentPacker:
             stream = self.stream
 
             def compress() -> list[bytes]:
-                return stream.stored_fragments([raw for _, raw in batch])
+                return stream.stored_fragments([fragment for _, fragment in batch])
 
             self.in_flight.append((batch, self.pool.submit(compress)))
         while len(self.in_flight) > self.max_in_flight:
@@ -782,8 +861,8 @@ class _FragmentPacker:
 
     def _write_oldest(self) -> None:
         batch, future = self.in_flight.popleft()
-        for (index, raw), packed in zip(batch, future.result(), strict=True):
-            data, flag = (packed, 0) if len(packed) < len(raw) else (raw, UNCOMPRESSED)
+        for (index, fragment), data in zip(batch, future.result(), strict=True):
+            flag = UNCOMPRESSED if len(data) == len(fragment.raw) else 0  # (stored_fragments)
             self.table[index] = (self.image.pos, len(data) | flag)
             self.image.write(data)
             self.stream.bytes_stored += len(data)

@@ -129,3 +129,76 @@ def test_metadata_stream_references_are_final_when_written() -> None:
             assert got == b"%05d" % i
     finally:
         lib.pyimg_sqfs_meta_free(meta)
+
+
+def _packer_blocks(block_size: int, files: list[bytes], blind: bool, tail: bytes) -> list[dict[str, bytes]]:
+    """Pack `files` as one small batch (blind: their digests only), then `tail` as a
+    larger file's tail; every closed block with its member records and blind ranges."""
+    packer = ffi.gc(lib.pyimg_sqfs_packer_new(block_size), lib.pyimg_sqfs_packer_free)
+    n = len(files)
+    digests = bytearray(b"".join(blake3.blake3(f).digest() for f in files))
+    sizes = ffi.new("uint64_t[]", [len(f) for f in files])
+    index, offset, unique = ffi.new("uint32_t[]", n), ffi.new("uint32_t[]", n), ffi.new("uint64_t *")
+    data = ffi.NULL if blind else ffi.from_buffer(b"".join(files))
+    digests_c = ffi.from_buffer("uint8_t[]", digests)
+    assert (
+        lib.pyimg_sqfs_packer_add_small(packer, 0, n, sizes, data, digests_c, 1, index, offset, unique) == 0
+    )
+    where = ffi.new("uint32_t[2]")
+    key = blake3.blake3(tail).digest()
+    assert lib.pyimg_sqfs_packer_add_tail(packer, tail, len(tail), key, 1, where, where + 1) == 0
+    assert lib.pyimg_sqfs_packer_close_block(packer) == 0
+    out = []
+    members, blinds, lens, size = (
+        ffi.new("uint8_t *[1]"),
+        ffi.new("uint8_t *[1]"),
+        ffi.new("size_t[2]"),
+        ffi.new("size_t *"),
+    )
+    for i in range(lib.pyimg_sqfs_packer_pending(packer)):
+        keyed = lib.pyimg_sqfs_packer_members(packer, i, members, lens, blinds, lens + 1)
+        assert keyed == 1
+        block = {
+            "members": bytes(ffi.buffer(members[0], lens[0])),
+            "blind": bytes(ffi.buffer(blinds[0], lens[1])) if lens[1] else b"",
+        }
+        raw = ffi.gc(lib.pyimg_sqfs_packer_take(packer, i, size), lib.pyimg_free)
+        block["raw"] = bytes(ffi.buffer(raw, size[0]))
+        out.append(block)
+    lib.pyimg_sqfs_packer_clear_pending(packer)
+    return out
+
+
+def test_fragment_members_name_the_block_bytes_read_or_blind() -> None:
+    """The packer lists each block's members (digest, length u32 LE; frag.c) in the
+    order they were appended; packing by digests alone ("blind") gives the same places
+    and records, the ranges zeroed and listed as (file, offset, length) little-endian."""
+    import struct
+
+    rng = random.Random(11)
+    files = [rng.randbytes(rng.randrange(1, 1500)) for _ in range(12)]
+    files[7] = files[2]  # a duplicate: stored once, not a member twice
+    tail = b"the tail of a larger file"
+    read = _packer_blocks(4096, files, False, tail)
+    blind = _packer_blocks(4096, files, True, tail)
+    assert len(read) == len(blind) > 1
+    seen = 0
+    for r, b in zip(read, blind, strict=True):
+        assert r["members"] == b["members"] and r["blind"] == b""
+        records = [r["members"][k : k + 36] for k in range(0, len(r["members"]), 36)]
+        expect = b""
+        for rec in records:
+            digest, length = rec[:32], struct.unpack("<I", rec[32:])[0]
+            member = (
+                tail
+                if digest == blake3.blake3(tail).digest()
+                else files[next(i for i, f in enumerate(files) if blake3.blake3(f).digest() == digest)]
+            )
+            assert len(member) == length
+            expect += member
+        assert r["raw"] == expect  # the records determine the block's bytes
+        for file, offset, length in struct.iter_unpack("<QII", b["blind"]):
+            assert b["raw"][offset : offset + length] == bytes(length)
+            assert r["raw"][offset : offset + length] == files[file]
+            seen += 1
+    assert seen == len(files) - 1  # every small file but the duplicate, once
