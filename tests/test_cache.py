@@ -574,7 +574,8 @@ def test_unchanged_small_files_are_not_read(tmp_path: Path, monkeypatch: pytest.
     src.mkdir()
     rng = random.Random(4)
     for i in range(600):
-        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 2500)) + b"text " * rng.randrange(0, 300))
+        text = b"text " * rng.randrange(0, 300)
+        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 2500)) + text)
     (src / "big").write_bytes(rng.randbytes(3 * BLOCK + 77))  # a tail of a larger file among them
     read: list[str] = []
     real = squashfs_data.read_batch_packed

@@ -35,14 +35,6 @@ def result(env: str, passed: bool = True, **extra: object) -> BootResult:
     return BootResult.from_json(value, "test")
 
 
-@pytest.fixture(params=["layout", "registry"])
-def store_addr(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "layout":
-        return f"oci:{tmp_path / 'layout'}"
-    reg: Registry = request.getfixturevalue("registry")
-    return reg.repo()
-
-
 def test_records_round_trip(store_addr: str, image: Image) -> None:
     digest = ops.push(image.path, f"{store_addr}:b1").digest
     r1 = record(f"{store_addr}:b1", result("dev"))
