@@ -276,14 +276,16 @@ class BuildCache:
             return
         if self.identity(ref) != ident:
             return
-        self._keep(IDENT_KEY.pack(*ident), digest)
+        self._keep([(IDENT_KEY.pack(*ident), digest)])
 
-    def _keep(self, key: bytes, digest: bytes) -> None:
+    def _keep(self, learnt: list[tuple[bytes, bytes]]) -> None:
+        """Record (identity key, digest) pairs, under one lock for the batch."""
         with self._lock:
-            if self._stat.get(key) != digest:
-                self._stat[key] = digest
-                self._stat_learnt = True
-            self._stat_new[key] = digest
+            for key, digest in learnt:
+                if self._stat.get(key) != digest:
+                    self._stat[key] = digest
+                    self._stat_learnt = True
+                self._stat_new[key] = digest
 
     def known_digests(self, refs: list[DataRef]) -> bytearray | None:
         """The stat cache's digests of a batch of (small) files, 32 bytes each, back to
@@ -312,7 +314,7 @@ class BuildCache:
         and learn their digests: keyed by each file's identity from the fstat after
         its read, unless it could be racily clean.  (One identity suffices here: a
         write during the read would stamp the file at or after `since`.)"""
-        from .content import read_batch_identified  # (the C core: see ScanCache.identities)
+        from .content import read_batch_identified  # (the C core: see _c_identities)
 
         since = self.clock()
         data, digests, ident = read_batch_identified(refs)
@@ -320,9 +322,11 @@ class BuildCache:
             return data, digests
         newer = since - RACY_NS
         raw = _le(ident)
-        for j, ref in enumerate(refs):
-            if self.eligible(ref) and max(ident[5 * j + 3], ident[5 * j + 4]) < newer:
-                self._keep(raw[IDENT_SIZE * j : IDENT_SIZE * (j + 1)], bytes(digests[32 * j : 32 * j + 32]))
+        self._keep([
+            (raw[IDENT_SIZE * j : IDENT_SIZE * (j + 1)], bytes(digests[32 * j : 32 * j + 32]))
+            for j, ref in enumerate(refs)
+            if self.eligible(ref) and max(ident[5 * j + 3], ident[5 * j + 4]) < newer
+        ])  # fmt: skip
         return data, digests
 
     def read_checked(self, name: str, magic: bytes) -> bytes | None:

@@ -535,16 +535,20 @@ def test_a_cache_inside_a_source_is_not_used(tree: Path, tmp_path: Path) -> None
     assert not (tree / "sub").exists()
 
 
+def write_small_files(src: Path, rng: random.Random, count: int, random_bytes: int, words: int) -> None:
+    """`count` small files s000, s001, ...: random bytes, then some text (compressible)."""
+    src.mkdir()
+    for i in range(count):
+        text = b"text " * rng.randrange(0, words)
+        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, random_bytes)) + text)
+
+
 def test_fragment_blocks_are_compressed_once(tmp_path: Path) -> None:
     """Small files go into fragment blocks: a rebuild packs the same blocks and takes
     their compressed form from the cache; a same-size edit of one small file changes
     one block, which alone is compressed again."""
     src = tmp_path / "src"
-    src.mkdir()
-    rng = random.Random(3)
-    for i in range(400):
-        text = b"text " * rng.randrange(0, 400)
-        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 3000)) + text)
+    write_small_files(src, random.Random(3), 400, 3000, 400)
     cache, out = str(tmp_path / "cache"), str(tmp_path / "img")
     cold = build(src, tmp_path / "img", cache=cache)
     assert cold.cache is not None and cold.cache.fragment_stored > 100 and cold.cache.fragment_hits == 0
@@ -571,11 +575,8 @@ def test_unchanged_small_files_are_not_read(tmp_path: Path, monkeypatch: pytest.
     from pyimg.errors import SourceError
 
     src = tmp_path / "src"
-    src.mkdir()
     rng = random.Random(4)
-    for i in range(600):
-        text = b"text " * rng.randrange(0, 300)
-        (src / f"s{i:03d}").write_bytes(rng.randbytes(rng.randrange(1, 2500)) + text)
+    write_small_files(src, rng, 600, 2500, 300)
     (src / "big").write_bytes(rng.randbytes(3 * BLOCK + 77))  # a tail of a larger file among them
     read: list[str] = []
     real = squashfs_data.read_batch_packed
