@@ -29,8 +29,9 @@ from .imagehash import ImageDigest, digest_image
 from .manifest import build_manifest, dump
 from .options import BuildOptions, SourceSpec
 from .output import AtomicOutput, commit
+from .reuse import Reuse
 from .spec import load_options, merge_options
-from .tree import gc_paused
+from .tree import FrozenTree, gc_paused
 
 
 def writer_for(options: BuildOptions) -> FormatWriter:
@@ -147,11 +148,13 @@ def _collect_and_write(
     progress: ProgressCallback | None,
     started: float,
 ) -> BuildResult:
+    walk_started = time.time_ns()  # before any file is stat'ed: the racy rule's "now" (reuse.py)
     with collect(options, prescan.add if prescan is not None else None) as collected:
         if prescan is not None:
             prescan.finish()
         tree = collected.freeze()
         dropped = drop_acls(tree) if options.policy.drop_acls else []
+        reuse = Reuse.for_build(options, tree)
         total = sum(inode.size for inode in tree.inodes if inode.data is not None)
         done = 0
 
@@ -163,21 +166,20 @@ def _collect_and_write(
 
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(targets.image)
-            try:
-                result: WriteResult = writer.write(tree, out.region(), advance)
-            except OutputError as exc:
-                if exc.path is None:
-                    raise OutputError(exc.reason, options.output) from exc
-                raise
-            out.size_to(result.image_size)
-            # The digest is the temp file's, taken before the commit: what lands is
-            # what was hashed, and an interrupted digest leaves no image.
-            image = digest_image(out.fd, sha256=targets.manifest is not None)
+            want_sha256 = targets.manifest is not None
+            reused = _reuse_image(reuse, writer, tree, out, want_sha256)
+            if reused is not None:
+                result, image = reused
+                advance(total)
+            else:
+                result, image = _write_image(options, writer, tree, out, advance, want_sha256)
             if targets.manifest is not None:
                 stack.enter_context(targets.manifest).write(
                     dump(build_manifest(options, tree, result, image, dropped_acls=dropped))
                 )
             commit(targets.all())
+            if reuse is not None and reused is None:
+                _keep_image(reuse, out, tree, result, image, walk_started, options.cache.cache_max)
 
     def make_manifest() -> dict[str, Any]:
         full = image if image.sha256 is not None else digest_image(options.output)
@@ -209,6 +211,57 @@ def _collect_and_write(
         warnings=result.warnings,
         cache=result.cache,
     )
+
+
+def _write_image(
+    options: BuildOptions,
+    writer: FormatWriter,
+    tree: FrozenTree,
+    out: AtomicOutput,
+    advance: Callable[[int], None],
+    want_sha256: bool,
+) -> tuple[WriteResult, ImageDigest]:
+    try:
+        result: WriteResult = writer.write(tree, out.region(), advance)
+    except OutputError as exc:
+        if exc.path is None:
+            raise OutputError(exc.reason, options.output) from exc
+        raise
+    out.size_to(result.image_size)
+    # The digest is the temp file's, taken before the commit: what lands is what was
+    # hashed, and an interrupted digest leaves no image.
+    return result, digest_image(out.fd, sha256=want_sha256)
+
+
+def _reuse_image(
+    reuse: Reuse | None, writer: FormatWriter, tree: FrozenTree, out: AtomicOutput, want_sha256: bool
+) -> tuple[WriteResult, ImageDigest] | None:
+    """The image an earlier build of the same inputs made, copied into the output's
+    temp file and checked by its digest (reuse.py); None: write it (a bad entry is
+    removed, the temp file emptied)."""
+    if reuse is None:
+        return None
+    hit = reuse.copy_into(out.fd, tree, writer.facts_type)
+    if hit is None:
+        os.ftruncate(out.fd, 0)  # (a copy that failed half way)
+        return None
+    result, recorded = hit
+    image = digest_image(out.fd, sha256=want_sha256)
+    if image.blake3 != recorded or image.size != result.image_size:
+        reuse.drop()
+        os.ftruncate(out.fd, 0)
+        return None
+    result.warnings = writer.reused()
+    return result, image
+
+
+def _keep_image(reuse: Reuse, out: AtomicOutput, tree: FrozenTree, result: WriteResult, image: ImageDigest,
+                walk_started: int, max_bytes: int) -> None:  # fmt: skip
+    """Store the committed image for the next build of the same inputs (reuse.py)."""
+    if reuse.store(out.fd, tree, result, image, walk_started, max_bytes):
+        result.cache = result.cache if result.cache is not None else CacheStats()
+        result.cache.image_stored += 1
+    result.warnings = [*result.warnings, *reuse.warnings]
 
 
 def resolve_epoch(epoch: int | None) -> int | None:

@@ -58,6 +58,7 @@ IDENT_KEY = struct.Struct("<QQQqq")  # an identity as a key: st_dev, st_ino, siz
 IDENT_SIZE = IDENT_KEY.size  # (a stat record is the key and the digest: 40 + 32 bytes)
 STAT_MAX = 1_000_000  # records kept (this build's first)
 ENTRY_PREFIX = "c-"
+IMAGE_PREFIX = "i-"  # a whole image (reuse.py)
 TEMP_PREFIX = "tmp-"
 TEMP_STALE_S = 3600  # a temp file older than this is a crashed build's: removed
 DEFAULT_MAX = 2 << 30
@@ -100,6 +101,8 @@ class CacheStats:
     remote_fetched: int = 0  # entries fetched from the shared cache (cache_remote.py)
     remote_pushed: int = 0  # entry blobs uploaded to it
     remote_refused: int = 0  # its blobs that were not what its index said: not used
+    image_hits: int = 0  # whole images reused (reuse.py): nothing else was done
+    image_stored: int = 0
 
 
 @dataclass
@@ -289,17 +292,20 @@ class BuildCache:
 
     def known_digests(self, refs: list[DataRef]) -> bytearray | None:
         """The stat cache's digests of a batch of (small) files, 32 bytes each, back to
-        back, if it knows every one of them as it is now (identities taken by the C
-        core: open, fstat); else None, and the batch is read (read_learning)."""
+        back, if it knows every one of them as walked (DataRef.ident; else identities
+        taken now by the C core: open, fstat); else None, and the batch is read
+        (read_learning)."""
         # Only with a stat file to look in: in a cold build the identities (an open
         # and fstat per file) would cost what the read costs, and never hit.
         if not self.enabled or not self._stat_loaded or not all(map(self.eligible, refs)):
             return None
-        ident, ok = _c_identities(refs)
-        if not all(ok):
-            return None
-        raw = _le(ident)
-        keys = [raw[at : at + IDENT_SIZE] for at in range(0, len(raw), IDENT_SIZE)]
+        keys = walked_identities(refs)
+        if keys is None:
+            ident, ok = _c_identities(refs)
+            if not all(ok):
+                return None
+            raw = _le(ident)
+            keys = [raw[at : at + IDENT_SIZE] for at in range(0, len(raw), IDENT_SIZE)]
         with self._lock:
             found = [self._stat.get(key) for key in keys]
             if None in found:
@@ -553,7 +559,7 @@ class BuildCache:
                         _unlink(item.path)
                     continue
                 total += st.st_size
-                if item.name.startswith(ENTRY_PREFIX):
+                if item.name.startswith((ENTRY_PREFIX, IMAGE_PREFIX)):
                     entries.append((st.st_mtime_ns, st.st_size, item.path))
         entries.sort()
         for _, size, path in entries:
@@ -605,6 +611,19 @@ def _le(values: array[int]) -> bytes:
     return values.tobytes()
 
 
+NO_IDENT = bytes(IDENT_SIZE)  # the walk's "no identity" (a time beyond an int64 of ns)
+
+
+def walked_identities(refs: list[DataRef]) -> list[bytes] | None:
+    """The walk's identities of every file, or None if it lacks one.  As good as an
+    fstat now for a lookup: what is built is the tree as walked, and a block built
+    from files looked up is checked against their digests when they are read."""
+    idents = [ref.ident for ref in refs]
+    if any(len(ident) != IDENT_SIZE or ident == NO_IDENT for ident in idents):
+        return None
+    return idents
+
+
 def _c_identities(refs: list[DataRef]) -> tuple[array[int], bytearray]:
     """The files' identities (5 ints each, as Identity) and whether each has one
     (opened, fstat'ed and still as collected): one call into the C core."""
@@ -640,7 +659,9 @@ class ScanCache:
     blocks) then the runs' first blocks and their counts (u32 little-endian each).
     All of it depends only on the content and the block size.  Bytes, not objects:
     a tree's worth of them is loaded, looked up and saved in bulk.  The identities
-    are taken by the C core, a batch at a time (pyimg_identity_batch: open, fstat).
+    are taken now by the C core, a batch at a time (pyimg_identity_batch: open,
+    fstat), not the walk's: they are taken again after a scan, to see that the file
+    did not change while it was read, and the stream reads it once more.
     Thread-safe; `save()` before cache.close().
     """
 
@@ -727,6 +748,7 @@ class ScanCache:
         block size's: none, to be replaced), None if it is damaged.  Columns, so
         that 28k records take comprehensions rather than a loop (0.18 -> 0.03 s)."""
         import itertools
+
         if len(body) < SCAN_HEADER.size:
             return None
         _magic, block_size, count = SCAN_HEADER.unpack_from(body, 0)

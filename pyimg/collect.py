@@ -71,10 +71,11 @@ def collect(options: BuildOptions, on_file: FileCallback | None = None) -> Colle
     spool = Spool(spool_directory(options))
     if len(options.sources) != 1:
         on_file = None
+    identities = bool(options.cache.cache)  # for whole-image reuse (reuse.py)
     try:
         with gc_paused():
             for spec in options.sources:
-                add_source(tree, spec, rules, spool, on_file)
+                add_source(tree, spec, rules, spool, on_file, identities)
     except BaseException:
         spool.close()
         raise
@@ -98,7 +99,12 @@ def drop_acls(tree: FrozenTree) -> list[str]:
 
 
 def add_source(
-    tree: Tree, spec: SourceSpec, rules: Rules, spool: Spool, on_file: FileCallback | None = None
+    tree: Tree,
+    spec: SourceSpec,
+    rules: Rules,
+    spool: Spool,
+    on_file: FileCallback | None = None,
+    identities: bool = False,
 ) -> None:
     dest = normalize_path(spec.dest, where=spec.path)
     _check_dest(tree, dest, spec)
@@ -106,7 +112,7 @@ def add_source(
     if kind != "file" and (spec.mode, spec.uid, spec.gid) != (None, None, None):
         raise SpecError(f"mode, uid and gid apply to single-file sources only (this is a {kind})", spec.path)
     if kind == "dir":
-        add_directory(tree, spec.path, dest, rules, on_file)
+        add_directory(tree, spec.path, dest, rules, on_file, identities)
     elif kind == "tar":
         from .sources.tar import add_tar  # imported on use: tarfile and friends cost every start ~12 ms
 

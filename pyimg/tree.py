@@ -87,6 +87,10 @@ class DataRef:
     that change while the image is built; stamp_size -1: not checked (a spool file
     cannot change under us).  Two ints rather than a tuple: for a directory source
     they are the inode's own size and mtime objects, so they cost nothing.
+
+    `ident` is the file's identity as the walk saw it (cache.IDENT_KEY's 40 bytes:
+    st_dev, st_ino, size, mtime and ctime in ns), kept only when a build cache asks
+    for it (whole-image reuse, reuse.py); b"" otherwise and for tar members.
     """
 
     base: bytes
@@ -95,6 +99,7 @@ class DataRef:
     size: int
     stamp_size: int = -1
     stamp_mtime_ns: int = 0
+    ident: bytes = b""
 
     @classmethod
     def at(cls, path: str | bytes, offset: int, size: int, stamp: tuple[int, int] | None = None) -> DataRef:

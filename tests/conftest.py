@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # `pyimg build` uses the user's build cache by default (docs/cache.md): the CLI runs of
@@ -28,3 +29,12 @@ _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, Hea
 settings.register_profile("ci", derandomize=True, max_examples=200, database=None, print_blob=True, **_COMMON)
 settings.register_profile("long", max_examples=5000, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def no_image_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds that never reuse a whole image (pyimg/reuse.py): for the tests of what
+    the stat, content and scan caches do on a rebuild, which a reused image skips."""
+    import pyimg.reuse
+
+    monkeypatch.setattr(pyimg.reuse.Reuse, "for_build", classmethod(lambda cls, options, tree: None))

@@ -401,6 +401,7 @@ def test_a_file_within_the_racy_window_is_not_trusted(
     assert warm.digest == pyimg.build([str(tree)], out, epoch=EPOCH).digest
 
 
+@pytest.mark.usefixtures("no_image_reuse")
 def test_a_damaged_stat_cache_is_ignored(tree: Path, tmp_path: Path) -> None:
     cache, out = tmp_path / "cache", str(tmp_path / "img")
     with racy_window(-(10**12)):
@@ -566,6 +567,7 @@ def test_fragment_blocks_are_compressed_once(tmp_path: Path) -> None:
     assert (tmp_path / "x" / "s200").read_bytes() == (src / "s200").read_bytes()
 
 
+@pytest.mark.usefixtures("no_image_reuse")
 def test_unchanged_small_files_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fragment blocks are keyed by their members (digests and lengths in order), so a
     batch of small files whose digests the stat cache knows is packed without being

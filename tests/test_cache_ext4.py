@@ -122,6 +122,7 @@ def scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.mark.usefixtures("no_image_reuse")
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_no_change_rebuild_reads_no_file_to_hash(
     tree: Path, tmp_path: Path, scans: list[str], jobs: int
@@ -202,6 +203,7 @@ def _scan_file(cache: Path) -> Path:
     return cache / pyimg.cache.SCAN_FILE
 
 
+@pytest.mark.usefixtures("no_image_reuse")
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "inconsistent"])
 def test_a_damaged_scan_cache_is_ignored_and_replaced(tree: Path, tmp_path: Path, damage: str) -> None:
     cache, img = tmp_path / "cache", tmp_path / "img"
@@ -230,6 +232,7 @@ def test_a_damaged_scan_cache_is_ignored_and_replaced(tree: Path, tmp_path: Path
     assert third.cache.stat_hits == DATA_FILES and third.cache.bad_entries == 0
 
 
+@pytest.mark.usefixtures("no_image_reuse")
 def test_a_scan_cache_of_another_block_size_is_not_used(tree: Path, tmp_path: Path) -> None:
     cache, img = tmp_path / "cache", tmp_path / "img"
     with racy_window(OLD):

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -37,6 +38,7 @@ struct pyimg_walk {
     int64_t *mtime_ns, *mtime_sec, *size;
     int32_t *mtime_nsec;
     uint64_t *dev, *ino, *rdev;
+    uint8_t *ident;      /* PYIMG_WALK_IDENT bytes per entry */
     size_t *raw_ends;    /* end offset of each name in raw, in readdir order */
     const char **sorted; /* the names, sorted (pointers into raw) */
     pyimg_buf raw;       /* names in readdir order, NUL-terminated */
@@ -44,6 +46,7 @@ struct pyimg_walk {
     pyimg_buf targets;   /* one NUL-terminated target per entry */
     pyimg_buf path;      /* "dir/" + the current name, for llistxattr */
     pyimg_err error;
+    int local; /* the listed directory's file system is pyimg_local_fs's */
 };
 
 pyimg_walk *pyimg_walk_new(void) { return calloc(1, sizeof(pyimg_walk)); }
@@ -62,6 +65,7 @@ void pyimg_walk_free(pyimg_walk *w) {
     free(w->dev);
     free(w->ino);
     free(w->rdev);
+    free(w->ident);
     free(w->raw_ends);
     free(w->sorted);
     pyimg_buf_free(&w->raw);
@@ -101,6 +105,7 @@ static int reserve_entries(pyimg_walk *w, size_t n) {
         grow_column(&w->mtime_nsec, cap, sizeof *w->mtime_nsec) ||
         grow_column(&w->size, cap, sizeof *w->size) || grow_column(&w->dev, cap, sizeof *w->dev) ||
         grow_column(&w->ino, cap, sizeof *w->ino) || grow_column(&w->rdev, cap, sizeof *w->rdev) ||
+        grow_column(&w->ident, cap, PYIMG_WALK_IDENT) ||
         grow_column(&w->raw_ends, cap, sizeof *w->raw_ends) || grow_column(&w->sorted, cap, sizeof *w->sorted))
         return -PYIMG_ENOMEM; /* the columns grown so far stay valid, cap unchanged */
     w->cap = cap;
@@ -157,6 +162,47 @@ static int read_target(pyimg_walk *w, int dirfd, const char *name, size_t hint, 
     }
 }
 
+int pyimg_local_fs_type(int64_t f_type) {
+    /* linux/magic.h: file systems whose stat(2) is never served from a stale cache
+     * of another host's (NFS, CIFS, FUSE and 9p may be: up to acregmax on NFS). */
+    static const uint32_t local[] = {
+        0xEF53u,     /* ext2, ext3, ext4 */
+        0x58465342u, /* xfs */
+        0x9123683Eu, /* btrfs */
+        0x01021994u, /* tmpfs */
+        0x858458F6u, /* ramfs */
+        0xF2F52010u, /* f2fs */
+        0x794C7630u, /* overlayfs (container builds) */
+        0x2FC12FC1u, /* zfs */
+        0xCA451A4Eu, /* bcachefs */
+        0x73717368u, /* squashfs */
+        0xE0F5E1E2u, /* erofs */
+        0x4D44u,     /* vfat, msdos */
+        0x2011BAB0u, /* exfat */
+        0x00009660u, /* iso9660 */
+    };
+    for (size_t i = 0; i < sizeof local / sizeof local[0]; i++)
+        if ((uint32_t)f_type == local[i]) return 1;
+    return 0;
+}
+
+int pyimg_local_fs(const char *path) {
+    struct statfs sfs;
+    return statfs(path, &sfs) == 0 && pyimg_local_fs_type((int64_t)sfs.f_type);
+}
+
+/* A regular file's identity (walk.h: the ident column), left zero when a time
+ * does not fit an int64 of ns. */
+static void put_identity(uint8_t *out, const struct stat *st) {
+    int64_t msec = (int64_t)st->st_mtim.tv_sec, csec = (int64_t)st->st_ctim.tv_sec;
+    if (msec < -SEC_NS_MAX || msec > SEC_NS_MAX || csec < -SEC_NS_MAX || csec > SEC_NS_MAX) return;
+    put_le64(out, (uint64_t)st->st_dev);
+    put_le64(out + 8, (uint64_t)st->st_ino);
+    put_le64(out + 16, (uint64_t)st->st_size);
+    put_le64(out + 24, (uint64_t)(msec * 1000000000 + st->st_mtim.tv_nsec));
+    put_le64(out + 32, (uint64_t)(csec * 1000000000 + st->st_ctim.tv_nsec));
+}
+
 /* Fills the columns of entry i, named `name`, in the directory open as dirfd;
  * w->path holds "dir/" (prefix_len bytes).  Returns 0 or a negative code (only
  * for running out of memory: failures of the entry are kept in its columns). */
@@ -168,6 +214,8 @@ static int describe(pyimg_walk *w, int dirfd, size_t prefix_len, size_t i, const
     w->mtime_ns[i] = w->mtime_sec[i] = w->size[i] = 0;
     w->mtime_nsec[i] = 0;
     w->dev[i] = w->ino[i] = w->rdev[i] = 0;
+    uint8_t *ident = w->ident + i * PYIMG_WALK_IDENT;
+    memset(ident, 0, PYIMG_WALK_IDENT);
     size_t target_at = w->targets.len;
     if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
         flags = PYIMG_WALK_STAT;
@@ -205,6 +253,7 @@ static int describe(pyimg_walk *w, int dirfd, size_t prefix_len, size_t i, const
             err = errno;
             goto done;
         }
+        if (w->local) put_identity(ident, &st);
     }
     /* There is no llistxattrat: the path is dir + "/" + name, or where that is too
      * long for the kernel (PATH_MAX), the name within the directory's descriptor
@@ -283,6 +332,8 @@ int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out
         if (fd >= 0) close(fd);
         return fail(w, PYIMG_ESOURCE, "cannot open the directory");
     }
+    struct statfs sfs;
+    w->local = fstatfs(fd, &sfs) == 0 && pyimg_local_fs_type((int64_t)sfs.f_type);
     int64_t n = list_open(w, dir, out);
     closedir(dir);
     if (n == -PYIMG_ESOURCE) return fail(w, PYIMG_ESOURCE, "cannot read the directory");
@@ -298,6 +349,7 @@ int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out
     out->dev = w->dev;
     out->ino = w->ino;
     out->rdev = w->rdev;
+    out->ident = w->ident;
     out->flags = w->flags;
     out->err = w->err;
     out->names = (const char *)w->names.data;

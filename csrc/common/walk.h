@@ -20,6 +20,7 @@ enum {
     PYIMG_WALK_LINKED = 0x200,      /* not a directory and st_nlink > 1 */
     PYIMG_WALK_WIDE_TIME = 0x400    /* the mtime in ns does not fit mtime_ns: see mtime_sec */
 };
+enum { PYIMG_WALK_IDENT = 40 }; /* bytes of one entry's identity (the ident column) */
 
 /* One listed directory, as columns: entry i of each array describes the i-th
  * name, entries sorted by raw name bytes (a name before any longer name it is a
@@ -41,6 +42,12 @@ typedef struct {
     const uint64_t *ino;
     const uint64_t *rdev;     /* st_rdev (char and block devices) */
     const uint32_t *flags;    /* PYIMG_WALK_* */
+    /* PYIMG_WALK_IDENT bytes per entry: a regular file's identity as the build
+     * cache keys it (st_dev, st_ino, st_size, mtime and ctime in ns; u64, u64,
+     * u64, i64, i64, little-endian); all zero for other types, after a failed
+     * step, when a time does not fit an int64 of ns, or on a file system that
+     * pyimg_local_fs does not name. */
+    const uint8_t *ident;
     const int32_t *err;       /* errno of the failed step, else 0 */
     const char *names;
     size_t names_len;
@@ -62,6 +69,12 @@ const char *pyimg_walk_error(const pyimg_walk *w);
  * Returns the number of entries, or -PYIMG_ESOURCE when the directory cannot be
  * opened or read (out->dir_errno), or -PYIMG_ENOMEM. */
 int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out);
+/* 1 if `path` (followed) is on a file system whose attributes are always current
+ * (ext4, xfs, btrfs, tmpfs, overlayfs, ...: the list in walk.c), else 0: only
+ * there does the walk fill the ident column (a network file system may answer
+ * stat from a cache that another host's write has not reached yet). */
+int pyimg_local_fs(const char *path);
+int pyimg_local_fs_type(int64_t f_type);
 /* CDEF END */
 
 #endif

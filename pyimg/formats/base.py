@@ -92,6 +92,7 @@ class FileScan(Protocol):
 
 class FormatWriter(Protocol):
     name: ClassVar[str]
+    facts_type: ClassVar[type]  # the frozen dataclass of WriteResult.facts
 
     def __init__(self, options: BuildOptions) -> None: ...
 
@@ -100,6 +101,11 @@ class FormatWriter(Protocol):
         ...
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult: ...
+
+    def reused(self) -> list[str]:
+        """Called instead of write() when the image came whole from the cache
+        (reuse.py): release what prescan() opened; returns the writer's warnings."""
+        ...
 
 
 def image_epoch(options: BuildOptions, tree: FrozenTree) -> int:

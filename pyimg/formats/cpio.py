@@ -65,6 +65,7 @@ class CpioFacts:
 
 class CpioWriter:
     name: ClassVar[str] = "cpio"
+    facts_type: ClassVar[type] = CpioFacts
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
@@ -75,6 +76,10 @@ class CpioWriter:
     def prescan(self) -> None:
         """None: cpio reads each file once, in the frozen tree's order."""
         return None
+
+    def reused(self) -> list[str]:
+        """The image came whole from the cache (reuse.py): nothing to release."""
+        return []
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
         return write_archive(tree, region, progress, self.cpio, jobs=self.jobs)

@@ -379,8 +379,27 @@ class _Writes:
     buffer: bytearray | None
 
 
+@dataclass(frozen=True, slots=True)
+class Ext4Facts:
+    """What an ext4 image is, beyond its bytes (the artifact's facts, the manifest's
+    format_details): what a disk or a boot entry needs to name it."""
+
+    features: tuple[str, ...]
+    block_size: int
+    blocks: int
+    free_blocks: int
+    inodes: int
+    free_inodes: int
+    groups: int
+    journal_blocks: int
+    uuid: str
+    size: int
+    shared_blocks: bool
+
+
 class Ext4Writer:
     name: ClassVar[str] = "ext4"
+    facts_type: ClassVar[type] = Ext4Facts
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
@@ -405,6 +424,15 @@ class Ext4Writer:
         --jobs 1, which means one thread."""
         self._prescan = Prescan(self._open_cache()) if self.options.jobs > 1 else None
         return self._prescan
+
+    def reused(self) -> list[str]:
+        """The image came whole from the cache (reuse.py): write() is not called.
+        The prescan is stopped, then the cache it opened closed; its warnings."""
+        if self._prescan is not None:
+            self._prescan.close()
+        if self._cache is not None:
+            self._cache.close()
+        return self.warnings + (list(self._cache.warnings) if self._cache is not None else [])
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
         scan_cache = self._open_cache()
@@ -441,24 +469,6 @@ def _choose_dedup(opts: Ext4Options, plus_shared: bool, journal: bool) -> bool:
             "images: give one of --dedup / --journal (without --dedup, a journaled image is not deduplicated)"
         )
     return dedup if dedup is not None else not journal
-
-
-@dataclass(frozen=True, slots=True)
-class Ext4Facts:
-    """What an ext4 image is, beyond its bytes (the artifact's facts, the manifest's
-    format_details): what a disk or a boot entry needs to name it."""
-
-    features: tuple[str, ...]
-    block_size: int
-    blocks: int
-    free_blocks: int
-    inodes: int
-    free_inodes: int
-    groups: int
-    journal_blocks: int
-    uuid: str
-    size: int
-    shared_blocks: bool
 
 
 class _Build:

@@ -91,6 +91,7 @@ class SquashfsFacts:
 
 class SquashfsWriter:
     name: ClassVar[str] = "squashfs"
+    facts_type: ClassVar[type] = SquashfsFacts
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
@@ -103,6 +104,10 @@ class SquashfsWriter:
         """None: squashfs reads each file once, to hash and compress it together,
         and packs small files in the tree's order, known only once it is frozen."""
         return None
+
+    def reused(self) -> list[str]:
+        """The image came whole from the cache (reuse.py): nothing to release."""
+        return []
 
     def write(self, tree: FrozenTree, region: Region, progress: Progress) -> WriteResult:
         ids = _id_table(tree)

@@ -33,6 +33,7 @@ from . import Rules, read_xattrs
 
 # Kind by the file type bits of st_mode (mode >> 12); None: not a type images hold.
 _KINDS = [kind_from_mode(ifmt << 12) for ifmt in range(16)]
+IDENT = lib.PYIMG_WALK_IDENT  # bytes of a file's identity in a listing (cache.IDENT_KEY)
 
 # The names blob is NUL-separated; decoding it at once gives what os.fsdecode gives
 # name by name only where NUL is one byte never found inside another character.
@@ -54,11 +55,17 @@ _PERMS = list(range(0o10000))
 
 
 def add_directory(
-    tree: Tree, path: str, dest: bytes, rules: Rules, on_file: FileCallback | None = None
+    tree: Tree,
+    path: str,
+    dest: bytes,
+    rules: Rules,
+    on_file: FileCallback | None = None,
+    identities: bool = False,
 ) -> None:
     """Add the directory `path` and everything below it at image path `dest`;
     `on_file`, when given, is called with the DataRef of every regular file with
-    data as it is collected, in the tree's order (see _walk)."""
+    data as it is collected, in the tree's order (see _walk).  `identities`: keep
+    each file's identity as walked in its DataRef (`ident`, for the build cache)."""
     # str paths (undecodable bytes kept by surrogateescape, os.fsdecode) for the walk:
     # DataRef wants str anyway; the C walker gets them back as bytes (os.fsencode).
     top = os.fsdecode(path)
@@ -75,15 +82,17 @@ def add_directory(
     root = Inode(Kind.DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
     root.xattrs = read_xattrs(top, follow_symlinks=True)
     tree.add(dest, rules.apply(root, recorded_owner=False), parent_template=rules.parent_template)
-    _walk(tree, top, dest, rules, on_file)
+    _walk(tree, top, dest, rules, on_file, identities)
 
 
-def _walk(tree: Tree, top: str, dest: bytes, rules: Rules, on_file: FileCallback | None) -> None:
+def _walk(
+    tree: Tree, top: str, dest: bytes, rules: Rules, on_file: FileCallback | None, identities: bool
+) -> None:
     """Everything below `top` in the tree's own order: depth first, each directory's
     entries by name, a directory's subtree right after its own entry (a stack of
     listings being read).  Regular files therefore come in the order the writers
     store them, and `on_file` sees each new one (with data) in that order."""
-    lister = _list_in_c()
+    lister = _list_in_c(identities)
     links: dict[tuple[int, int], Inode] = {}
     # Locals for the loop below: it runs once per entry.
     entries = tree.entries
@@ -136,7 +145,10 @@ def _walk(tree: Tree, top: str, dest: bytes, rules: Rules, on_file: FileCallback
             elif kind is FILE:
                 perm = perms[mode & 0o7777]
                 if size:
-                    data = DataRef(base, image_path[skip:] if skip else image_path, 0, size, size, mtime_ns)
+                    # (a slice of b"", the shared empty bytes, without identities)
+                    ident = listing.idents[IDENT * i : IDENT * i + IDENT]
+                    rel = image_path[skip:] if skip else image_path
+                    data = DataRef(base, rel, 0, size, size, mtime_ns, ident)
                     inode = Inode(FILE, perm, uid, gid, mtime_ns, size, b"", (0, 0), no_xattrs, data)
                     if on_file is not None:
                         on_file(data)
@@ -169,8 +181,8 @@ class _Listing:
     says; the rare columns are copied only for listings with an entry that needs
     them."""
 
-    __slots__ = ("dev", "err", "flags", "fs_names", "gid", "ino", "mode", "mtime_ns", "mtime_nsec",
-                 "mtime_sec", "names", "rdev", "size", "targets", "uid")  # fmt: skip
+    __slots__ = ("dev", "err", "flags", "fs_names", "gid", "idents", "ino", "mode", "mtime_ns",
+                 "mtime_nsec", "mtime_sec", "names", "rdev", "size", "targets", "uid")  # fmt: skip
 
     names: list[bytes]
     fs_names: list[str]  # os.fsdecode of each name
@@ -181,6 +193,7 @@ class _Listing:
     mtime_ns: list[int]
     size: list[int]
     flags: list[int]  # PYIMG_WALK_*
+    idents: bytes  # IDENT bytes per entry (csrc/common/walk.h), or b"" when not asked for
     # The rest, read only by _entry_inode: lists of ints, or None when no entry of
     # the listing needs them (no flags, only files, directories and symlinks).
     err: list[int] | None
@@ -201,9 +214,10 @@ def _decode_names(blob: bytes, names: list[bytes]) -> list[str]:
 _COMMON_TYPES = {stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12}
 
 
-def _list_in_c() -> Callable[[str], _Listing | None]:
+def _list_in_c(identities: bool = False) -> Callable[[str], _Listing | None]:
     """A lister of directories through one C walker, whose buffers it reuses; each
-    listing owns the columns it needs (lists), so several can be read at once."""
+    listing owns the columns it needs (lists), so several can be read at once.
+    `identities`: also the files' identities (_Listing.idents)."""
     walker = ffi.gc(check_handle(lib.pyimg_walk_new(), "directory walker"), lib.pyimg_walk_free)
     out = ffi.new("pyimg_walk_listing *")
     unpack = ffi.unpack
@@ -226,6 +240,7 @@ def _list_in_c() -> Callable[[str], _Listing | None]:
         listing.mtime_ns = unpack(out.mtime_ns, n)
         listing.size = unpack(out.size, n)
         listing.flags = unpack(out.flags, n)
+        listing.idents = ffi.buffer(out.ident, IDENT * n)[:] if identities else b""
         if any(listing.flags) or not {mode >> 12 for mode in listing.mode} <= _COMMON_TYPES:
             # Some entry needs the rare columns (_entry_inode): copied, because the
             # walker's buffers are reused by the next listing, which may come (a
@@ -288,6 +303,7 @@ def _entry_inode(
         inode.size = size
         if size:
             inode.data = DataRef.at(path, 0, size, (size, mtime_ns))
+            inode.data.ident = listing.idents[IDENT * i : IDENT * i + IDENT]
             if on_file is not None:
                 on_file(inode.data)
     elif kind is Kind.SYMLINK:

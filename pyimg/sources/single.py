@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 
+from .._ffi import lib
+from ..cache import IDENT_KEY
 from ..errors import SourceError, SpecError
 from ..options import SourceSpec
 from ..tree import DataRef, Inode, Kind, Tree
@@ -36,6 +39,7 @@ def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules) -> None:
     inode = Inode(Kind.FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, size=st.st_size)
     if st.st_size:
         inode.data = DataRef.at(spec.path, 0, st.st_size, (st.st_size, st.st_mtime_ns))
+        inode.data.ident = _identity(raw, st)
     inode.xattrs = read_xattrs(raw, follow_symlinks=True)
     rules.apply(inode, recorded_owner=False)
     if spec.mode is not None:
@@ -45,3 +49,15 @@ def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules) -> None:
     if spec.gid is not None:
         inode.gid = spec.gid
     tree.add(dest, inode, parent_template=rules.parent_template)
+
+
+def _identity(path: str, st: os.stat_result) -> bytes:
+    """The file's identity for whole-image reuse (DataRef.ident), as the walk takes
+    it: b"" on a file system whose attributes may be stale, or for a time beyond an
+    int64 of ns."""
+    if not lib.pyimg_local_fs(os.fsencode(path)):
+        return b""
+    try:
+        return IDENT_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except struct.error:
+        return b""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from pyimg._ffi import ffi, lib
+from pyimg.cache import IDENT_KEY
 from pyimg.collect import collect
 from pyimg.options import BuildOptions, Policy, SourceSpec
 from pyimg.sources import _NO_XATTR_SUPPORT, read_xattrs
@@ -210,6 +211,7 @@ def test_mtime_beyond_int64_ns(tmp_path: Path) -> None:
         pytest.skip("the file system does not keep such times")
     n, (_, out) = listing(os.fsencode(root))
     assert n == 1 and out.flags[0] & lib.PYIMG_WALK_WIDE_TIME
+    assert ffi.buffer(out.ident, IDENT_KEY.size)[:] == bytes(IDENT_KEY.size)  # no identity: no reuse
     inode = run(root, owner="preserve")[b"far"]
     assert inode.mtime_ns == wide and inode.data is not None and inode.data.stamp == (1, wide)
     assert run(root, epoch=1000)[b"far"].mtime_ns == 1000 * 10**9  # still clamped
@@ -281,10 +283,11 @@ def test_c_listing_as_os_sees_it(tmp_path: Path) -> None:
     if can_xattr(root):
         os.setxattr(root / "file", "user.x", b"1")
         os.setxattr(root / "dir", "user.y", b"")
-    list_in_c = _list_in_c()
+    list_in_c, with_idents = _list_in_c(), _list_in_c(identities=True)
     for directory in (root, root / "dir", root / "dir/sub"):
-        c = list_in_c(str(directory))
-        assert c is not None
+        c, idents = list_in_c(str(directory)), with_idents(str(directory))
+        assert c is not None and idents is not None
+        assert c.idents == b""  # only asked for with a build cache
         with os.scandir(directory) as it:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
         assert c.names == [os.fsencode(e.name) for e in entries]
@@ -301,6 +304,10 @@ def test_c_listing_as_os_sees_it(tmp_path: Path) -> None:
             want = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size, flags, target)
             got = (c.mode[i], c.uid[i], c.gid[i], c.mtime_ns[i], c.size[i], c.flags[i], c.targets[i])
             assert got == want, entry.name
+            # A regular file's identity, as the build cache keys it; zeros for the rest.
+            ident = IDENT_KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            want_ident = ident if stat.S_ISREG(st.st_mode) else bytes(IDENT_KEY.size)
+            assert idents.idents[IDENT_KEY.size * i : IDENT_KEY.size * (i + 1)] == want_ident, entry.name
             # The rare columns come with every listing that has an entry needing them.
             assert (c.err is not None) == rare, directory
             if c.err is not None and c.dev is not None and c.ino is not None and c.rdev is not None:
@@ -316,3 +323,14 @@ def _xattr_names(path: str) -> list[str]:
         if exc.errno in _NO_XATTR_SUPPORT:
             return []
         raise
+
+
+def test_identities_only_on_file_systems_whose_attributes_are_current() -> None:
+    """The walk's identities serve whole-image reuse: not on a file system that may
+    answer stat from a cache another host's write has not reached (NFS, CIFS, FUSE,
+    9p), where a change could hide from the key."""
+    for local in (0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0x794C7630):
+        assert lib.pyimg_local_fs_type(local) == 1
+    for remote in (0x6969, 0xFF534D42, 0x65735546, 0x01021997, 0xFE534D42, 0):
+        assert lib.pyimg_local_fs_type(remote) == 0
+    assert lib.pyimg_local_fs(b"/proc") == 0 and lib.pyimg_local_fs(b"/nonexistent") == 0
