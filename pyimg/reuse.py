@@ -28,7 +28,7 @@ its image digest taken as for any build; it must equal the recorded one, else th
 entry is removed and the image written (api.py).  Each output (its real path and
 format) keeps one image: the one its last build kept replaces the one before.  At
 most IMAGES_KEPT images stay in a directory (the least recently used go; the cache's
-eviction counts them with the rest), and none over a quarter of the cache's limit.
+eviction counts them with the rest), and none over half of the cache's limit.
 An entry is renamed into place, not fsynced: a torn one fails that check.
 
 Nothing here prints; failures of the cache directory come back as warnings.
@@ -67,6 +67,7 @@ ENTRY_HEADER = struct.Struct("<8sI32sIQ32s")  # magic, version, key, record leng
 # of the record and digests
 IMAGES_KEPT = 8  # whole images kept per cache directory (a few outputs, formats or branches)
 SLOT_PREFIX = "o-"  # an output's slot: the key of the image its last build kept
+IMAGE_SHARE = 2  # an image is kept only if its allocated bytes are at most 1/IMAGE_SHARE of the cache's limit
 ALIGN = 4096  # where the image starts in an entry: its holes stay holes
 IDENT = 40  # bytes of DataRef.ident (cache.IDENT_KEY)
 NO_IDENT = bytes(IDENT)
@@ -279,12 +280,12 @@ class Reuse:
     def store(self, image_fd: int, tree: FrozenTree, result: WriteResult, image: ImageDigest,
               walk_started_ns: int, max_bytes: int) -> bool:  # fmt: skip
         """Keep the image just built (`image_fd`, committed) under the key, unless an
-        identity could be racily clean or the image would take over a quarter of the
+        identity could be racily clean or the image would take over half of the
         cache (its allocated bytes: an ext4 image is mostly holes).  The image this
         output kept before goes.  True if stored; a failing directory adds a warning."""
         if self.key.newest_ns >= walk_started_ns - cache.RACY_NS:
             return False
-        if os.fstat(image_fd).st_blocks * 512 > max_bytes // 4:
+        if os.fstat(image_fd).st_blocks * 512 > max_bytes // IMAGE_SHARE:
             return False
         file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
         record = json.dumps({

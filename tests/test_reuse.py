@@ -19,13 +19,17 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from hypothesis import event, given, note, settings
+from hypothesis import strategies as st
 
 import pyimg
 import pyimg.reuse
 from pyimg.cache import IMAGE_PREFIX
 from pyimg.reuse import ALIGN, ENTRY_HEADER, IMAGES_KEPT, SLOT_PREFIX
 
-from .test_cache import EPOCH, racy_window
+from .test_cache import EDITS as TREE_EDITS
+from .test_cache import EPOCH, FILES, NAMES, FileSpec, apply_edits, racy_window, scratch
+from .test_cache import make_tree as make_random_tree
 
 OLD = -(10**12)  # a racy window that trusts every identity (as if every file were old)
 FORMATS = ["squashfs", "ext4", "cpio"]
@@ -84,6 +88,37 @@ def test_a_no_change_rebuild_copies_the_image_a_clean_build_makes(
                 clean.bytes_in, clean.bytes_stored, clean.image_size,
             )  # fmt: skip
             assert again.artifact.facts == clean.artifact.facts
+
+
+@settings(max_examples=settings.default.max_examples)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    files=st.dictionaries(NAMES, FILES, min_size=1, max_size=6),
+    edits=st.one_of(st.just([]), TREE_EDITS),
+)
+def test_reused_or_rebuilt_the_image_is_the_clean_one(
+    fmt: str, files: dict[str, FileSpec], edits: list[tuple[str, str, FileSpec, int]]
+) -> None:
+    """Random trees, then no edit or random ones (add, remove, change, rename, chmod,
+    touch, truncate, make sparse): every rebuild with the cache, at jobs 1, 2 and 4,
+    is the image of a build without one; with no edit, each is a reused image."""
+    note(f"{fmt}: {files} then {edits}")
+    with scratch() as work:
+        src, cache, img = work / "src", str(work / "cache"), work / "img"
+        make_random_tree(src, files)
+        with racy_window(OLD):
+            build(src, img, fmt, cache=cache)
+            time.sleep(0.02)  # a few timestamp ticks: an edited file's ctime moves
+            apply_edits(src, edits)
+            warm = [build(src, img, fmt, cache=cache, jobs=jobs) for jobs in (1, 2, 4)]
+        clean = build(src, work / "clean", fmt, jobs=2)
+    assert {result.digest for result in warm} == {clean.digest}
+    reused = [hits(result)[0] for result in warm]
+    event(f"{fmt}, {'edited' if edits else 'no edit'}: reused {reused}")
+    if not edits:
+        assert reused == [1, 1, 1]
+    else:
+        assert reused[1:] == [1, 1]  # the first warm build kept its image
 
 
 def _edit_content(src: Path) -> None:
