@@ -50,7 +50,7 @@ from typing import Any
 import blake3
 
 from . import cache
-from .cache import IMAGE_PREFIX, TEMP_PREFIX, CacheStats, compressor_versions
+from .cache import IMAGE_PREFIX, NO_IDENT, TEMP_PREFIX, CacheStats, compressor_versions, walked_identities
 from .cache_remote import remote_ref
 from .collect import source_holding
 from .content import data_ranges
@@ -69,8 +69,6 @@ IMAGES_KEPT = 8  # whole images kept per cache directory (a few outputs, formats
 SLOT_PREFIX = "o-"  # an output's slot: the key of the image its last build kept
 IMAGE_SHARE = 2  # an image is kept only if its allocated bytes are at most 1/IMAGE_SHARE of the cache's limit
 ALIGN = 4096  # where the image starts in an entry: its holes stay holes
-IDENT = 40  # bytes of DataRef.ident (cache.IDENT_KEY)
-NO_IDENT = bytes(IDENT)
 COPY = 8 << 20  # bytes per copy_file_range call
 
 
@@ -118,10 +116,9 @@ def image_key(options: BuildOptions, tree: FrozenTree) -> ImageKey | None:
     some file's content has no identity.  Column by column (each a comprehension and
     one buffer): ~30 ms for 50k entries, where a record per inode took 0.1 s."""
     inodes = tree.inodes
-    refs = [inode.data for inode in inodes if inode.data is not None]
     # Every content needs its identity (a spooled tar member has none, and sits at
     # offset 0 of its spool file like a file of its own).
-    if any(len(ref.ident) != IDENT or ref.ident == NO_IDENT for ref in refs):
+    if walked_identities([inode.data for inode in inodes if inode.data is not None]) is None:
         return None
     if any(d.offset != 0 or d.size != i.size for i in inodes if (d := i.data) is not None):
         return None
