@@ -118,7 +118,7 @@ def add_source(
 
         add_tar(tree, spec.path, dest, rules, spool)
     else:
-        add_file(tree, spec, dest, rules)
+        add_file(tree, spec, dest, rules, identities)
 
 
 def _check_dest(tree: Tree, dest: bytes, spec: SourceSpec) -> None:

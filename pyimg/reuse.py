@@ -242,7 +242,7 @@ class Reuse:
         if len(head) != ENTRY_HEADER.size:
             return None
         magic, version, key, record_len, image_size, check = ENTRY_HEADER.unpack(head)
-        file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
+        file_inos = _file_inos(tree)
         body_len = record_len + 32 * len(file_inos)
         if (magic, version, key) != (IMAGE_MAGIC, IMAGE_VERSION, self.key.key):
             return None
@@ -284,7 +284,7 @@ class Reuse:
             return False
         if os.fstat(image_fd).st_blocks * 512 > max_bytes // IMAGE_SHARE:
             return False
-        file_inos = [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
+        file_inos = _file_inos(tree)
         record = json.dumps({
             "image_size": result.image_size,
             "bytes_in": result.bytes_in,
@@ -349,6 +349,11 @@ class Reuse:
                 return
             for _, path in sorted(found, reverse=True)[IMAGES_KEPT:]:
                 _unlink(path)
+
+
+def _file_inos(tree: FrozenTree) -> list[int]:
+    """The regular files' inode numbers, in order: whose content digests an entry holds."""
+    return [ino for ino, inode in enumerate(tree.inodes, 1) if inode.kind is Kind.FILE]
 
 
 def _aligned(n: int) -> int:

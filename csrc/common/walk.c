@@ -46,7 +46,8 @@ struct pyimg_walk {
     pyimg_buf targets;   /* one NUL-terminated target per entry */
     pyimg_buf path;      /* "dir/" + the current name, for llistxattr */
     pyimg_err error;
-    int local; /* the listed directory's file system is pyimg_local_fs's */
+    int identities; /* fill the ident column (pyimg_walk_want_identities) */
+    int local;      /* the listed directory's file system is pyimg_local_fs's */
 };
 
 pyimg_walk *pyimg_walk_new(void) { return calloc(1, sizeof(pyimg_walk)); }
@@ -76,6 +77,8 @@ void pyimg_walk_free(pyimg_walk *w) {
 }
 
 const char *pyimg_walk_error(const pyimg_walk *w) { return w->error.msg; }
+
+void pyimg_walk_want_identities(pyimg_walk *w, int on) { w->identities = on != 0; }
 
 /* code: a positive PYIMG_E*; returns its negation, as every fail helper. */
 static int fail(pyimg_walk *w, int code, const char *what) { return pyimg_err_set(&w->error, code, "%s", what); }
@@ -214,8 +217,8 @@ static int describe(pyimg_walk *w, int dirfd, size_t prefix_len, size_t i, const
     w->mtime_ns[i] = w->mtime_sec[i] = w->size[i] = 0;
     w->mtime_nsec[i] = 0;
     w->dev[i] = w->ino[i] = w->rdev[i] = 0;
-    uint8_t *ident = w->ident + i * PYIMG_WALK_IDENT;
-    memset(ident, 0, PYIMG_WALK_IDENT);
+    uint8_t *ident = w->identities ? w->ident + i * PYIMG_WALK_IDENT : NULL;
+    if (ident) memset(ident, 0, PYIMG_WALK_IDENT);
     size_t target_at = w->targets.len;
     if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
         flags = PYIMG_WALK_STAT;
@@ -253,7 +256,7 @@ static int describe(pyimg_walk *w, int dirfd, size_t prefix_len, size_t i, const
             err = errno;
             goto done;
         }
-        if (w->local) put_identity(ident, &st);
+        if (ident && w->local) put_identity(ident, &st);
     }
     /* There is no llistxattrat: the path is dir + "/" + name, or where that is too
      * long for the kernel (PATH_MAX), the name within the directory's descriptor
@@ -332,8 +335,8 @@ int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out
         if (fd >= 0) close(fd);
         return fail(w, PYIMG_ESOURCE, "cannot open the directory");
     }
-    struct statfs sfs;
-    w->local = fstatfs(fd, &sfs) == 0 && pyimg_local_fs_type((int64_t)sfs.f_type);
+    struct statfs sfs; /* (only asked for by a build with a cache: not every build's work) */
+    w->local = w->identities && fstatfs(fd, &sfs) == 0 && pyimg_local_fs_type((int64_t)sfs.f_type);
     int64_t n = list_open(w, dir, out);
     closedir(dir);
     if (n == -PYIMG_ESOURCE) return fail(w, PYIMG_ESOURCE, "cannot read the directory");
@@ -349,7 +352,7 @@ int64_t pyimg_walk_list(pyimg_walk *w, const char *path, pyimg_walk_listing *out
     out->dev = w->dev;
     out->ino = w->ino;
     out->rdev = w->rdev;
-    out->ident = w->ident;
+    out->ident = w->identities ? w->ident : NULL;
     out->flags = w->flags;
     out->err = w->err;
     out->names = (const char *)w->names.data;

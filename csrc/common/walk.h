@@ -46,7 +46,7 @@ typedef struct {
      * cache keys it (st_dev, st_ino, st_size, mtime and ctime in ns; u64, u64,
      * u64, i64, i64, little-endian); all zero for other types, after a failed
      * step, when a time does not fit an int64 of ns, or on a file system that
-     * pyimg_local_fs does not name. */
+     * pyimg_local_fs does not name.  NULL unless pyimg_walk_want_identities. */
     const uint8_t *ident;
     const int32_t *err;       /* errno of the failed step, else 0 */
     const char *names;
@@ -61,6 +61,9 @@ typedef struct pyimg_walk pyimg_walk;
 pyimg_walk *pyimg_walk_new(void);
 void pyimg_walk_free(pyimg_walk *w);
 const char *pyimg_walk_error(const pyimg_walk *w);
+/* Whether the listings fill the ident column (off by default: only a build with a
+ * cache keeps identities; off, `ident` is NULL). */
+void pyimg_walk_want_identities(pyimg_walk *w, int on);
 /* Lists the directory `path` (followed if it is a symlink) into *out: for each
  * entry but "." and "..", fstatat without following symlinks, readlinkat for
  * symlinks, faccessat(R_OK) for regular files, and llistxattr to learn whether

@@ -219,6 +219,7 @@ def _list_in_c(identities: bool = False) -> Callable[[str], _Listing | None]:
     listing owns the columns it needs (lists), so several can be read at once.
     `identities`: also the files' identities (_Listing.idents)."""
     walker = ffi.gc(check_handle(lib.pyimg_walk_new(), "directory walker"), lib.pyimg_walk_free)
+    lib.pyimg_walk_want_identities(walker, identities)
     out = ffi.new("pyimg_walk_listing *")
     unpack = ffi.unpack
 

@@ -18,7 +18,8 @@ from ..tree import DataRef, Inode, Kind, Tree
 from . import Rules, read_xattrs
 
 
-def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules) -> None:
+def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules, identities: bool = False) -> None:
+    """`identities`: keep the file's identity in its DataRef (`ident`, for the build cache)."""
     if not dest:
         raise SpecError(
             'a single-file source needs a dest path in the image (e.g. dest = "/etc/hosts")', spec.path
@@ -39,7 +40,8 @@ def add_file(tree: Tree, spec: SourceSpec, dest: bytes, rules: Rules) -> None:
     inode = Inode(Kind.FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, size=st.st_size)
     if st.st_size:
         inode.data = DataRef.at(spec.path, 0, st.st_size, (st.st_size, st.st_mtime_ns))
-        inode.data.ident = _identity(raw, st)
+        if identities:
+            inode.data.ident = _identity(raw, st)
     inode.xattrs = read_xattrs(raw, follow_symlinks=True)
     rules.apply(inode, recorded_owner=False)
     if spec.mode is not None:

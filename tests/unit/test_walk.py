@@ -42,6 +42,7 @@ ODD_NAMES = [
 
 def listing(path: bytes) -> tuple[int, Any]:
     walker = ffi.gc(lib.pyimg_walk_new(), lib.pyimg_walk_free)
+    lib.pyimg_walk_want_identities(walker, 1)
     out = ffi.new("pyimg_walk_listing *")
     n = lib.pyimg_walk_list(walker, path, out)
     return n, (walker, out)  # the walker owns what out points at: keep it alive
@@ -287,7 +288,7 @@ def test_c_listing_as_os_sees_it(tmp_path: Path) -> None:
     for directory in (root, root / "dir", root / "dir/sub"):
         c, idents = list_in_c(str(directory)), with_idents(str(directory))
         assert c is not None and idents is not None
-        assert c.idents == b""  # only asked for with a build cache
+        assert c.idents == b""  # only asked for with a build cache (the C column is then NULL)
         with os.scandir(directory) as it:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
         assert c.names == [os.fsencode(e.name) for e in entries]
@@ -323,6 +324,16 @@ def _xattr_names(path: str) -> list[str]:
         if exc.errno in _NO_XATTR_SUPPORT:
             return []
         raise
+
+
+def test_identities_only_when_asked(tmp_path: Path) -> None:
+    """A walker fills the ident column only for a build with a cache: else NULL."""
+    (tmp_path / "f").write_bytes(b"x")
+    walker = ffi.gc(lib.pyimg_walk_new(), lib.pyimg_walk_free)
+    out = ffi.new("pyimg_walk_listing *")
+    assert lib.pyimg_walk_list(walker, os.fsencode(tmp_path), out) == 1 and out.ident == ffi.NULL
+    lib.pyimg_walk_want_identities(walker, 1)
+    assert lib.pyimg_walk_list(walker, os.fsencode(tmp_path), out) == 1 and out.ident != ffi.NULL
 
 
 def test_identities_only_on_file_systems_whose_attributes_are_current() -> None:
