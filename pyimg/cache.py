@@ -98,9 +98,10 @@ class CacheStats:
     fragment_stored: int = 0
     bad_entries: int = 0  # found corrupt, truncated or foreign, removed
     evicted: int = 0
-    remote_fetched: int = 0  # entries fetched from the shared cache (cache_remote.py)
-    remote_pushed: int = 0  # entry blobs uploaded to it
-    remote_refused: int = 0  # its blobs that were not what its index said: not used
+    remote_fetched: int = 0  # entries used that a pack fetched from the shared cache brought
+    remote_packs: int = 0  # packs fetched from it (blobs of entries: cache_remote.py)
+    remote_pushed: int = 0  # entries uploaded to it (in packs)
+    remote_refused: int = 0  # its packs or entries that were not what its index said: not used
     image_hits: int = 0  # whole images reused (reuse.py): nothing else was done
     image_stored: int = 0
 
@@ -428,7 +429,7 @@ class BuildCache:
             else:
                 self.stats.content_hits += 1
         if self.remote is not None:
-            self.remote.note(key)
+            self.remote.note(key, hit=True)
         return entry
 
     def prefetch(self, wanted: list[tuple[bytes, int, int]]) -> None:

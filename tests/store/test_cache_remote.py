@@ -85,10 +85,12 @@ def test_a_fresh_runner_builds_warm_from_what_another_pushed(store_addr: str, tm
     b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
     assert stats(b).content_hits == FILES and stats(b).content_stored == 0
     assert stats(b).remote_fetched == FILES and stats(b).remote_pushed == 0 and not b.warnings
+    assert stats(b).remote_packs == 1  # A's entries went up in one pack: one round trip
     assert plain.digest == a.digest == b.digest
     assert (tmp_path / "plain.sqfs").read_bytes() == (tmp_path / "b.sqfs").read_bytes()
 
-    # One edited file: only its entry is missing, and it is shared in turn.
+    # One edited file: only its entry is missing, and it is shared in turn.  Runner C
+    # fetches A's pack, and counts as fetched the entries it used.
     (src / "big1").write_bytes((b"edited " * 300_000)[: 16 << 17])
     c = build(src, tmp_path / "c.sqfs", store_addr, tmp_path / "runner-c")
     assert stats(c).remote_fetched == FILES - 1 and stats(c).content_stored == 1
@@ -109,8 +111,88 @@ def test_fragment_blocks_are_shared_too(store_addr: str, tmp_path: Path) -> None
     assert stats(a).fragment_stored >= 1 and stats(a).remote_pushed == entries
     b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b", fragments=True)
     assert stats(b).fragment_hits == stats(a).fragment_stored and stats(b).remote_fetched == entries
+    assert stats(b).remote_packs == 1  # the fragment blocks' entries and the files' in one
     assert stats(b).content_stored == stats(b).fragment_stored == 0 and not b.warnings
     assert (tmp_path / "a.sqfs").read_bytes() == (tmp_path / "b.sqfs").read_bytes()
+
+
+def packs_of(addr: str) -> dict[str, list[tuple[int, int]]]:
+    """The index's packs: digest -> its lines' (offset, length), and their sizes."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for line in index_of(addr).values():
+        out.setdefault(line.pack.digest, []).append((line.offset, line.length))
+    return out
+
+
+@pytest.mark.parametrize("pack_max", [5 << 19, 1 << 20])
+def test_packs_are_bounded_and_each_fetched_once(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pack_max: int
+) -> None:
+    """PACK_MAX 2.5 MiB: two entries (~1.1 MB each) share a pack, the third is alone;
+    1 MiB: each entry is larger than a pack, and goes alone."""
+    monkeypatch.setattr(cache_remote, "PACK_MAX", pack_max)
+    src = make_tree(tmp_path / "src")
+    a = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    packs = packs_of(store_addr)
+    sizes = {line.pack.digest: line.pack.size for line in index_of(store_addr).values()}
+    assert sorted(len(lines) for lines in packs.values()) == ([1, 2] if pack_max > 1 << 20 else [1, 1, 1])
+    for digest, lines in packs.items():
+        assert sizes[digest] <= pack_max or lines == [(0, sizes[digest])]
+        assert sum(length for _, length in lines) == sizes[digest]  # back to back, nothing else
+    b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
+    assert stats(b).remote_packs == len(packs) and stats(b).remote_fetched == FILES
+    assert b.digest == a.digest and not b.warnings
+
+
+@pytest.mark.parametrize("draw_max", [cache_remote.DRAW_MAX, 0])
+def test_the_first_miss_in_an_export_fetches_its_packs(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, draw_max: int
+) -> None:
+    """A tree with one of runner A's three files: its one miss fetches all three of A's
+    packs (one entry each here), unless DRAW_MAX forbids; the entries it did not use
+    are not counted as fetched, and the image is the clean one."""
+    monkeypatch.setattr(cache_remote, "PACK_MAX", 1 << 20)
+    monkeypatch.setattr(cache_remote, "DRAW_MAX", draw_max)
+    src = make_tree(tmp_path / "src")
+    build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "big0").write_bytes((src / "big0").read_bytes())
+    b = build(one, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
+    assert stats(b).remote_packs == (FILES if draw_max else 1) and stats(b).remote_fetched == 1
+    assert len([n for n in os.listdir(tmp_path / "runner-b") if n.startswith("c-")]) == stats(b).remote_packs
+    assert b.digest == build(one, tmp_path / "plain.sqfs").digest and not b.warnings
+
+
+def test_a_pack_larger_than_a_pack_can_be_is_not_fetched(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tree(tmp_path / "src")
+    want = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a").digest
+    monkeypatch.setattr(cache_remote, "PACK_MAX", 1 << 16)  # A's pack of three is now too large
+    b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
+    assert stats(b).remote_packs == 0 and stats(b).remote_fetched == 0
+    assert stats(b).remote_refused == 1 and stats(b).content_stored == FILES  # one pack, once
+    assert len(b.warnings) == 1 and "more than a pack can be" in b.warnings[0] and b.digest == want
+
+
+def test_index_items_that_are_not_well_formed_are_left_out() -> None:
+    from pyimg.store.artifact import Descriptor
+
+    pack = Descriptor(cache_remote.PACK_MEDIA_TYPE, "sha256:" + "a" * 64, 1000)
+    lines = {bytes([i]) * 32: cache_remote.Line(pack, 100 * i, 100) for i in range(1, 4)}
+    manifest = cache_remote.index_manifest(lines)
+    assert parse_index(manifest) == lines
+    value = manifest.json
+    [layer] = value["layers"]
+    table = layer["annotations"][cache_remote.A_ENTRIES].split(",")
+    good = table[0]
+    table[1] = table[1].rsplit(":", 1)[0] + ":901"  # runs past the pack's end
+    table[2] = "zz" + table[2][2:]  # not hex
+    layer["annotations"][cache_remote.A_ENTRIES] = ",".join([good, *table[1:], "x:1:2", ""])
+    assert parse_index(Manifest.of(value)) == {bytes([1]) * 32: lines[bytes([1]) * 32]}
+    layer["mediaType"] = "application/octet-stream"  # not a pack
+    assert parse_index(Manifest.of(value)) == {}
 
 
 def test_the_api_default_local_tier_is_a_temp_dir_removed_after(store_addr: str, tmp_path: Path) -> None:
@@ -249,14 +331,17 @@ def _blob_file(addr: str, digest: str, registry: Registry | None) -> Path:
 
 
 def test_a_blob_with_wrong_bytes_is_refused(
-    store_addr: str, tmp_path: Path, request: pytest.FixtureRequest
+    store_addr: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cache_remote, "PACK_MAX", 1)  # a pack per entry: one is damaged
     registry = request.getfixturevalue("registry") if not store_addr.startswith("oci:") else None
     # Contents of its own: the registry keeps one file per blob for all repositories,
     # and a blob already there is not written again by a later upload.
     src = make_tree(tmp_path / "src", seed=4242 if registry is None else 4243)
     want = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a").digest
-    key, desc = next(iter(index_of(store_addr).items()))
+    key, line = next(iter(index_of(store_addr).items()))
+    desc = line.pack
+    assert len({line.pack.digest for line in index_of(store_addr).values()}) == FILES
     blob = _blob_file(store_addr, desc.digest, registry)
     good = blob.read_bytes()
     data = bytearray(good)
@@ -288,14 +373,15 @@ def _rewrite_index(addr: str, edit: Any, tag: str | None = None) -> None:
         store.close()
 
 
-def test_an_index_line_naming_another_keys_blob_is_refused(store_addr: str, tmp_path: Path) -> None:
+def test_an_index_line_naming_another_keys_entry_is_refused(store_addr: str, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
     want = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a").digest
 
     def swap(value: dict[str, Any]) -> None:
-        layers = value["layers"]
-        layers[0]["digest"], layers[1]["digest"] = layers[1]["digest"], layers[0]["digest"]
-        layers[0]["size"], layers[1]["size"] = layers[1]["size"], layers[0]["size"]
+        [layer] = value["layers"]
+        items = [item.split(":") for item in layer["annotations"][cache_remote.A_ENTRIES].split(",")]
+        items[0][0], items[1][0] = items[1][0], items[0][0]  # two keys, each at the other's entry
+        layer["annotations"][cache_remote.A_ENTRIES] = ",".join(":".join(item) for item in items)
 
     _rewrite_index(store_addr, swap)
     b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
@@ -307,11 +393,11 @@ def test_an_index_line_naming_another_keys_blob_is_refused(store_addr: str, tmp_
 def test_another_versions_cache_is_ignored(store_addr: str, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
     build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
-    foreign = f"buildcache-v{pyimg.cache.FORMAT_VERSION + 1}"
+    foreign = f"buildcache-v{pyimg.cache.FORMAT_VERSION + 1}.{cache_remote.INDEX_FORMAT}"
     _rewrite_index(store_addr, lambda value: None, tag=foreign)  # the same lines under its tag
 
     def other_format(value: dict[str, Any]) -> None:
-        value["annotations"][cache_remote.A_FORMAT] = str(pyimg.cache.FORMAT_VERSION + 1)
+        value["annotations"][cache_remote.A_FORMAT] = f"{cache_remote.INDEX_FORMAT + 1}"
 
     _rewrite_index(store_addr, other_format)  # and our tag saying another format
     b = build(src, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
@@ -337,9 +423,9 @@ def test_what_a_cache_value_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert remote_ref("cache") is None and remote_ref("/var/cache/b") is None
     assert remote_ref("./a.b/c") is None and remote_ref("dir/sub") is None
     ref = remote_ref("127.0.0.1:5000/ci/cache")
-    assert ref is not None and ref.kind == "registry" and index_tag(ref) == "buildcache-v1"
+    assert ref is not None and ref.kind == "registry" and index_tag(ref) == "buildcache-v1.2"
     ref = remote_ref("localhost/cache:main")
-    assert ref is not None and index_tag(ref) == "main-buildcache-v1"
+    assert ref is not None and index_tag(ref) == "main-buildcache-v1.2"
     ref = remote_ref("oci:layout")
     assert ref is not None and ref.kind == "layout" and ref.path == "layout"
     (tmp_path / "a.b" / "c").mkdir(parents=True)
