@@ -25,6 +25,7 @@ build goes on.  Nothing here prints.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import struct
@@ -85,8 +86,25 @@ def compressor_versions() -> bytes:
 
     from . import __version__
 
-    libraries = f"zstd {zstandard.ZSTD_VERSION} zlib {zlib.ZLIB_RUNTIME_VERSION} py {sys.version}"
-    return f"pyimg {__version__} {libraries}".encode()
+    libraries = f"zstd {zstandard.ZSTD_VERSION} zlib {zlib.ZLIB_RUNTIME_VERSION} xz {_liblzma_version()}"
+    return f"pyimg {__version__} {libraries} py {sys.version}".encode()
+
+
+@functools.cache
+def _liblzma_version() -> str:
+    """The liblzma the lzma module runs on (Python does not say it): asked of the
+    library itself through the module's own link to it.  "?" where that fails: then
+    only Python's version stands for it, as before."""
+    import ctypes
+
+    try:
+        import _lzma
+
+        function = ctypes.CDLL(_lzma.__file__).lzma_version_string
+        function.restype = ctypes.c_char_p
+        return str(function().decode())
+    except (ImportError, OSError, AttributeError, UnicodeDecodeError):
+        return "?"
 
 
 @dataclass
