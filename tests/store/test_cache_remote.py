@@ -6,6 +6,7 @@ another version's cache never changes the image."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import event, given, note, settings
+from hypothesis import strategies as st
 
 import pyimg
 import pyimg.cache
@@ -28,6 +31,10 @@ from pyimg.store import ops
 from pyimg.store.artifact import Manifest
 
 from ..oracles import run_cli
+from ..test_cache import EDITS, NAMES, OPTIONS, apply_edits, scratch, small_chunks
+from ..test_cache import FILES as FILE_SPECS
+from ..test_cache import build as cache_build
+from ..test_cache import make_tree as random_tree
 from .conftest import Registry
 
 EPOCH = 1_700_000_000
@@ -467,3 +474,58 @@ def test_the_cli_with_a_layout_cache(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "local-b")  # the local tier is the default directory
     text = run_cli("build", "--help", env=dict(os.environ, COLUMNS="200")).stdout
     assert "oci:DIR" in text and "HOST/REPO" in text
+
+
+# -- random trees through the shared tier ----------------------------------------------------
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 4), deadline=None)
+@given(
+    options=OPTIONS,
+    files=st.dictionaries(NAMES, FILE_SPECS, min_size=1, max_size=7),
+    edits=EDITS,
+    pack_max=st.sampled_from([1, 64 << 10, cache_remote.PACK_MAX]),
+    draw=st.booleans(),
+    jobs=st.sampled_from([1, 2, 4]),
+)
+def test_fresh_runners_from_packs_build_the_clean_image(
+    options: dict[str, Any], files: dict[str, Any], edits: Any, pack_max: int, draw: bool, jobs: int
+) -> None:
+    """Runner A exports a random tree's entries in packs (one entry each, 64 KiB, or
+    the default); fresh runner B builds it from them, runner C an edited tree (some
+    entries from A's packs, the rest computed), runner D that tree from A's and C's
+    packs: every image is the clean build's, at every jobs."""
+    from unittest import mock
+
+    note(f"{files} then {edits}")
+    patches = [
+        mock.patch.object(cache_remote, "PACK_MAX", pack_max),
+        mock.patch.object(cache_remote, "DRAW_MAX", cache_remote.DRAW_MAX if draw else 0),
+        mock.patch.object(cache_remote, "SETTLE_S", 0.0),
+    ]
+    with scratch() as work, small_chunks(), contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        src, img, store = work / "src", work / "img", f"oci:{work / 'layout'}"
+
+        def runner(name: str) -> pyimg.BuildResult:
+            local = str(work / f"runner-{name}")
+            opts = options_for(
+                [str(src)], str(img), epoch=EPOCH, jobs=jobs, cache=store, block_size=4096, **options
+            )
+            opts = dataclasses.replace(opts, cache=dataclasses.replace(opts.cache, local=local))
+            result = build_with(opts)
+            assert not result.warnings, result.warnings
+            return result
+
+        random_tree(src, files)
+        a = runner("a")
+        b = runner("b")
+        clean = cache_build(src, img, jobs=1, **options).digest
+        assert a.digest == b.digest == clean
+        assert stats(b).content_stored == stats(b).fragment_stored == 0  # all from A's packs
+        event(f"packs fetched by B: {min(stats(b).remote_packs, 3)}")
+        apply_edits(src, edits)
+        c, d = runner("c"), runner("d")
+        assert c.digest == d.digest == cache_build(src, img, jobs=2, **options).digest
+        assert stats(d).content_stored == stats(d).fragment_stored == 0
