@@ -165,21 +165,30 @@ def _collect_and_write(
                 progress(done, total)
 
         with contextlib.ExitStack() as stack:
-            out = stack.enter_context(targets.image)
             want_sha256 = targets.manifest is not None
-            reused = _reuse_image(reuse, writer, tree, out, want_sha256)
+            out: AtomicOutput | None = None  # None: the output stays as it is
+            reused = left = _output_as_left(reuse, writer, tree, options.output, want_sha256)
+            if left is None:
+                out = stack.enter_context(targets.image)
+                reused = _reuse_image(reuse, writer, tree, out, want_sha256)
             if reused is not None:
                 result, image = reused
                 advance(total)
             else:
+                assert out is not None
                 result, image = _write_image(options, writer, tree, out, advance, want_sha256)
             if targets.manifest is not None:
                 stack.enter_context(targets.manifest).write(
                     dump(build_manifest(options, tree, result, image, dropped_acls=dropped))
                 )
-            commit(targets.all())
-            if reuse is not None and reused is None:
-                _keep_image(reuse, out, tree, result, image, walk_started, options.cache.cache_max)
+            if out is None:
+                targets.image.committed = True  # (it is in place: what Interrupted reports)
+            commit([t for t in targets.all() if t is not targets.image or out is not None])
+            if reuse is not None:
+                if out is not None and reused is None:
+                    _keep_image(reuse, out, tree, result, image, walk_started, options.cache.cache_max)
+                reuse.record_output(options.output)
+                result.warnings = [*result.warnings, *reuse.warnings]
 
     def make_manifest() -> dict[str, Any]:
         full = image if image.sha256 is not None else digest_image(options.output)
@@ -255,13 +264,38 @@ def _reuse_image(
     return result, image
 
 
+def _output_as_left(
+    reuse: Reuse | None, writer: FormatWriter, tree: FrozenTree, output: str, want_sha256: bool
+) -> tuple[WriteResult, ImageDigest] | None:
+    """The output as the last build of the same inputs committed it, untouched since
+    (reuse.py): nothing to write.  Read for its digest unless its identity can be
+    trusted (it cannot, right after its build: then the next build trusts it) or a
+    manifest wants its SHA-256.  None: build as usual."""
+    if reuse is None:
+        return None
+    left = reuse.output_unchanged(output, tree, writer.facts_type)
+    if left is None:
+        return None
+    result, recorded, trusted = left
+    if trusted and not want_sha256:
+        image = ImageDigest(blake3=recorded, sha256=None, size=result.image_size)
+    else:
+        try:
+            image = digest_image(output, sha256=want_sha256)
+        except OSError:
+            return None
+        if image.blake3 != recorded or image.size != result.image_size:
+            return None
+    result.warnings = writer.reused()
+    return result, image
+
+
 def _keep_image(reuse: Reuse, out: AtomicOutput, tree: FrozenTree, result: WriteResult, image: ImageDigest,
                 walk_started: int, max_bytes: int) -> None:  # fmt: skip
     """Store the committed image for the next build of the same inputs (reuse.py)."""
     if reuse.store(out.fd, tree, result, image, walk_started, max_bytes):
         result.cache = result.cache if result.cache is not None else CacheStats()
         result.cache.image_stored += 1
-    result.warnings = [*result.warnings, *reuse.warnings]
 
 
 def resolve_epoch(epoch: int | None) -> int | None:

@@ -121,6 +121,7 @@ class CacheStats:
     remote_pushed: int = 0  # entries uploaded to it (in packs)
     remote_refused: int = 0  # its packs or entries that were not what its index said: not used
     image_hits: int = 0  # whole images reused (reuse.py): nothing else was done
+    image_left_in_place: int = 0  # of those, outputs left as the last build committed them
     image_stored: int = 0
 
 

@@ -36,6 +36,11 @@ _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
 _TEMP_RE = re.compile(r"^\..+\.pyimg-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
 
 
+def output_mode() -> int:
+    """The mode a committed output gets: 0o666 less the process's umask."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     """The process's umask: from /proc (os.umask would set it, for every thread, for
     a moment), else by setting and restoring it."""
@@ -161,7 +166,7 @@ class AtomicOutput:
     def prepare(self) -> None:
         """The usual file mode, and the data on disk."""
         try:
-            os.fchmod(self.fd, 0o666 & ~_umask())
+            os.fchmod(self.fd, output_mode())
             os.fsync(self.fd)
         except OSError as exc:
             raise OutputError(f"cannot finish the {self.what}: {exc.strerror}", self.target) from exc

@@ -26,7 +26,9 @@ file's content BLAKE3 in inode order (the manifest lists them), then the image a
 a 4 KiB boundary, its holes kept.  A hit is copied into the output's temp file and
 its image digest taken as for any build; it must equal the recorded one, else the
 entry is removed and the image written (api.py).  Each output (its real path and
-format) keeps one image: the one its last build kept replaces the one before.  At
+format) keeps one image: the one its last build kept replaces the one before.  Its
+slot also records the committed output's identity: a rebuild with the same key whose
+output is still that file leaves it in place (output_unchanged; api.py).  At
 most IMAGES_KEPT images stay in a directory (the least recently used go; the cache's
 eviction counts them with the rest), and none over half of the cache's limit.
 An entry is renamed into place, not fsynced: a torn one fails that check.
@@ -40,9 +42,11 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import struct
 import sys
 import tempfile
+import time
 from array import array
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -50,6 +54,7 @@ from typing import Any
 import blake3
 
 from . import cache
+from ._ffi import lib
 from .cache import IMAGE_PREFIX, NO_IDENT, TEMP_PREFIX, CacheStats, compressor_versions, walked_identities
 from .cache_remote import remote_ref
 from .collect import source_holding
@@ -58,6 +63,7 @@ from .formats.base import PackedDigests, WriteResult
 from .imagehash import ImageDigest
 from .manifest import options_record
 from .options import BuildOptions
+from .output import output_mode
 from .settings import jsonable
 from .tree import FrozenTree, Kind
 
@@ -210,6 +216,73 @@ class Reuse:
     def path(self) -> str:
         return os.path.join(self.directory, IMAGE_PREFIX + self.key.key.hex())
 
+    # -- the output as the last build left it ----------------------------------------------
+
+    def output_unchanged(
+        self, output: str, tree: FrozenTree, facts_type: type
+    ) -> tuple[WriteResult, str, bool] | None:
+        """The write's result and image digest of the entry this output's slot names,
+        if that is this build's key and the output is the very file the last build
+        committed (its identity and mode as recorded, a regular file); and whether
+        that can be trusted without reading it (its ctime older than the record by
+        the racy window: a write after the record moves the ctime).  None: no slot,
+        another key, another file, or no entry to hold the result."""
+        try:
+            with open(self.slot, "rb") as f:
+                key, _, rest = f.read(512).partition(b"\n")
+            st = os.lstat(output)
+        except OSError:
+            return None
+        recorded = rest.split()
+        if key != self.key.key.hex().encode() or len(recorded) != len(_OUTPUT_FIELDS) + 1:
+            return None
+        try:
+            *identity, recorded_at = (int(n) for n in recorded)
+        except ValueError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or identity != _output_identity(st):
+            return None
+        if not lib.pyimg_local_fs(os.fsencode(output)):
+            return None  # (NFS may answer from its attribute cache: walk.c)
+        if stat.S_IMODE(st.st_mode) != output_mode():
+            return None  # (a build now would give it another mode)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            loaded = self._load(fd, tree, facts_type)
+            with contextlib.suppress(OSError):
+                os.utime(fd)  # recently used
+        except OSError:
+            loaded = None
+        finally:
+            os.close(fd)
+        if loaded is None:
+            return None
+        result, blake3_hex, _ = loaded
+        result.cache = CacheStats(image_hits=1, image_left_in_place=1)
+        return result, blake3_hex, st.st_ctime_ns < recorded_at - cache.RACY_NS
+
+    def record_output(self, output: str) -> None:
+        """Note in the slot the committed output's identity, for output_unchanged.
+        Taken after the time it is recorded with, so a write between the two shows."""
+        try:
+            with open(self.slot, "rb") as f:
+                key = f.read(64)
+        except OSError:
+            return
+        if key != self.key.key.hex().encode():
+            return  # (this build's image was not kept: the slot names another)
+        recorded_at = time.time_ns()
+        try:
+            st = os.lstat(output)
+        except OSError:
+            return
+        line = " ".join(str(n) for n in (*_output_identity(st), recorded_at))
+        with contextlib.suppress(OSError):  # (a read-only cache: the next build copies its image)
+            self._write_slot(key + b"\n" + line.encode() + b"\n")
+
     # -- a hit -----------------------------------------------------------------------------
 
     def copy_into(self, out_fd: int, tree: FrozenTree, facts_type: type) -> tuple[WriteResult, str] | None:
@@ -327,14 +400,21 @@ class Reuse:
                 before = f.read(64)
         except OSError:
             before = b""
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.directory)
-        try:
-            os.write(fd, self.key.key.hex().encode())
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.slot)
+        self._write_slot(self.key.key.hex().encode())
         if len(before) == 64 and before != self.key.key.hex().encode():
             _unlink(os.path.join(self.directory, IMAGE_PREFIX + before.decode("ascii", "replace")))
+
+    def _write_slot(self, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.directory)
+        try:
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.slot)
+        except OSError:
+            _unlink(tmp)
+            raise
 
     def _prune(self) -> None:
         """Keep the IMAGES_KEPT most recently used whole images, and as many slots."""
@@ -349,6 +429,13 @@ class Reuse:
                 return
             for _, path in sorted(found, reverse=True)[IMAGES_KEPT:]:
                 _unlink(path)
+
+
+_OUTPUT_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns", "st_mode")
+
+
+def _output_identity(st: os.stat_result) -> list[int]:
+    return [int(getattr(st, name)) for name in _OUTPUT_FIELDS]
 
 
 def _file_inos(tree: FrozenTree) -> list[int]:

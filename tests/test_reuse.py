@@ -23,6 +23,7 @@ from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 import pyimg
+import pyimg.api
 import pyimg.reuse
 from pyimg.cache import IMAGE_PREFIX
 from pyimg.reuse import ALIGN, ENTRY_HEADER, IMAGES_KEPT, SLOT_PREFIX
@@ -233,10 +234,114 @@ def test_a_damaged_image_entry_is_detected_and_rebuilt(
             os.truncate(entry, size // 2)
         else:
             os.truncate(entry, 0)
+        img.unlink()  # (else the output, untouched, would stay as it is: the entry must serve)
         warm = build(tree, img, fmt, cache=str(cache))
         assert hits(warm) == (0, 1) and warm.digest == want
         again = build(tree, img, fmt, cache=str(cache))
     assert hits(again) == (1, 0) and again.digest == want
+
+
+# -- the output left as it is ----------------------------------------------------------------
+
+
+def left(result: pyimg.BuildResult) -> int:
+    assert result.cache is not None
+    return result.cache.image_left_in_place
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_mtime_ns, a.st_ctime_ns) == (b.st_ino, b.st_mtime_ns, b.st_ctime_ns)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_no_change_rebuild_leaves_the_output_as_it_is(tree: Path, tmp_path: Path, fmt: str) -> None:
+    """As make does: the output the last build committed, untouched since, is what
+    this build would write: it stays (no temp file, no copy, no rename), and the
+    result and a manifest are the clean build's."""
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    clean = build(tree, tmp_path / "clean", fmt, manifest=str(tmp_path / "clean.json"))
+    with racy_window(OLD):
+        first = build(tree, img, fmt, cache=str(cache))
+        before = os.stat(img)
+        for jobs in (1, 2, 4):
+            again = build(tree, img, fmt, cache=str(cache), jobs=jobs, manifest=str(tmp_path / "m.json"))
+            assert left(again) == 1 and hits(again) == (1, 0) and not again.warnings
+            assert same_file(os.stat(img), before)
+            assert again.digest == first.digest == clean.digest and again.sha256 == clean.sha256
+            assert (tmp_path / "m.json").read_bytes().replace(b'"img"', b'"clean"') == (
+                tmp_path / "clean.json"
+            ).read_bytes()
+            assert (again.bytes_in, again.bytes_stored, again.image_size) == (
+                clean.bytes_in, clean.bytes_stored, clean.image_size,
+            )  # fmt: skip
+            assert again.artifact.facts == clean.artifact.facts
+    assert img.read_bytes() == (tmp_path / "clean").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if ".pyimg-" in p.name]  # no temp left behind
+
+
+def test_right_after_its_build_the_output_is_read_to_be_trusted(tree: Path, tmp_path: Path) -> None:
+    """An output committed within the racy window of its record could have been
+    written again in the same timestamp tick: the first rebuild reads it for its
+    digest (and leaves it), the next ones trust its identity and read nothing."""
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    with racy_window(OLD):
+        want = build(tree, img, "squashfs", cache=str(cache)).digest
+    read: list[Any] = []
+    real = pyimg.api.digest_image
+
+    def spy(path: Any, **kw: Any) -> Any:
+        read.append(path)
+        return real(path, **kw)
+
+    with mock.patch.object(pyimg.api, "digest_image", spy):
+        with racy_window(10**18):  # every record is racy
+            again = build(tree, img, "squashfs", cache=str(cache))
+        assert left(again) == 1 and again.digest == want and read == [str(img)]
+        with racy_window(OLD):
+            read.clear()
+            trusted = build(tree, img, "squashfs", cache=str(cache))
+        assert left(trusted) == 1 and trusted.digest == want and read == []
+
+
+@pytest.mark.parametrize("change", ["bytes", "touch", "chmod", "replace", "symlink", "umask", "no entry"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_output_changed_since_is_written_again(tree: Path, tmp_path: Path, fmt: str, change: str) -> None:
+    """Any change to the output after its build (its bytes with the times put back,
+    its times, its mode, another file or a symlink in its place, a umask that gives
+    another mode) or an entry that is gone: the image is copied or written again,
+    and it is the clean one."""
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    clean = build(tree, tmp_path / "clean", fmt)
+    mask = os.umask(0o022)
+    try:
+        with racy_window(OLD):
+            build(tree, img, fmt, cache=str(cache))
+            st = os.stat(img)
+            if change == "bytes":
+                _flip(img, st.st_size // 2)
+                os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))  # (only the ctime tells)
+            elif change == "touch":
+                os.utime(img)
+            elif change == "chmod":
+                os.chmod(img, 0o600)
+            elif change == "replace":
+                (tmp_path / "copy").write_bytes(img.read_bytes())
+                os.replace(tmp_path / "copy", img)
+            elif change == "symlink":
+                os.rename(img, tmp_path / "target")
+                os.symlink(tmp_path / "target", img)
+            elif change == "umask":
+                os.umask(0o077)
+            else:
+                for entry in images(cache):
+                    entry.unlink()
+            again = build(tree, img, fmt, cache=str(cache))
+    finally:
+        os.umask(mask)
+    assert left(again) == 0 and again.digest == clean.digest
+    assert not img.is_symlink() and img.read_bytes() == (tmp_path / "clean").read_bytes()
+    assert hits(again) == ((0, 1) if change == "no entry" else (1, 0))
+    assert os.stat(img).st_mode & 0o777 == (0o600 if change == "umask" else 0o644)
 
 
 def test_a_tree_that_could_be_racily_clean_is_not_kept(tree: Path, tmp_path: Path) -> None:
