@@ -293,9 +293,9 @@ def _output_as_left(
 def _keep_image(reuse: Reuse, out: AtomicOutput, tree: FrozenTree, result: WriteResult, image: ImageDigest,
                 walk_started: int, max_bytes: int) -> None:  # fmt: skip
     """Store the committed image for the next build of the same inputs (reuse.py)."""
-    if reuse.store(out.fd, tree, result, image, walk_started, max_bytes):
-        result.cache = result.cache if result.cache is not None else CacheStats()
-        result.cache.image_stored += 1
+    stored = reuse.store(out.fd, tree, result, image, walk_started, max_bytes)
+    result.cache = result.cache if result.cache is not None else CacheStats()  # (cpio's writer has none)
+    result.cache.image_stored += stored
 
 
 def resolve_epoch(epoch: int | None) -> int | None:

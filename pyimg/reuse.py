@@ -299,6 +299,8 @@ class Reuse:
                 self.drop()
                 return None
             result, blake3_hex, start = loaded
+            if start is None:
+                return None  # (a record alone: the output was not left as it was)
             _copy_data(fd, start, out_fd, 0, result.image_size)
             os.ftruncate(out_fd, result.image_size)
             with contextlib.suppress(OSError):  # (a read-only cache still serves)
@@ -310,7 +312,11 @@ class Reuse:
         result.cache = CacheStats(image_hits=1)
         return result, blake3_hex
 
-    def _load(self, fd: int, tree: FrozenTree, facts_type: type) -> tuple[WriteResult, str, int] | None:
+    def _load(
+        self, fd: int, tree: FrozenTree, facts_type: type
+    ) -> tuple[WriteResult, str, int | None] | None:
+        """The entry's write result, image digest and where its image starts (None: a
+        record alone, for an image too large to keep); None if it is not whole."""
         head = os.pread(fd, ENTRY_HEADER.size, 0)
         if len(head) != ENTRY_HEADER.size:
             return None
@@ -334,12 +340,14 @@ class Reuse:
                 facts=facts_type(**{f.name: _tuples(facts[f.name]) for f in fields(facts_type)}),
             )
             blake3_hex = str(record["blake3"])
+            whole = record["image"] is True
         except (ValueError, KeyError, TypeError):
             return None
         start = _aligned(ENTRY_HEADER.size + body_len)
-        if result.image_size != image_size or os.fstat(fd).st_size != start + image_size:
+        end = start + image_size if whole else ENTRY_HEADER.size + body_len
+        if result.image_size != image_size or os.fstat(fd).st_size != end:
             return None  # (a torn entry: its holes would otherwise read as the zeros they hold)
-        return result, blake3_hex, start
+        return result, blake3_hex, start if whole else None
 
     def drop(self) -> None:
         """The entry was bad: removed, to be stored again."""
@@ -350,13 +358,14 @@ class Reuse:
     def store(self, image_fd: int, tree: FrozenTree, result: WriteResult, image: ImageDigest,
               walk_started_ns: int, max_bytes: int) -> bool:  # fmt: skip
         """Keep the image just built (`image_fd`, committed) under the key, unless an
-        identity could be racily clean or the image would take over half of the
-        cache (its allocated bytes: an ext4 image is mostly holes).  The image this
-        output kept before goes.  True if stored; a failing directory adds a warning."""
+        identity could be racily clean.  An image that would take over half of the
+        cache (its allocated bytes: an ext4 image is mostly holes) is kept as its
+        record alone: enough to leave the output in place (output_unchanged), not
+        to copy.  The image this output kept before goes.  True if the image was
+        stored; a failing directory adds a warning."""
         if self.key.newest_ns >= walk_started_ns - cache.RACY_NS:
             return False
-        if os.fstat(image_fd).st_blocks * 512 > max_bytes // IMAGE_SHARE:
-            return False
+        whole = os.fstat(image_fd).st_blocks * 512 <= max_bytes // IMAGE_SHARE
         file_inos = _file_inos(tree)
         record = json.dumps({
             "image_size": result.image_size,
@@ -365,6 +374,7 @@ class Reuse:
             "bytes_stored": result.bytes_stored,
             "facts": jsonable(result.facts),
             "blake3": image.blake3,
+            "image": whole,
         }).encode()  # fmt: skip
         body = record + b"".join(result.digests[ino] for ino in file_inos)
         head = ENTRY_HEADER.pack(IMAGE_MAGIC, IMAGE_VERSION, self.key.key, len(record), result.image_size,
@@ -378,9 +388,10 @@ class Reuse:
         try:
             try:
                 os.pwrite(fd, head + body, 0)
-                start = _aligned(len(head) + len(body))
-                _copy_data(image_fd, 0, fd, start, result.image_size)
-                os.ftruncate(fd, start + result.image_size)
+                if whole:
+                    start = _aligned(len(head) + len(body))
+                    _copy_data(image_fd, 0, fd, start, result.image_size)
+                    os.ftruncate(fd, start + result.image_size)
             finally:
                 os.close(fd)
             os.rename(tmp, self.path)
@@ -390,7 +401,7 @@ class Reuse:
             self.warnings.append(f"build cache {self.directory}: {exc.strerror}; the image was not kept")
             return False
         self._prune()
-        return True
+        return whole
 
     def _claim_slot(self) -> None:
         """Point this output's slot at the new image and remove the image it named

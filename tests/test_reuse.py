@@ -476,3 +476,27 @@ def test_a_tree_with_one_spooled_member_is_not_reused(tmp_path: Path) -> None:
         warm = pyimg.build(sources, str(img), format="squashfs", epoch=EPOCH, cache=str(cache))
     assert hits(warm) == (0, 0)
     assert warm.digest == pyimg.build(sources, str(tmp_path / "clean"), format="squashfs", epoch=EPOCH).digest
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_image_too_large_to_keep_is_still_left_in_place(tmp_path: Path, fmt: str) -> None:
+    """Over half of --cache-max, an image is kept as its record alone: a no-change
+    rebuild leaves the output in place, and without the output the image is written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    small = {"cache": str(cache), "cache_max": 1 << 20}
+    with racy_window(OLD):
+        first = build(src, img, fmt, **small)
+        assert hits(first) == (0, 0)  # (no image stored)
+        (entry,) = images(cache)
+        assert entry.stat().st_size < 64 << 10  # the record and the file digests alone
+        before = os.stat(img)
+        again = build(src, img, fmt, **small)
+        assert left(again) == 1 and hits(again) == (1, 0) and again.digest == first.digest
+        assert same_file(os.stat(img), before)
+        img.unlink()
+        rebuilt = build(src, img, fmt, **small)
+    assert left(rebuilt) == 0 and hits(rebuilt) == (0, 0) and rebuilt.digest == first.digest
+    assert images(cache) == [entry]  # (the record is still this key's)
