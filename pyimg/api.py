@@ -29,7 +29,7 @@ from .imagehash import ImageDigest, digest_image
 from .manifest import build_manifest, dump
 from .options import BuildOptions, SourceSpec
 from .output import AtomicOutput, commit
-from .reuse import Reuse
+from .reuse import OutputMark, Reuse, mark_output
 from .spec import load_options, merge_options
 from .tree import FrozenTree, gc_paused
 
@@ -167,8 +167,12 @@ def _collect_and_write(
         with contextlib.ExitStack() as stack:
             want_sha256 = targets.manifest is not None
             out: AtomicOutput | None = None  # None: the output stays as it is
-            reused = left = _output_as_left(reuse, writer, tree, options.output, want_sha256)
-            if left is None:
+            left_mark: OutputMark | None = None  # an output left in place, to record once read
+            left = _output_as_left(reuse, writer, tree, options.output, want_sha256)
+            reused = None if left is None else left[:2]
+            if left is not None:
+                left_mark = left[2]
+            else:
                 out = stack.enter_context(targets.image)
                 reused = _reuse_image(reuse, writer, tree, out, want_sha256)
             if reused is not None:
@@ -181,13 +185,15 @@ def _collect_and_write(
                 stack.enter_context(targets.manifest).write(
                     dump(build_manifest(options, tree, result, image, dropped_acls=dropped))
                 )
+            commit([t for t in targets.all() if t is not targets.image or out is not None])
             if out is None:
                 targets.image.committed = True  # (it is in place: what Interrupted reports)
-            commit([t for t in targets.all() if t is not targets.image or out is not None])
             if reuse is not None:
+                mark = left_mark if out is None else _mark_output(options.output)
                 if out is not None and reused is None:
                     _keep_image(reuse, out, tree, result, image, walk_started, options.cache.cache_max)
-                reuse.record_output(options.output)
+                if mark is not None:
+                    reuse.record_output(options.output, mark)
                 result.warnings = [*result.warnings, *reuse.warnings]
 
     def make_manifest() -> dict[str, Any]:
@@ -266,18 +272,18 @@ def _reuse_image(
 
 def _output_as_left(
     reuse: Reuse | None, writer: FormatWriter, tree: FrozenTree, output: str, want_sha256: bool
-) -> tuple[WriteResult, ImageDigest] | None:
+) -> tuple[WriteResult, ImageDigest, OutputMark | None] | None:
     """The output as the last build of the same inputs committed it, untouched since
     (reuse.py): nothing to write.  Read for its digest unless its identity can be
-    trusted (it cannot, right after its build: then the next build trusts it) or a
-    manifest wants its SHA-256.  None: build as usual."""
+    trusted (it cannot, right after its build: then the mark returned is recorded, and
+    the next build trusts it) or a manifest wants its SHA-256.  None: build as usual."""
     if reuse is None:
         return None
     left = reuse.output_unchanged(output, tree, writer.facts_type)
     if left is None:
         return None
-    result, recorded, trusted = left
-    if trusted and not want_sha256:
+    result, recorded, mark = left
+    if mark is None and not want_sha256:
         image = ImageDigest(blake3=recorded, sha256=None, size=result.image_size)
     else:
         try:
@@ -287,7 +293,15 @@ def _output_as_left(
         if image.blake3 != recorded or image.size != result.image_size:
             return None
     result.warnings = writer.reused()
-    return result, image
+    return result, image, mark
+
+
+def _mark_output(output: str) -> OutputMark | None:
+    """The committed output's identity, taken at once (reuse.record_output)."""
+    try:
+        return mark_output(output)
+    except OSError:
+        return None
 
 
 def _keep_image(reuse: Reuse, out: AtomicOutput, tree: FrozenTree, result: WriteResult, image: ImageDigest,

@@ -207,12 +207,18 @@ def parse_index(manifest: Manifest) -> Lines:
 def _parse_item(item: str, pack: Descriptor, export: str) -> tuple[bytes, Line] | None:
     key, _, rest = item.partition(":")
     offset, _, length = rest.partition(":")
-    if len(key) != 64 or key.strip("0123456789abcdef") or not offset.isdigit() or not length.isdigit():
+    if len(key) != 64 or key.strip("0123456789abcdef") or not _is_count(offset) or not _is_count(length):
         return None
     line = Line(pack, int(offset), int(length), export)
     if line.length < _MIN_ENTRY or line.offset + line.length > pack.size:
         return None
     return bytes.fromhex(key), line
+
+
+def _is_count(text: str) -> bool:
+    """ASCII digits of a byte count (str.isdigit also takes "²", which int() refuses,
+    and a thousand digits would cost int() more than the whole index)."""
+    return 0 < len(text) <= 19 and text.isascii() and text.isdigit()
 
 
 def index_manifest(lines: Lines) -> Manifest:
@@ -395,7 +401,12 @@ class RemoteCache:
             self._drawn.add(line.export)
         out, total = [], line.pack.size
         for other in self._exports.get(line.export, []):
-            if other.pack.digest != line.pack.digest and total + other.pack.size <= DRAW_MAX:
+            # (a pack over PACK_MAX is one large entry alone: fetched when it is missed)
+            if (
+                other.pack.digest != line.pack.digest
+                and other.pack.size <= PACK_MAX
+                and total + other.pack.size <= DRAW_MAX
+            ):
                 out.append(other)
                 total += other.pack.size
         return out
@@ -453,6 +464,8 @@ class RemoteCache:
     def _fetch(self, pack: Descriptor, line: Line) -> None:
         """Fetch `pack`, `line`'s, and split it into entries.  Refused, not fetched, when
         larger than an export makes a pack: PACK_MAX, or one entry alone."""
+        if not self.enabled or not self.cache.enabled:
+            return  # (turned off by another thread's failure meanwhile)
         if pack.size > PACK_MAX and not (line.offset == 0 and line.length == pack.size):
             self._refuse(pack, f"{pack.size} bytes, more than a pack can be")
             return
@@ -501,6 +514,8 @@ class RemoteCache:
                 os.link(tmp, path)
             except FileExistsError:
                 return  # another build sharing the directory brought it meanwhile
+            except OSError:  # (no hard links here, or too many: copied like the others)
+                self._write_entry(fd, line, path)
         else:
             self._write_entry(fd, line, path)
         with self._lock:
@@ -619,7 +634,7 @@ class RemoteCache:
     def close(self) -> None:
         for pool in (self._fetchers, self._drawers):
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=True, cancel_futures=True)
         self._fetchers = self._drawers = None
         if self._store is not None:
             self._store.close()

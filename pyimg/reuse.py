@@ -29,8 +29,10 @@ entry is removed and the image written (api.py).  Each output (its real path and
 format) keeps one image: the one its last build kept replaces the one before.  Its
 slot also records the committed output's identity: a rebuild with the same key whose
 output is still that file leaves it in place (output_unchanged; api.py).  At
-most IMAGES_KEPT images stay in a directory (the least recently used go; the cache's
-eviction counts them with the rest), and none over half of the cache's limit.
+most IMAGES_KEPT image entries stay in a directory (the least recently used go; the
+cache's eviction counts them with the rest), and no image over half of the cache's
+limit: of such an image the entry keeps its record alone, which is enough to leave
+the output in place, and counts as one of the IMAGES_KEPT.
 An entry is renamed into place, not fsynced: a torn one fails that check.
 
 Nothing here prints; failures of the cache directory come back as warnings.
@@ -220,17 +222,18 @@ class Reuse:
 
     def output_unchanged(
         self, output: str, tree: FrozenTree, facts_type: type
-    ) -> tuple[WriteResult, str, bool] | None:
+    ) -> tuple[WriteResult, str, OutputMark | None] | None:
         """The write's result and image digest of the entry this output's slot names,
         if that is this build's key and the output is the very file the last build
-        committed (its identity and mode as recorded, a regular file); and whether
-        that can be trusted without reading it (its ctime older than the record by
-        the racy window: a write after the record moves the ctime).  None: no slot,
-        another key, another file, or no entry to hold the result."""
+        committed (its identity and mode as recorded, a regular file); and, when that
+        cannot be trusted without reading the output (its ctime is not older than the
+        record by the racy window: a write after the record moves the ctime), the mark
+        to record once the caller has read it.  None: no slot, another key, another
+        file, or no entry to hold the result."""
         try:
             with open(self.slot, "rb") as f:
                 key, _, rest = f.read(512).partition(b"\n")
-            st = os.lstat(output)
+            mark = mark_output(output)
         except OSError:
             return None
         recorded = rest.split()
@@ -240,11 +243,11 @@ class Reuse:
             *identity, recorded_at = (int(n) for n in recorded)
         except ValueError:
             return None
-        if not stat.S_ISREG(st.st_mode) or identity != _output_identity(st):
+        if not stat.S_ISREG(mark.mode) or identity != mark.identity:
             return None
         if not lib.pyimg_local_fs(os.fsencode(output)):
             return None  # (NFS may answer from its attribute cache: walk.c)
-        if stat.S_IMODE(st.st_mode) != output_mode():
+        if stat.S_IMODE(mark.mode) != output_mode():
             return None  # (a build now would give it another mode)
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -262,24 +265,22 @@ class Reuse:
             return None
         result, blake3_hex, _ = loaded
         result.cache = CacheStats(image_hits=1, image_left_in_place=1)
-        return result, blake3_hex, st.st_ctime_ns < recorded_at - cache.RACY_NS
+        trusted = mark.ctime_ns < recorded_at - cache.RACY_NS
+        return result, blake3_hex, None if trusted else mark
 
-    def record_output(self, output: str) -> None:
-        """Note in the slot the committed output's identity, for output_unchanged.
-        Taken after the time it is recorded with, so a write between the two shows."""
+    def record_output(self, output: str, mark: OutputMark) -> None:
+        """Note in the slot the output's identity as `mark` took it, for
+        output_unchanged, if it still has it: whatever wrote the output after the mark
+        (while its image was kept or read) changed its ctime, and is not recorded."""
         try:
             with open(self.slot, "rb") as f:
                 key = f.read(64)
+            now = mark_output(output)
         except OSError:
             return
-        if key != self.key.key.hex().encode():
+        if key != self.key.key.hex().encode() or now.identity != mark.identity:
             return  # (this build's image was not kept: the slot names another)
-        recorded_at = time.time_ns()
-        try:
-            st = os.lstat(output)
-        except OSError:
-            return
-        line = " ".join(str(n) for n in (*_output_identity(st), recorded_at))
+        line = " ".join(str(n) for n in (*mark.identity, mark.taken_at))
         with contextlib.suppress(OSError):  # (a read-only cache: the next build copies its image)
             self._write_slot(key + b"\n" + line.encode() + b"\n")
 
@@ -445,8 +446,28 @@ class Reuse:
 _OUTPUT_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns", "st_mode")
 
 
-def _output_identity(st: os.stat_result) -> list[int]:
-    return [int(getattr(st, name)) for name in _OUTPUT_FIELDS]
+@dataclass(frozen=True)
+class OutputMark:
+    """An output's identity (_OUTPUT_FIELDS) and the time just before it was taken:
+    a write after that time gives the output a ctime within the racy window of it."""
+
+    identity: list[int]
+    taken_at: int
+
+    @property
+    def mode(self) -> int:
+        return self.identity[-1]
+
+    @property
+    def ctime_ns(self) -> int:
+        return self.identity[-2]
+
+
+def mark_output(output: str) -> OutputMark:
+    """The output's identity now (OSError: none there)."""
+    taken_at = time.time_ns()
+    st = os.lstat(output)
+    return OutputMark([int(getattr(st, name)) for name in _OUTPUT_FIELDS], taken_at)
 
 
 def _file_inos(tree: FrozenTree) -> list[int]:

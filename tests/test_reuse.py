@@ -303,6 +303,31 @@ def test_right_after_its_build_the_output_is_read_to_be_trusted(tree: Path, tmp_
         assert left(trusted) == 1 and trusted.digest == want and read == []
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_output_written_while_its_image_is_kept_is_not_recorded(
+    tree: Path, tmp_path: Path, fmt: str
+) -> None:
+    """The output's identity is taken as it is committed, and recorded only if it
+    still has it after its image was kept: bytes written meanwhile (times put back)
+    are not trusted by the next build, which writes the clean image again."""
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    clean = build(tree, tmp_path / "clean", fmt)
+    real = pyimg.api._keep_image
+
+    def keep_then_write(*args: Any, **kw: Any) -> None:
+        real(*args, **kw)
+        st = os.stat(img)
+        _flip(img, st.st_size // 2)
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    with racy_window(OLD):
+        with mock.patch.object(pyimg.api, "_keep_image", keep_then_write):
+            build(tree, img, fmt, cache=str(cache))
+        again = build(tree, img, fmt, cache=str(cache))
+    assert left(again) == 0 and hits(again) == (1, 0) and again.digest == clean.digest
+    assert img.read_bytes() == (tmp_path / "clean").read_bytes()
+
+
 @pytest.mark.parametrize("change", ["bytes", "touch", "chmod", "replace", "symlink", "umask", "no entry"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_output_changed_since_is_written_again(tree: Path, tmp_path: Path, fmt: str, change: str) -> None:

@@ -151,14 +151,44 @@ def test_packs_are_bounded_and_each_fetched_once(
     assert b.digest == a.digest and not b.warnings
 
 
-@pytest.mark.parametrize("draw_max", [cache_remote.DRAW_MAX, 0])
+def test_a_directory_without_hard_links_copies_a_pack_of_one(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack of one entry is linked into the local directory; where links are refused
+    (EPERM, EMLINK, a file system without them) it is copied, and the tier stays on."""
+    monkeypatch.setattr(cache_remote, "PACK_MAX", 1 << 20)  # each entry a pack alone
+    src = make_tree(tmp_path / "src")
+    want = build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a").digest
+    local, real = tmp_path / "runner-b", os.link
+
+    def no_links(a: Any, b: Any, *args: Any, **kw: Any) -> None:
+        if str(b).startswith(str(local)):
+            raise PermissionError(1, "Operation not permitted", str(b))
+        real(a, b, *args, **kw)
+
+    monkeypatch.setattr(cache_remote.os, "link", no_links)
+    b = build(src, tmp_path / "b.sqfs", store_addr, local)
+    assert stats(b).remote_packs == FILES and stats(b).remote_fetched == FILES
+    assert stats(b).content_stored == 0 and b.digest == want and not b.warnings
+
+
+@pytest.mark.parametrize(
+    ("pack_max", "draw_max", "fetched"),
+    [(5 << 18, cache_remote.DRAW_MAX, FILES), (5 << 18, 0, 1), (1 << 20, cache_remote.DRAW_MAX, 1)],
+)
 def test_the_first_miss_in_an_export_fetches_its_packs(
-    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, draw_max: int
+    store_addr: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pack_max: int,
+    draw_max: int,
+    fetched: int,
 ) -> None:
     """A tree with one of runner A's three files: its one miss fetches all three of A's
-    packs (one entry each here), unless DRAW_MAX forbids; the entries it did not use
-    are not counted as fetched, and the image is the clean one."""
-    monkeypatch.setattr(cache_remote, "PACK_MAX", 1 << 20)
+    packs (one entry each here), unless DRAW_MAX forbids, or they are larger than
+    PACK_MAX (a large entry alone: fetched only when missed); the entries it did not
+    use are not counted as fetched, and the image is the clean one."""
+    monkeypatch.setattr(cache_remote, "PACK_MAX", pack_max)
     monkeypatch.setattr(cache_remote, "DRAW_MAX", draw_max)
     src = make_tree(tmp_path / "src")
     build(src, tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
@@ -166,7 +196,8 @@ def test_the_first_miss_in_an_export_fetches_its_packs(
     one.mkdir()
     (one / "big0").write_bytes((src / "big0").read_bytes())
     b = build(one, tmp_path / "b.sqfs", store_addr, tmp_path / "runner-b")
-    assert stats(b).remote_packs == (FILES if draw_max else 1) and stats(b).remote_fetched == 1
+    assert len(packs_of(store_addr)) == FILES
+    assert stats(b).remote_packs == fetched and stats(b).remote_fetched == 1
     assert len([n for n in os.listdir(tmp_path / "runner-b") if n.startswith("c-")]) == stats(b).remote_packs
     assert b.digest == build(one, tmp_path / "plain.sqfs").digest and not b.warnings
 
@@ -196,7 +227,9 @@ def test_index_items_that_are_not_well_formed_are_left_out() -> None:
     good = table[0]
     table[1] = table[1].rsplit(":", 1)[0] + ":901"  # runs past the pack's end
     table[2] = "zz" + table[2][2:]  # not hex
-    layer["annotations"][cache_remote.A_ENTRIES] = ",".join([good, *table[1:], "x:1:2", ""])
+    key = "ab" * 32
+    odd = [f"{key}:\u00b2:100", f"{key}:{'9' * 40}:100", f"{key}:100:-5", f"{key}::100"]  # not counts
+    layer["annotations"][cache_remote.A_ENTRIES] = ",".join([good, *table[1:], *odd, "x:1:2", ""])
     assert parse_index(Manifest.of(value)) == {bytes([1]) * 32: lines[bytes([1]) * 32]}
     layer["mediaType"] = "application/octet-stream"  # not a pack
     assert parse_index(Manifest.of(value)) == {}
