@@ -41,10 +41,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 
 import pyimg
+import pyimg.cache
 from pyimg.api import BuildResult
 
 from .ext4_oracle import snapshot_image
@@ -274,3 +277,122 @@ def test_tar_and_directory_give_one_image(root: Root, fmt: str) -> None:
     assert pyimg.digest(str(tar_image)).blake3 == tar_result.digest
     assert pyimg.digest(str(dir_image)).blake3 == dir_result.digest
     assert tar_result.digest == dir_result.digest, f"{fmt}: the archive and its extraction differ"
+
+
+# -- warm rebuilds of the real root ----------------------------------------------------
+
+OLD = -(10**12)  # a racy window that trusts every identity (the riskiest cache)
+EPOCH = 2_000_000_000  # the image's own time, fixed; no real mtime is clamped (2033)
+
+
+def _first_file(tree: Path, size_range: tuple[int, int], *, nlink: int = 1) -> Path:
+    """The first regular file (in sorted walk order) of a size in the range."""
+    for top, dirs, files in os.walk(tree):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(top) / name
+            st = path.lstat()
+            regular = path.is_file() and not path.is_symlink() and st.st_nlink == nlink
+            if regular and size_range[0] <= st.st_size <= size_range[1]:
+                return path
+    raise AssertionError(f"no file of {size_range} bytes with {nlink} links in {tree}")
+
+
+def _rewrite_keeping_times(path: Path) -> None:
+    """The same number of bytes, other ones, its times put back: only ctime tells."""
+    st = path.lstat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _root_edits(tree: Path, fmt: str) -> list[tuple[str, Any]]:
+    """Edits a rebuild of a real root meets, each applied to `tree` in turn (of ACLs
+    and xattrs only where the image holds them)."""
+    small = _first_file(tree / "etc", (1000, 8000))
+    big = _first_file(tree / "usr", (300_000, 5_000_000))
+    linked = tree / "usr/bin/perl"
+    edits = [
+        ("a 1-8 KB config file rewritten, times kept", lambda: _rewrite_keeping_times(small)),
+        ("a large binary rewritten, times kept", lambda: _rewrite_keeping_times(big)),
+        ("a hard-linked file rewritten (both names)", lambda: _rewrite_keeping_times(linked)),
+        ("an xattr added, nothing else", lambda: os.setxattr(small, "user.pyimg.added", b"v")),
+        ("a capability removed", lambda: os.removexattr(_capable(tree), "security.capability")),
+        ("a default ACL removed", lambda: os.removexattr(tree / "srv", "system.posix_acl_default")),
+        ("a mode changed", lambda: os.chmod(big, 0o700)),
+        ("an owner changed", lambda: os.lchown(small, 1234, 5678)),
+        ("a file touched", lambda: os.utime(tree / "etc/hostname", ns=(1, 2))),
+        ("a file removed", lambda: os.unlink(tree / "etc/motd")),
+        ("a file added", lambda: (tree / "etc/pyimg-added").write_bytes(b"new\n" * 2000)),
+        ("a directory renamed", lambda: os.rename(tree / "usr/share/doc", tree / "usr/share/doc2")),
+        ("a symlink retargeted", lambda: _retarget(tree / "etc/mtab")),
+        ("a device node's number changed", lambda: _remake_device(tree / "dev/zero")),
+    ]
+    if fmt != "ext4":
+        edits = [edit for edit in edits if "ACL" not in edit[0]]
+    if fmt == "cpio":
+        edits = [edit for edit in edits if "xattr" not in edit[0] and "capability" not in edit[0]]
+    return edits
+
+
+def _capable(tree: Path) -> Path:
+    return next(tree / p for p in ("usr/bin/ping", "bin/ping", "usr/bin/sleep") if (tree / p).exists())
+
+
+def _retarget(link: Path) -> None:
+    link.unlink()
+    link.symlink_to("/proc/self/mountinfo")
+
+
+def _remake_device(node: Path) -> None:
+    st = node.lstat()
+    node.unlink()
+    os.mknod(node, st.st_mode, os.makedev(1, 7))
+    os.lchown(node, st.st_uid, st.st_gid)
+
+
+@pytest.mark.parametrize("fmt", ["ext4", "squashfs", "cpio"])
+def test_warm_rebuilds_of_the_root_are_the_clean_images(root: Root, fmt: str) -> None:
+    """The build cache on a real root (xattrs, ACLs, capabilities, hard links,
+    devices): after each of a series of edits, a rebuild with the cache warm from the
+    build before (identities trusted at once: the riskiest cache) and a rebuild with
+    nothing changed are the image a build without a cache makes of the same tree; a
+    cold cache and a fresh runner through a shared cache (squashfs: an OCI layout)
+    too."""
+    work = Path(tempfile.mkdtemp(prefix=f"pyimg-warm-{fmt}-", dir=root.work))
+    tree, cache, img = work / "tree", work / "cache", work / "img"
+    # cp -a keeps what the root holds (owners, devices, xattrs, ACLs, hard links, times).
+    subprocess.run(["cp", "-a", str(root.directory), str(tree)], check=True, stdin=subprocess.DEVNULL)
+    kw: dict[str, Any] = {"format": fmt, "owner": "preserve", "drop_acls": fmt != "ext4", "epoch": EPOCH}
+    if fmt == "cpio":
+        kw["drop_xattrs"] = True
+
+    def clean() -> str:
+        return pyimg.build([str(tree)], str(work / "clean"), **kw).digest
+
+    def warm(**more: Any) -> BuildResult:
+        return pyimg.build([str(tree)], str(img), **({"cache": str(cache)} | kw | more))
+
+    try:
+        with mock.patch.object(pyimg.cache, "RACY_NS", OLD):
+            want = clean()
+            assert warm().digest == want, "cold cache"
+            again = warm(jobs=4)
+            assert again.digest == want and again.cache is not None and again.cache.image_hits == 1
+            for name, edit in _root_edits(tree, fmt):
+                before = want
+                edit()
+                want = clean()
+                assert want != before, f"{name}: the edit changed nothing"
+                got = warm(jobs=2)
+                assert got.digest == want, f"{fmt}, warm after: {name}"
+                assert warm(jobs=1).digest == want, f"{fmt}, no change after: {name}"
+            assert pyimg.digest(str(img)).blake3 == want
+            if fmt == "squashfs":
+                shared = f"oci:{work / 'layout'}"
+                assert warm(cache=shared).digest == want, "exporting runner"
+                fresh = pyimg.build([str(tree)], str(work / "fresh"), cache=shared, **kw)
+                assert fresh.digest == want and fresh.cache is not None and fresh.cache.remote_fetched > 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
