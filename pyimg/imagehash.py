@@ -22,6 +22,7 @@ does cost the whole size.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from array import array
@@ -121,19 +122,22 @@ def _nonzero_segments(view: bytes | bytearray | memoryview, first: int) -> list[
 
 
 def digest_image(path: str | int, *, sha256: bool = True) -> ImageDigest:
-    """The image digest (and SHA-256) of a file or an open file descriptor."""
+    """The image digest (and SHA-256) of a file or an open file descriptor: a
+    build's own temp file, before it is committed, which is mapped rather than read
+    (no copy: ~20 % less time on a 600 MB ext4 image).  A file named by its path may
+    be anyone's, and a mapped file truncated meanwhile raises SIGBUS, so it is read."""
     try:
-        if isinstance(path, int):  # an open file (a build's temp file, before it is committed)
-            return _digest_fd(path, sha256)
+        if isinstance(path, int):
+            return _digest_fd(path, sha256, mapped=True)
         with open(path, "rb", buffering=0) as f:
-            return _digest_fd(f.fileno(), sha256)
+            return _digest_fd(f.fileno(), sha256, mapped=False)
     except OSError as exc:
         raise OutputError(f"cannot read the image: {exc.strerror}", str(path)) from exc
 
 
-def _digest_fd(fd: int, want_sha256: bool) -> ImageDigest:
+def _digest_fd(fd: int, want_sha256: bool, mapped: bool) -> ImageDigest:
     if not want_sha256:
-        return _digest_windows(fd, None, None)
+        return _digest_windows(fd, None, None, mapped)
     import hashlib  # on use: it maps OpenSSL's libcrypto, ~3.5 MB of every run's RSS
 
     sha = hashlib.sha256()
@@ -141,14 +145,55 @@ def _digest_fd(fd: int, want_sha256: bool) -> ImageDigest:
     # while BLAKE3 runs here (both release the GIL on large buffers).  Shut down
     # (waited for) before the buffer it reads can be reused or freed.
     with ThreadPoolExecutor(1, thread_name_prefix="pyimg-sha256") as feeder:
-        return _digest_windows(fd, sha, feeder)
+        return _digest_windows(fd, sha, feeder, mapped)
 
 
-def _digest_windows(fd: int, sha: Any, feeder: ThreadPoolExecutor | None) -> ImageDigest:
+class _Windows:
+    """The bytes of a file at `pos`, a window at a time: mapped (no copy; one window
+    mapped at a time, so the pages it maps do not pile up in the RSS), or read into
+    one reused buffer.  Only a window that is all data is mapped: a fault in a hole
+    of a tmpfs file allocates its page (a read gives zeros and allocates nothing),
+    and the image would lose its holes."""
+
+    def __init__(self, fd: int, size: int, mapped: bool) -> None:
+        self.fd, self.size, self.mapped = fd, size, mapped
+        self._buffer: bytearray | None = None
+        self._map: mmap.mmap | None = None
+
+    def at(self, pos: int, data_end: int) -> memoryview:
+        """The window at pos (a multiple of the page size), valid until the next one;
+        the file's bytes from pos to data_end are data."""
+        self.close()
+        length = min(WINDOW, self.size - pos)
+        if self.mapped and pos + length <= data_end:
+            self._map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=pos)
+            return memoryview(self._map)
+        if self._buffer is None:
+            self._buffer = bytearray(WINDOW)
+        n = os.preadv(self.fd, [memoryview(self._buffer)[:length]], pos)
+        if n <= 0:
+            raise OSError(0, "the image shrank while it was digested")
+        return memoryview(self._buffer)[:n]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def _digest_windows(fd: int, sha: Any, feeder: ThreadPoolExecutor | None, mapped: bool) -> ImageDigest:
     size = os.fstat(fd).st_size
+    windows = _Windows(fd, size, mapped)
+    try:
+        return _digest_in(windows, sha, feeder)
+    finally:
+        windows.close()
+
+
+def _digest_in(windows: _Windows, sha: Any, feeder: ThreadPoolExecutor | None) -> ImageDigest:
+    fd, size = windows.fd, windows.size
     hasher = ImageHasher()
     feed_sha: Callable[[memoryview], object] | None = sha.update if sha is not None else None
-    buffer = bytearray(WINDOW)
     pos = 0  # everything before pos is hashed
     for start, end in data_ranges(fd, size):
         start -= start % SEGMENT  # windows start on segment boundaries
@@ -158,17 +203,14 @@ def _digest_windows(fd: int, sha: Any, feeder: ThreadPoolExecutor | None) -> Ima
             hasher.skip(start - pos)
             pos = start
         while pos < end:
-            n = os.preadv(fd, [memoryview(buffer)[: min(WINDOW, size - pos)]], pos)
-            if n <= 0:
-                raise OSError(0, "the image shrank while it was digested")
-            view = memoryview(buffer)[:n]
-            if feed_sha is not None and feeder is not None:
-                beside = feeder.submit(feed_sha, view)
-                hasher.window(view)
-                beside.result()
-            else:
-                hasher.window(view)
-            pos += n
+            with windows.at(pos, end) as view:  # (released before the mapping is closed)
+                if feed_sha is not None and feeder is not None:
+                    beside = feeder.submit(feed_sha, view)
+                    hasher.window(view)
+                    beside.result()
+                else:
+                    hasher.window(view)
+                pos += len(view)
     if pos < size:
         if feed_sha is not None:
             hash_zeros(size - pos, feed_sha)
