@@ -22,6 +22,7 @@ does cost the whole size.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -159,6 +160,7 @@ class _Windows:
         self.fd, self.size, self.mapped = fd, size, mapped
         self._buffer: bytearray | None = None
         self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
 
     def at(self, pos: int, data_end: int) -> memoryview:
         """The window at pos (a multiple of the page size), valid until the next one;
@@ -167,7 +169,8 @@ class _Windows:
         length = min(WINDOW, self.size - pos)
         if self.mapped and pos + length <= data_end:
             self._map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=pos)
-            return memoryview(self._map)
+            self._view = memoryview(self._map)
+            return self._view
         if self._buffer is None:
             self._buffer = bytearray(WINDOW)
         n = os.preadv(self.fd, [memoryview(self._buffer)[:length]], pos)
@@ -176,9 +179,15 @@ class _Windows:
         return memoryview(self._buffer)[:n]
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        """Unmap the window.  After an exception (an interrupt mid-hash) a view of it
+        may still be held, by the traceback or the SHA-256 thread: the mapping then
+        refuses to close, and goes when they let go of it (never while in use)."""
+        with contextlib.suppress(BufferError):
+            if self._view is not None:
+                self._view.release()
+            if self._map is not None:
+                self._map.close()
+        self._view = self._map = None
 
 
 def _digest_windows(fd: int, sha: Any, feeder: ThreadPoolExecutor | None, mapped: bool) -> ImageDigest:
@@ -203,14 +212,14 @@ def _digest_in(windows: _Windows, sha: Any, feeder: ThreadPoolExecutor | None) -
             hasher.skip(start - pos)
             pos = start
         while pos < end:
-            with windows.at(pos, end) as view:  # (released before the mapping is closed)
-                if feed_sha is not None and feeder is not None:
-                    beside = feeder.submit(feed_sha, view)
-                    hasher.window(view)
-                    beside.result()
-                else:
-                    hasher.window(view)
-                pos += len(view)
+            view = windows.at(pos, end)
+            if feed_sha is not None and feeder is not None:
+                beside = feeder.submit(feed_sha, view)
+                hasher.window(view)
+                beside.result()
+            else:
+                hasher.window(view)
+            pos += len(view)
     if pos < size:
         if feed_sha is not None:
             hash_zeros(size - pos, feed_sha)

@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -250,17 +251,10 @@ class Reuse:
         if stat.S_IMODE(mark.mode) != output_mode():
             return None  # (a build now would give it another mode)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            with self._entry(tree, facts_type) as (_, loaded):
+                pass
         except OSError:
             return None
-        try:
-            loaded = self._load(fd, tree, facts_type)
-            with contextlib.suppress(OSError):
-                os.utime(fd)  # recently used
-        except OSError:
-            loaded = None
-        finally:
-            os.close(fd)
         if loaded is None:
             return None
         result, blake3_hex, _ = loaded
@@ -291,27 +285,35 @@ class Reuse:
         result and the image digest it was recorded with; None: no entry, or a bad one
         (removed).  The caller checks the image digest (see module docstring)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            with self._entry(tree, facts_type) as (fd, loaded):
+                if loaded is None:
+                    self.drop()
+                    return None
+                result, blake3_hex, start = loaded
+                if start is None:
+                    return None  # (a record alone: the output was not left as it was)
+                _copy_data(fd, start, out_fd, 0, result.image_size)
+                os.ftruncate(out_fd, result.image_size)
         except OSError:
             return None
-        try:
-            loaded = self._load(fd, tree, facts_type)
-            if loaded is None:
-                self.drop()
-                return None
-            result, blake3_hex, start = loaded
-            if start is None:
-                return None  # (a record alone: the output was not left as it was)
-            _copy_data(fd, start, out_fd, 0, result.image_size)
-            os.ftruncate(out_fd, result.image_size)
-            with contextlib.suppress(OSError):  # (a read-only cache still serves)
-                os.utime(fd)  # recently used (eviction is by mtime)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
         result.cache = CacheStats(image_hits=1)
         return result, blake3_hex
+
+    @contextlib.contextmanager
+    def _entry(
+        self, tree: FrozenTree, facts_type: type
+    ) -> Iterator[tuple[int, tuple[WriteResult, str, int | None] | None]]:
+        """This key's entry, open, and what _load makes of it; a whole one is marked
+        recently used (eviction is by mtime).  OSError: no entry, or unreadable."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            loaded = self._load(fd, tree, facts_type)
+            if loaded is not None:
+                with contextlib.suppress(OSError):  # (a read-only cache still serves)
+                    os.utime(fd)
+            yield fd, loaded
+        finally:
+            os.close(fd)
 
     def _load(
         self, fd: int, tree: FrozenTree, facts_type: type

@@ -70,6 +70,18 @@ def hits(result: pyimg.BuildResult) -> tuple[int, int]:
     return result.cache.image_hits, result.cache.image_stored
 
 
+def assert_as_clean(
+    again: pyimg.BuildResult, clean: pyimg.BuildResult, manifest: Path, clean_manifest: Path
+) -> None:
+    """A reused image's result and manifest are the clean build's (the output named
+    "img", the clean one "clean")."""
+    assert manifest.read_bytes().replace(b'"img"', b'"clean"') == clean_manifest.read_bytes()
+    assert (again.bytes_in, again.bytes_stored, again.image_size) == (
+        clean.bytes_in, clean.bytes_stored, clean.image_size,
+    )  # fmt: skip
+    assert again.artifact.facts == clean.artifact.facts
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_no_change_rebuild_copies_the_image_a_clean_build_makes(
     tree: Path, tmp_path: Path, fmt: str
@@ -83,13 +95,7 @@ def test_a_no_change_rebuild_copies_the_image_a_clean_build_makes(
             again = build(tree, img, fmt, cache=str(cache), jobs=jobs, manifest=str(tmp_path / "again.json"))
             assert hits(again) == (1, 0) and not again.warnings
             assert again.digest == clean.digest and img.read_bytes() == (tmp_path / "clean").read_bytes()
-            assert (tmp_path / "again.json").read_bytes().replace(b'"img"', b'"clean"') == (
-                tmp_path / "clean.json"
-            ).read_bytes()
-            assert (again.bytes_in, again.bytes_stored, again.image_size) == (
-                clean.bytes_in, clean.bytes_stored, clean.image_size,
-            )  # fmt: skip
-            assert again.artifact.facts == clean.artifact.facts
+            assert_as_clean(again, clean, tmp_path / "again.json", tmp_path / "clean.json")
 
 
 @settings(max_examples=settings.default.max_examples)
@@ -268,13 +274,7 @@ def test_a_no_change_rebuild_leaves_the_output_as_it_is(tree: Path, tmp_path: Pa
             assert left(again) == 1 and hits(again) == (1, 0) and not again.warnings
             assert same_file(os.stat(img), before)
             assert again.digest == first.digest == clean.digest and again.sha256 == clean.sha256
-            assert (tmp_path / "m.json").read_bytes().replace(b'"img"', b'"clean"') == (
-                tmp_path / "clean.json"
-            ).read_bytes()
-            assert (again.bytes_in, again.bytes_stored, again.image_size) == (
-                clean.bytes_in, clean.bytes_stored, clean.image_size,
-            )  # fmt: skip
-            assert again.artifact.facts == clean.artifact.facts
+            assert_as_clean(again, clean, tmp_path / "m.json", tmp_path / "clean.json")
     assert img.read_bytes() == (tmp_path / "clean").read_bytes()
     assert not [p for p in tmp_path.iterdir() if ".pyimg-" in p.name]  # no temp left behind
 
