@@ -332,7 +332,7 @@ class RemoteCache:
 
         if self._store is not None and not (create and self.ref.kind == "layout"):
             return self._store
-        if self.ref.kind == "layout" and not create and not os.path.isdir(self.ref.path):
+        if self.ref.kind == "layout" and not create and not _has_entries(self.ref.path):
             return None
         if self._store is not None:
             self._store.close()
@@ -674,6 +674,16 @@ class _PackWriter:
         self.file.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _has_entries(path: str) -> bool:
+    """Whether a layout's directory holds anything: absent or empty (made by a CI step
+    ahead of the first export), it is an empty cache, not a broken one."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _copy_range(src: int, offset: int, length: int, dst: int) -> None:

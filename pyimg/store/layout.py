@@ -8,17 +8,21 @@
 Blobs are written to a temp file beside their place, hashed on the way, fsynced and
 renamed: a blob file is either whole and right or absent.  index.json is rewritten the
 same way under an flock on the directory, so concurrent writers serialise and none
-loses an entry.  Referrers are found by scanning the index (records are kept in it,
+loses an entry.  A new layout is made beside its place and renamed there, so that it
+appears whole to a reader.  Referrers are found by scanning the index (records are kept in it,
 untagged): the layout's stand-in for the referrers API.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +71,15 @@ def _write_atomically(directory: str, name: str, data: bytes) -> None:
         raise
 
 
+def _index_bytes(manifests: list[Descriptor]) -> bytes:
+    index: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [d.to_json() for d in manifests],
+    }
+    return json.dumps(index, indent=1).encode() + b"\n"
+
+
 class LayoutStore:
     def __init__(self, path: str, *, create: bool = False) -> None:
         self.path = os.path.abspath(path)
@@ -82,12 +95,48 @@ class LayoutStore:
     # -- the directory -------------------------------------------------------------------
 
     def _create(self) -> None:
+        """A new layout appears whole (_create_whole), so that a reader in another
+        process never sees it half made; a directory that already holds something is
+        completed in place (what it lacks, under the lock)."""
+        if not self._is_nonempty_dir():
+            # (where it cannot be, e.g. a parent we may not write, it is made in place)
+            with contextlib.suppress(OSError):
+                self._create_whole()
         os.makedirs(self.blobs, exist_ok=True)
         if not os.path.exists(os.path.join(self.path, LAYOUT_FILE)):
             _write_atomically(self.path, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
         with self._locked():
             if not os.path.exists(os.path.join(self.path, "index.json")):
                 self._write_index([])
+
+    def _is_nonempty_dir(self) -> bool:
+        try:
+            with os.scandir(self.path) as entries:
+                return next(entries, None) is not None
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def _create_whole(self) -> None:
+        """The layout made in a directory beside its place, then renamed there: onto
+        nothing, or onto an empty directory (rename(2) replaces one).  When another
+        process's layout got there first the rename fails and ours is dropped."""
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{secrets.token_hex(8)}")
+        os.mkdir(tmp)  # (the mode follows the umask, as a directory made in place would)
+        try:
+            os.makedirs(os.path.join(tmp, "blobs", "sha256"))
+            _write_atomically(tmp, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
+            _write_atomically(tmp, "index.json", _index_bytes([]))
+            try:
+                os.rename(tmp, self.path)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                return  # another layout is there now: it is the one we open
+            _fsync_dir(parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _check_layout(self) -> None:
         if not os.path.isdir(self.path):
@@ -137,12 +186,7 @@ class LayoutStore:
         return out
 
     def _write_index(self, manifests: list[Descriptor]) -> None:
-        index: dict[str, Any] = {
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [d.to_json() for d in manifests],
-        }
-        _write_atomically(self.path, "index.json", json.dumps(index, indent=1).encode() + b"\n")
+        _write_atomically(self.path, "index.json", _index_bytes(manifests))
         _fsync_dir(self.path)
 
     def _blob_path(self, digest: str) -> str:

@@ -257,6 +257,18 @@ def test_a_runner_warm_locally_shares_what_the_store_lacks(store_addr: str, tmp_
     assert stats(b).remote_fetched == FILES and b.digest == a.digest
 
 
+def test_an_empty_layout_directory_is_an_empty_cache(tmp_path: Path) -> None:
+    """A CI step may make the cache's directory before the first build: an empty cache,
+    no warning; the export makes the layout in it."""
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    src = make_tree(tmp_path / "src")
+    first = build(src, tmp_path / "a.sqfs", f"oci:{layout}", tmp_path / "r1")
+    assert not first.warnings and stats(first).remote_pushed == FILES
+    warm = build(src, tmp_path / "b.sqfs", f"oci:{layout}", tmp_path / "r2")
+    assert not warm.warnings and stats(warm).remote_fetched == FILES and warm.digest == first.digest
+
+
 # -- concurrent exports --------------------------------------------------------------------
 
 

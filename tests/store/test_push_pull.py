@@ -266,3 +266,109 @@ def test_manifest_head_skips_only_the_entries(image: Image) -> None:
     # a manifest written some other way is parsed whole
     compact = json.dumps(json.loads(data)).encode()
     assert ops._manifest_head(compact) == json.loads(compact)
+
+
+# -- a new layout appears whole ------------------------------------------------------
+
+
+def _layout_files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+WHOLE_LAYOUT = {"oci-layout", "index.json", "blobs", "blobs/sha256"}
+
+
+def test_a_new_layout_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of a new layout lands before its directory is there: a reader in
+    another process (a second CI runner) sees no layout or the whole one, never a
+    directory without its index (which it would take for a broken store)."""
+    import pyimg.store.layout as layout_module
+
+    target = tmp_path / "l"
+    seen: list[bool] = []
+    write = layout_module._write_atomically
+
+    def watching(directory: str, name: str, data: bytes) -> None:
+        seen.append(target.exists())
+        write(directory, name, data)
+
+    monkeypatch.setattr(layout_module, "_write_atomically", watching)
+    LayoutStore(str(target), create=True)
+    assert seen == [False, False]  # oci-layout, index.json: both before the rename
+    assert _layout_files(target) == WHOLE_LAYOUT
+    assert [p.name for p in tmp_path.iterdir()] == ["l"]  # no temp directory left
+
+
+def test_a_layout_is_made_in_an_empty_directory_and_completed_in_a_full_one(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()  # e.g. a CI cache step made it
+    assert LayoutStore(str(empty), create=True).tags() == []
+    assert _layout_files(empty) == WHOLE_LAYOUT
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "README").write_text("kept\n")
+    assert LayoutStore(str(full), create=True).tags() == []
+    assert _layout_files(full) == WHOLE_LAYOUT | {"README"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]
+
+
+def test_a_layout_that_cannot_be_made_beside_its_place_is_made_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent we may not write (root ignores modes: refuse the temp directory)."""
+    import pyimg.store.layout as layout_module
+
+    target = tmp_path / "l"
+    target.mkdir()
+    mkdir = os.mkdir
+
+    def refusing(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.dirname(str(path)) == str(tmp_path):
+            raise PermissionError(13, "Permission denied", str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(layout_module.os, "mkdir", refusing)
+    assert LayoutStore(str(target), create=True).tags() == []
+    assert _layout_files(target) == WHOLE_LAYOUT
+
+
+def test_concurrent_creators_and_readers_of_one_layout(tmp_path: Path) -> None:
+    """Creators race for each of many fresh paths while a reader opens them: the reader
+    finds no layout or a whole one, and every creator opens the one that won."""
+    import threading
+
+    from pyimg.errors import CorruptStoreError
+
+    paths = [tmp_path / f"l{i}" for i in range(40)]
+    failures: list[BaseException] = []
+    start = threading.Barrier(3, timeout=30)
+
+    def create() -> None:
+        start.wait()
+        for path in paths:
+            try:
+                LayoutStore(str(path), create=True).tags()
+            except BaseException as exc:  # (reported below)
+                failures.append(exc)
+
+    def read() -> None:
+        start.wait()
+        for path in paths:
+            while True:
+                try:
+                    LayoutStore(str(path)).tags()
+                    break
+                except StoreNotFoundError:
+                    continue  # not there yet
+                except CorruptStoreError as exc:
+                    failures.append(exc)
+                    break
+
+    threads = [threading.Thread(target=f) for f in (create, create, read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert all(_layout_files(p) == WHOLE_LAYOUT for p in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
