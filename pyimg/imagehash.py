@@ -126,14 +126,22 @@ def digest_image(path: str | int, *, sha256: bool = True) -> ImageDigest:
     """The image digest (and SHA-256) of a file or an open file descriptor: a
     build's own temp file, before it is committed, which is mapped rather than read
     (no copy: ~20 % less time on a 600 MB ext4 image).  A file named by its path may
-    be anyone's, and a mapped file truncated meanwhile raises SIGBUS, so it is read."""
+    be anyone's, and a mapped file truncated meanwhile raises SIGBUS, so it is read;
+    so is a temp file on a network file system (where a server's error is a SIGBUS
+    too, not an EIO)."""
     try:
         if isinstance(path, int):
-            return _digest_fd(path, sha256, mapped=True)
+            return _digest_fd(path, sha256, mapped=_mappable(path))
         with open(path, "rb", buffering=0) as f:
             return _digest_fd(f.fileno(), sha256, mapped=False)
     except OSError as exc:
         raise OutputError(f"cannot read the image: {exc.strerror}", str(path)) from exc
+
+
+def _mappable(fd: int) -> bool:
+    """Whether the file of `fd` is on a local file system (statfs through /proc:
+    without /proc it is read)."""
+    return bool(lib.pyimg_local_fs(os.fsencode(f"/proc/self/fd/{fd}")))
 
 
 def _digest_fd(fd: int, want_sha256: bool, mapped: bool) -> ImageDigest:
@@ -154,7 +162,9 @@ class _Windows:
     mapped at a time, so the pages it maps do not pile up in the RSS), or read into
     one reused buffer.  Only a window that is all data is mapped: a fault in a hole
     of a tmpfs file allocates its page (a read gives zeros and allocates nothing),
-    and the image would lose its holes."""
+    and the image would lose its holes.  A window starts on a segment boundary, so
+    the one at the start of a data range that begins mid-segment (or in the gap
+    after the window before) is read."""
 
     def __init__(self, fd: int, size: int, mapped: bool) -> None:
         self.fd, self.size, self.mapped = fd, size, mapped
@@ -162,15 +172,19 @@ class _Windows:
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
 
-    def at(self, pos: int, data_end: int) -> memoryview:
+    def at(self, pos: int, data: tuple[int, int]) -> memoryview:
         """The window at pos (a multiple of the page size), valid until the next one;
-        the file's bytes from pos to data_end are data."""
+        the file's bytes in [data[0], data[1]) are data, and those before pos are hashed."""
         self.close()
         length = min(WINDOW, self.size - pos)
-        if self.mapped and pos + length <= data_end:
-            self._map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=pos)
-            self._view = memoryview(self._map)
-            return self._view
+        if self.mapped and data[0] <= pos and pos + length <= data[1]:
+            try:
+                self._map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=pos)
+            except OSError:
+                self.mapped = False  # (ENODEV: a file system without mmap; ENOMEM): read
+            else:
+                self._view = memoryview(self._map)
+                return self._view
         if self._buffer is None:
             self._buffer = bytearray(WINDOW)
         n = os.preadv(self.fd, [memoryview(self._buffer)[:length]], pos)
@@ -205,14 +219,14 @@ def _digest_in(windows: _Windows, sha: Any, feeder: ThreadPoolExecutor | None) -
     feed_sha: Callable[[memoryview], object] | None = sha.update if sha is not None else None
     pos = 0  # everything before pos is hashed
     for start, end in data_ranges(fd, size):
-        start -= start % SEGMENT  # windows start on segment boundaries
-        if start > pos:  # a hole of whole segments: nothing to read
+        aligned = start - start % SEGMENT  # windows start on segment boundaries
+        if aligned > pos:  # a hole of whole segments: nothing to read
             if feed_sha is not None:
-                hash_zeros(start - pos, feed_sha)
-            hasher.skip(start - pos)
-            pos = start
+                hash_zeros(aligned - pos, feed_sha)
+            hasher.skip(aligned - pos)
+            pos = aligned
         while pos < end:
-            view = windows.at(pos, end)
+            view = windows.at(pos, (start, end))
             if feed_sha is not None and feeder is not None:
                 beside = feeder.submit(feed_sha, view)
                 hasher.window(view)

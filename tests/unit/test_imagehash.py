@@ -5,8 +5,10 @@ Neither reads (or allocates) the holes of a sparse image."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -31,9 +33,14 @@ def reference_digest(content: bytes) -> str:
 
 
 def _sparse_file(path: Path) -> bytes:
-    """A file with data, holes (leading, inner, trailing) and an unaligned tail;
-    returns its full content."""
-    pieces = [(3 * MiB, os.urandom(5000)), (40 * MiB + 123, os.urandom(33 * MiB + 7))]
+    """A file with data, holes (leading, inner, trailing) and an unaligned tail, and
+    a data range that begins mid-segment (the window it starts in reaches into the
+    hole before it); returns its full content."""
+    pieces = [
+        (3 * MiB, os.urandom(5000)),
+        (10 * MiB + MiB // 2, os.urandom(9 * MiB)),
+        (40 * MiB + 123, os.urandom(33 * MiB + 7)),
+    ]
     size = 80 * MiB + 11
     with open(path, "wb") as f:
         for offset, data in pieces:
@@ -46,13 +53,32 @@ def _sparse_file(path: Path) -> bytes:
     return bytes(content)
 
 
+def _data_ranges(path: Path) -> list[tuple[int, int]]:
+    ranges, pos = [], 0
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while pos < size:
+            try:
+                start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            ranges.append((start, pos))
+    return ranges
+
+
+def _inside(ranges: list[tuple[int, int]], at: int, length: int) -> bool:
+    return any(start <= at and at + length <= end for start, end in ranges)
+
+
 @pytest.mark.parametrize("where", ["tmp", "shm"])
-def test_digest_of_a_sparse_image(tmp_path: Path, where: str) -> None:
+def test_digest_of_a_sparse_image(tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # /dev/shm is tmpfs, where mapping a hole would allocate it.
     base = tmp_path if where == "tmp" else Path("/dev/shm")
     path = base / f"pyimg-test-sparse-{os.getpid()}.img"
     try:
         content = _sparse_file(path)
+        content_ranges = _data_ranges(path)
         blocks = os.stat(path).st_blocks
         digest = digest_image(str(path))
         assert digest.blake3 == reference_digest(content)
@@ -60,12 +86,113 @@ def test_digest_of_a_sparse_image(tmp_path: Path, where: str) -> None:
         assert digest.size == len(content)
         assert os.stat(path).st_blocks == blocks, "hashing allocated the holes"
         assert digest_image(str(path), sha256=False).blake3 == digest.blake3
+        maps: list[tuple[int, int]] = []
+        real_mmap = mmap.mmap
+
+        def counting(fd: int, length: int, **kwargs: Any) -> mmap.mmap:
+            maps.append((kwargs["offset"], length))
+            return real_mmap(fd, length, **kwargs)
+
+        monkeypatch.setattr(mmap, "mmap", counting)
         with open(path, "rb") as f:  # an open file (a build's temp file) is mapped, not read
             assert digest_image(f.fileno()) == digest
             assert digest_image(f.fileno(), sha256=False).blake3 == digest.blake3
+        # Only windows wholly inside a data range (the mid-segment one: 14-18 MiB, not 10-14)
+        assert maps and all(_inside(content_ranges, at, n) for at, n in maps)
+        assert (14 * MiB, 4 * MiB) in maps and (10 * MiB, 4 * MiB) not in maps
         assert os.stat(path).st_blocks == blocks, "hashing a mapped file allocated its holes"
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_a_file_that_cannot_be_mapped_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmap refused (ENODEV: a file system without it; ENOMEM): the same digest, read."""
+    import errno
+
+    path = tmp_path / "img"
+    content = _sparse_file(path)
+    calls: list[int] = []
+
+    def refusing(*args: Any, **kwargs: Any) -> mmap.mmap:
+        calls.append(1)
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refusing)
+    with open(path, "rb") as f:
+        assert digest_image(f.fileno()).blake3 == reference_digest(content)
+    assert calls == [1]  # tried once, then read
+
+
+def test_only_a_local_file_is_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A temp file on a network file system is read: a server's error there would be a
+    SIGBUS through a mapping."""
+    import pyimg.imagehash as imagehash
+
+    path = tmp_path / "img"
+    content = _sparse_file(path)
+    with open(path, "rb") as f:
+        assert imagehash._mappable(f.fileno())  # (the test's temp directory is local)
+    with open("/dev/shm/pyimg-test-mappable", "wb") as f:
+        try:
+            assert imagehash._mappable(f.fileno())
+        finally:
+            os.unlink(f.name)
+    monkeypatch.setattr(imagehash, "_mappable", lambda fd: False)
+    monkeypatch.setattr(mmap, "mmap", lambda *a, **k: pytest.fail("mapped"))
+    with open(path, "rb") as f:
+        assert digest_image(f.fileno()).blake3 == reference_digest(content)
+
+
+def test_an_interrupt_mid_hash_is_the_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while a mapped window is hashed, its view still held by the SHA-256
+    thread: the KeyboardInterrupt comes out (the CLI exits 130), not the BufferError
+    of closing a mapping still exported; a later digest of the file is right."""
+    import threading
+    import time
+
+    real_sha256 = hashlib.sha256
+    updates: list[int] = []
+    holding = threading.Event()  # the SHA-256 thread holds the second window
+
+    class SlowSha:  # holds the window's buffer (an export) while it hashes
+        def __init__(self) -> None:
+            self.sha = real_sha256()
+
+        def update(self, data: Any) -> None:
+            with memoryview(data) as held:
+                updates.append(1)
+                if len(updates) == 2:
+                    holding.set()
+                    time.sleep(0.3)
+                self.sha.update(held)
+
+        def hexdigest(self) -> str:
+            return self.sha.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", SlowSha)
+    threads = threading.active_count()
+    path = tmp_path / "img"
+    content = os.urandom(12 * MiB)
+    path.write_bytes(content)
+    window = ImageHasher.window
+    seen = [0]
+
+    def interrupted(self: ImageHasher, view: Any) -> None:
+        seen[0] += 1
+        if seen[0] == 2:
+            assert holding.wait(10)
+            raise KeyboardInterrupt
+        window(self, view)
+
+    monkeypatch.setattr(ImageHasher, "window", interrupted)
+    with open(path, "rb") as f:
+        with pytest.raises(KeyboardInterrupt):
+            digest_image(f.fileno())
+        monkeypatch.setattr(ImageHasher, "window", window)
+        monkeypatch.setattr(hashlib, "sha256", real_sha256)
+        assert digest_image(f.fileno()) == digest_image(str(path))
+    assert digest_image(str(path)).blake3 == reference_digest(content)
+    assert threading.active_count() == threads  # the feeder thread is gone
 
 
 def test_digest_of_an_empty_file_and_a_missing_one(tmp_path: Path) -> None:
