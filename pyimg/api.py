@@ -137,7 +137,8 @@ class _Targets:
         return [self.image] + ([self.manifest] if self.manifest is not None else [])
 
     def committed(self) -> bool:
-        return self.image.committed
+        """Whether every output has landed (an image left in place counts as landed)."""
+        return all(t.committed for t in self.all())
 
 
 def _collect_and_write(
@@ -185,11 +186,14 @@ def _collect_and_write(
                 stack.enter_context(targets.manifest).write(
                     dump(build_manifest(options, tree, result, image, dropped_acls=dropped))
                 )
-            commit([t for t in targets.all() if t is not targets.image or out is not None])
             if out is None:
-                targets.image.committed = True  # (it is in place: what Interrupted reports)
+                # It is in place: whether the build landed is then the manifest's (an
+                # interrupt held through its rename is raised by commit, below).
+                targets.image.committed = True
+            committing_at = time.time_ns()  # (before the rename, which sets the ctime)
+            commit([t for t in targets.all() if t is not targets.image or out is not None])
             if reuse is not None:
-                mark = left_mark if out is None else _mark_output(options.output)
+                mark = left_mark if out is None else _mark_output(options.output, out.fd, committing_at)
                 if out is not None and reused is None:
                     _keep_image(reuse, out, tree, result, image, walk_started, options.cache.cache_max)
                 if mark is not None:
@@ -288,20 +292,26 @@ def _output_as_left(
     else:
         try:
             image = digest_image(output, sha256=want_sha256)
-        except OSError:
-            return None
+        except OutputError:
+            return None  # (gone, or unreadable, since it was looked at: build it)
         if image.blake3 != recorded or image.size != result.image_size:
             return None
     result.warnings = writer.reused()
     return result, image, mark
 
 
-def _mark_output(output: str) -> OutputMark | None:
-    """The committed output's identity, taken at once (reuse.record_output)."""
+def _mark_output(output: str, fd: int, taken_at: int) -> OutputMark | None:
+    """The committed output's identity, taken at once (reuse.record_output), if the
+    file at its path is still the one this build wrote (`fd`); `taken_at` is a time
+    before the commit."""
     try:
-        return mark_output(output)
+        mark = mark_output(output, taken_at)
+        ours = os.fstat(fd)
     except OSError:
         return None
+    if (mark.identity[0], mark.identity[1]) != (ours.st_dev, ours.st_ino):
+        return None  # (replaced at once by another process)
+    return mark
 
 
 def _keep_image(reuse: Reuse, out: AtomicOutput, tree: FrozenTree, result: WriteResult, image: ImageDigest,

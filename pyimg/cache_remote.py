@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -287,9 +287,12 @@ class RemoteCache:
         self.tag = index_tag(ref)
         self.address = ref.store
         self.enabled = True
+        self._closed = False  # (close: no more fetches start)
         self.errors = _store_errors()
         self._temp_dir = temp_dir
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # _in_flight fell to 0
+        self._in_flight = 0  # _fetch calls running
         self._index_lock = threading.Lock()
         self._store: Store | None = None
         self._index: Lines | None = None
@@ -382,10 +385,10 @@ class RemoteCache:
         if line.length > entry_bound(size, full_blocks):
             self._refuse(line.pack, f"{line.length} bytes, more than an entry of its content can be")
             return
-        others = [self._pool(drawing=True).submit(self._fetch_once, other) for other in self._draw(line)]
+        drawers = self._pool(drawing=True)
+        others = [] if drawers is None else [drawers.submit(self._fetch_once, o) for o in self._draw(line)]
         self._fetch_once(line)
-        for future in others:
-            future.result()
+        _wait(others)
 
     def _draw(self, line: Line) -> list[Line]:
         """The other packs to fetch with `line`'s: at the first miss in an export, the
@@ -426,10 +429,14 @@ class RemoteCache:
         finally:
             event.set()
 
-    def _pool(self, drawing: bool = False) -> ThreadPoolExecutor:
+    def _pool(self, drawing: bool = False) -> ThreadPoolExecutor | None:
         """The threads of fetch_many, or (drawing) those of _draw's packs: two pools, so
-        that a fetch on the first never waits for a free thread of its own pool."""
+        that a fetch on the first never waits for a free thread of its own pool.  None
+        once closed (a build that failed closes its cache while its workers still look
+        up entries: they then miss)."""
         with self._lock:
+            if self._closed:
+                return None
             if drawing:
                 if self._drawers is None:
                     self._drawers = ThreadPoolExecutor(DRAW_THREADS, thread_name_prefix="pyimg-cache-draw")
@@ -446,8 +453,8 @@ class RemoteCache:
                 self.fetch(*item)
             return
         pool = self._pool()
-        for future in [pool.submit(self.fetch, *item) for item in wanted]:
-            future.result()
+        if pool is not None:
+            _wait([pool.submit(self.fetch, *item) for item in wanted])
 
     def _members(self, pack: Descriptor) -> list[tuple[bytes, Line]]:
         """The lines of the index in `pack` (made once per build, at the first fetch)."""
@@ -462,6 +469,20 @@ class RemoteCache:
             return self._packs.get(pack.digest, [])
 
     def _fetch(self, pack: Descriptor, line: Line) -> None:
+        """_fetch_pack, counted as in flight: close waits for it before it closes the
+        store (a failed build's workers may still be fetching)."""
+        with self._idle:
+            if self._closed:
+                return
+            self._in_flight += 1
+        try:
+            self._fetch_pack(pack, line)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _fetch_pack(self, pack: Descriptor, line: Line) -> None:
         """Fetch `pack`, `line`'s, and split it into entries.  Refused, not fetched, when
         larger than an export makes a pack: PACK_MAX, or one entry alone."""
         if not self.enabled or not self.cache.enabled:
@@ -632,10 +653,14 @@ class RemoteCache:
         )
 
     def close(self) -> None:
-        for pool in (self._fetchers, self._drawers):
+        with self._lock:
+            self._closed = True
+            pools, self._fetchers, self._drawers = (self._fetchers, self._drawers), None, None
+        for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self._fetchers = self._drawers = None
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0)  # (fetches on the build's threads)
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -674,6 +699,13 @@ class _PackWriter:
         self.file.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _wait(futures: list[Future[None]]) -> None:
+    """Each fetch's end; one cancelled by close (a build that failed) is a miss."""
+    for future in futures:
+        with contextlib.suppress(CancelledError):
+            future.result()
 
 
 def _has_entries(path: str) -> bool:

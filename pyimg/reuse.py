@@ -465,9 +465,10 @@ class OutputMark:
         return self.identity[-2]
 
 
-def mark_output(output: str) -> OutputMark:
-    """The output's identity now (OSError: none there)."""
-    taken_at = time.time_ns()
+def mark_output(output: str, taken_at: int | None = None) -> OutputMark:
+    """The output's identity now (OSError: none there); `taken_at` an earlier time to
+    reckon the racy window from (default: now, before the lstat)."""
+    taken_at = time.time_ns() if taken_at is None else taken_at
     st = os.lstat(output)
     return OutputMark([int(getattr(st, name)) for name in _OUTPUT_FIELDS], taken_at)
 

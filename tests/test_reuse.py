@@ -328,6 +328,84 @@ def test_an_output_written_while_its_image_is_kept_is_not_recorded(
     assert img.read_bytes() == (tmp_path / "clean").read_bytes()
 
 
+def test_an_output_replaced_as_it_is_committed_is_not_recorded(tree: Path, tmp_path: Path) -> None:
+    """Another process puts its own file at the path right after our rename: its
+    identity is not ours (the temp file's inode), so it is not recorded, and the next
+    build, trusting every identity, still writes the clean image."""
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    clean = build(tree, tmp_path / "clean", "squashfs")
+    real = pyimg.api.commit
+
+    def commit_then_replace(outputs: Any) -> None:
+        real(outputs)
+        other = tmp_path / "other"
+        other.write_bytes(img.read_bytes())
+        _flip(other, other.stat().st_size // 2)
+        os.chmod(other, os.stat(img).st_mode)
+        os.rename(other, img)
+
+    with racy_window(OLD):
+        with mock.patch.object(pyimg.api, "commit", commit_then_replace):
+            build(tree, img, "squashfs", cache=str(cache))
+        again = build(tree, img, "squashfs", cache=str(cache))
+    assert left(again) == 0 and again.digest == clean.digest
+    assert img.read_bytes() == (tmp_path / "clean").read_bytes()
+
+
+def test_an_output_gone_before_it_is_read_is_built(tree: Path, tmp_path: Path) -> None:
+    """The output looked unchanged, but cannot be read for its digest (removed, or
+    unreadable, in between): the build writes it, with no error."""
+    cache, img = tmp_path / "cache", tmp_path / "img"
+    with racy_window(OLD):
+        want = build(tree, img, "squashfs", cache=str(cache)).digest
+    real = pyimg.api.digest_image
+
+    def gone(path: Any, **kw: Any) -> Any:
+        if path == str(img):
+            raise pyimg.OutputError("cannot read the image: No such file or directory", str(img))
+        return real(path, **kw)
+
+    with mock.patch.object(pyimg.api, "digest_image", gone), racy_window(10**18):  # (racy: read)
+        again = build(tree, img, "squashfs", cache=str(cache))
+    assert left(again) == 0 and hits(again)[0] == 1 and again.digest == want
+    assert pyimg.digest(str(img)).blake3 == want
+
+
+def test_an_interrupt_held_through_the_manifests_commit_reports_it_landed(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image is left in place and the manifest committed: a Ctrl-C held through its
+    rename is Interrupted(committed=True); one before its commit, committed=False."""
+    import signal
+
+    from pyimg import output
+    from pyimg.errors import Interrupted
+
+    cache, img, manifest = tmp_path / "cache", tmp_path / "img", tmp_path / "m.json"
+    with racy_window(OLD):
+        build(tree, img, "squashfs", cache=str(cache))
+        real_rename = os.rename
+
+        def rename_then_signal(a: str, b: str) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the renames are done
+            real_rename(a, b)
+
+        monkeypatch.setattr(output.os, "rename", rename_then_signal)
+        with pytest.raises(Interrupted) as caught:
+            build(tree, img, "squashfs", cache=str(cache), manifest=str(manifest))
+        assert caught.value.committed and manifest.exists()
+        monkeypatch.setattr(output.os, "rename", real_rename)
+        manifest.unlink()
+
+        def interrupted(self: Any) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(output.AtomicOutput, "prepare", interrupted)
+        with pytest.raises(Interrupted) as caught:
+            build(tree, img, "squashfs", cache=str(cache), manifest=str(manifest))
+        assert not caught.value.committed and not manifest.exists()
+
+
 @pytest.mark.parametrize("change", ["bytes", "touch", "chmod", "replace", "symlink", "umask", "no entry"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_output_changed_since_is_written_again(tree: Path, tmp_path: Path, fmt: str, change: str) -> None:

@@ -269,6 +269,53 @@ def test_an_empty_layout_directory_is_an_empty_cache(tmp_path: Path) -> None:
     assert not warm.warnings and stats(warm).remote_fetched == FILES and warm.digest == first.digest
 
 
+def test_a_closed_tier_fetches_nothing(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that fails closes its cache while its workers may still fetch: a pack
+    drawn but not started is cancelled, and the fetch waiting for it returns (a miss,
+    not a CancelledError); a fetch after the close starts nothing."""
+    monkeypatch.setattr(cache_remote, "PACK_MAX", 5 << 18)  # three packs, one export
+    monkeypatch.setattr(cache_remote, "DRAW_THREADS", 1)  # the second draw waits in the queue
+    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    ref = remote_ref(store_addr)
+    assert ref is not None
+    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
+    index = remote.index()
+    assert index is not None and len(index) == FILES
+    drawing, release = threading.Event(), threading.Event()
+    real = cache_remote.RemoteCache._fetch
+
+    def held(self: cache_remote.RemoteCache, *args: Any) -> None:
+        if threading.current_thread().name.startswith("pyimg-cache-draw"):
+            drawing.set()
+            assert release.wait(30)
+        real(self, *args)
+
+    monkeypatch.setattr(cache_remote.RemoteCache, "_fetch", held)
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            remote.fetch(next(iter(index)), 4 << 20, 64)
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    assert drawing.wait(30)
+    closer = threading.Thread(target=remote.close)
+    closer.start()
+    while not remote._closed:
+        threading.Event().wait(0.01)
+    release.set()
+    closer.join(30)
+    fetcher.join(30)
+    assert not errors and not closer.is_alive() and not fetcher.is_alive()
+    remote.fetch_many([(key, 4 << 20, 64) for key in index])  # after the close: nothing starts
+    assert remote._fetchers is None and remote._drawers is None
+
+
 # -- concurrent exports --------------------------------------------------------------------
 
 
