@@ -56,16 +56,21 @@ def test_output_paths_checked_before_any_work(tmp_path: Path, args: list[str], r
     assert os.listdir(d) == []
 
 
-def test_a_signal_during_the_commit_completes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = _tree(tmp_path)
-    out, manifest = tmp_path / "img.sqfs", tmp_path / "img.json"
+def signal_during_renames(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of the commit's renames sends a SIGINT first (held until they are done)."""
     real_rename = os.rename
 
     def rename_then_signal(a: str, b: str) -> None:
-        os.kill(os.getpid(), signal.SIGINT)  # held until both renames are done
+        os.kill(os.getpid(), signal.SIGINT)
         real_rename(a, b)
 
     monkeypatch.setattr(output.os, "rename", rename_then_signal)
+
+
+def test_a_signal_during_the_commit_completes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _tree(tmp_path)
+    out, manifest = tmp_path / "img.sqfs", tmp_path / "img.json"
+    signal_during_renames(monkeypatch)
     with pytest.raises(Interrupted) as caught:
         pyimg.build([str(src)], str(out), manifest=str(manifest), epoch=0)
     assert caught.value.committed

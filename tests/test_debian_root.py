@@ -388,7 +388,8 @@ def test_warm_rebuilds_of_the_root_are_the_clean_images(root: Root, fmt: str) ->
                 got = warm(jobs=2)
                 assert got.digest == want, f"{fmt}, warm after: {name}"
                 assert warm(jobs=1).digest == want, f"{fmt}, no change after: {name}"
-            assert pyimg.digest(str(img)).blake3 == want
+                # (a no-change rebuild leaves the output in place: the file itself is right)
+                assert pyimg.digest(str(img)).blake3 == want, f"{fmt}, the output after: {name}"
             if fmt == "squashfs":
                 shared = f"oci:{work / 'layout'}"
                 assert warm(cache=shared).digest == want, "exporting runner"

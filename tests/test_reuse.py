@@ -376,25 +376,18 @@ def test_an_interrupt_held_through_the_manifests_commit_reports_it_landed(
 ) -> None:
     """The image is left in place and the manifest committed: a Ctrl-C held through its
     rename is Interrupted(committed=True); one before its commit, committed=False."""
-    import signal
-
     from pyimg import output
     from pyimg.errors import Interrupted
+    from tests.test_commit import signal_during_renames
 
     cache, img, manifest = tmp_path / "cache", tmp_path / "img", tmp_path / "m.json"
     with racy_window(OLD):
         build(tree, img, "squashfs", cache=str(cache))
-        real_rename = os.rename
-
-        def rename_then_signal(a: str, b: str) -> None:
-            os.kill(os.getpid(), signal.SIGINT)  # held until the renames are done
-            real_rename(a, b)
-
-        monkeypatch.setattr(output.os, "rename", rename_then_signal)
-        with pytest.raises(Interrupted) as caught:
-            build(tree, img, "squashfs", cache=str(cache), manifest=str(manifest))
+        with monkeypatch.context() as renames:
+            signal_during_renames(renames)
+            with pytest.raises(Interrupted) as caught:
+                build(tree, img, "squashfs", cache=str(cache), manifest=str(manifest))
         assert caught.value.committed and manifest.exists()
-        monkeypatch.setattr(output.os, "rename", real_rename)
         manifest.unlink()
 
         def interrupted(self: Any) -> None:
