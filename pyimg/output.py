@@ -126,19 +126,32 @@ class AtomicOutput:
         check_target(self.target, self.what)  # again: the tree was collected since
         remove_stale_temps(self.directory)
         try:
+            self._open()
+        except BaseException:
+            self.close()  # (no __exit__ when __enter__ raises): a named temp file is removed
+            raise
+        return self
+
+    def _open(self) -> None:
+        try:
             self.fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except (AttributeError, OSError):
             self.fd = -1  # no O_TMPFILE here: a named temp file
         while self.fd < 0:
+            # The name is ours before the file exists: an interrupt just after its
+            # creation finds it here, for close() to remove.
             self.tmp = self._temp_name()
             try:
                 fd = create_locked(self.tmp)  # locked while we run (remove_stale_temps)
+            except FileExistsError:
+                self.tmp = ""  # not ours (a 32-bit random clash): another name
+                continue
             except OSError as exc:
+                self.tmp = ""
                 raise OutputError(
                     f"cannot create a file beside the target: {exc.strerror}", self.target
                 ) from exc
             self.fd = fd if fd is not None else -1  # None: another build's clean-up took it first
-        return self
 
     def _temp_name(self) -> str:
         return os.path.join(self.directory, f".{os.path.basename(self.target)}.pyimg-{temp_suffix()}")
@@ -180,8 +193,13 @@ class AtomicOutput:
             return
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)  # before it has a name (remove_stale_temps)
-            self.tmp = _link_anonymous(self.fd, self._temp_name())
+            # The name is recorded before the link: a signal's KeyboardInterrupt just
+            # after the link (before an assignment of its result) left the named
+            # file behind, since close() knew no name to remove.
+            self.tmp = self._temp_name()
+            _link_anonymous(self.fd, self.tmp)
         except OSError as exc:
+            self.tmp = ""  # no link was made (or the name is another's: EEXIST)
             raise OutputError(f"cannot finish the {self.what}: {exc.strerror}", self.target) from exc
 
     def rename(self) -> None:
@@ -210,7 +228,7 @@ class AtomicOutput:
         self.close()
 
 
-def _link_anonymous(fd: int, path: str) -> str:
+def _link_anonymous(fd: int, path: str) -> None:
     """Give an O_TMPFILE file a name: linkat of /proc/self/fd/N, following that
     symlink (a dir fd makes Python call linkat with AT_SYMLINK_FOLLOW; a plain link
     would link the procfs symlink itself, across devices)."""
@@ -219,7 +237,6 @@ def _link_anonymous(fd: int, path: str) -> str:
         os.link(f"proc/self/fd/{fd}", path, src_dir_fd=root, follow_symlinks=True)
     finally:
         os.close(root)
-    return path
 
 
 def commit(outputs: Sequence[AtomicOutput]) -> None:

@@ -177,6 +177,39 @@ def test_without_o_tmpfile_the_named_temp_is_cleaned_up(
     assert sorted(os.listdir(tmp_path)) == [src.name]
 
 
+@pytest.mark.parametrize(
+    ("o_tmpfile", "call"),
+    [(True, "link"), (False, "open"), (False, "flock")],
+    ids=["o_tmpfile-link", "named-open", "named-flock"],
+)
+def test_an_interrupt_just_after_a_temp_files_syscall_leaves_no_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, o_tmpfile: bool
+) -> None:
+    """A signal's KeyboardInterrupt raised the moment the temp file's create, lock or
+    link returns: the name must already be known, for close() to remove.  After the
+    link it was not (CI: a SIGTERM in a cpio build left `.img.pyimg-….tmp`)."""
+    if not o_tmpfile:
+        monkeypatch.delattr(output.os, "O_TMPFILE")
+    src = _tree(tmp_path)
+    d = tmp_path / "o"
+    d.mkdir()
+    fired: list[str] = []
+    real = {"open": os.open, "flock": fcntl.flock, "link": os.link}
+
+    def then_interrupt(*args: object, **kwargs: object) -> object:
+        result = real[call](*args, **kwargs)  # type: ignore[operator]
+        if not fired and [n for n in os.listdir(d) if n.endswith(".tmp")]:
+            fired.append(call)
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(output.fcntl if call == "flock" else output.os, call, then_interrupt)
+    with pytest.raises(Interrupted) as caught:
+        pyimg.build([str(src)], str(d / "img.sqfs"), manifest=str(d / "img.json"), epoch=0)
+    assert fired == [call] and not caught.value.committed
+    assert os.listdir(d) == []
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2])
 def test_kill_9_leaves_the_old_image_and_no_temp_file(tmp_path: Path, delay: float) -> None:
     src = tmp_path / "src"
