@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -351,13 +351,17 @@ class RemoteCache:
             return {}  # no cache there yet (no tag, or no repository)
 
     def index(self) -> Lines | None:
-        """The index, read at the first call; None when the tier is off."""
+        """The index, read at the first call; None when the tier is off (or closed
+        before it was read: a failed build's workers may still look up entries)."""
         with self._index_lock:
             if self._index is None and self.enabled:
-                try:
-                    self._index = self._read(self._open(create=False))
-                except self.errors as exc:
-                    self.disable(exc)
+                with self._in_flight_unless_closed() as running:
+                    if not running:
+                        return None
+                    try:
+                        self._index = self._read(self._open(create=False))
+                    except self.errors as exc:
+                        self.disable(exc)
             return self._index if self.enabled else None
 
     # -- the build's side: fetch on a local miss, note what is used
@@ -385,8 +389,7 @@ class RemoteCache:
         if line.length > entry_bound(size, full_blocks):
             self._refuse(line.pack, f"{line.length} bytes, more than an entry of its content can be")
             return
-        drawers = self._pool(drawing=True)
-        others = [] if drawers is None else [drawers.submit(self._fetch_once, o) for o in self._draw(line)]
+        others = [self._submit(True, self._fetch_once, o) for o in self._draw(line)]
         self._fetch_once(line)
         _wait(others)
 
@@ -429,21 +432,23 @@ class RemoteCache:
         finally:
             event.set()
 
-    def _pool(self, drawing: bool = False) -> ThreadPoolExecutor | None:
-        """The threads of fetch_many, or (drawing) those of _draw's packs: two pools, so
-        that a fetch on the first never waits for a free thread of its own pool.  None
-        once closed (a build that failed closes its cache while its workers still look
-        up entries: they then miss)."""
+    def _submit(self, drawing: bool, fn: Callable[..., None], *args: Any) -> Future[None] | None:
+        """`fn(*args)` on the threads of fetch_many, or (drawing) those of _draw's packs:
+        two pools, so that a fetch on the first never waits for a free thread of its
+        own pool.  None once closed (a build that failed closes its cache while its
+        workers still look up entries: they then miss).  Submitted under the lock that
+        close() takes to mark the tier closed, so a pool is never used after its
+        shutdown (which raises RuntimeError)."""
         with self._lock:
             if self._closed:
                 return None
             if drawing:
                 if self._drawers is None:
                     self._drawers = ThreadPoolExecutor(DRAW_THREADS, thread_name_prefix="pyimg-cache-draw")
-                return self._drawers
+                return self._drawers.submit(fn, *args)
             if self._fetchers is None:
                 self._fetchers = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="pyimg-cache-fetch")
-            return self._fetchers
+            return self._fetchers.submit(fn, *args)
 
     def fetch_many(self, wanted: list[tuple[bytes, int, int]]) -> None:
         """fetch() of several (key, size, full blocks) at once, on FETCH_THREADS threads:
@@ -452,9 +457,7 @@ class RemoteCache:
             for item in wanted:
                 self.fetch(*item)
             return
-        pool = self._pool()
-        if pool is not None:
-            _wait([pool.submit(self.fetch, *item) for item in wanted])
+        _wait([self._submit(False, self.fetch, *item) for item in wanted])
 
     def _members(self, pack: Descriptor) -> list[tuple[bytes, Line]]:
         """The lines of the index in `pack` (made once per build, at the first fetch)."""
@@ -469,14 +472,25 @@ class RemoteCache:
             return self._packs.get(pack.digest, [])
 
     def _fetch(self, pack: Descriptor, line: Line) -> None:
-        """_fetch_pack, counted as in flight: close waits for it before it closes the
-        store (a failed build's workers may still be fetching)."""
+        """_fetch_pack, unless closed."""
+        with self._in_flight_unless_closed() as running:
+            if running:
+                self._fetch_pack(pack, line)
+
+    @contextlib.contextmanager
+    def _in_flight_unless_closed(self) -> Iterator[bool]:
+        """Whether the tier is open; if so, what runs in here is counted as in flight,
+        and close() waits for it before it closes the store (a failed build's
+        workers may still be reading the index or fetching)."""
         with self._idle:
-            if self._closed:
-                return
-            self._in_flight += 1
+            running = not self._closed
+            if running:
+                self._in_flight += 1
+        if not running:
+            yield False
+            return
         try:
-            self._fetch_pack(pack, line)
+            yield True
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -653,6 +667,9 @@ class RemoteCache:
         )
 
     def close(self) -> None:
+        """No fetch starts from now on; those running end, then the store is closed.
+        Called by the build's own thread, holding none of this tier's locks (from a
+        fetch thread it would wait for itself)."""
         with self._lock:
             self._closed = True
             pools, self._fetchers, self._drawers = (self._fetchers, self._drawers), None, None
@@ -701,11 +718,13 @@ class _PackWriter:
             os.unlink(self.path)
 
 
-def _wait(futures: list[Future[None]]) -> None:
-    """Each fetch's end; one cancelled by close (a build that failed) is a miss."""
+def _wait(futures: list[Future[None] | None]) -> None:
+    """Each fetch's end; one not submitted or cancelled by close (a build that
+    failed) is a miss."""
     for future in futures:
-        with contextlib.suppress(CancelledError):
-            future.result()
+        if future is not None:
+            with contextlib.suppress(CancelledError):
+                future.result()
 
 
 def _has_entries(path: str) -> bool:

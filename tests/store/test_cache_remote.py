@@ -316,6 +316,84 @@ def test_a_closed_tier_fetches_nothing(
     assert remote._fetchers is None and remote._drawers is None
 
 
+def test_close_waits_for_a_fetch_in_flight_and_then_nothing_starts(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch running on a build worker when the build closes its cache: close waits
+    for it before it closes the store (the fetch ends whole, with its pack), and the
+    index is not read after the close."""
+    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    ref = remote_ref(store_addr)
+    assert ref is not None
+    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
+    index = remote.index()
+    assert index is not None
+    monkeypatch.setattr(cache_remote.RemoteCache, "_draw", lambda self, line: [])
+    fetching, release = threading.Event(), threading.Event()
+    real = cache_remote.RemoteCache._fetch_pack
+
+    def held(self: cache_remote.RemoteCache, *args: Any) -> None:
+        fetching.set()
+        assert release.wait(30)
+        real(self, *args)
+
+    monkeypatch.setattr(cache_remote.RemoteCache, "_fetch_pack", held)
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            remote.fetch(next(iter(index)), 4 << 20, 64)
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    assert fetching.wait(30)
+    closer = threading.Thread(target=remote.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and remote._store is not None, "close did not wait for the fetch"
+    release.set()
+    closer.join(30)
+    fetcher.join(30)
+    assert not errors and not closer.is_alive() and not fetcher.is_alive()
+    assert remote.cache.stats.remote_packs == 1 and remote._store is None
+
+    late = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-c")), ref)
+    late.close()
+    assert late.index() is None and late._store is None  # (a store opened now would leak)
+
+
+def test_a_close_while_a_fetch_draws_its_packs_is_a_miss(
+    store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() between a fetch's choice of the packs to draw and their submission:
+    the pools are gone, and the fetch misses (it raised "cannot schedule new futures
+    after shutdown" in a build worker)."""
+    monkeypatch.setattr(cache_remote, "PACK_MAX", 5 << 18)  # three packs, one export
+    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    ref = remote_ref(store_addr)
+    assert ref is not None
+    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
+    index = remote.index()
+    assert index is not None
+    remote.fetch_many([])  # (no pool yet)
+    remote._submit(True, lambda: None)  # the drawing pool exists, as after an earlier fetch
+    real = cache_remote.RemoteCache._draw
+
+    def closed_meanwhile(self: cache_remote.RemoteCache, line: Any) -> list[Any]:
+        others = real(self, line)
+        closer = threading.Thread(target=self.close)
+        closer.start()
+        closer.join(30)
+        assert others and not closer.is_alive()
+        return others
+
+    monkeypatch.setattr(cache_remote.RemoteCache, "_draw", closed_meanwhile)
+    remote.fetch(next(iter(index)), 4 << 20, 64)
+    assert remote.cache.stats.remote_packs == 0
+
+
 # -- concurrent exports --------------------------------------------------------------------
 
 
