@@ -21,8 +21,10 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +71,52 @@ def _write_atomically(directory: str, name: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _take_attributes(directory: str, model: str) -> None:
+    """`model`'s mode (setgid, sticky), owner and extended attributes onto `directory`,
+    as far as we may; nothing when `model` does not exist.  A directory a CI step made
+    for the cache (group-shared, a default ACL) keeps what it was set up with when our
+    layout replaces it."""
+    try:
+        st = os.lstat(model)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return  # (a symlink: the rename onto it fails, and the layout is made in place)
+    os.chmod(directory, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):
+        os.chown(directory, st.st_uid, st.st_gid)
+    with contextlib.suppress(OSError):
+        os.chown(directory, -1, st.st_gid)  # (not root: the group, if we are in it)
+    with contextlib.suppress(OSError):
+        for name in os.listxattr(model, follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.setxattr(directory, name, os.getxattr(model, name, follow_symlinks=False))
+
+
+_TEMP_DIR_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{16}$")
+
+
+def _remove_stale_temp_dirs(parent: str, name: str) -> None:
+    """Remove the temp directories of `name`'s creators that died (one nobody holds
+    the lock of).  Best effort: a directory we cannot lock or remove stays."""
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            match = _TEMP_DIR_RE.match(entry.name)
+            if match is None or match["name"] != name or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its creator runs
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 def _index_bytes(manifests: list[Descriptor]) -> bytes:
@@ -118,13 +166,20 @@ class LayoutStore:
 
     def _create_whole(self) -> None:
         """The layout made in a directory beside its place, then renamed there: onto
-        nothing, or onto an empty directory (rename(2) replaces one).  When another
-        process's layout got there first the rename fails and ours is dropped."""
+        nothing, or onto an empty directory (rename(2) replaces one), whose mode,
+        owner and extended attributes (a default ACL) ours takes first.  When another
+        process's layout got there first the rename fails and ours is dropped.  The
+        temp directory is locked while it is made: one nobody holds is a dead
+        creator's, and is removed."""
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
+        _remove_stale_temp_dirs(parent, os.path.basename(self.path))
         tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{secrets.token_hex(8)}")
         os.mkdir(tmp)  # (the mode follows the umask, as a directory made in place would)
+        lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _take_attributes(tmp, self.path)  # before its contents, which inherit them
             os.makedirs(os.path.join(tmp, "blobs", "sha256"))
             _write_atomically(tmp, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
             _write_atomically(tmp, "index.json", _index_bytes([]))
@@ -137,6 +192,7 @@ class LayoutStore:
             _fsync_dir(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.close(lock)
 
     def _check_layout(self) -> None:
         if not os.path.isdir(self.path):

@@ -6,6 +6,8 @@ import filecmp
 import hashlib
 import json
 import os
+import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from pyimg.store.artifact import (
 from pyimg.store.layout import LayoutStore
 from pyimg.store.registry import RegistryStore
 
+from ..oracles import require_tool
 from .conftest import Image, Registry, leftovers, make_image
 
 
@@ -310,6 +313,43 @@ def test_a_layout_is_made_in_an_empty_directory_and_completed_in_a_full_one(tmp_
     assert LayoutStore(str(full), create=True).tags() == []
     assert _layout_files(full) == WHOLE_LAYOUT | {"README"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]
+
+
+def test_an_empty_directory_keeps_its_mode_owner_and_default_acl(tmp_path: Path) -> None:
+    """A cache directory a CI step set up (group-shared, setgid, a default ACL): the
+    layout that replaces it takes them, and its contents inherit them."""
+    empty = tmp_path / "shared"
+    empty.mkdir()
+    os.chmod(empty, 0o2770)
+    uid, gid = (4321, 1234) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(empty, uid, gid)
+    acl = require_tool("setfacl")
+    subprocess.run([acl, "-d", "-m", f"g::rwx,o::---,u:{uid}:rwx", str(empty)], check=True)
+    before = os.getxattr(empty, "system.posix_acl_default")
+    LayoutStore(str(empty), create=True)
+    st = os.stat(empty)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2770, uid, gid)
+    assert os.getxattr(empty, "system.posix_acl_default") == before
+    blobs = empty / "blobs" / "sha256"
+    assert os.stat(blobs).st_gid == gid and os.getxattr(blobs, "system.posix_acl_default") == before
+
+
+def test_a_dead_creators_temp_directory_is_removed(tmp_path: Path) -> None:
+    """A creator killed while it made the layout left `.NAME.<hex>` beside it: the next
+    creator removes it, unless its creator still holds it (it is still making it)."""
+    import fcntl
+
+    stale, held = tmp_path / ".l.0123456789abcdef", tmp_path / ".l.fedcba9876543210"
+    other = tmp_path / ".m.0123456789abcdef"  # another layout's
+    for d in (stale, held, other):
+        (d / "blobs").mkdir(parents=True)
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        LayoutStore(str(tmp_path / "l"), create=True)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held.name, other.name, "l"])
 
 
 def test_a_layout_that_cannot_be_made_beside_its_place_is_made_in_it(
