@@ -128,7 +128,10 @@ def digest_image(path: str | int, *, sha256: bool = True) -> ImageDigest:
     (no copy: ~20 % less time on a 600 MB ext4 image).  A file named by its path may
     be anyone's, and a mapped file truncated meanwhile raises SIGBUS, so it is read;
     so is a temp file on a network file system (where a server's error is a SIGBUS
-    too, not an EIO)."""
+    too, not an EIO).  A local disk's read error through a mapping is a SIGBUS as
+    well, and kills the build where a read would have raised EIO: accepted, since
+    the temp file was just written (its pages are nearly all in the page cache) and
+    a disk that fails then has failed the build anyway; no image is committed."""
     try:
         if isinstance(path, int):
             return _digest_fd(path, sha256, mapped=_mappable(path))

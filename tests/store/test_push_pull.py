@@ -394,12 +394,16 @@ def test_concurrent_creators_and_readers_of_one_layout(tmp_path: Path) -> None:
     def read() -> None:
         start.wait()
         for path in paths:
+            deadline = time.monotonic() + 30
             while True:
                 try:
                     LayoutStore(str(path)).tags()
                     break
                 except StoreNotFoundError:
-                    continue  # not there yet
+                    if time.monotonic() > deadline:
+                        failures.append(TimeoutError(f"{path} never appeared"))
+                        break
+                    time.sleep(0.0005)  # not there yet
                 except CorruptStoreError as exc:
                     failures.append(exc)
                     break
