@@ -269,6 +269,33 @@ def test_an_empty_layout_directory_is_an_empty_cache(tmp_path: Path) -> None:
     assert not warm.warnings and stats(warm).remote_fetched == FILES and warm.digest == first.digest
 
 
+def _fresh_runner(store_addr: str, tmp_path: Path) -> tuple[cache_remote.RemoteCache, Any]:
+    """A runner's export of make_tree to `store_addr`, and a fresh runner's tier on it
+    with the index read."""
+    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
+    ref = remote_ref(store_addr)
+    assert ref is not None
+    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
+    return remote, remote.index()
+
+
+def _fetch_in_a_thread(
+    remote: cache_remote.RemoteCache, key: bytes
+) -> tuple[threading.Thread, list[BaseException]]:
+    """remote.fetch(key) as a build worker makes it, started; what it raised."""
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            remote.fetch(key, 4 << 20, 64)
+        except BaseException as exc:  # (reported by the caller)
+            errors.append(exc)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    return fetcher, errors
+
+
 def test_a_closed_tier_fetches_nothing(
     store_addr: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -277,11 +304,7 @@ def test_a_closed_tier_fetches_nothing(
     not a CancelledError); a fetch after the close starts nothing."""
     monkeypatch.setattr(cache_remote, "PACK_MAX", 5 << 18)  # three packs, one export
     monkeypatch.setattr(cache_remote, "DRAW_THREADS", 1)  # the second draw waits in the queue
-    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
-    ref = remote_ref(store_addr)
-    assert ref is not None
-    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
-    index = remote.index()
+    remote, index = _fresh_runner(store_addr, tmp_path)
     assert index is not None and len(index) == FILES
     drawing, release = threading.Event(), threading.Event()
     real = cache_remote.RemoteCache._fetch
@@ -293,16 +316,7 @@ def test_a_closed_tier_fetches_nothing(
         real(self, *args)
 
     monkeypatch.setattr(cache_remote.RemoteCache, "_fetch", held)
-    errors: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            remote.fetch(next(iter(index)), 4 << 20, 64)
-        except BaseException as exc:  # (reported below)
-            errors.append(exc)
-
-    fetcher = threading.Thread(target=fetch)
-    fetcher.start()
+    fetcher, errors = _fetch_in_a_thread(remote, next(iter(index)))
     assert drawing.wait(30)
     closer = threading.Thread(target=remote.close)
     closer.start()
@@ -322,11 +336,7 @@ def test_close_waits_for_a_fetch_in_flight_and_then_nothing_starts(
     """A fetch running on a build worker when the build closes its cache: close waits
     for it before it closes the store (the fetch ends whole, with its pack), and the
     index is not read after the close."""
-    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
-    ref = remote_ref(store_addr)
-    assert ref is not None
-    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
-    index = remote.index()
+    remote, index = _fresh_runner(store_addr, tmp_path)
     assert index is not None
     monkeypatch.setattr(cache_remote.RemoteCache, "_draw", lambda self, line: [])
     fetching, release = threading.Event(), threading.Event()
@@ -338,16 +348,7 @@ def test_close_waits_for_a_fetch_in_flight_and_then_nothing_starts(
         real(self, *args)
 
     monkeypatch.setattr(cache_remote.RemoteCache, "_fetch_pack", held)
-    errors: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            remote.fetch(next(iter(index)), 4 << 20, 64)
-        except BaseException as exc:  # (reported below)
-            errors.append(exc)
-
-    fetcher = threading.Thread(target=fetch)
-    fetcher.start()
+    fetcher, errors = _fetch_in_a_thread(remote, next(iter(index)))
     assert fetching.wait(30)
     closer = threading.Thread(target=remote.close)
     closer.start()
@@ -359,7 +360,7 @@ def test_close_waits_for_a_fetch_in_flight_and_then_nothing_starts(
     assert not errors and not closer.is_alive() and not fetcher.is_alive()
     assert remote.cache.stats.remote_packs == 1 and remote._store is None
 
-    late = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-c")), ref)
+    late = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-c")), remote.ref)
     late.close()
     assert late.index() is None and late._store is None  # (a store opened now would leak)
 
@@ -371,11 +372,7 @@ def test_a_close_while_a_fetch_draws_its_packs_is_a_miss(
     the pools are gone, and the fetch misses (it raised "cannot schedule new futures
     after shutdown" in a build worker)."""
     monkeypatch.setattr(cache_remote, "PACK_MAX", 5 << 18)  # three packs, one export
-    build(make_tree(tmp_path / "src"), tmp_path / "a.sqfs", store_addr, tmp_path / "runner-a")
-    ref = remote_ref(store_addr)
-    assert ref is not None
-    remote = cache_remote.RemoteCache(pyimg.cache.BuildCache(str(tmp_path / "runner-b")), ref)
-    index = remote.index()
+    remote, index = _fresh_runner(store_addr, tmp_path)
     assert index is not None
     remote.fetch_many([])  # (no pool yet)
     remote._submit(True, lambda: None)  # the drawing pool exists, as after an earlier fetch
