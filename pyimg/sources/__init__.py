@@ -282,10 +282,16 @@ def _spool_file(directory: str | None) -> tuple[int, str, str | None, str]:
         except OSError as exc:
             error = exc
             continue  # not a usable directory (missing, read-only): the next one
-        if not _reopenable(fd):
-            return fd, name, name, name
-        with contextlib.suppress(FileNotFoundError):  # gone: a clean-up took it, as we would
-            os.unlink(name)
+        try:
+            if not _reopenable(fd):
+                return fd, name, name, name
+            with contextlib.suppress(FileNotFoundError):  # gone: a clean-up took it, as we would
+                os.unlink(name)
+        except BaseException:  # an interrupt while the file has a name: none is left
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
         return fd, f"/proc/self/fd/{fd}", None, where
     reason = error.strerror if error is not None else "no temporary directory"
     raise OutputError(f"cannot create a temporary spool file: {reason}", directory)
@@ -306,7 +312,16 @@ def _named_spool(where: str) -> tuple[int, str]:
     remove_stale_spools(where)
     while True:
         name = os.path.join(where, f"pyimg-spool-{output.temp_suffix()}")
-        fd = output.create_locked(name)
+        try:
+            fd = output.create_locked(name)
+        except FileExistsError:
+            continue  # another's (a 32-bit random clash): another name
+        except OSError:
+            raise
+        except BaseException:  # an interrupt just after the create: the file is ours
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
         if fd is not None:
             return fd, name
 

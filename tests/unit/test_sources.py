@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -576,6 +577,38 @@ def test_the_spool_has_no_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     finally:
         spool.close()
     assert spool.path is None and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("call", ["open", "flock", "stat"])
+def test_an_interrupt_while_the_spool_has_a_name_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Without O_TMPFILE: a KeyboardInterrupt raised the moment the named spool's
+    create, lock or /proc check returns (before its unlink) removes the name."""
+    import fcntl
+
+    from pyimg.sources import Spool
+
+    monkeypatch.delattr(os, "O_TMPFILE")
+    real = {"open": os.open, "flock": fcntl.flock, "stat": os.stat}
+    fired: list[str] = []
+
+    def then_interrupt(*args: Any, **kwargs: Any) -> Any:
+        result = real[call](*args, **kwargs)
+        if not fired and os.listdir(tmp_path):
+            fired.append(call)
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(fcntl if call == "flock" else os, call, then_interrupt)
+    spool = Spool(str(tmp_path))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            spool.store(io.BytesIO(b"m"), 1, "a.tar:m")
+    finally:
+        monkeypatch.undo()
+        spool.close()
+    assert fired == [call] and os.listdir(tmp_path) == []
 
 
 def test_a_named_spool_left_by_a_kill_is_removed_by_the_next_spool(
