@@ -132,13 +132,17 @@ class _Targets:
         self.image = AtomicOutput(options.output)
         # (a manifest at the image's path, or at an input, is refused by check_output_not_input)
         self.manifest = AtomicOutput(options.manifest, "manifest") if options.manifest else None
+        self.image_left_in_place = False  # the output is the image already: not written
 
-    def all(self) -> list[AtomicOutput]:
-        return [self.image] + ([self.manifest] if self.manifest is not None else [])
+    def written(self) -> list[AtomicOutput]:
+        """The outputs this build writes and commits."""
+        image = [] if self.image_left_in_place else [self.image]
+        return image + ([self.manifest] if self.manifest is not None else [])
 
     def committed(self) -> bool:
-        """Whether every output has landed (an image left in place counts as landed)."""
-        return all(t.committed for t in self.all())
+        """Whether every output has landed (an image left in place has: whether the
+        build landed is then the manifest's)."""
+        return all(t.committed for t in self.written())
 
 
 def _collect_and_write(
@@ -186,12 +190,9 @@ def _collect_and_write(
                 stack.enter_context(targets.manifest).write(
                     dump(build_manifest(options, tree, result, image, dropped_acls=dropped))
                 )
-            if out is None:
-                # It is in place: whether the build landed is then the manifest's (an
-                # interrupt held through its rename is raised by commit, below).
-                targets.image.committed = True
+            targets.image_left_in_place = out is None
             committing_at = time.time_ns()  # (before the rename, which sets the ctime)
-            commit([t for t in targets.all() if t is not targets.image or out is not None])
+            commit(targets.written())
             if reuse is not None:
                 mark = left_mark if out is None else _mark_output(options.output, out.fd, committing_at)
                 if out is not None and reused is None:

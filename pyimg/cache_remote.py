@@ -331,11 +331,12 @@ class RemoteCache:
 
     def _open(self, create: bool) -> Store | None:
         """The store (None: a layout directory that does not exist yet, an empty cache)."""
+        from .store.layout import holds_anything
         from .store.ops import StoreOptions, open_store
 
         if self._store is not None and not (create and self.ref.kind == "layout"):
             return self._store
-        if self.ref.kind == "layout" and not create and not _has_entries(self.ref.path):
+        if self.ref.kind == "layout" and not create and not holds_anything(self.ref.path):
             return None
         if self._store is not None:
             self._store.close()
@@ -725,16 +726,6 @@ def _wait(futures: list[Future[None] | None]) -> None:
         if future is not None:
             with contextlib.suppress(CancelledError):
                 future.result()
-
-
-def _has_entries(path: str) -> bool:
-    """Whether a layout's directory holds anything: absent or empty (made by a CI step
-    ahead of the first export), it is an empty cache, not a broken one."""
-    try:
-        with os.scandir(path) as entries:
-            return next(entries, None) is not None
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 def _copy_range(src: int, offset: int, length: int, dst: int) -> None:

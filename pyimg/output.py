@@ -23,9 +23,11 @@ import fcntl
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
-from collections.abc import Iterator, Sequence
+import stat
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
 from .errors import OutputError
@@ -75,14 +77,22 @@ def temp_suffix() -> str:
     return f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def create_locked(path: str) -> int | None:
-    """Create `path` (it must not exist) and take its exclusive lock; None when a
-    concurrent build's remove_stale_temps removed it between our create and our
-    lock (it saw a file nobody held): the caller tries another name."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def create_locked(path: str, directory: bool = False) -> int | None:
+    """Create `path` (it must not exist), a file or a `directory`, and take its
+    exclusive lock; None when a concurrent build's remove_stale_temps removed it
+    between our create and our lock (it saw one nobody held): the caller tries
+    another name."""
+    if directory:
+        os.mkdir(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.path.samestat(os.stat(path), os.fstat(fd)):
+        if os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd)):
             return fd
     except FileNotFoundError:
         pass
@@ -93,22 +103,33 @@ def create_locked(path: str) -> int | None:
     return None
 
 
-def remove_stale_temps(directory: str, pattern: re.Pattern[str] = _TEMP_RE) -> None:
-    """Remove the named temp files of builds that are gone.  A build holds an
-    exclusive lock on its temp file for as long as it runs (the kernel drops it when
-    the process dies, even by kill -9), so a temp file that can be locked has no
-    owner: unlike a host+pid test, this holds across hosts sharing the directory
-    and across containers with their own pid namespaces."""
+def remove_stale_temps(
+    directory: str,
+    pattern: re.Pattern[str] = _TEMP_RE,
+    keep: Callable[[re.Match[str]], bool] = lambda match: False,
+) -> None:
+    """Remove the named temp files (or directories: create_locked's) of builds that
+    are gone: names `pattern` matches, unless `keep`.  A build holds an exclusive
+    lock on its temp file for as long as it runs (the kernel drops it when the
+    process dies, even by kill -9), so a temp file that can be locked has no owner:
+    unlike a host+pid test, this holds across hosts sharing the directory and across
+    containers with their own pid namespaces."""
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            if pattern.match(name) is None:
+            match = pattern.match(name)
+            if match is None or keep(match):
                 continue
             path = os.path.join(directory, name)
             with contextlib.suppress(OSError):
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its build runs
-                    os.unlink(path)
+                    if not os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd)):
+                        continue  # (renamed into place meanwhile, and something else is here)
+                    if stat.S_ISDIR(os.fstat(fd).st_mode):
+                        shutil.rmtree(path)  # (held locked while it goes: its creator waits)
+                    else:
+                        os.unlink(path)
                 finally:
                     os.close(fd)
 

@@ -177,6 +177,14 @@ def test_without_o_tmpfile_the_named_temp_is_cleaned_up(
     assert sorted(os.listdir(tmp_path)) == [src.name]
 
 
+def _has_o_tmpfile(directory: Path) -> bool:
+    try:
+        os.close(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     ("o_tmpfile", "call"),
     [(True, "link"), (False, "open"), (False, "flock")],
@@ -188,11 +196,13 @@ def test_an_interrupt_just_after_a_temp_files_syscall_leaves_no_name(
     """A signal's KeyboardInterrupt raised the moment the temp file's create, lock or
     link returns: the name must already be known, for close() to remove.  After the
     link it was not (CI: a SIGTERM in a cpio build left `.img.pyimg-….tmp`)."""
-    if not o_tmpfile:
-        monkeypatch.delattr(output.os, "O_TMPFILE")
     src = _tree(tmp_path)
     d = tmp_path / "o"
     d.mkdir()
+    if not o_tmpfile:
+        monkeypatch.delattr(output.os, "O_TMPFILE")
+    elif not _has_o_tmpfile(d):
+        pytest.skip("no O_TMPFILE on this file system: the named case covers it")
     fired: list[str] = []
     real = {"open": os.open, "flock": fcntl.flock, "link": os.link}
 

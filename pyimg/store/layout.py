@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import tempfile
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import CorruptStoreError, DigestMismatchError, StoreError, StoreNotFoundError
+from ..output import create_locked, remove_stale_temps, temp_suffix
 from .artifact import (
     A_REF_NAME,
     MANIFEST_TYPES,
@@ -95,28 +95,40 @@ def _take_attributes(directory: str, model: str) -> None:
                 os.setxattr(directory, name, os.getxattr(model, name, follow_symlinks=False))
 
 
-_TEMP_DIR_RE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{16}$")
+# A layout's temp directory beside it: .NAME.pyimg-layout-HOST-PID-RANDOM.tmp
+_TEMP_DIR_RE = re.compile(r"^\.(?P<name>.+)\.pyimg-layout-[A-Za-z0-9_-]+-\d+-[0-9a-f]+\.tmp$")
+
+# Where a layout cannot be made beside its place and renamed there, it is made in
+# place: a parent we may not write (EACCES, EPERM, EROFS), a mount point (EBUSY,
+# EXDEV), a symlink to a directory (ENOTDIR: the rename would replace the link).
+_IN_PLACE_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EBUSY,
+    errno.EXDEV,
+    errno.ENOTDIR,
+    errno.EINVAL,
+}
 
 
-def _remove_stale_temp_dirs(parent: str, name: str) -> None:
-    """Remove the temp directories of `name`'s creators that died (one nobody holds
-    the lock of).  Best effort: a directory we cannot lock or remove stays."""
-    with contextlib.suppress(OSError), os.scandir(parent) as entries:
-        for entry in entries:
-            match = _TEMP_DIR_RE.match(entry.name)
-            if match is None or match["name"] != name or not entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: its creator runs
-                shutil.rmtree(entry.path, ignore_errors=True)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+def holds_anything(path: str) -> bool:
+    """Whether the directory `path` holds anything: absent or empty (made by a CI step
+    ahead of the first export), it is no layout yet, and is made whole."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _populate(directory: str) -> None:
+    """What a layout holds, where `directory` lacks it (an empty index)."""
+    os.makedirs(os.path.join(directory, "blobs", "sha256"), exist_ok=True)
+    if not os.path.exists(os.path.join(directory, LAYOUT_FILE)):
+        _write_atomically(directory, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
+    if not os.path.exists(os.path.join(directory, "index.json")):
+        _write_atomically(directory, "index.json", _index_bytes([]))
 
 
 def _index_bytes(manifests: list[Descriptor]) -> bytes:
@@ -144,25 +156,18 @@ class LayoutStore:
 
     def _create(self) -> None:
         """A new layout appears whole (_create_whole), so that a reader in another
-        process never sees it half made; a directory that already holds something is
-        completed in place (what it lacks, under the lock)."""
-        if not self._is_nonempty_dir():
-            # (where it cannot be, e.g. a parent we may not write, it is made in place)
-            with contextlib.suppress(OSError):
+        process never sees it half made; a directory that already holds something
+        (or where a layout cannot be made beside it) is completed in place: what it
+        lacks, under the lock."""
+        if not holds_anything(self.path):
+            try:
                 self._create_whole()
-        os.makedirs(self.blobs, exist_ok=True)
-        if not os.path.exists(os.path.join(self.path, LAYOUT_FILE)):
-            _write_atomically(self.path, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
+            except OSError as exc:
+                if exc.errno not in _IN_PLACE_ERRNOS:
+                    raise
+        os.makedirs(self.path, exist_ok=True)
         with self._locked():
-            if not os.path.exists(os.path.join(self.path, "index.json")):
-                self._write_index([])
-
-    def _is_nonempty_dir(self) -> bool:
-        try:
-            with os.scandir(self.path) as entries:
-                return next(entries, None) is not None
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+            _populate(self.path)
 
     def _create_whole(self) -> None:
         """The layout made in a directory beside its place, then renamed there: onto
@@ -170,19 +175,18 @@ class LayoutStore:
         owner and extended attributes (a default ACL) ours takes first.  When another
         process's layout got there first the rename fails and ours is dropped.  The
         temp directory is locked while it is made: one nobody holds is a dead
-        creator's, and is removed."""
-        parent = os.path.dirname(self.path)
+        creator's, removed by the next creator (output.remove_stale_temps)."""
+        parent, name = os.path.split(self.path)
         os.makedirs(parent, exist_ok=True)
-        _remove_stale_temp_dirs(parent, os.path.basename(self.path))
-        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{secrets.token_hex(8)}")
-        os.mkdir(tmp)  # (the mode follows the umask, as a directory made in place would)
-        lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        remove_stale_temps(parent, _TEMP_DIR_RE, keep=lambda match: match["name"] != name)
+        while True:
+            tmp = os.path.join(parent, f".{name}.pyimg-layout-{temp_suffix()}")
+            lock = create_locked(tmp, directory=True)  # (the mode follows the umask)
+            if lock is not None:
+                break  # (None: another creator's clean-up took it first)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
             _take_attributes(tmp, self.path)  # before its contents, which inherit them
-            os.makedirs(os.path.join(tmp, "blobs", "sha256"))
-            _write_atomically(tmp, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
-            _write_atomically(tmp, "index.json", _index_bytes([]))
+            _populate(tmp)
             try:
                 os.rename(tmp, self.path)
             except OSError as exc:

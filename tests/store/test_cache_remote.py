@@ -14,6 +14,7 @@ import os
 import random
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,13 @@ def test_an_empty_layout_directory_is_an_empty_cache(tmp_path: Path) -> None:
     assert not warm.warnings and stats(warm).remote_fetched == FILES and warm.digest == first.digest
 
 
+def _until(condition: Any, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 def _fresh_runner(store_addr: str, tmp_path: Path) -> tuple[cache_remote.RemoteCache, Any]:
     """A runner's export of make_tree to `store_addr`, and a fresh runner's tier on it
     with the index read."""
@@ -316,18 +324,29 @@ def test_a_closed_tier_fetches_nothing(
         real(self, *args)
 
     monkeypatch.setattr(cache_remote.RemoteCache, "_fetch", held)
+    submitted: list[Any] = []
+    submit = cache_remote.RemoteCache._submit
+
+    def recording(self: cache_remote.RemoteCache, *args: Any) -> Any:
+        future = submit(self, *args)
+        submitted.append(future)
+        return future
+
+    monkeypatch.setattr(cache_remote.RemoteCache, "_submit", recording)
     fetcher, errors = _fetch_in_a_thread(remote, next(iter(index)))
     assert drawing.wait(30)
+    assert len(submitted) == 2  # the other two packs: one drawing (held), one queued
     closer = threading.Thread(target=remote.close)
     closer.start()
-    while not remote._closed:
-        threading.Event().wait(0.01)
-    release.set()
+    _until(lambda: submitted[1].cancelled())  # close cancelled the queued draw...
+    release.set()  # ...before the held one goes on
     closer.join(30)
     fetcher.join(30)
     assert not errors and not closer.is_alive() and not fetcher.is_alive()
+    packs = remote.cache.stats.remote_packs
     remote.fetch_many([(key, 4 << 20, 64) for key in index])  # after the close: nothing starts
     assert remote._fetchers is None and remote._drawers is None
+    assert remote.cache.stats.remote_packs == packs
 
 
 def test_close_waits_for_a_fetch_in_flight_and_then_nothing_starts(
@@ -352,7 +371,8 @@ def test_close_waits_for_a_fetch_in_flight_and_then_nothing_starts(
     assert fetching.wait(30)
     closer = threading.Thread(target=remote.close)
     closer.start()
-    closer.join(0.3)
+    _until(lambda: remote._closed)
+    closer.join(0.3)  # (a close that does not wait is done by now)
     assert closer.is_alive() and remote._store is not None, "close did not wait for the fetch"
     release.set()
     closer.join(30)

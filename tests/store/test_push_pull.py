@@ -339,9 +339,11 @@ def test_a_dead_creators_temp_directory_is_removed(tmp_path: Path) -> None:
     creator removes it, unless its creator still holds it (it is still making it)."""
     import fcntl
 
-    stale, held = tmp_path / ".l.0123456789abcdef", tmp_path / ".l.fedcba9876543210"
-    other = tmp_path / ".m.0123456789abcdef"  # another layout's
-    for d in (stale, held, other):
+    stale = tmp_path / ".l.pyimg-layout-host-999999-00ff.tmp"
+    held = tmp_path / ".l.pyimg-layout-elsewhere-1-00ff.tmp"
+    other = tmp_path / ".m.pyimg-layout-host-999999-00ff.tmp"  # another layout's
+    users = tmp_path / ".l.0123456789abcdef"  # not ours at all
+    for d in (stale, held, other, users):
         (d / "blobs").mkdir(parents=True)
     fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -349,7 +351,41 @@ def test_a_dead_creators_temp_directory_is_removed(tmp_path: Path) -> None:
         LayoutStore(str(tmp_path / "l"), create=True)
     finally:
         os.close(fd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held.name, other.name, "l"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held.name, other.name, users.name, "l"])
+
+
+def test_a_temp_directory_swept_before_its_creator_locks_it_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another creator's clean-up can see our new temp directory before we lock it
+    (nobody holds it) and remove it: we take a new one.  Before, the layout was then
+    made in place, where a reader could see it half made."""
+    import pyimg.store.layout as layout_module
+    from pyimg import output
+
+    real_open = os.open
+    swept: list[str] = []
+
+    def open_after_a_sweep(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if not swept and ".pyimg-layout-" in str(path):
+            swept.append(str(path))
+            output.remove_stale_temps(str(tmp_path), layout_module._TEMP_DIR_RE)  # what it does then
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(output.os, "open", open_after_a_sweep)
+    seen: list[bool] = []
+    write = layout_module._write_atomically
+
+    def watching(directory: str, name: str, data: bytes) -> None:
+        seen.append((tmp_path / "l").exists())
+        write(directory, name, data)
+
+    monkeypatch.setattr(layout_module, "_write_atomically", watching)
+    LayoutStore(str(tmp_path / "l"), create=True)
+    assert swept and not os.path.exists(swept[0])
+    assert seen == [False, False]  # made beside, not in place
+    assert _layout_files(tmp_path / "l") == WHOLE_LAYOUT
+    assert [p.name for p in tmp_path.iterdir()] == ["l"]
 
 
 def test_a_layout_that_cannot_be_made_beside_its_place_is_made_in_it(

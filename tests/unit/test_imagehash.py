@@ -179,8 +179,16 @@ def test_an_interrupt_mid_hash_is_the_interrupt(tmp_path: Path, monkeypatch: pyt
         if holding.is_set():
             closed.set()
 
+    maps: list[int] = []
+    real_mmap = mmap.mmap
+
+    def counting(*args: Any, **kwargs: Any) -> mmap.mmap:
+        maps.append(1)
+        return real_mmap(*args, **kwargs)
+
     monkeypatch.setattr(hashlib, "sha256", SlowSha)
     monkeypatch.setattr(imagehash._Windows, "close", close)
+    monkeypatch.setattr(mmap, "mmap", counting)
     path = tmp_path / "img"
     content = os.urandom(12 * MiB)
     path.write_bytes(content)
@@ -198,6 +206,7 @@ def test_an_interrupt_mid_hash_is_the_interrupt(tmp_path: Path, monkeypatch: pyt
     with open(path, "rb") as f:
         with pytest.raises(KeyboardInterrupt):
             digest_image(f.fileno())
+        assert len(maps) == 2, "the windows were read, not mapped: nothing was tested"
         monkeypatch.setattr(ImageHasher, "window", window)
         monkeypatch.setattr(hashlib, "sha256", real_sha256)
         assert digest_image(f.fileno()) == digest_image(str(path))
