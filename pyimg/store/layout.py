@@ -100,7 +100,8 @@ _TEMP_DIR_RE = re.compile(r"^\.(?P<name>.+)\.pyimg-layout-[A-Za-z0-9_-]+-\d+-[0-
 
 # Where a layout cannot be made beside its place and renamed there, it is made in
 # place: a parent we may not write (EACCES, EPERM, EROFS), a mount point (EBUSY,
-# EXDEV), a symlink to a directory (ENOTDIR: the rename would replace the link).
+# EXDEV), a symlink to a directory (ENOTDIR: the rename would replace the link), a
+# file system that refuses the rename of a directory (EINVAL).
 _IN_PLACE_ERRNOS = {
     errno.EACCES,
     errno.EPERM,
@@ -123,12 +124,19 @@ def holds_anything(path: str) -> bool:
 
 
 def _populate(directory: str) -> None:
-    """What a layout holds, where `directory` lacks it (an empty index)."""
+    """What a layout holds, where `directory` lacks it (an empty index), made durable."""
     os.makedirs(os.path.join(directory, "blobs", "sha256"), exist_ok=True)
-    if not os.path.exists(os.path.join(directory, LAYOUT_FILE)):
-        _write_atomically(directory, LAYOUT_FILE, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
-    if not os.path.exists(os.path.join(directory, "index.json")):
-        _write_atomically(directory, "index.json", _index_bytes([]))
+    wrote = False
+    contents = {
+        LAYOUT_FILE: canonical_json({"imageLayoutVersion": LAYOUT_VERSION}),
+        "index.json": _index_bytes([]),
+    }
+    for name, data in contents.items():
+        if not os.path.exists(os.path.join(directory, name)):
+            _write_atomically(directory, name, data)
+            wrote = True
+    if wrote:
+        _fsync_dir(directory)
 
 
 def _index_bytes(manifests: list[Descriptor]) -> bytes:
