@@ -103,6 +103,28 @@ def create_locked(path: str, directory: bool = False) -> int | None:
     return None
 
 
+def create_named_temp(make_name: Callable[[], str], directory: bool = False) -> tuple[int, str]:
+    """A new temp file (or directory) under a fresh name from `make_name`, created and
+    locked (create_locked): (its fd, its name).  `make_name` is called just before
+    each attempt, so a caller can record the name before the file exists.  An
+    interrupt during the create removes what it made; a name that is taken (a 32-bit
+    random clash) or that a concurrent clean-up removed is tried again."""
+    while True:
+        name = make_name()
+        try:
+            fd = create_locked(name, directory)
+        except FileExistsError:
+            continue  # another's
+        except OSError:
+            raise
+        except BaseException:  # (KeyboardInterrupt) the file, if made, is ours
+            with contextlib.suppress(OSError):
+                os.rmdir(name) if directory else os.unlink(name)
+            raise
+        if fd is not None:
+            return fd, name
+
+
 def remove_stale_temps(
     directory: str,
     pattern: re.Pattern[str] = _TEMP_RE,
@@ -158,21 +180,20 @@ class AtomicOutput:
             self.fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except (AttributeError, OSError):
             self.fd = -1  # no O_TMPFILE here: a named temp file
-        while self.fd < 0:
-            # The name is ours before the file exists: an interrupt just after its
-            # creation finds it here, for close() to remove.
+        if self.fd >= 0:
+            return
+
+        def claim() -> str:
+            # The name is ours before the file exists: an interrupt just after the
+            # create finds it here, for close() to remove.
             self.tmp = self._temp_name()
-            try:
-                fd = create_locked(self.tmp)  # locked while we run (remove_stale_temps)
-            except FileExistsError:
-                self.tmp = ""  # not ours (a 32-bit random clash): another name
-                continue
-            except OSError as exc:
-                self.tmp = ""
-                raise OutputError(
-                    f"cannot create a file beside the target: {exc.strerror}", self.target
-                ) from exc
-            self.fd = fd if fd is not None else -1  # None: another build's clean-up took it first
+            return self.tmp
+
+        try:
+            self.fd, _ = create_named_temp(claim)  # locked while we run (remove_stale_temps)
+        except OSError as exc:
+            self.tmp = ""
+            raise OutputError(f"cannot create a file beside the target: {exc.strerror}", self.target) from exc
 
     def _temp_name(self) -> str:
         return os.path.join(self.directory, f".{os.path.basename(self.target)}.pyimg-{temp_suffix()}")

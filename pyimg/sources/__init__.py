@@ -310,20 +310,7 @@ def _named_spool(where: str) -> tuple[int, str]:
     Its name lives for microseconds (it is unlinked at once), but a kill -9 in
     them leaves it: the next build that spools there removes the ones nobody holds."""
     remove_stale_spools(where)
-    while True:
-        name = os.path.join(where, f"pyimg-spool-{output.temp_suffix()}")
-        try:
-            fd = output.create_locked(name)
-        except FileExistsError:
-            continue  # another's (a 32-bit random clash): another name
-        except OSError:
-            raise
-        except BaseException:  # an interrupt just after the create: the file is ours
-            with contextlib.suppress(OSError):
-                os.unlink(name)
-            raise
-        if fd is not None:
-            return fd, name
+    return output.create_named_temp(lambda: os.path.join(where, f"pyimg-spool-{output.temp_suffix()}"))
 
 
 def _reopenable(fd: int) -> bool:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import CorruptStoreError, DigestMismatchError, StoreError, StoreNotFoundError
-from ..output import create_locked, remove_stale_temps, temp_suffix
+from ..output import create_named_temp, remove_stale_temps, temp_suffix
 from .artifact import (
     A_REF_NAME,
     MANIFEST_TYPES,
@@ -187,11 +187,9 @@ class LayoutStore:
         parent, name = os.path.split(self.path)
         os.makedirs(parent, exist_ok=True)
         remove_stale_temps(parent, _TEMP_DIR_RE, keep=lambda match: match["name"] != name)
-        while True:
-            tmp = os.path.join(parent, f".{name}.pyimg-layout-{temp_suffix()}")
-            lock = create_locked(tmp, directory=True)  # (the mode follows the umask)
-            if lock is not None:
-                break  # (None: another creator's clean-up took it first)
+        lock, tmp = create_named_temp(  # (the mode follows the umask)
+            lambda: os.path.join(parent, f".{name}.pyimg-layout-{temp_suffix()}"), directory=True
+        )
         try:
             _take_attributes(tmp, self.path)  # before its contents, which inherit them
             _populate(tmp)
